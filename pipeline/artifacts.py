@@ -1,0 +1,91 @@
+"""Artifacts on disk: atomic writes, content hashes and self-describing manifests.
+
+Every stage output that another stage reads carries a `manifest.json` with a `format` name and a `version`. A reader
+states which format it expects and which stage produces it, so a missing or stale artifact fails with the command
+that fixes it (`dvc repro <stage>`) instead of a KeyError deep inside a stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ArtifactError(RuntimeError):
+    """An upstream artifact is missing, incomplete or of an incompatible version."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)`, fsync, then rename onto `path`: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_dir(path: str | Path) -> str:
+    """Hash of a directory's files (relative names and contents), independent of listing order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode() + b"\0" + sha256_file(file).encode())
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | Path, format: str, version: int, **fields: Any) -> Path:
+    return atomic_write_json(Path(directory) / "manifest.json", {"format": format, "version": version, **fields})
+
+
+def read_manifest(directory: str | Path, format: str, version: int, stage: str) -> dict:
+    """Load `directory/manifest.json`, checking it is `format` at `version`; `stage` is the DVC stage that makes it."""
+    path = Path(directory) / "manifest.json"
+    fix = f"run `dvc repro {stage}`"
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing: the '{stage}' stage has not produced {directory} yet; {fix}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); {fix}") from e
+    if manifest.get("format") != format or manifest.get("version") != version:
+        raise ArtifactError(
+            f"{path} is format {manifest.get('format')!r} v{manifest.get('version')}, "
+            f"expected {format!r} v{version}; it was made by an incompatible version, {fix}"
+        )
+    return manifest
+
+
+def require_file(path: str | Path, stage: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing; run `dvc repro {stage}` to produce it")
+    return path

@@ -1,0 +1,132 @@
+"""MLflow as a side channel: runs, metrics, images and tags. The DVC outputs remain the record.
+
+Tracking is on by default with a sqlite store in the repository root (`mlflow.db`, artifacts in `mlartifacts/`).
+`MLFLOW_TRACKING_URI` points it at a server instead, and `tracking.enabled: false` turns it off: then every call here
+is a no-op by request, not by accident.
+
+`dvc exp run --queue` runs each experiment in a copy under `<repo>/.dvc/tmp/exps/tmpXXXX`; the store is resolved to
+the enclosing repository so those runs land in the same database as `dvc repro`.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    enabled: bool
+    experiment: str
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The DVC repository this run belongs to; a queued experiment's temp copy resolves to its parent repo."""
+    path = Path(start or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    for candidate in (path, *path.parents):
+        if (candidate / ".dvc").is_dir():
+            return candidate
+    return path
+
+
+def local_store_uri(root: str | Path | None = None) -> str:
+    return f"sqlite:///{repo_root(root) / STORE_FILE}"
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
+
+
+def git_commit(root: str | Path | None = None) -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(root), capture_output=True, text=True)
+    if result.returncode != 0:  # not a git checkout (e.g. an exported copy): the tag is simply absent
+        return None
+    return result.stdout.strip()
+
+
+def run_tags(**extra: Any) -> dict[str, str]:
+    """Tags every run carries: the code version and the DVC experiment that produced it."""
+    tags = {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME"), **extra}
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
+class Tracker:
+    """One MLflow run, created by `train` and re-opened by later stages through its run id."""
+
+    def __init__(self, params: TrackingParams, run_id: str | None = None):
+        self.enabled = params.enabled
+        self.experiment = params.experiment
+        self.run_id = run_id
+        if self.enabled:
+            import mlflow
+
+            self._mlflow = mlflow
+            self.uri = tracking_uri()
+            mlflow.set_tracking_uri(self.uri)  # note: this also exports MLFLOW_TRACKING_URI to child processes
+            self._ensure_experiment()
+
+    def _ensure_experiment(self) -> None:
+        mlflow = self._mlflow
+        if mlflow.get_experiment_by_name(self.experiment) is None:
+            location = None
+            if self.uri == local_store_uri():  # local store: keep artifacts beside the database
+                location = (repo_root() / ARTIFACT_DIR).as_uri()
+            mlflow.create_experiment(self.experiment, artifact_location=location)
+        mlflow.set_experiment(self.experiment)
+
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], system_metrics: bool = True) -> str | None:
+        if not self.enabled:
+            return None
+        run = self._mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
+        self.run_id = run.info.run_id
+        self._mlflow.log_params(_flatten(params))
+        return self.run_id
+
+    def resume(self) -> None:
+        """Re-open the run whose id an upstream stage recorded."""
+        if self.enabled and self.run_id:
+            self._mlflow.start_run(run_id=self.run_id)
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+        if self.enabled:
+            clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+            self._mlflow.log_metrics(clean, step=step)
+
+    def log_image(self, image: np.ndarray, key: str, step: int | None = None) -> None:
+        """`image`: uint8 (H, W, 3)."""
+        if self.enabled:
+            self._mlflow.log_image(image, key=key, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self._mlflow.set_tags(tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out

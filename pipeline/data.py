@@ -1,0 +1,519 @@
+"""`ingest` stage: a source of labelled images -> ADM center crop -> deterministic parquet shards (`dit-images` v1).
+
+Sources (params `ingest.source`):
+- `synthetic`: a procedurally drawn 10-class shape dataset, the offline default. Class = shape; colours, size,
+  position, rotation and background vary within every class so colour is no shortcut.
+- `hf`: any Hugging Face dataset with an `Image` column and a `ClassLabel` column (hub id or local directory).
+- `imagefolder`: torchvision's `root/<class_name>/<file>` tree, as read by DiT's official train.py.
+
+Every input is counted: it becomes a row, or an entry in `skipped.json` with a reason. The stage fails when the
+rejected fraction exceeds `max_bad_fraction`, after writing the report. Same inputs + params => same shard bytes.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import multiprocessing
+import os
+from collections import Counter, deque
+from contextlib import closing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, UnidentifiedImageError
+from tqdm import tqdm
+
+from pipeline import artifacts
+from pipeline.config import ParamsError
+
+FORMAT, VERSION, STAGE = "dit-images", 1, "ingest"
+CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
+PNG_COMPRESS_LEVEL = 6  # zlib's default; fixed so PNG bytes do not depend on a library default
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross", "ring", "bars", "star", "x", "frame", "crescent")
+SYNTHETIC_GENERATOR_VERSION = 1  # bump when the drawing code changes, so manifests tell the datasets apart
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    num_images: int
+    num_classes: int
+    seed: int
+
+    def __post_init__(self):
+        if not 1 <= self.num_classes <= len(SYNTHETIC_CLASSES):
+            raise ParamsError(f"'ingest.synthetic.num_classes' must be in 1..{len(SYNTHETIC_CLASSES)} "
+                              f"(the designed shapes: {', '.join(SYNTHETIC_CLASSES)}), got {self.num_classes}")
+        if self.num_images < 1:
+            raise ParamsError(f"'ingest.synthetic.num_images' must be >= 1, got {self.num_images}")
+
+
+@dataclass(frozen=True)
+class HFParams:
+    path: str  # hub id ("uoft-cs/cifar10") or a local directory of data files, as datasets.load_dataset takes
+    name: str | None
+    split: str
+    revision: str | None
+    image_column: str
+    label_column: str
+    streaming: bool
+    max_images: int | None  # inputs read (valid or not); None = the whole split
+
+    def __post_init__(self):
+        if self.max_images is not None and self.max_images < 1:
+            raise ParamsError(f"'ingest.hf.max_images' must be >= 1 or null, got {self.max_images}")
+
+
+@dataclass(frozen=True)
+class ImageFolderParams:
+    root: str
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    source: Literal["synthetic", "hf", "imagefolder"]
+    image_size: int
+    shard_size: int
+    max_bad_fraction: float
+    min_image_side: int
+    num_workers: int
+    synthetic: SyntheticParams
+    hf: HFParams
+    imagefolder: ImageFolderParams
+
+    def __post_init__(self):
+        for key in ("image_size", "shard_size", "min_image_side"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"'ingest.{key}' must be >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.max_bad_fraction < 1.0:
+            raise ParamsError(f"'ingest.max_bad_fraction' must be in [0, 1), got {self.max_bad_fraction}")
+        if self.num_workers < 0:
+            raise ParamsError(f"'ingest.num_workers' must be >= 0 (0 = in-process), got {self.num_workers}")
+
+
+class IngestError(RuntimeError):
+    """The source cannot be read, or too many of its inputs are unusable."""
+
+
+class Row(NamedTuple):
+    """One input's outcome: `png` is set for a kept image, `reason` (+ `detail`) for a rejected one."""
+    key: str
+    label: int | None
+    png: bytes | None
+    reason: str | None = None
+    detail: str | None = None
+
+
+@dataclass
+class Source:
+    class_names: list[str]
+    chunks: Iterable[list]  # lists of work items, in output order
+    work: Callable[[list], list[Row]]  # picklable: runs in worker processes
+    total: int | None  # an upper bound on the number of inputs where known (progress, early failure)
+    info: dict  # the manifest's `source`
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+
+def center_crop_adm(img: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's center crop (guided-diffusion `center_crop_arr`, used by DiT's train.py): RGB PIL -> (S, S, 3) uint8.
+
+    Halve with a BOX filter while the short side is >= 2S (cheap anti-aliasing), resize bicubically so the short
+    side is S (upsampling small images), then cut the central S x S square.
+    """
+    while min(img.size) >= 2 * image_size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.Resampling.BOX)
+    scale = image_size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.Resampling.BICUBIC)
+    left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
+    return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB.
+
+    16-bit gray (I;16*, and I, which PIL uses for 16-bit sources) is scaled to 8 bits by x / 257, not clipped.
+    Transparency (RGBA, LA, PA, P or RGB with a transparent colour) is composited on white: fully opaque images come
+    out exactly as torchvision's `convert("RGB")`, transparent ones as a viewer shows them. CMYK uses PIL's plain
+    conversion (no ICC), like torchvision's loader. Float images (F) have no defined range and are rejected.
+    """
+    if img.mode.startswith("I"):
+        gray16 = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)  # (H, W)
+        return Image.fromarray(np.rint(gray16 / 257.0).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise _Reject("unsupported_mode", "32-bit float image: its value range is undefined")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.int32)  # (H, W, 4)
+        alpha = rgba[..., 3:]
+        rgb = (rgba[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255
+        return Image.fromarray(rgb.astype(np.uint8), "RGB")
+    if img.mode == "RGB":
+        return img
+    try:
+        return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, ...
+    except ValueError as e:  # PIL has no conversion from this mode (e.g. LAB)
+        raise _Reject("unsupported_mode", f"{img.mode}: {e}") from e
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """(H, W, 3) uint8 -> PNG bytes. A fresh image carries no metadata (no ICC, EXIF or time chunks)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes of a shard row -> (H, W, 3) uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def preprocess(data: bytes, image_size: int, min_image_side: int) -> bytes:
+    """Encoded image file -> PNG of its ADM center crop. Raises `_Reject` for unusable inputs."""
+    if len(data) == 0:
+        raise _Reject("empty_file", "0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # decode fully now: truncation shows up here, not later
+            if min(img.size) < min_image_side:
+                raise _Reject("too_small", f"{img.width}x{img.height} < ingest.min_image_side = {min_image_side}")
+            rgb = to_rgb(img)
+    except UnidentifiedImageError as e:
+        raise _Reject("not_an_image", "PIL cannot identify the image format") from e  # str(e) holds an address
+    except Image.DecompressionBombError as e:
+        raise _Reject("too_large", str(e)) from e
+    except (OSError, SyntaxError) as e:  # what PIL raises for truncated or corrupt data
+        raise _Reject("corrupt", f"{type(e).__name__}: {e}") from e
+    return encode_png(center_crop_adm(rgb, image_size))
+
+
+def _decode_chunk(items: list[tuple[str, int | None, bytes | str | None]], image_size: int,
+                  min_image_side: int, num_classes: int) -> list[Row]:
+    """Work items (key, label, file bytes or local path) -> Rows. Runs in a worker process."""
+    rows = []
+    for key, label, payload in items:
+        try:
+            if label is None or not 0 <= label < num_classes:
+                raise _Reject("unknown_label", f"label {label!r} not in 0..{num_classes - 1}")
+            if payload is None:
+                raise _Reject("missing_image", "the image field is empty")
+            data = Path(payload).read_bytes() if isinstance(payload, str) else payload
+            rows.append(Row(key, label, preprocess(data, image_size, min_image_side)))
+        except _Reject as r:
+            rows.append(Row(key, label, None, r.reason, r.detail))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- synthetic
+
+def synthetic_image(seed: int, index: int, num_classes: int, image_size: int) -> tuple[np.ndarray, int]:
+    """Image `index` of the synthetic set: ((S, S, 3) uint8, label). Depends only on (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    label = index % num_classes
+    supersample = 4  # draw the mask at 4x and box-filter it down: anti-aliased edges
+    canvas = image_size * supersample
+    mask = Image.new("L", (canvas, canvas), 0)
+    radius = rng.uniform(0.24, 0.40) * canvas
+    center = canvas / 2 + rng.uniform(-0.14, 0.14, size=2) * canvas
+    angle = rng.uniform(-np.pi / 9, np.pi / 9)  # +-20 deg: keeps cross and x (45 deg apart) distinct
+    _draw_shape(ImageDraw.Draw(mask), SYNTHETIC_CLASSES[label], center, radius, angle)
+    alpha = np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX), np.float64)[..., None] / 255
+
+    ramp = np.linspace(-0.5, 0.5, image_size)
+    direction = rng.uniform(0, 2 * np.pi)
+    gradient = np.cos(direction) * ramp[None, :] + np.sin(direction) * ramp[:, None]  # (S, S)
+    bg0, bg1 = rng.uniform(0, 255, size=(2, 3))
+    background = bg0 + (bg1 - bg0) * (gradient[..., None] + 0.5) * rng.uniform(0.2, 0.8)  # (S, S, 3)
+    foreground = rng.uniform(0, 255, size=3)
+    while np.linalg.norm(foreground - background.mean((0, 1))) < 90:  # keep the shape visible
+        foreground = rng.uniform(0, 255, size=3)
+    pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 6, size=background.shape)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), label
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: np.ndarray, radius: float, angle: float) -> None:
+    """Fill `shape` (unit-radius outlines, rotated by `angle`) with 255; holes are drawn with 0."""
+    if shape == "x":
+        angle += np.pi / 4  # the cross, turned
+
+    def poly(points, fill=255):
+        pts = np.asarray(points, np.float64)
+        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        draw.polygon([tuple(p) for p in pts @ rot.T * radius + center], fill=fill)
+
+    def rect(x0, y0, x1, y1, fill=255):
+        poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
+
+    def disk(r, offset=(0.0, 0.0), fill=255):
+        cx, cy = center + np.asarray(offset) * radius
+        draw.ellipse([cx - r * radius, cy - r * radius, cx + r * radius, cy + r * radius], fill=fill)
+
+    turns = np.arange(10) * np.pi / 5 - np.pi / 2
+    if shape == "circle":
+        disk(0.9)
+    elif shape == "square":
+        rect(-0.75, -0.75, 0.75, 0.75)
+    elif shape == "triangle":
+        poly([(np.cos(a), np.sin(a)) for a in np.array([-90, 30, 150]) * np.pi / 180])
+    elif shape in ("cross", "x"):
+        rect(-1, -0.28, 1, 0.28)
+        rect(-0.28, -1, 0.28, 1)
+    elif shape == "ring":
+        disk(0.95)
+        disk(0.55, fill=0)
+    elif shape == "bars":
+        for y in (-0.7, 0.0, 0.7):
+            rect(-1, y - 0.2, 1, y + 0.2)
+    elif shape == "star":
+        poly([(r * np.cos(a), r * np.sin(a)) for r, a in zip(itertools.cycle((1.0, 0.42)), turns)])
+    elif shape == "frame":
+        rect(-0.85, -0.85, 0.85, 0.85)
+        rect(-0.45, -0.45, 0.45, 0.45, fill=0)
+    elif shape == "crescent":
+        disk(0.9)
+        disk(0.75, offset=(0.45 * np.cos(angle), 0.45 * np.sin(angle)), fill=0)
+    else:
+        raise ValueError(f"unknown synthetic shape {shape!r}")
+
+
+def _synthetic_chunk(indices: list[int], seed: int, num_classes: int, image_size: int) -> list[Row]:
+    rows = []
+    for index in indices:
+        rgb, label = synthetic_image(seed, index, num_classes, image_size)
+        rows.append(Row(f"synthetic/{index}", label, encode_png(rgb)))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+def _chunked(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+def _decode_work(params: IngestParams, num_classes: int) -> Callable[[list], list[Row]]:
+    return partial(_decode_chunk, image_size=params.image_size, min_image_side=params.min_image_side,
+                   num_classes=num_classes)
+
+
+def open_synthetic(params: IngestParams) -> Source:
+    p = params.synthetic
+    work = partial(_synthetic_chunk, seed=p.seed, num_classes=p.num_classes, image_size=params.image_size)
+    info = {"kind": "synthetic", "seed": p.seed, "num_images": p.num_images,
+            "generator_version": SYNTHETIC_GENERATOR_VERSION}
+    return Source(list(SYNTHETIC_CLASSES[:p.num_classes]), _chunked(range(p.num_images), CHUNK_ROWS), work,
+                  p.num_images, info)
+
+
+def open_imagefolder(params: IngestParams) -> Source:
+    """torchvision ImageFolder layout: classes = sorted subdirectory names, label = index; files in sorted order."""
+    root = Path(params.imagefolder.root)
+    if not root.is_dir():
+        raise IngestError(f"ingest.imagefolder.root = {root}: not a directory; point it at a folder of "
+                          "<class_name>/ subfolders holding the images")
+    class_names = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    items = []
+    for label, name in enumerate(class_names):
+        files = sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        if not files:
+            raise IngestError(f"{root / name}: class folder without images ({', '.join(IMAGE_EXTENSIONS)}); "
+                              "remove it, or it would become an empty class")
+        items += [(f.relative_to(root).as_posix(), label, str(f)) for f in files]
+    if not items:
+        raise IngestError(f"{root}: no class subfolders found; expected {root}/<class_name>/<image files>")
+    info = {"kind": "imagefolder", "path": str(root), "files": len(items)}
+    return Source(class_names, _chunked(items, CHUNK_ROWS), _decode_work(params, len(class_names)), len(items), info)
+
+
+def open_hf(params: IngestParams) -> Source:
+    """A Hugging Face dataset split, read as `datasets.load_dataset` does (builder -> prepare -> split).
+
+    The builder is kept to record the resolved commit of hub datasets. Labels must be a ClassLabel column: class
+    names and num_classes then come from the dataset itself, identically in streaming and map-style mode.
+    """
+    import datasets
+    from huggingface_hub.errors import HfHubHTTPError
+
+    h = params.hf
+    try:
+        builder = datasets.load_dataset_builder(h.path, h.name, revision=h.revision)
+        if h.streaming:
+            ds = builder.as_streaming_dataset(split=h.split)
+        else:
+            builder.download_and_prepare()
+            ds = builder.as_dataset(split=h.split)
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError, HfHubHTTPError) as e:
+        raise IngestError(
+            f"could not load the Hugging Face dataset {h.path!r} (name={h.name!r}, split={h.split!r}, "
+            f"revision={h.revision!r}): {type(e).__name__}: {e}. Fix: check network access (unset HF_HUB_OFFLINE / "
+            "HF_DATASETS_OFFLINE, or fill the cache on a connected machine first), set HF_TOKEN and accept the "
+            "terms on the dataset page for gated datasets, and check ingest.hf.path / name / revision.") from e
+    class_names = _hf_class_names(ds.features, h)
+    ds = ds.select_columns([h.image_column, h.label_column]).cast_column(h.image_column, datasets.Image(decode=False))
+    rows = itertools.islice(_hf_items(ds, h), h.max_images)
+    total = h.max_images if h.streaming else min(len(ds), h.max_images or len(ds))
+    info = {"kind": "hf", "path": h.path, "name": h.name, "split": h.split, "revision": h.revision,
+            "resolved_revision": None if os.path.exists(h.path) else builder.hash,  # the hub commit sha
+            "streaming": h.streaming, "max_images": h.max_images,
+            "image_column": h.image_column, "label_column": h.label_column}
+    return Source(class_names, _chunked(rows, CHUNK_ROWS), _decode_work(params, len(class_names)), total, info)
+
+
+def _hf_class_names(features, h: HFParams) -> list[str]:
+    import datasets
+
+    if features is None:
+        raise IngestError(f"{h.path!r}: the dataset's features are unknown (some streaming datasets); "
+                          "set ingest.hf.streaming: false, or use a dataset whose card declares its features")
+    for key, column in (("image_column", h.image_column), ("label_column", h.label_column)):
+        if column not in features:
+            raise IngestError(f"ingest.hf.{key} = {column!r} is not a column of {h.path!r}; columns: {list(features)}")
+    if not isinstance(features[h.image_column], datasets.Image):
+        raise IngestError(f"{h.path!r}: column {h.image_column!r} is {features[h.image_column]}, not an Image")
+    if not isinstance(features[h.label_column], datasets.ClassLabel):
+        raise IngestError(f"{h.path!r}: column {h.label_column!r} is {features[h.label_column]}, not a ClassLabel; "
+                          "class names cannot be known. Cast it first (Dataset.cast_column(col, ClassLabel(names=...)))"
+                          " and save the dataset, or choose the dataset's ClassLabel column")
+    return list(features[h.label_column].names)
+
+
+def _hf_items(ds, h: HFParams) -> Iterator[tuple[str, int | None, bytes | str | None]]:
+    index = 0
+    for batch in ds.iter(batch_size=CHUNK_ROWS):
+        for image, label in zip(batch[h.image_column], batch[h.label_column]):
+            payload = None if image is None else image["bytes"] if image["bytes"] is not None else image["path"]
+            yield f"{h.split}/{index}", label, payload
+            index += 1
+
+
+SOURCES = {"synthetic": open_synthetic, "hf": open_hf, "imagefolder": open_imagefolder}
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+def _ordered_map(work: Callable, chunks: Iterable[list], num_workers: int) -> Iterator[list[Row]]:
+    """`map(work, chunks)`, on `num_workers` processes when > 0, in input order with a bounded look-ahead."""
+    if num_workers == 0:
+        yield from map(work, chunks)
+        return
+    pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
+    pending = deque()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(work, chunk))
+            if len(pending) >= 2 * num_workers:  # never read far ahead of the writer: memory stays bounded
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ShardWriter:
+    """Buffers rows and writes `shard-%05d.parquet` files of exactly `shard_size` rows (the last may be short)."""
+
+    def __init__(self, out_dir: Path, shard_size: int):
+        self.out_dir, self.shard_size = out_dir, shard_size
+        self.rows: list[Row] = []
+        self.shards: list[dict] = []
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        if len(self.rows) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        table = pa.table({"image": pa.array([r.png for r in self.rows], pa.binary()),
+                          "label": pa.array([r.label for r in self.rows], pa.int64()),
+                          "key": pa.array([r.key for r in self.rows], pa.string())})
+        path = self.out_dir / f"shard-{len(self.shards):05d}.parquet"
+        # Fixed writer options: bytes depend only on the rows (pyarrow stores no timestamps).
+        artifacts.atomic_write(path, lambda tmp: pq.write_table(
+            table, tmp, row_group_size=len(self.rows), compression="zstd", compression_level=3,
+            use_dictionary=False, write_statistics=["label"]))
+        self.shards.append({"file": path.name, "count": len(self.rows), "sha256": artifacts.sha256_file(path)})
+        self.rows = []
+
+
+def ingest(params: IngestParams, out_dir: str | Path) -> dict:
+    """Run the ingest stage into `out_dir` (owned by the stage). Returns the metrics: count, skipped, num_classes."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # until the new one is written, the directory is not valid
+    source = SOURCES[params.source](params)
+    writer, skipped, seen = _ShardWriter(out, params.shard_size), [], 0
+    results = _ordered_map(source.work, source.chunks, params.num_workers)
+    with closing(results), tqdm(total=source.total, unit="img", desc=f"ingest {params.source}") as bar:
+        for rows in results:
+            for row in rows:
+                if row.png is None:
+                    skipped.append({"key": row.key, "reason": row.reason, "detail": row.detail})
+                else:
+                    writer.add(row)
+            seen += len(rows)
+            bar.update(len(rows))
+            if source.total and len(skipped) > params.max_bad_fraction * source.total:
+                break  # failure is already certain: stop reading, report below
+    writer.flush()
+    _remove_stale_shards(out, {s["file"] for s in writer.shards})
+    report = artifacts.atomic_write_json(out / "skipped.json", skipped)
+    _check_bad_fraction(len(skipped), seen, params.max_bad_fraction, report)
+    count = sum(s["count"] for s in writer.shards)
+    by_reason = dict(sorted(Counter(s["reason"] for s in skipped).items()))
+    artifacts.write_manifest(
+        out, FORMAT, VERSION, count=count, image_size=params.image_size, num_classes=len(source.class_names),
+        class_names=source.class_names, source=source.info, shards=writer.shards,
+        skipped={"count": len(skipped), "by_reason": by_reason})
+    print(f"ingest: {count} images in {len(writer.shards)} shards -> {out}; skipped {len(skipped)} {by_reason}")
+    return {"count": count, "skipped": len(skipped), "num_classes": len(source.class_names)}
+
+
+def _remove_stale_shards(out: Path, keep: set[str]) -> None:
+    for path in out.glob("shard-*.parquet"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def _check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, report: Path) -> None:
+    if seen == 0:
+        raise IngestError("the source yielded no inputs; check the ingest params")
+    if bad > max_bad_fraction * seen:
+        raise IngestError(
+            f"{bad} of {seen} inputs read ({bad / seen:.2%}) were rejected, more than ingest.max_bad_fraction = "
+            f"{max_bad_fraction:.2%}; see {report} for each key and reason. Fix the source, or raise "
+            "max_bad_fraction if losing these images is acceptable")
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def read_manifest(images_dir: str | Path) -> dict:
+    """The `dit-images` v1 manifest of `images_dir` (ArtifactError with the fix when missing or stale)."""
+    return artifacts.read_manifest(images_dir, FORMAT, VERSION, stage=STAGE)
+
+
+def shard_paths(images_dir: str | Path) -> list[Path]:
+    """The manifest's shard files, in row order."""
+    return [artifacts.require_file(Path(images_dir) / s["file"], STAGE) for s in read_manifest(images_dir)["shards"]]
+
+
+def read_images(images_dir: str | Path, batch_rows: int = 256) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (label, (S, S, 3) uint8 image) for every row, shard by shard; memory is one batch of rows."""
+    for path in shard_paths(images_dir):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["image", "label"]):
+            for png, label in zip(batch.column("image").to_pylist(), batch.column("label").to_pylist()):
+                yield label, decode_png(png)

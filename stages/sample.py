@@ -1,0 +1,35 @@
+"""DVC stage `sample`: the trained EMA DiT -> data/samples/ (samples.npz, grid.png, manifest.json, shards/).
+
+    python stages/sample.py --params params.yaml --dit models/dit --vae models/vae --out data/samples \
+        --metrics metrics/sample.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.artifacts import atomic_write_json
+from pipeline.config import load_section
+from pipeline.sample import SampleParams, log_to_training_run, read_model_card, run_sample
+from pipeline.tracking import TrackingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dit", required=True, help="models/dit: ema.pt, model.json, tracking.json")
+    ap.add_argument("--vae", required=True, help="models/vae: the diffusers VAE snapshot")
+    ap.add_argument("--out", required=True, help="data/samples")
+    ap.add_argument("--metrics", required=True, help="metrics/sample.json")
+    args = ap.parse_args()
+
+    params = load_section(SampleParams, "sample", args.params)
+    tracking = load_section(TrackingParams, "tracking", args.params)
+    metrics = run_sample(params, read_model_card(args.dit), args.vae, args.out)
+    atomic_write_json(args.metrics, metrics)
+    log_to_training_run(tracking, args.dit, args.out, metrics)
+    print(f"[sample] {json.dumps(metrics)}")
+
+
+if __name__ == "__main__":
+    main()

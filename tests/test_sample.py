@@ -1,0 +1,375 @@
+"""Tests of pipeline/sample.py on a tiny DiT (8x8 latents, depth 2) and a tiny KL-VAE (16 px images), on CPU."""
+import dataclasses
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from pipeline import sample as S
+from pipeline.artifacts import ArtifactError, read_manifest, sha256_file
+from pipeline.config import load_section
+from pipeline.model import DiT, DiT_models
+from pipeline.tracking import TrackingParams
+
+NUM_CLASSES, LATENT, IMAGE = 4, (4, 8, 8), 16
+SCALE = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine has 2 shared cores: one thread avoids OpenMP spin-waits (and matches the Ray actors)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=IMAGE, scaling_factor=SCALE).eval()
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """adaLN-Zero starts with a zero output; random weights everywhere make the samples depend on everything."""
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A models/dit (ema.pt + model.json + tracking.json) and a models/vae snapshot, as train and vae write them."""
+    root = tmp_path_factory.mktemp("models")
+    dit_dir, vae_dir = root / "dit", root / "vae"
+    dit_dir.mkdir()
+    model = perturbed(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=NUM_CLASSES))
+    torch.save(model.state_dict(), dit_dir / "ema.pt")
+    (dit_dir / "model.json").write_text(json.dumps({
+        "model": "tiny", "model_kwargs": model.config, "latent_shape": list(LATENT), "scaling_factor": SCALE,
+        "num_classes": NUM_CLASSES, "class_names": ["zero", "one", "two", "three"],
+        "ema_sha256": sha256_file(dit_dir / "ema.pt")}))
+    (dit_dir / "tracking.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None}))
+    tiny_vae().save_pretrained(vae_dir)
+    return dit_dir, vae_dir
+
+
+@pytest.fixture(scope="module")
+def models(dirs):
+    dit_dir, vae_dir = dirs
+    card = S.read_model_card(dit_dir)
+    model, vae = S.load_models(card, vae_dir, "cpu")
+    return card, model, vae
+
+
+def params(**overrides) -> S.SampleParams:
+    base = dict(num_fid_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
+                labels="balanced", batch_size=8, num_workers=0, use_gpu=False, shard_size=8, seed=0,
+                grid_per_class=3)
+    return S.SampleParams(**{**base, **overrides})
+
+
+def generate(models, indices, labels, batch_size, seed=0, **kw):
+    card, model, vae = models
+    settings = dict(seed=seed, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
+                    num_classes=NUM_CLASSES, latent_shape=LATENT, device="cpu", batch_size=batch_size)
+    return S.generate_images(model, vae, labels, indices, **{**settings, **kw})
+
+
+def load_samples(out_dir):
+    with np.load(out_dir / "samples.npz") as f:
+        return f["arr_0"], f["labels"]
+
+
+# --- determinism ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["dpm-solver++", "ddpm"])
+def test_batch_size_and_request_do_not_change_pixels(models, sampler):
+    indices = np.arange(20)
+    labels = indices % NUM_CLASSES
+    runs = {b: generate(models, indices, labels, b, sampler=sampler) for b in (3, 5, 20)}
+    assert runs[3].shape == (20, IMAGE, IMAGE, 3) and runs[3].dtype == np.uint8
+    np.testing.assert_array_equal(runs[3], runs[5])
+    np.testing.assert_array_equal(runs[3], runs[20])  # 3 blocks share one sampler loop
+    part = generate(models, indices[5:13], labels[5:13], 4, sampler=sampler)  # straddles blocks 0 and 1
+    np.testing.assert_array_equal(part, runs[3][5:13])
+    assert len({img.tobytes() for img in runs[3]}) == 20  # distinct samples, not a constant image
+    other_seed = generate(models, indices[:4], labels[:4], 4, seed=1, sampler=sampler)
+    assert not np.array_equal(other_seed, runs[3][:4])
+
+
+def test_network_and_vae_always_see_one_shape(models):
+    """The mechanism behind batch invariance: whatever the batch, every call has MICRO_BATCH rows (x2 with cfg)."""
+    card, model, vae = models
+    shapes = []
+    hooks = [model.x_embedder.register_forward_hook(lambda m, args, out: shapes.append(("dit", tuple(args[0].shape)))),
+             vae.decoder.register_forward_hook(lambda m, args, out: shapes.append(("vae", tuple(args[0].shape))))]
+    try:
+        for batch_size, n in ((3, 3), (5, 13), (20, 20)):
+            generate(models, np.arange(n), np.zeros(n, np.int64), batch_size)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert set(shapes) == {("dit", (2 * S.MICRO_BATCH, *LATENT)), ("vae", (S.MICRO_BATCH, *LATENT))}
+
+
+def test_label_changes_only_its_own_sample(models):
+    indices = np.arange(8)
+    a = generate(models, indices, np.zeros(8, np.int64), 8)
+    b = generate(models, indices, np.array([0, 0, 0, 1, 0, 0, 0, 0]), 8)
+    changed = [i for i in range(8) if not np.array_equal(a[i], b[i])]
+    assert changed == [3]
+
+
+def test_shard_size_does_not_change_pixels(dirs, tmp_path):
+    dit_dir, vae_dir = dirs
+    card = S.read_model_card(dit_dir)
+    S.run_sample(params(shard_size=8, batch_size=3), card, vae_dir, tmp_path / "a")
+    S.run_sample(params(shard_size=16, batch_size=16), card, vae_dir, tmp_path / "b")
+    np.testing.assert_array_equal(load_samples(tmp_path / "a")[0], load_samples(tmp_path / "b")[0])
+
+
+@pytest.mark.slow
+def test_ray_workers_do_not_change_pixels(dirs, tmp_path):
+    ray = pytest.importorskip("ray")
+    dit_dir, vae_dir = dirs
+    card = S.read_model_card(dit_dir)
+    try:
+        S.run_sample(params(num_workers=1), card, vae_dir, tmp_path / "one")
+        S.run_sample(params(num_workers=2, batch_size=5), card, vae_dir, tmp_path / "two")
+    finally:
+        ray.shutdown()
+    S.run_sample(params(num_workers=0), card, vae_dir, tmp_path / "local")  # one thread, like each actor
+    one, two, local = (load_samples(tmp_path / d)[0] for d in ("one", "two", "local"))
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one, local)
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+
+def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
+    dit_dir, vae_dir = dirs
+    card, p, out = S.read_model_card(dit_dir), params(), tmp_path / "out"
+    original, calls = S.ShardWorker.generate, []
+
+    def killed_after_first(self, k):
+        if calls:
+            raise KeyboardInterrupt("killed")
+        calls.append(k)
+        return original(self, k)
+
+    monkeypatch.setattr(S.ShardWorker, "generate", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_sample(p, card, vae_dir, out)
+    (shard_dir,) = (out / "shards").iterdir()
+    assert sorted(f.name for f in shard_dir.iterdir()) == ["shard-00000.npz"]
+    first_mtime = (shard_dir / "shard-00000.npz").stat().st_mtime_ns
+    assert not (out / "samples.npz").exists()
+
+    calls.clear()
+    monkeypatch.setattr(S.ShardWorker, "generate", lambda self, k: (calls.append(k), original(self, k))[1])
+    metrics = S.run_sample(p, card, vae_dir, out)
+    assert calls == [1, 2] and metrics["num_generated"] == 12  # shard 0 was not regenerated
+    assert (shard_dir / "shard-00000.npz").stat().st_mtime_ns == first_mtime
+
+    S.run_sample(p, card, vae_dir, tmp_path / "uninterrupted")
+    np.testing.assert_array_equal(load_samples(out)[0], load_samples(tmp_path / "uninterrupted")[0])
+
+    calls.clear()
+    S.run_sample(dataclasses.replace(p, seed=1), card, vae_dir, out)  # other pixels: a fresh key, old shards go
+    assert calls == [0, 1, 2] and [d.name for d in (out / "shards").iterdir()] != [shard_dir.name]
+    assert not shard_dir.exists()
+
+
+def test_more_samples_extend_a_finished_run(dirs, tmp_path, monkeypatch):
+    dit_dir, vae_dir = dirs
+    card, out = S.read_model_card(dit_dir), tmp_path / "out"
+    S.run_sample(params(num_fid_samples=20), card, vae_dir, out)  # shards 0, 1 full, shard 2 holds 4
+    original, calls = S.ShardWorker.generate, []
+    monkeypatch.setattr(S.ShardWorker, "generate", lambda self, k: (calls.append(k), original(self, k))[1])
+    S.run_sample(params(num_fid_samples=28), card, vae_dir, out)
+    assert calls == [2, 3]  # the short last shard is redone, the full ones are kept
+    S.run_sample(params(num_fid_samples=28), card, vae_dir, tmp_path / "fresh")
+    np.testing.assert_array_equal(load_samples(out)[0], load_samples(tmp_path / "fresh")[0])
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
+
+def test_outputs_in_adm_layout_with_manifest(dirs, tmp_path):
+    dit_dir, vae_dir = dirs
+    card = S.read_model_card(dit_dir)
+    metrics = S.run_sample(params(), card, vae_dir, tmp_path)
+    with np.load(tmp_path / "samples.npz") as f:  # how ADM's evaluator opens it: no pickle, arr_0 NHWC uint8
+        assert sorted(f.files) == ["arr_0", "labels"]
+        arr, labels = f["arr_0"], f["labels"]
+    assert arr.dtype == np.uint8 and arr.shape == (20, IMAGE, IMAGE, 3)
+    assert labels.dtype == np.int64 and labels.tolist() == [i % NUM_CLASSES for i in range(20)]
+    manifest = read_manifest(tmp_path, "dit-samples", 1, stage="sample")
+    expected = dict(num_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
+                    labels="balanced", seed=0, image_size=IMAGE, num_classes=NUM_CLASSES, model="tiny",
+                    checkpoint_sha256=sha256_file(dit_dir / "ema.pt"),
+                    samples_sha256=sha256_file(tmp_path / "samples.npz"))
+    assert {k: manifest[k] for k in expected} == expected
+    assert manifest["label_counts"] == [5, 5, 5, 5] and len(manifest["vae_sha256"]) == 64
+    assert metrics["num_samples"] == metrics["num_generated"] == 20
+    assert metrics["img_per_s"] > 0 and metrics["img_steps_per_s"] == pytest.approx(4 * metrics["img_per_s"])
+
+
+def test_grid_one_row_per_class(dirs, tmp_path):
+    dit_dir, vae_dir = dirs
+    S.run_sample(params(grid_per_class=3), S.read_model_card(dit_dir), vae_dir, tmp_path)
+    images, labels = load_samples(tmp_path)
+    grid = S.make_grid(images, labels, NUM_CLASSES, 3)
+    assert grid.shape == (NUM_CLASSES * IMAGE, 3 * IMAGE, 3)
+    for c in range(NUM_CLASSES):  # row c: the first three samples of class c, in index order
+        first = np.flatnonzero(labels == c)[:3]
+        np.testing.assert_array_equal(grid[c * IMAGE:(c + 1) * IMAGE], np.concatenate(images[first], axis=1))
+    png = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert png.shape[0] == grid.shape[0] and png.shape[1] > grid.shape[1]  # plus the class-name margin
+    np.testing.assert_array_equal(png[:, -grid.shape[1]:], grid)
+
+
+def test_grid_leaves_missing_samples_black():
+    images = np.full((3, 2, 2, 3), 200, np.uint8)
+    grid = S.make_grid(images, np.array([1, 1, 1]), num_classes=2, per_class=2)
+    assert grid.shape == (4, 4, 3) and (grid[:2] == 0).all() and (grid[2:] == 200).all()
+
+
+# --- labels -----------------------------------------------------------------------------------------------------
+
+def test_balanced_labels():
+    labels = S.make_labels("balanced", np.arange(1000), 10, seed=0)
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [100] * 10
+    assert labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_uniform_labels_are_seeded_per_index_and_uniform():
+    labels = S.make_labels("uniform", np.arange(5000), 10, seed=0)
+    assert labels.dtype == np.int64 and labels.min() == 0 and labels.max() == 9
+    counts = np.bincount(labels, minlength=10)
+    chi2 = ((counts - 500) ** 2 / 500).sum()
+    assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+    np.testing.assert_array_equal(S.make_labels("uniform", np.arange(100, 200), 10, seed=0), labels[100:200])
+    assert not np.array_equal(S.make_labels("uniform", np.arange(100), 10, seed=1), labels[:100])
+
+
+def test_seeds_are_distinct_per_index_and_stream():
+    seeds = {S.sample_seed(s, i, stream) for s in range(3) for i in range(1000) for stream in ("noise", "label")}
+    assert len(seeds) == 6000 and all(0 <= v < 2 ** 63 for v in seeds)
+
+
+# --- checkpoints and params -------------------------------------------------------------------------------------
+
+def test_official_checkpoint_command(dirs, tmp_path):
+    """The Table 2 command path: a flat state_dict with no config, model and image size given."""
+    _, vae_dir = dirs
+    torch.manual_seed(0)
+    model = perturbed(DiT_models["DiT-Ti/8"](input_size=8, num_classes=1000))  # latent 8 = 16 px / 2
+    torch.save(model.state_dict(), tmp_path / "DiT-Ti-8-16x16.pt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sample": dataclasses.asdict(params())}))
+    out = tmp_path / "samples_official"
+    metrics = S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/8",
+                      "--image-size", "16", "--vae", str(vae_dir), "--out", str(out), "--params",
+                      str(tmp_path / "params.yaml"), "--num-fid-samples", "12", "--sampler", "ddpm", "--steps", "3",
+                      "--cfg-scale", "1.5", "--cfg-channels", "3", "--labels", "uniform",
+                      "--metrics", str(tmp_path / "m.json")])
+    arr, labels = load_samples(out)
+    assert arr.shape == (12, IMAGE, IMAGE, 3) and labels.max() < 1000
+    manifest = read_manifest(out, "dit-samples", 1, stage="sample")
+    assert (manifest["model"], manifest["num_classes"], manifest["cfg_channels"], manifest["sampler"]) == (
+        "DiT-Ti/8", 1000, 3, "ddpm")
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same pixels straight from the library function
+    direct = S.generate_images(model, vae, labels, np.arange(12), seed=0, sampler="ddpm", steps=3, cfg_scale=1.5,
+                               cfg_channels=3, num_classes=1000, latent_shape=LATENT, device="cpu", batch_size=12)
+    np.testing.assert_array_equal(arr, direct)
+    with pytest.raises(ArtifactError, match="--model"):
+        S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/4", "--image-size",
+                "16", "--vae", str(vae_dir), "--out", str(tmp_path / "bad"), "--params", str(tmp_path / "params.yaml")])
+
+
+def test_stale_or_mismatched_checkpoints_are_rejected(dirs, tmp_path):
+    dit_dir, vae_dir = dirs
+    card = json.loads((dit_dir / "model.json").read_text())
+    bad = tmp_path / "dit"
+    bad.mkdir()
+    (bad / "ema.pt").write_bytes((dit_dir / "ema.pt").read_bytes())
+    (bad / "model.json").write_text(json.dumps({**card, "ema_sha256": "0" * 64}))
+    with pytest.raises(ArtifactError, match="not the file model.json describes"):
+        S.read_model_card(bad)
+    (bad / "model.json").write_text(json.dumps({**card, "scaling_factor": 0.18215}))
+    with pytest.raises(ArtifactError, match="scaling_factor"):
+        S.load_models(S.read_model_card(bad), vae_dir, "cpu")
+
+
+def test_params_yaml_section_loads_and_is_checked():
+    p = load_section(S.SampleParams, "sample", "params.yaml")
+    S.check_params(p)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        S.check_params(dataclasses.replace(p, shard_size=250))
+
+
+def test_actor_plan():
+    assert S.actor_plan(params(num_workers=2), 5, {"CPU": 2.0}) == (2, {"num_cpus": 1})
+    assert S.actor_plan(params(num_workers=2), 1, {"CPU": 2.0}) == (1, {"num_cpus": 1})
+    assert S.actor_plan(params(use_gpu=True, num_workers=1), 9, {"CPU": 16, "GPU": 4.0}) == (
+        4, {"num_gpus": 1, "num_cpus": 1})
+    with pytest.raises(RuntimeError, match="no GPU"):
+        S.actor_plan(params(use_gpu=True), 9, {"CPU": 16})
+    with pytest.raises(RuntimeError, match="num_workers"):
+        S.actor_plan(params(num_workers=3), 9, {"CPU": 2})
+
+
+# --- the stage and its MLflow side channel ----------------------------------------------------------------------
+
+def test_grid_is_logged_into_the_training_run(dirs, tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    dit_dir, vae_dir = dirs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.create_experiment("sample-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    tracking = TrackingParams(enabled=True, experiment="sample-test")
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(tracking)
+    run_id = tracker.start("train", params={}, tags={}, system_metrics=False)
+    tracker.end()
+    run_dit = tmp_path / "dit"
+    run_dit.mkdir()
+    for name in ("ema.pt", "model.json"):
+        (run_dit / name).write_bytes((dit_dir / name).read_bytes())
+    (run_dit / "tracking.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": None}))
+    metrics = S.run_sample(params(num_fid_samples=8), S.read_model_card(run_dit), vae_dir, tmp_path / "out")
+    assert S.log_to_training_run(tracking, run_dit, tmp_path / "out", metrics) == run_id
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.metrics["sample/img_per_s"] == pytest.approx(metrics["img_per_s"])
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "samples")]
+    assert artifacts == ["samples/manifest.json"]
+    assert S.log_to_training_run(TrackingParams(enabled=False, experiment="x"), run_dit, tmp_path / "out",
+                                 metrics) is None
+    assert S.log_to_training_run(tracking, dit_dir, tmp_path / "out", metrics) is None  # no run id: no-op
+
+
+def test_stage_script(dirs, tmp_path, monkeypatch):
+    dit_dir, vae_dir = dirs
+    settings = {"sample": dataclasses.asdict(params(num_fid_samples=8)),
+                "tracking": {"enabled": False, "experiment": "unused"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setattr(sys, "argv", ["stages/sample.py", "--params", str(tmp_path / "params.yaml"), "--dit",
+                                      str(dit_dir), "--vae", str(vae_dir), "--out", str(tmp_path / "samples"),
+                                      "--metrics", str(tmp_path / "metrics" / "sample.json")])
+    runpy.run_path(str(Path(__file__).parents[1] / "stages" / "sample.py"), run_name="__main__")
+    metrics = json.loads((tmp_path / "metrics" / "sample.json").read_text())
+    assert metrics["num_samples"] == 8 and load_samples(tmp_path / "samples")[0].shape == (8, IMAGE, IMAGE, 3)

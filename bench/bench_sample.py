@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.model import DiT_models
-from pipeline.sample import MICRO_BATCH, generate_images
+from pipeline.sample import generate_images
 
 VAE_ARCHS = {  # (block_out_channels, layers_per_block): the small VAE trained here, and SD's (sd-vae-ft-ema)
     "small": ((32, 64, 64), 1),
@@ -48,7 +48,7 @@ def run(model, vae, args, sampler: str, steps: int, n: int, device) -> float:
     generate_images(model, vae, indices % args.num_classes, indices, seed=0, sampler=sampler, steps=steps,
                     cfg_scale=args.cfg_scale, cfg_channels=None, num_classes=args.num_classes,
                     latent_shape=(4, args.latent_size, args.latent_size), device=device,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, micro_batch=args.micro_batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--cfg-scale", type=float, default=1.5)
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--micro-batch", type=int, default=8, help="images per network call (sample.micro_batch)")
     ap.add_argument("--runs", default="dpm-solver++:25,ddpm:250", help="sampler:steps pairs")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", help="also write the results to this JSON file")
@@ -72,7 +73,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, vae = random_models(args, device)
-    run(model, vae, args, "ddim", 2, MICRO_BATCH, device)  # warm-up: allocator, kernels, lazy imports
+    run(model, vae, args, "ddim", 2, args.micro_batch, device)  # warm-up: allocator, kernels, lazy imports
     results = []
     print(f"{args.model} latent {args.latent_size} vae {args.vae_arch} cfg {args.cfg_scale} on {device} "
           f"({torch.get_num_threads()} threads), {args.num_images} images, batch {args.batch_size}")

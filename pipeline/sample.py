@@ -6,8 +6,8 @@ sample_ddp.py). The outputs: `samples.npz` (ADM's evaluator layout), `grid.png`,
 setting that determines the pixels, which the evaluate stage copies next to the FID.
 
 Determinism. Sample i draws its label and all its noise from generators seeded by (seed, i) (`sample_seed`), and
-the network and the VAE always run on blocks of MICRO_BATCH consecutive global indices, padded when a request
-covers part of a block, so every call has the same shape and sample i sits at row i % MICRO_BATCH. CPU and GPU
+the network and the VAE always run on blocks of `micro_batch` consecutive global indices, padded when a request
+covers part of a block, so every call has the same shape and sample i sits at row i % micro_batch. CPU and GPU
 matmul kernels are chosen by shape, so rows change in the last bits with the batch size (measured on CPU: the
 (N, D) adaLN GEMMs differ by 1e-6 between N = 3 and 5; 25 DPM-Solver++ steps of DiT-Ti/2 drawn in batches of 3
 or 5 differed by 3e-4 in the latents and in one uint8 pixel). Fixed shapes make the bytes independent of
@@ -55,7 +55,6 @@ from pipeline.vae import decode_latents, load_vae
 
 FORMAT, VERSION = "dit-samples", 1
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
-MICRO_BATCH = 8  # images per network/VAE call (16 rows with guidance); part of the protocol, see the docstring
 GRID_MAX_CLASSES = 32  # display only: 1000 rows of 256 px images would make a 256k-pixel-tall PNG
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
 CARD_KEYS = ("model", "model_kwargs", "latent_shape", "scaling_factor", "num_classes")
@@ -69,7 +68,8 @@ class SampleParams:
     cfg_scale: float  # 1.0 = no guidance
     cfg_channels: int | None  # None = guide all eps channels; 3 = the official sampler
     labels: Literal["balanced", "uniform"]
-    batch_size: int  # images per sampler loop, rounded up to whole MICRO_BATCH blocks; does not change pixels
+    batch_size: int  # images per sampler loop, rounded up to whole micro-batches; does not change pixels
+    micro_batch: int  # images per network/VAE call (2x rows with guidance); fixes the pixels, see the docstring
     num_workers: int  # Ray CPU actors; 0 = in-process (with use_gpu, one actor per GPU of the cluster)
     use_gpu: bool
     shard_size: int  # images per resumable shard
@@ -78,14 +78,14 @@ class SampleParams:
 
 
 def check_params(p: SampleParams) -> None:
-    for name in ("num_fid_samples", "steps", "batch_size", "shard_size", "grid_per_class"):
+    for name in ("num_fid_samples", "steps", "batch_size", "micro_batch", "shard_size", "grid_per_class"):
         if getattr(p, name) < 1:
             raise ValueError(f"sample.{name} must be >= 1, got {getattr(p, name)}")
     if p.num_workers < 0:
         raise ValueError(f"sample.num_workers must be >= 0 (0 = in-process), got {p.num_workers}")
-    if p.shard_size % MICRO_BATCH:
-        raise ValueError(f"sample.shard_size={p.shard_size} must be a multiple of {MICRO_BATCH} (the fixed network "
-                         "batch) so that shards do not split a block; e.g. 256")
+    if p.shard_size % p.micro_batch:
+        raise ValueError(f"sample.shard_size={p.shard_size} must be a multiple of sample.micro_batch="
+                         f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
 
 
 # --- seeds and labels -------------------------------------------------------------------------------------------
@@ -203,11 +203,12 @@ class FixedShapeNet:
 
 def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed: int, sampler: str, steps: int,
                     cfg_scale: float, cfg_channels: int | None, num_classes: int, latent_shape: tuple, device,
-                    batch_size: int, progress: bool = False) -> np.ndarray:
+                    batch_size: int, micro_batch: int, progress: bool = False) -> np.ndarray:
     """uint8 (N, H, W, 3) images of global samples `indices` (N,) with classes `labels` (N,).
 
     Image i depends only on (seed, indices[i], labels[i]) and the sampling settings, never on N, on batch_size
-    or on which worker made it (see the module docstring). `batch_size` images share one sampler loop."""
+    or on which worker made it, for a given `micro_batch` (see the module docstring). `batch_size` images share
+    one sampler loop."""
     labels, indices = np.asarray(labels, dtype=np.int64), np.asarray(indices, dtype=np.int64)
     if labels.shape != indices.shape or labels.ndim != 1 or len(np.unique(indices)) != len(indices):
         raise ValueError(f"labels and indices must be 1-D of one length with distinct indices, got "
@@ -215,17 +216,17 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
     if batch_size < 1 or (indices < 0).any():
         raise ValueError(f"need batch_size >= 1 (got {batch_size}) and indices >= 0")
     wanted = dict(zip(indices.tolist(), labels.tolist()))
-    blocks = np.unique(indices // MICRO_BATCH)
-    per_loop = math.ceil(batch_size / MICRO_BATCH)
-    net, found = FixedShapeNet(model, MICRO_BATCH), {}
+    blocks = np.unique(indices // micro_batch)
+    per_loop = math.ceil(batch_size / micro_batch)
+    net, found = FixedShapeNet(model, micro_batch), {}
     for start in tqdm(range(0, len(blocks), per_loop), desc="batches", disable=not progress):
-        rows = (blocks[start:start + per_loop, None] * MICRO_BATCH + np.arange(MICRO_BATCH)).reshape(-1)
+        rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
         y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
         with torch.inference_mode():
             z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
                                  cfg_scale=cfg_scale, cfg_channels=cfg_channels,
                                  generators=generators(seed, rows, "noise"), num_classes=num_classes, device=device)
-            images = torch.cat([decode_latents(vae, block) for block in z.split(MICRO_BATCH)]).numpy()
+            images = torch.cat([decode_latents(vae, block) for block in z.split(micro_batch)]).numpy()
         found.update((i, image) for i, image in zip(rows.tolist(), images) if i in wanted)
     if not len(indices):
         return np.zeros((0, 0, 0, 3), np.uint8)
@@ -237,7 +238,7 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
 def settings_key(card: dict, vae_sha256: str, p: SampleParams) -> str:
     """Hash of everything that determines the pixels of a shard (not num_fid_samples: more samples extend a run)."""
     determining = {
-        "shard_version": SHARD_VERSION, "micro_batch": MICRO_BATCH, "checkpoint_sha256": card["checkpoint_sha256"],
+        "shard_version": SHARD_VERSION, "micro_batch": p.micro_batch, "checkpoint_sha256": card["checkpoint_sha256"],
         "vae_sha256": vae_sha256, "latent_shape": list(card["latent_shape"]), "num_classes": card["num_classes"],
         "sampler": p.sampler, "steps": p.steps, "cfg_scale": p.cfg_scale, "cfg_channels": p.cfg_channels,
         "labels": p.labels, "seed": p.seed, "shard_size": p.shard_size,
@@ -295,7 +296,7 @@ class ShardWorker:
         images = generate_images(self.model, self.vae, labels, indices, seed=p.seed, sampler=p.sampler,
                                  steps=p.steps, cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels,
                                  num_classes=card["num_classes"], latent_shape=tuple(card["latent_shape"]),
-                                 device=self.device, batch_size=p.batch_size)
+                                 device=self.device, batch_size=p.batch_size, micro_batch=p.micro_batch)
         return k, images, labels, indices
 
 
@@ -388,7 +389,7 @@ def write_outputs(out_dir: Path, images: np.ndarray, labels: np.ndarray, card: d
         cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels, labels=p.labels, seed=p.seed,
         image_size=int(images.shape[1]), latent_shape=list(card["latent_shape"]), model=card["model"],
         num_classes=card["num_classes"], class_names=card.get("class_names"),
-        checkpoint_sha256=card["checkpoint_sha256"], vae_sha256=vae_sha256, micro_batch=MICRO_BATCH,
+        checkpoint_sha256=card["checkpoint_sha256"], vae_sha256=vae_sha256, micro_batch=p.micro_batch,
         shard_size=p.shard_size, samples_sha256=sha256_file(out_dir / "samples.npz"),
         label_counts=np.bincount(labels, minlength=card["num_classes"]).tolist(),
     )

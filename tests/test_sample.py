@@ -20,6 +20,7 @@ from pipeline.model import DiT, DiT_models
 from pipeline.tracking import TrackingParams
 
 NUM_CLASSES, LATENT, IMAGE = 4, (4, 8, 8), 16
+MICRO = 8  # sample.micro_batch in these tests
 SCALE = 0.5
 
 
@@ -76,7 +77,7 @@ def models(dirs):
 
 def params(**overrides) -> S.SampleParams:
     base = dict(num_fid_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                labels="balanced", batch_size=8, num_workers=0, use_gpu=False, shard_size=8, seed=0,
+                labels="balanced", batch_size=8, micro_batch=MICRO, num_workers=0, use_gpu=False, shard_size=8, seed=0,
                 grid_per_class=3)
     return S.SampleParams(**{**base, **overrides})
 
@@ -84,7 +85,8 @@ def params(**overrides) -> S.SampleParams:
 def generate(models, indices, labels, batch_size, seed=0, **kw):
     card, model, vae = models
     settings = dict(seed=seed, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                    num_classes=NUM_CLASSES, latent_shape=LATENT, device="cpu", batch_size=batch_size)
+                    num_classes=NUM_CLASSES, latent_shape=LATENT, device="cpu", batch_size=batch_size,
+                    micro_batch=MICRO)
     return S.generate_images(model, vae, labels, indices, **{**settings, **kw})
 
 
@@ -111,7 +113,7 @@ def test_batch_size_and_request_do_not_change_pixels(models, sampler):
 
 
 def test_network_and_vae_always_see_one_shape(models):
-    """The mechanism behind batch invariance: whatever the batch, every call has MICRO_BATCH rows (x2 with cfg)."""
+    """The mechanism behind batch invariance: whatever the batch, every call has micro_batch rows (x2 with cfg)."""
     card, model, vae = models
     shapes = []
     hooks = [model.x_embedder.register_forward_hook(lambda m, args, out: shapes.append(("dit", tuple(args[0].shape)))),
@@ -122,7 +124,7 @@ def test_network_and_vae_always_see_one_shape(models):
     finally:
         for h in hooks:
             h.remove()
-    assert set(shapes) == {("dit", (2 * S.MICRO_BATCH, *LATENT)), ("vae", (S.MICRO_BATCH, *LATENT))}
+    assert set(shapes) == {("dit", (2 * MICRO, *LATENT)), ("vae", (MICRO, *LATENT))}
 
 
 def test_label_changes_only_its_own_sample(models):
@@ -293,7 +295,8 @@ def test_official_checkpoint_command(dirs, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same pixels straight from the library function
     direct = S.generate_images(model, vae, labels, np.arange(12), seed=0, sampler="ddpm", steps=3, cfg_scale=1.5,
-                               cfg_channels=3, num_classes=1000, latent_shape=LATENT, device="cpu", batch_size=12)
+                               cfg_channels=3, num_classes=1000, latent_shape=LATENT, device="cpu", batch_size=12,
+                               micro_batch=8)
     np.testing.assert_array_equal(arr, direct)
     with pytest.raises(ArtifactError, match="--model"):
         S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/4", "--image-size",
@@ -317,7 +320,7 @@ def test_stale_or_mismatched_checkpoints_are_rejected(dirs, tmp_path):
 def test_params_yaml_section_loads_and_is_checked():
     p = load_section(S.SampleParams, "sample", "params.yaml")
     S.check_params(p)
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="multiple of sample.micro_batch=8"):
         S.check_params(dataclasses.replace(p, shard_size=250))
 
 

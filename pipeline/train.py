@@ -1,0 +1,626 @@
+"""The `train` stage: DiT training (Peebles & Xie 2023, Sec. 4) as a Ray Train DDP loop that resumes exactly.
+
+What the official train.py lacks and this loop adds:
+- exact resume: the data order is a permutation seeded by (seed, epoch), and every other random draw of a step
+  (posterior sample, flip, timesteps, noise, label dropout inside the model) comes from the global torch RNG
+  re-seeded from (seed, step, rank) before the step, so a run killed at any point and restarted from its latest
+  checkpoint ends with the same EMA weights (bit for bit in-process on the CPU; measured bit for bit through Ray
+  with 2 gloo workers too). The RNG states are saved and restored as well, for anything outside the step;
+- DDP on the worker's *local* device (the official `device_ids=[rank]` uses the global rank and breaks across
+  nodes), bf16 autocast, torch.compile, fused AdamW, a NaN guard that never checkpoints a diverged state.
+
+`train_loop_per_worker(config)` is the loop: Ray Train's TorchTrainer runs it on `num_workers` workers, or it runs
+in-process (num_workers 0). Checkpoints go to a directory every worker can read (a local disk on one machine, a
+shared file system on a cluster: the latents must be readable there too, as in the official script). Only rank 0
+writes checkpoints, the CSV log, MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import (
+    ArtifactError, atomic_write, atomic_write_json, read_manifest, require_file, sha256_file,
+)
+from pipeline.config import from_dict, to_dict
+from pipeline.diffusion import create_diffusion, sample
+from pipeline.encode import LATENTS_FORMAT, load_latents
+from pipeline.model import DiT, DiT_models
+from pipeline.tracking import Tracker, TrackingParams, run_tags
+
+CHECKPOINT_FORMAT = ("dit-train-checkpoint", 1)
+KEEP_CHECKPOINTS = 3  # the latest few; older ones are deleted after each successful write
+# The training diffusion of the paper and the official train.py: create_diffusion(timestep_respacing="").
+DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000}
+# Train params that change the optimisation trajectory: a checkpoint made with other values is not resumed.
+# The others (train_steps, *_every, num_workers, use_gpu, compile*, activation_checkpointing) may change on resume.
+RESUME_KEYS = ("model", "conditioning", "global_batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
+               "class_dropout_prob", "grad_clip", "precision", "seed")
+LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
+LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
+# The EMA sample grid logged to MLflow: a monitoring aid, not an evaluation (that is the sample stage's job).
+GRID_CLASSES, GRID_PER_CLASS, GRID_SEED = 8, 4, 0
+GRID_SAMPLER, GRID_STEPS, GRID_CFG_SCALE = "dpm-solver++", 20, 4.0  # 4.0 = the official sample.py's default
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    model: str  # a key of pipeline.model.DiT_models
+    conditioning: Literal["adaLN-Zero", "adaLN", "cross-attention", "in-context"]
+    global_batch_size: int  # summed over workers
+    train_steps: int
+    lr: float  # AdamW, default betas, constant after the optional linear warmup
+    weight_decay: float
+    warmup_steps: int
+    ema_decay: float
+    class_dropout_prob: float
+    grad_clip: float | None  # max global grad norm; None = off (the paper)
+    precision: Literal["fp32", "bf16"]  # bf16 = autocast; weights, optimiser and EMA stay fp32
+    compile: bool
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+    activation_checkpointing: bool
+    ckpt_every: int
+    log_every: int
+    sample_every: int
+    num_workers: int  # 0 = in-process without Ray
+    use_gpu: bool
+    seed: int
+
+
+def check_params(p: TrainParams, num_examples: int) -> None:
+    if p.model not in DiT_models:
+        raise ValueError(f"train.model {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
+    world = max(p.num_workers, 1)
+    if p.global_batch_size % world:
+        raise ValueError(f"train.global_batch_size {p.global_batch_size} is not divisible by train.num_workers "
+                         f"{world}: every worker needs the same batch")
+    if num_examples < p.global_batch_size:
+        raise ValueError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
+                         f"{p.global_batch_size}: lower the batch or encode more images")
+    for key in ("train_steps", "ckpt_every", "log_every", "sample_every"):
+        if getattr(p, key) < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {getattr(p, key)}")
+    if not 0 <= p.ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in [0, 1), got {p.ema_decay}")
+
+
+# --- randomness ---------------------------------------------------------------------------------------------------
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The seed of everything rank `rank` draws at 0-based step `step` (SeedSequence mixes the three well)."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def capture_rng(data_order: dict) -> dict:
+    """Every RNG state of this process, as plain tensors and lists (torch.load(weights_only=True) reads them)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                      "has_gauss": has_gauss, "cached_gaussian": cached},
+            "python": [version, list(state), gauss], "data": data_order}
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, state, gauss = rng["python"]
+    random.setstate((version, tuple(state), gauss))
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+class LatentBatches:
+    """The latents artifact as training batches: x (b, C, h, w) float32, scaled, and y (b,) int64, on `device`.
+
+    Global batch i of an epoch is slice i of that epoch's permutation (seeded by (seed, epoch); the last partial
+    batch is dropped, as the official DataLoader's drop_last), and rank r takes the r-th of its `world` equal parts,
+    so the workers' examples are disjoint. Each step picks a random flip of every example and, for a stored
+    posterior, samples it: x = (mean + std * eps) * scaling_factor; both from the step's seeded RNG.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], scaling_factor: float, seed: int, device: torch.device):
+        keep_on_device = device.type == "cuda" and _fits_on_gpu(tensors, device)
+        store = device if keep_on_device else torch.device("cpu")
+        self.tensors = {k: v.to(store) for k, v in tensors.items()}  # label (N,); mean+std or sample (N, F, C, h, w)
+        self.posterior = "mean" in tensors
+        self.count, self.flips = len(tensors["label"]), tensors["mean" if self.posterior else "sample"].shape[1]
+        self.scaling_factor, self.seed, self.device, self.store = scaling_factor, seed, device, store
+        self.epoch, self.order = -1, None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self.epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+            self.epoch, self.order = epoch, torch.from_numpy(perm).to(self.store)
+        return self.order
+
+    def position(self, step: int, global_batch: int) -> tuple[int, int]:
+        """(epoch, index of the first example of the step's global batch within that epoch's permutation)."""
+        epoch, i = divmod(step, self.count // global_batch)
+        return epoch, i * global_batch
+
+    def batch(self, step: int, rank: int, world: int, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b = global_batch // world
+        epoch, start = self.position(step, global_batch)
+        idx = self.permutation(epoch)[start + rank * b: start + (rank + 1) * b]  # (b,)
+        flip = torch.randint(0, self.flips, (b,), device=self.store)  # index 0 = original, 1 = flipped
+        parts = [self.tensors["label"][idx]]
+        parts += [self.tensors[k][idx, flip] for k in (("mean", "std") if self.posterior else ("sample",))]
+        if self.store != self.device:
+            parts = [p.pin_memory().to(self.device, non_blocking=True) for p in parts]
+        y, z = parts[0], parts[1].float()  # z: (b, C, h, w) the posterior mean, or the stored sample
+        if self.posterior:
+            z = z + parts[2].float() * torch.randn(z.shape, device=self.device)
+        return z * self.scaling_factor, y
+
+
+def _fits_on_gpu(tensors: dict[str, torch.Tensor], device: torch.device) -> bool:
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return sum(t.numel() * t.element_size() for t in tensors.values()) <= LATENTS_GPU_FRACTION * free_bytes
+
+
+def load_latent_batches(latents_dir: str | Path, seed: int, device: torch.device) -> tuple[LatentBatches, dict]:
+    manifest, tensors = load_latents(latents_dir)
+    return LatentBatches(tensors, float(manifest["scaling_factor"]), seed, device), manifest
+
+
+# --- model, EMA, optimiser and the step ---------------------------------------------------------------------------
+
+def build_model(p: TrainParams, latent_shape, num_classes: int, overrides: dict | None = None) -> DiT:
+    """The preset `p.model` for latents (C, h, w); `overrides` (tests, ablations) replace any constructor kwarg."""
+    channels, h, w = latent_shape
+    if h != w:
+        raise ValueError(f"DiT needs square latents, got {h}x{w}")
+    model = DiT_models[p.model](input_size=h, in_channels=channels, num_classes=num_classes,
+                                class_dropout_prob=p.class_dropout_prob, conditioning=p.conditioning,
+                                activation_checkpointing=p.activation_checkpointing)
+    return DiT.from_config({**model.config, **overrides}) if overrides else model
+
+
+@torch.no_grad()
+def update_ema(ema_params: list[torch.Tensor], model_params: list[torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * theta, for all tensors in one fused foreach op."""
+    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+
+
+def learning_rate(p: TrainParams, step: int) -> float:
+    return p.lr * min(1.0, (step + 1) / p.warmup_steps) if p.warmup_steps else p.lr
+
+
+@dataclass
+class TrainState:
+    model: DiT  # the raw module: its state_dict has the official flat layout
+    net: torch.nn.Module  # what the step calls: the model, wrapped in DDP and/or compiled
+    ema: DiT
+    opt: torch.optim.Optimizer
+    params: TrainParams
+    device: torch.device
+
+    def __post_init__(self):
+        names = [n for n, q in self.model.named_parameters() if q.requires_grad]  # pos_embed is frozen
+        self.trainable = [self.model.get_parameter(n) for n in names]
+        self.ema_params = [self.ema.get_parameter(n) for n in names]
+        self.diffusion = create_diffusion("", learn_sigma=self.model.config["learn_sigma"], **DIFFUSION)
+        # The diffusion maps t through timestep_map on the model's device at every call: keep the map there, so no
+        # step waits on a host-to-device copy (a pageable copy synchronises the stream).
+        self.diffusion.timestep_map = self.diffusion.timestep_map.to(self.device)
+
+
+def make_train_state(model: DiT, p: TrainParams, device: torch.device, world: int, ckpt: dict | None) -> TrainState:
+    """Model, EMA (a copy of the model, as the official update_ema(ema, model, decay=0)) and AdamW on `device`,
+    restored from `ckpt` when given, then wrapped in DDP on the local device (world > 1) and compiled."""
+    model = model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay, fused=device.type == "cuda" or None)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if p.compile:
+        net = torch.compile(net, mode=p.compile_mode)
+    return TrainState(model, net, ema, opt, p, device)
+
+
+def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+    """One optimiser step on this rank's batch x (b, C, h, w), y (b,); draws t, noise and label dropout from the
+    global RNG. Returns (4,) [loss, mse, vb, grad_norm] on the device, without a host sync."""
+    if s.params.compile:
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse last step's buffers
+    t = torch.randint(0, s.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"):
+        terms = s.diffusion.training_losses(s.net, x, t, model_kwargs=dict(y=y))
+    loss = terms["loss"].mean()
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([q.grad for q in s.trainable])))
+    if s.params.grad_clip is not None:
+        torch._foreach_mul_([q.grad for q in s.trainable], (s.params.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
+    for group in s.opt.param_groups:
+        group["lr"] = lr
+    s.opt.step()
+    update_ema(s.ema_params, s.trainable, s.params.ema_decay)
+    vb = terms["vb"].mean() if "vb" in terms else torch.zeros_like(loss)
+    return torch.stack([loss, terms["mse"].mean(), vb, grad_norm]).detach()
+
+
+def run_step(s: TrainState, data: LatentBatches, step: int, rank: int, world: int) -> torch.Tensor:
+    """0-based training step `step` on rank `rank`: seed, draw the batch, update. Everything random in it is a
+    function of (seed, step, rank), which is what makes a resumed run identical to an uninterrupted one."""
+    torch.manual_seed(step_seed(s.params.seed, step, rank))  # seeds the CPU and every CUDA generator
+    x, y = data.batch(step, rank, world, s.params.global_batch_size)
+    return train_step(s, x, y, learning_rate(s.params, step))
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (an interrupted write leaves only a hidden temp file)."""
+    return sorted(Path(directory).glob("ckpt-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
+
+
+def save_checkpoint(directory: str | Path, payload: dict) -> Path:
+    path = Path(directory) / f"ckpt-{payload['step']:07d}.pt"
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    for old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read tensors on use
+    if [ckpt.get("format"), ckpt.get("version")] != list(CHECKPOINT_FORMAT):
+        raise ArtifactError(f"{path} is not a {CHECKPOINT_FORMAT[0]} v{CHECKPOINT_FORMAT[1]} checkpoint")
+    return ckpt
+
+
+def resume_mismatch(ckpt: dict, p: TrainParams, model_config: dict, latents_sha256: str) -> list[str]:
+    """Why `ckpt` cannot be continued by this run (empty when it can): a checkpoint resumes only the run it came
+    from, never another experiment's weights with other trajectory-defining params, model or data."""
+    old = ckpt["train_params"]
+    why = [f"train.{k}: {old.get(k)!r} -> {getattr(p, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(p, k)]
+    why += [f"model.{k}: {ckpt['model_config'].get(k)!r} -> {v!r}" for k, v in model_config.items()
+            if k != "activation_checkpointing" and ckpt["model_config"].get(k) != v]
+    if ckpt["latents_sha256"] != latents_sha256:
+        why.append("the latents changed (their manifest.json sha256)")
+    if ckpt["step"] > p.train_steps:
+        why.append(f"it is at step {ckpt['step']}, past train.train_steps {p.train_steps}")
+    return why
+
+
+def check_resumable(ckpt: dict, path: Path, p: TrainParams, model_config: dict, latents_sha256: str) -> None:
+    why = resume_mismatch(ckpt, p, model_config, latents_sha256)
+    if why:
+        raise ArtifactError(f"{path} cannot be resumed by this run ({'; '.join(why)}). Restore those params to "
+                            f"continue it, or delete {path.parent} (or pass --restart-on-mismatch to the stage) "
+                            "to train from scratch.")
+
+
+def latest_checkpoint(directory: str | Path) -> tuple[dict, Path] | tuple[None, None]:
+    ckpts = list_checkpoints(directory)
+    return (load_checkpoint(ckpts[-1]), ckpts[-1]) if ckpts else (None, None)
+
+
+# --- rank 0's side channels ---------------------------------------------------------------------------------------
+
+class Reporter:
+    """Rank 0's outputs besides checkpoints: the CSV training log, the MLflow run (metrics, EMA sample grids) and
+    the progress bar. The log rows live in the checkpoints too, so a resumed run rewrites the CSV up to its step."""
+
+    def __init__(self, config: dict, p: TrainParams, ckpt: dict | None, start: int, latent_shape, num_classes: int):
+        self.rows = list(ckpt["log"]) if ckpt else []
+        self.csv_path = Path(config["plots"])
+        atomic_write(self.csv_path, lambda tmp: tmp.write_text(_csv_text(self.rows, header=True)))
+        self.tracker = Tracker(TrackingParams(**config["tracking"]), ckpt["mlflow_run_id"] if ckpt else None)
+        if self.tracker.run_id:
+            self.tracker.resume()
+        else:
+            self.tracker.start(os.environ.get("DVC_EXP_NAME") or f"train {p.model}",
+                               {"train": to_dict(p), "model": config["model_config"]}, config["tags"])
+        self.vae_dir, self.vae, self.latent_shape, self.num_classes = config["vae"], None, latent_shape, num_classes
+        self.pbar = progress_bar(config["distributed"], p.train_steps, start)
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.csv_path, "a") as f:
+            f.write(_csv_text([row], header=False))
+        self.tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.pbar.set_description(f"train loss {row['loss']:.4f}, {row['img_per_s']:.0f} img/s")
+
+    def sample_grid(self, ema: DiT, step: int, device: torch.device, bf16: bool) -> None:
+        if not (self.tracker.enabled and self.vae_dir):
+            return  # nowhere to log it, or no decoder
+        from pipeline.vae import decode_latents, load_vae
+
+        self.vae = self.vae or load_vae(self.vae_dir, device)
+        rows = min(self.num_classes, GRID_CLASSES)
+        y = torch.arange(rows).repeat_interleave(GRID_PER_CLASS)  # (n,)
+        generators = [torch.Generator().manual_seed(GRID_SEED + i) for i in range(len(y))]  # sample i: seed + i
+        guidance = GRID_CFG_SCALE if ema.config["class_dropout_prob"] > 0 else 1.0  # guidance needs the null label
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            z = sample(ema, sampler=GRID_SAMPLER, steps=GRID_STEPS, shape=(len(y), *self.latent_shape), y=y,
+                       cfg_scale=guidance, cfg_channels=None, generators=generators, num_classes=self.num_classes,
+                       device=device)
+        images = decode_latents(self.vae, z.float()).cpu().numpy()  # (n, H, W, 3) uint8
+        n, h, w, _ = images.shape
+        grid = images.reshape(rows, GRID_PER_CLASS, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, 3)
+        self.tracker.log_image(grid, key="ema_samples", step=step)
+
+    def close(self, status: str) -> None:
+        self.pbar.close()
+        self.tracker.end(status)
+
+
+def progress_bar(distributed: bool, total: int, initial: int):
+    """tqdm in-process; Ray's tqdm in a Ray worker, whose log streaming would otherwise print every refresh."""
+    if not distributed:
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, desc="train", unit="step")
+    bar.n = initial
+    bar.refresh()
+    return bar
+
+
+def _csv_text(rows: list[dict], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# --- the loop -----------------------------------------------------------------------------------------------------
+
+def worker_context(distributed: bool, use_gpu: bool) -> tuple[int, int, torch.device]:
+    """(rank, world size, this worker's local device)."""
+    if distributed:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("train.use_gpu is true but torch sees no CUDA device; set train.use_gpu: false")
+    return 0, 1, torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+
+
+def configure_torch(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (and fp32 runs) use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+
+class Loop:
+    """The steps from a start step to train_steps on one worker, with the collective checks at log and
+    checkpoint steps (the only host syncs)."""
+
+    def __init__(self, state: TrainState, data: LatentBatches, config: dict, rank: int, world: int, ckpt):
+        self.s, self.data, self.config, self.rank, self.world = state, data, config, rank, world
+        self.p = state.params
+        self.start = ckpt["step"] if ckpt else 0
+        self.timing = dict(ckpt["timing"]) if ckpt else {"train_s": 0.0}  # seconds in training steps, all sessions
+        self.sums = torch.zeros(4, device=state.device, dtype=torch.float64)  # loss, mse, vb, grad_norm
+        self.first_bad = torch.full((), 2 ** 62, device=state.device, dtype=torch.int64)
+        self.interval_steps, self.interval_s = 0, 0.0
+        self.reporter: Reporter | None = None
+
+    def run(self) -> None:
+        self.clock = time.perf_counter()
+        for step in range(self.start, self.p.train_steps):
+            stats = run_step(self.s, self.data, step, self.rank, self.world)
+            self.sums += stats
+            done = step + 1
+            self.first_bad = torch.where(torch.isfinite(stats[0]), self.first_bad, self.first_bad.clamp(max=done))
+            self.interval_steps += 1
+            if self.reporter:
+                self.reporter.pbar.update(1)
+            if done % self.p.log_every == 0 or done % self.p.ckpt_every == 0 or done % self.p.sample_every == 0 \
+                    or done == self.p.train_steps:
+                self.housekeeping(done)
+
+    def housekeeping(self, done: int) -> None:
+        self.check_finite(done)  # collective: every rank stops together
+        now = time.perf_counter()
+        self.interval_s += now - self.clock
+        self.timing["train_s"] += now - self.clock
+        if done % self.p.log_every == 0 or done == self.p.train_steps:
+            self.log(done)
+        if self.rank == 0 and (done % self.p.ckpt_every == 0 or done == self.p.train_steps):
+            self.checkpoint(done)
+        if self.rank == 0 and done % self.p.sample_every == 0:
+            self.reporter.sample_grid(self.s.ema, done, self.s.device, self.p.precision == "bf16")
+        self.clock = time.perf_counter()  # img/s counts training steps, not checkpoint writes or sample grids
+
+    def check_finite(self, done: int) -> None:
+        first_bad = self.first_bad.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
+        bad_step = first_bad.item()
+        if bad_step <= done:
+            last = list_checkpoints(self.config["checkpoints"])
+            raise FloatingPointError(
+                f"the training loss became NaN or Inf at step {bad_step}; stopped at step {done} without "
+                f"checkpointing. The last good checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}; "
+                "lower train.lr, set train.grad_clip or use precision fp32, then rerun to resume from it.")
+
+    def log(self, done: int) -> None:
+        sums = self.sums.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(sums)
+        loss, mse, vb, grad_norm = (sums / (self.world * self.interval_steps)).tolist()
+        img_per_s = self.interval_steps * self.p.global_batch_size / self.interval_s
+        row = dict(step=done, loss=loss, mse=mse, vb=vb, grad_norm=grad_norm, img_per_s=img_per_s)
+        if self.reporter:
+            self.reporter.log(row)
+        self.sums.zero_()
+        self.interval_steps, self.interval_s = 0, 0.0
+
+    def checkpoint(self, done: int) -> None:
+        epoch, position = self.data.position(done, self.p.global_batch_size)
+        payload = {
+            "format": CHECKPOINT_FORMAT[0], "version": CHECKPOINT_FORMAT[1], "step": done,
+            "model": self.s.model.state_dict(), "ema": self.s.ema.state_dict(), "opt": self.s.opt.state_dict(),
+            "rng": capture_rng({"seed": self.p.seed, "epoch": epoch, "position": position}),
+            "model_config": self.s.model.config, "train_params": to_dict(self.p),
+            "latents_sha256": self.config["latents_sha256"], "mlflow_run_id": self.reporter.tracker.run_id,
+            "log": list(self.reporter.rows), "timing": dict(self.timing),
+        }
+        save_checkpoint(self.config["checkpoints"], payload)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The training loop of one worker (Ray Train's `train_loop_per_worker`, or in-process). `config` holds plain
+    values only: the train and tracking params as dicts, absolute paths, the MLflow tags and model overrides."""
+    p = from_dict(TrainParams, config["train"], "train")
+    rank, world, device = worker_context(config["distributed"], p.use_gpu)
+    configure_torch(device)
+    if config["tracking_uri"]:
+        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # a Ray worker may run in another directory
+    data, manifest = load_latent_batches(config["latents"], p.seed, device)
+    torch.manual_seed(p.seed)  # the same initial weights on every rank
+    model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
+    ckpt, path = latest_checkpoint(config["checkpoints"])
+    if ckpt is not None:
+        check_resumable(ckpt, path, p, model.config, config["latents_sha256"])
+        restore_rng(ckpt["rng"])
+    loop = Loop(make_train_state(model, p, device, world, ckpt), data, {**config, "model_config": model.config},
+                rank, world, ckpt)
+    if rank == 0:
+        for stale in Path(config["checkpoints"]).glob(".ckpt-*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
+        loop.reporter = Reporter(loop.config, p, ckpt, loop.start, tuple(manifest["latent_shape"]),
+                                 manifest["num_classes"])
+    status = "FAILED"
+    try:
+        loop.run()
+        status = "FINISHED"
+    finally:
+        if loop.reporter:
+            loop.reporter.close(status)
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+def fit_with_ray(config: dict, p: TrainParams) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.cluster import init_ray
+
+    init_ray()
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config,
+                           scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu),
+                           run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+    trainer.fit()
+
+
+def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, checkpoints_dir: str | Path,
+          out_dir: str | Path, metrics_path: str | Path, plots_path: str | Path, vae_dir: str | Path | None = None,
+          model_overrides: dict | None = None, restart_on_mismatch: bool = False) -> dict:
+    """Train (or resume) up to `p.train_steps`, then write `out_dir`/{ema.pt, model.json, tracking.json} and the
+    metrics. Returns the metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
+    `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are deleted."""
+    started = time.time()
+    manifest = read_manifest(latents_dir, *LATENTS_FORMAT, stage="encode")
+    check_params(p, manifest["count"])
+    _check_vae(vae_dir, manifest)
+    tracker = Tracker(tracking)  # creates the experiment once, from the driver
+    config = {
+        "train": to_dict(p), "tracking": to_dict(tracking), "distributed": p.num_workers > 0,
+        "latents": str(Path(latents_dir).resolve()), "vae": str(Path(vae_dir).resolve()) if vae_dir else None,
+        "checkpoints": str(Path(checkpoints_dir).resolve()), "plots": str(Path(plots_path).resolve()),
+        "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"), "model_overrides": model_overrides,
+        "tracking_uri": tracker.uri if tracker.enabled else None,
+    }
+    config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
+    Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)
+    resolve_checkpoints(p, manifest, config, restart_on_mismatch)
+    if p.num_workers == 0:
+        train_loop_per_worker(config)
+    else:
+        fit_with_ray(config, p)
+    final, path = latest_checkpoint(checkpoints_dir)
+    if final is None or final["step"] != p.train_steps:
+        raise RuntimeError(f"training ended without a checkpoint at step {p.train_steps} in {checkpoints_dir}")
+    return export(final, manifest, p, tracking, out_dir, metrics_path, time.time() - started)
+
+
+def resolve_checkpoints(p: TrainParams, manifest: dict, config: dict, restart: bool) -> None:
+    """Check the latest checkpoint before any worker starts: fail fast, or clear another run's checkpoints."""
+    ckpt, path = latest_checkpoint(config["checkpoints"])
+    if ckpt is None:
+        return
+    with torch.device("meta"):  # the model's config without allocating its weights
+        model_config = build_model(p, manifest["latent_shape"], manifest["num_classes"],
+                                   config["model_overrides"]).config
+    why = resume_mismatch(ckpt, p, model_config, config["latents_sha256"])
+    if why and restart:
+        print(f"[train] {path} belongs to another run ({'; '.join(why)}): deleting its checkpoints and starting over")
+        for old in list_checkpoints(config["checkpoints"]):
+            old.unlink()
+    elif why:
+        check_resumable(ckpt, path, p, model_config, config["latents_sha256"])
+
+
+def _check_vae(vae_dir, manifest: dict) -> None:
+    if vae_dir is None:
+        return
+    scale = json.loads(require_file(Path(vae_dir) / "config.json", "vae").read_text())["scaling_factor"]
+    if not math.isclose(scale, manifest["scaling_factor"], rel_tol=1e-6):
+        raise ArtifactError(f"{vae_dir} has scaling_factor {scale}, the latents {manifest['scaling_factor']}: they "
+                            "come from different VAEs; run `dvc repro encode`")
+
+
+def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams, out_dir, metrics_path,
+           wall_s: float) -> dict:
+    """The stage outputs from the final checkpoint: the EMA in the official flat layout, its description, the
+    MLflow run id and the metrics (loss = mean of the last log interval)."""
+    out_dir = Path(out_dir)
+    ema = {k: v.detach().cpu().contiguous() for k, v in ckpt["ema"].items()}
+    atomic_write(out_dir / "ema.pt", lambda tmp: torch.save(ema, tmp))
+    atomic_write_json(out_dir / "model.json", {
+        "model": p.model, "model_kwargs": ckpt["model_config"], "diffusion": DIFFUSION,
+        "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],
+        "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
+        "train_steps": ckpt["step"], "ema_sha256": sha256_file(out_dir / "ema.pt"),
+    })
+    tracker = Tracker(tracking, ckpt["mlflow_run_id"] if tracking.enabled else None)
+    atomic_write_json(out_dir / "tracking.json", {"mlflow_run_id": tracker.run_id,
+                                                  "tracking_uri": tracker.uri if tracker.enabled else None})
+    last = ckpt["log"][-1]
+    metrics = {"loss": last["loss"], "mse": last["mse"], "vb": last["vb"], "steps": ckpt["step"],
+               "img_per_s": ckpt["step"] * p.global_batch_size / ckpt["timing"]["train_s"],
+               "train_s": ckpt["timing"]["train_s"], "wall_s": wall_s}
+    atomic_write_json(metrics_path, metrics)
+    tracker.resume()
+    tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=ckpt["step"])
+    tracker.log_artifact(out_dir / "model.json")
+    tracker.end()
+    return metrics

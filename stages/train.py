@@ -1,0 +1,39 @@
+"""DVC stage `train`: DiT on the VAE latents with Ray Train; resumes from the latest checkpoint when restarted.
+
+    python stages/train.py --params params.yaml --latents data/latents --vae models/vae \
+        --checkpoints models/checkpoints --out models/dit --metrics metrics/train.json --plots plots/train.csv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_section
+from pipeline.tracking import TrackingParams
+from pipeline.train import TrainParams, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--latents", required=True, help="the encode stage's latents artifact")
+    parser.add_argument("--vae", default=None, help="VAE snapshot for the EMA sample grids logged to MLflow")
+    parser.add_argument("--checkpoints", required=True, help="persisted checkpoint directory (resumed from)")
+    parser.add_argument("--out", required=True, help="output dir for ema.pt, model.json, tracking.json")
+    parser.add_argument("--metrics", required=True)
+    parser.add_argument("--plots", required=True, help="CSV training log (step, loss, mse, vb, grad_norm, img_per_s)")
+    parser.add_argument("--restart-on-mismatch", action="store_true",
+                        help="delete checkpoints of another run (other params, model or latents) and train from "
+                             "scratch, instead of stopping with an error")
+    args = parser.parse_args()
+
+    params = load_section(TrainParams, "train", args.params)
+    tracking = load_section(TrackingParams, "tracking", args.params)
+    metrics = train(params, tracking, latents_dir=args.latents, checkpoints_dir=args.checkpoints, out_dir=args.out,
+                    metrics_path=args.metrics, plots_path=args.plots, vae_dir=args.vae,
+                    restart_on_mismatch=args.restart_on_mismatch)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,394 @@
+"""The train stage on a tiny latents artifact (64 examples of 4x8x8, 4 classes) and a depth-2 DiT, on the CPU."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pipeline.train as T
+from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
+from pipeline.config import load_section
+from pipeline.model import DiT
+from pipeline.tracking import TrackingParams
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(depth=2, hidden_size=64, num_heads=2)  # model_overrides: a depth-2 DiT
+NUM_CLASSES, LATENT_SHAPE, SCALING_FACTOR = 4, (4, 8, 8), 0.5
+OFF = TrackingParams(enabled=False, experiment="test-train")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Bit-for-bit comparisons need the same kernels in every run (and 1 thread is the fastest on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_latents(directory: Path, count: int = 64, store: str = "posterior") -> Path:
+    """A `dit-latents` v1 artifact: each class is one random prototype (and its mirror image), so it can be learnt."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.arange(count) % NUM_CLASSES
+    mean = (torch.randn(NUM_CLASSES, *LATENT_SHAPE, generator=g) * 2)[label]  # (N, C, h, w), unscaled
+    mean = torch.stack([mean, mean.flip(-1)], dim=1)  # (N, F=2, C, h, w)
+    tensors = {"label": label}
+    if store == "posterior":
+        tensors.update(mean=mean.half(), std=torch.full_like(mean, 0.05).half())
+    else:
+        tensors["sample"] = mean.half()
+    directory.mkdir(parents=True)
+    save_file(tensors, directory / "latents-00000.safetensors")
+    write_manifest(directory, "dit-latents", 1, count=count, latent_shape=list(LATENT_SHAPE), dtype="float16",
+                   flip=True, store=store, scaling_factor=SCALING_FACTOR, vae_sha256="0" * 64,
+                   images_manifest_sha256="0" * 64, num_classes=NUM_CLASSES,
+                   class_names=[f"class{i}" for i in range(NUM_CLASSES)], image_size=16,
+                   shards=[{"file": "latents-00000.safetensors", "count": count,
+                            "sha256": sha256_file(directory / "latents-00000.safetensors")}])
+    return directory
+
+
+def base_params(**changes) -> T.TrainParams:
+    p = load_section(T.TrainParams, "train", REPO / "params.yaml")
+    p = replace(p, num_workers=0, use_gpu=False, train_steps=30, global_batch_size=16, lr=1e-3, ema_decay=0.9,
+                log_every=5, ckpt_every=10, sample_every=1000, precision="fp32", compile=False, seed=0)
+    return replace(p, **changes)
+
+
+def run(root: Path, latents: Path, p: T.TrainParams, tracking=OFF, vae=None) -> dict:
+    return T.train(p, tracking, latents, root / "checkpoints", root / "dit", root / "metrics.json",
+                   root / "train.csv", vae_dir=vae, model_overrides=TINY)
+
+
+def load_ema(root: Path) -> dict:
+    return torch.load(root / "dit" / "ema.pt", map_location="cpu", weights_only=True)
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"EMA tensors differ: {bad[:5]}"
+
+
+def read_log(path: Path, without=("img_per_s",)) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in without} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def latents(tmp_path_factory) -> Path:
+    return write_latents(tmp_path_factory.mktemp("latents") / "latents")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, latents) -> Path:
+    """An uninterrupted 30-step run: the target every resumed run must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("reference")
+    run(root, latents, base_params())
+    return root
+
+
+# --- learning, EMA, label dropout ---------------------------------------------------------------------------------
+
+def test_overfits_64_latents(tmp_path, latents):
+    metrics = run(tmp_path, latents, base_params(train_steps=400, global_batch_size=32, lr=3e-3, log_every=4,
+                                                 ckpt_every=400, ema_decay=0.99))
+    losses = [float(row["loss"]) for row in read_log(tmp_path / "train.csv")]
+    assert losses[0] > 0.8  # the adaLN-Zero model starts at eps = 0: MSE = E[eps^2] = 1
+    assert metrics["loss"] == losses[-1] < 0.25, losses  # measured: 0.17 after 400 steps
+    assert metrics["steps"] == 400 and metrics["img_per_s"] > 0 and metrics["wall_s"] > 0
+
+
+def test_update_ema_is_the_official_formula():
+    g = torch.Generator().manual_seed(0)
+    ema, theta = [torch.randn(5, 3, generator=g) for _ in range(2)], [torch.randn(5, 3, generator=g) for _ in range(2)]
+    expected = [0.9999 * e + (1 - 0.9999) * t for e, t in zip(ema, theta)]
+    T.update_ema(ema, theta, 0.9999)
+    for got, want in zip(ema, expected):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_ema_follows_the_weights_in_training(tmp_path, latents):
+    """EMA_0 = the initial weights; EMA_k = d EMA_{k-1} + (1 - d) theta_k, checked against the checkpoints."""
+    p = base_params(train_steps=2, ckpt_every=1, ema_decay=0.75)
+    run(tmp_path, latents, p)
+    torch.manual_seed(p.seed)
+    theta0 = T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY).state_dict()
+    c1, c2 = (T.load_checkpoint(tmp_path / "checkpoints" / f"ckpt-{s:07d}.pt") for s in (1, 2))
+    for name, ema1 in c1["ema"].items():
+        torch.testing.assert_close(ema1, 0.75 * theta0[name] + 0.25 * c1["model"][name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(c2["ema"][name], 0.75 * ema1 + 0.25 * c2["model"][name], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(c2["ema"]["final_layer.linear.weight"], theta0["final_layer.linear.weight"])
+
+
+@pytest.mark.parametrize("prob", [0.1, 0.0])
+def test_label_dropout_rate_in_a_train_step(prob):
+    p = base_params(class_dropout_prob=prob)
+    torch.manual_seed(0)
+    model = T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY)
+    state = T.make_train_state(model, p, torch.device("cpu"), world=1, ckpt=None)
+    seen = []
+    model.y_embedder.embedding_table.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    n = 4096 if prob else 256
+    T.train_step(state, torch.randn(n, *LATENT_SHAPE), torch.randint(0, NUM_CLASSES, (n,)), lr=p.lr)
+    (ids,) = seen
+    dropped = (ids == NUM_CLASSES).float().mean().item()  # the null label is `num_classes`
+    assert abs(dropped - prob) < 4 * (prob * (1 - prob) / n) ** 0.5 if prob else dropped == 0, dropped
+    assert state.ema.training is False and model.training is True
+
+
+def test_grad_clip_warmup_and_bf16_step():
+    p = base_params(grad_clip=1e-3, warmup_steps=4, precision="bf16")
+    assert [T.learning_rate(p, s) for s in (0, 1, 3, 10)] == [p.lr / 4, p.lr / 2, p.lr, p.lr]
+    torch.manual_seed(0)
+    model = T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY)
+    state = T.make_train_state(model, p, torch.device("cpu"), world=1, ckpt=None)
+    x, y = torch.randn(16, *LATENT_SHAPE), torch.randint(0, NUM_CLASSES, (16,))
+    loss, mse, vb, grad_norm = T.train_step(state, x, y, lr=p.lr).tolist()
+    clipped = torch.linalg.vector_norm(torch.stack([q.grad.norm() for q in state.trainable])).item()
+    assert grad_norm > 1e-2 and abs(clipped - 1e-3) < 1e-6  # the norm is logged before clipping
+    assert abs(loss - (mse + vb)) < 1e-5 and all(map(math.isfinite, (loss, mse, vb)))
+
+
+def test_batches_are_disjoint_across_ranks_and_flip(latents):
+    _, tensors = T.load_latents(latents)
+    data = T.LatentBatches(tensors, SCALING_FACTOR, seed=0, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    steps_per_epoch = 64 // 16
+    seen = []
+    for step in range(steps_per_epoch):
+        for rank in range(2):
+            idx = data.permutation(0)[step * 16 + rank * 8: step * 16 + (rank + 1) * 8]
+            seen += idx.tolist()
+            x, y = data.batch(step, rank, 2, 16)
+            assert x.shape == (8, *LATENT_SHAPE) and torch.equal(y, tensors["label"][idx])
+    assert sorted(seen) == list(range(64))  # one epoch = every example once, split between ranks
+    x, _ = data.batch(0, 0, 1, 64)
+    unflipped = tensors["mean"][data.permutation(0), 0].float() * SCALING_FACTOR
+    close = ((x - unflipped).abs().flatten(1).amax(1) < 0.5)  # std 0.05 (x 0.5): flipped rows are far away
+    assert 0 < close.sum() < 64  # both the original and the mirrored latents are drawn
+
+
+# --- resume -------------------------------------------------------------------------------------------------------
+
+def test_resume_after_exception_is_bit_exact(tmp_path, latents, reference, monkeypatch):
+    original = T.LatentBatches.batch
+
+    def failing(self, step, *args):
+        if step == 17:
+            raise RuntimeError("injected failure at step 17")
+        return original(self, step, *args)
+
+    monkeypatch.setattr(T.LatentBatches, "batch", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(tmp_path, latents, base_params())
+    assert [f.name for f in T.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000010.pt"]
+    monkeypatch.setattr(T.LatentBatches, "batch", original)
+    run(tmp_path, latents, base_params())
+    assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
+    assert read_log(tmp_path / "train.csv") == read_log(reference / "train.csv")  # no duplicated rows
+    assert len(T.list_checkpoints(tmp_path / "checkpoints")) == T.KEEP_CHECKPOINTS
+
+
+CHILD = """
+import sys, time
+import torch
+import pipeline.train as T
+from pipeline.tracking import TrackingParams
+from test_train import TINY, base_params
+
+torch.set_num_threads(1)
+original = T.LatentBatches.batch
+def slow(self, *args):  # slow enough for the parent to kill us between two checkpoints
+    time.sleep(0.1)
+    return original(self, *args)
+T.LatentBatches.batch = slow
+root, latents = map(__import__("pathlib").Path, sys.argv[1:3])
+T.train(base_params(), TrackingParams(enabled=False, experiment="x"), latents, root / "checkpoints", root / "dit",
+        root / "metrics.json", root / "train.csv", model_overrides=TINY)
+"""
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, latents, reference):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "child.log", "w")
+    child = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(latents)], env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while not T.list_checkpoints(tmp_path / "checkpoints"):
+        assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "the child wrote no checkpoint in time"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    log.close()
+    assert child.returncode == -signal.SIGKILL
+    ckpts = T.list_checkpoints(tmp_path / "checkpoints")
+    assert T.load_checkpoint(ckpts[-1])["step"] < 30 and not (tmp_path / "dit" / "ema.pt").exists()
+    run(tmp_path, latents, base_params())
+    assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, latents, reference, monkeypatch):
+    real_save = torch.save
+
+    def torn_save(obj, f, *args, **kwargs):
+        if obj.get("step") == 20:  # write half a file, then die, as a full disk or a kill would
+            Path(f).write_bytes(b"\x80\x02half a checkpoint")
+            raise OSError("disk full (injected)")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(T.torch, "save", torn_save)
+    with pytest.raises(OSError, match="injected"):
+        run(tmp_path, latents, base_params())
+    monkeypatch.setattr(T.torch, "save", real_save)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["ckpt-0000010.pt"], files  # no torn file, no temp file
+    assert T.load_checkpoint(tmp_path / "checkpoints" / files[0])["step"] == 10
+    run(tmp_path, latents, base_params())
+    assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
+
+
+def test_refuses_to_resume_a_different_run(tmp_path, latents):
+    run(tmp_path, latents, base_params(train_steps=10))
+    with pytest.raises(ArtifactError, match=r"train\.lr: 0\.001 -> 0\.002.*delete"):
+        run(tmp_path, latents, base_params(train_steps=20, lr=2e-3))
+    with pytest.raises(ArtifactError, match="past train.train_steps"):
+        run(tmp_path, latents, base_params(train_steps=5))
+    metrics = run(tmp_path, latents, base_params(train_steps=20, log_every=10))  # longer training resumes
+    assert metrics["steps"] == 20
+
+
+def test_restart_on_mismatch_trains_from_scratch(tmp_path, latents):
+    run(tmp_path / "a", latents, base_params(train_steps=10))
+    p = base_params(train_steps=10, lr=2e-3)
+    T.train(p, OFF, latents, tmp_path / "a" / "checkpoints", tmp_path / "a" / "dit", tmp_path / "a" / "m.json",
+            tmp_path / "a" / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
+    run(tmp_path / "fresh", latents, p)
+    assert_bitwise_equal(load_ema(tmp_path / "a"), load_ema(tmp_path / "fresh"))
+    assert T.load_checkpoint(T.list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["train_params"]["lr"] == 2e-3
+
+
+# --- safety -------------------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, latents, monkeypatch):
+    original = T.LatentBatches.batch
+
+    def poisoned(self, step, *args):
+        x, y = original(self, step, *args)
+        return (x * float("nan"), y) if step == 5 else (x, y)  # 0-based step 5 = training step 6
+
+    monkeypatch.setattr(T.LatentBatches, "batch", poisoned)
+    with pytest.raises(FloatingPointError, match="NaN or Inf at step 6.*ckpt-0000004.pt"):
+        run(tmp_path, latents, base_params(train_steps=12, ckpt_every=4, log_every=4))
+    assert [f.name for f in T.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000004.pt"]
+    ckpt = T.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000004.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
+
+
+def test_bad_params_fail_clearly(tmp_path, latents):
+    with pytest.raises(ValueError, match="not divisible by train.num_workers 3"):
+        run(tmp_path, latents, base_params(num_workers=3))
+    with pytest.raises(ValueError, match="fewer than train.global_batch_size 128"):
+        run(tmp_path, latents, base_params(global_batch_size=128))
+    with pytest.raises(ValueError, match="not a preset"):
+        run(tmp_path, latents, base_params(model="DiT-Q/2"))
+
+
+# --- outputs, tracking and the stage script -----------------------------------------------------------------------
+
+def tiny_vae(directory: Path) -> Path:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=SCALING_FACTOR)
+    vae.save_pretrained(directory)
+    return directory
+
+
+def test_outputs_and_mlflow_run(tmp_path, latents, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking = TrackingParams(enabled=True, experiment="test-train")
+    vae = tiny_vae(tmp_path / "vae")
+    run(tmp_path, latents, base_params(train_steps=4, ckpt_every=2, log_every=2, sample_every=2), tracking, vae)
+
+    info = json.loads((tmp_path / "dit" / "model.json").read_text())
+    assert info["model"] == "DiT-Ti/2" and info["model_kwargs"]["depth"] == 2
+    assert info["latent_shape"] == list(LATENT_SHAPE) and info["scaling_factor"] == SCALING_FACTOR
+    assert info["num_classes"] == NUM_CLASSES and info["train_steps"] == 4
+    assert info["ema_sha256"] == sha256_file(tmp_path / "dit" / "ema.pt")
+    model = DiT.from_config(info["model_kwargs"])
+    model.load_state_dict(load_ema(tmp_path), strict=True)  # the official flat layout, no "module." prefix
+
+    run_id = json.loads((tmp_path / "dit" / "tracking.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(uri)
+    data = client.get_run(run_id).data
+    assert data.params["train.lr"] == "0.001" and data.params["model.depth"] == "2"
+    assert data.tags["latents_manifest_sha256"] == sha256_file(latents / "manifest.json")
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4]
+    assert "final/img_per_s" in data.metrics
+    assert any(a.path.startswith("images") for a in client.list_artifacts(run_id))
+
+    run(tmp_path, latents, base_params(train_steps=6, ckpt_every=2, log_every=2, sample_every=2), tracking, vae)
+    assert json.loads((tmp_path / "dit" / "tracking.json").read_text())["mlflow_run_id"] == run_id
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6]
+    assert [int(r["step"]) for r in read_log(tmp_path / "train.csv")] == [2, 4, 6]
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"loss", "steps", "img_per_s", "wall_s"}
+
+
+def test_stage_script_end_to_end(tmp_path, latents):
+    """The DVC command line with the real DiT-Ti/2 preset, two steps, tracking off."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(num_workers=0, train_steps=2, global_batch_size=8, log_every=1, ckpt_every=1)
+    params["tracking"]["enabled"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "models" / "dit"
+    subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(tmp_path / "params.yaml"),
+                    "--latents", str(latents), "--checkpoints", str(tmp_path / "ckpt"), "--out", str(out),
+                    "--metrics", str(tmp_path / "metrics" / "train.json"), "--plots", str(tmp_path / "train.csv")],
+                   check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert json.loads((out / "model.json").read_text())["model_kwargs"]["depth"] == 6
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["steps"] == 2
+    assert json.loads((out / "tracking.json").read_text()) == {"mlflow_run_id": None, "tracking_uri": None}
+
+
+# --- Ray Train ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ray_two_cpu_workers_resume(tmp_path, latents):
+    """Two gloo workers: a run stopped at step 3 and continued to 6 equals an uninterrupted 6-step run."""
+    import ray
+
+    p = base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3)
+    try:
+        run(tmp_path / "uninterrupted", latents, p)
+        run(tmp_path / "resumed", latents, replace(p, train_steps=3))
+        run(tmp_path / "resumed", latents, p)
+    finally:
+        ray.shutdown()
+    a, b = load_ema(tmp_path / "uninterrupted"), load_ema(tmp_path / "resumed")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+    log = read_log(tmp_path / "resumed" / "train.csv")
+    assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first session's last row, then no duplicates

@@ -93,10 +93,10 @@ class Tracker:
         self._mlflow.log_params(_flatten(params))
         return self.run_id
 
-    def resume(self) -> None:
+    def resume(self, system_metrics: bool = False) -> None:
         """Re-open the run whose id an upstream stage recorded."""
         if self.enabled and self.run_id:
-            self._mlflow.start_run(run_id=self.run_id)
+            self._mlflow.start_run(run_id=self.run_id, log_system_metrics=system_metrics)
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
         if self.enabled:

@@ -336,7 +336,7 @@ class Reporter:
         atomic_write(self.csv_path, lambda tmp: tmp.write_text(_csv_text(self.rows, header=True)))
         self.tracker = Tracker(TrackingParams(**config["tracking"]), ckpt["mlflow_run_id"] if ckpt else None)
         if self.tracker.run_id:
-            self.tracker.resume()
+            self.tracker.resume(system_metrics=True)
         else:
             self.tracker.start(os.environ.get("DVC_EXP_NAME") or f"train {p.model}",
                                {"train": to_dict(p), "model": config["model_config"]}, config["tags"])
@@ -608,6 +608,7 @@ def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams,
     atomic_write_json(out_dir / "model.json", {
         "model": p.model, "model_kwargs": ckpt["model_config"], "diffusion": DIFFUSION,
         "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],
+        "image_size": manifest["image_size"],
         "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
         "train_steps": ckpt["step"], "ema_sha256": sha256_file(out_dir / "ema.pt"),
     })

@@ -1,12 +1,18 @@
 """The `register` stage and the registry CLI: every evaluated model becomes a version; `champion` is the best.
 
 Rules (`decide`):
-- a version without the ranking metric is never champion;
+- a version without a finite ranking metric is never champion;
 - with no champion yet, an evaluated version becomes champion;
-- otherwise it must be strictly better under the *same* evaluation protocol and the same reference statistics;
-  results under a different protocol are never compared: the difference is recorded and nothing moves.
+- otherwise it must be strictly better under the *same* evaluation protocol (`protocol_of`: samples, sampler,
+  steps, guidance, labels, feature extractor and the reference statistics' hash); results under a different
+  protocol are never compared: the difference is recorded and nothing moves.
 
-Every promotion is appended to the registered model's `champion_history` tag, so `rollback` can step back.
+Each registration points `challenger` at its version; every promotion is appended to the registered model's
+`champion_history` tag, so `rollback` can step back. Re-registering the same checkpoint with the same evaluation
+returns the existing version (the stage is idempotent even when DVC reruns it).
+
+With `tracking.enabled: false` the stage registers nothing and says so in its metrics file (`registered: false`
+and the reason), so that the rest of the pipeline still runs without MLflow.
 
     python -m pipeline.registry show
     python -m pipeline.registry promote VERSION
@@ -21,10 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.artifacts import atomic_write_json, require_file, sha256_file
+from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
+from pipeline.tracking import TrackingParams, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
+# The facts of metrics/eval.json's protocol that must be equal for two scores to be comparable. Not the checkpoint
+# (that is what is compared), not the sampling seed (another draw of the same protocol).
+PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "extractor",
+                 "extractor_mode", "reference_stats_sha256")
+METRIC_PROTOCOL_KEYS = {"fid": (), "kid": ("kid_subsets", "kid_subset_size")}  # KID also depends on its subsets
 
 
 @dataclass(frozen=True)
@@ -60,25 +72,52 @@ def decide(new: Candidate, champion: Candidate | None, metric: str) -> Decision:
                                + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()))
     if champion.score is None or new.score < champion.score:
         return Decision(True, f"{metric} {new.score:.4g} beats champion v{champion.version} ({champion.score})")
-    return Decision(False, f"{metric} {new.score:.4g} does not beat champion v{champion.version} ({champion.score:.4g})")
+    return Decision(False, f"{metric} {new.score:.4g} does not beat champion v{champion.version} "
+                           f"({champion.score:.4g})")
 
 
 # ---- the evaluation facts a version is tagged with ----
 
-PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "extractor", "mode",
-                 "reference_sha256")
+def protocol_of(protocol: dict, metric: str) -> dict[str, Any]:
+    """The part of an evaluation protocol (metrics/eval.json's `protocol`) that must match for two scores of
+    `metric` to be comparable; absent facts are None, so they differ from present ones."""
+    return {k: protocol.get(k) for k in PROTOCOL_KEYS + METRIC_PROTOCOL_KEYS[metric]}
 
 
-def protocol_of(evaluation: dict) -> dict[str, Any]:
-    """The part of metrics/eval.json that must match for two FIDs to be comparable."""
-    protocol = evaluation["protocol"]
-    return {k: protocol.get(k) for k in PROTOCOL_KEYS}
+def score_of(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def candidate_from_tags(version: str, tags: dict[str, str], metric: str) -> Candidate:
-    score = tags.get(metric)
+    """A registered version as the rule sees it; a version without our tags has no score and no protocol."""
     protocol = json.loads(tags["protocol"]) if "protocol" in tags else {}
-    return Candidate(version, float(score) if score not in (None, "", "None") else None, protocol)
+    score = float(tags[metric]) if metric in tags else None
+    return Candidate(str(version), score, protocol_of(protocol, metric))
+
+
+def read_evaluation(eval_path: str | Path, checkpoint_sha256: str) -> dict:
+    """metrics/eval.json, checked to be the evaluation of this checkpoint."""
+    evaluation = json.loads(require_file(eval_path, "evaluate").read_text())
+    protocol = evaluation.get("protocol")
+    if not isinstance(protocol, dict):
+        raise ArtifactError(f"{eval_path} has no 'protocol' mapping; run `dvc repro evaluate`")
+    if protocol.get("checkpoint_sha256") != checkpoint_sha256:
+        raise ArtifactError(f"{eval_path} evaluates checkpoint {str(protocol.get('checkpoint_sha256'))[:12]}, not "
+                            f"{checkpoint_sha256[:12]} (models/dit/ema.pt); run `dvc repro sample evaluate`")
+    return evaluation
+
+
+def version_tags(checkpoint_sha256: str, evaluation: dict, eval_path, images_dir, latents_dir) -> dict[str, str]:
+    """FID, KID, the evaluation protocol, the data/latents/checkpoint/evaluation hashes, git commit, DVC experiment."""
+    tags = {
+        "fid": score_of(evaluation.get("fid")), "kid": score_of(evaluation.get("kid")),
+        "protocol": json.dumps(evaluation["protocol"], sort_keys=True),
+        "checkpoint_sha256": checkpoint_sha256, "eval_sha256": sha256_file(eval_path),
+        "dataset_sha256": sha256_file(require_file(Path(images_dir) / "manifest.json", "ingest")),
+        "latents_sha256": sha256_file(require_file(Path(latents_dir) / "manifest.json", "encode")),
+        **run_tags(),
+    }
+    return {k: str(v) for k, v in tags.items() if v is not None}  # an absent metric is an absent tag
 
 
 # ---- MLflow side ----
@@ -92,23 +131,41 @@ def _client():
     return mlflow.MlflowClient()
 
 
-def _alias(client, name: str, alias: str):
-    """The model version behind `alias`, or None when the alias (or the model) does not exist yet."""
+def _registered(client, name: str):
+    """The registered model, or None when it does not exist yet."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
 
 
-def _champion(client, name: str, metric: str) -> Candidate | None:
-    mv = _alias(client, name, CHAMPION)
-    return candidate_from_tags(mv.version, mv.tags, metric) if mv else None
+def _alias_version(client, name: str, alias: str) -> str | None:
+    model = _registered(client, name)
+    version = model.aliases.get(alias) if model else None
+    return str(version) if version is not None else None
 
 
 def _history(client, name: str) -> list[str]:
-    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+    model = _registered(client, name)
+    if model is None:
+        raise SystemExit(f"no registered model named '{name}' at {client.tracking_uri}")
+    return json.loads(model.tags.get(HISTORY_TAG, "[]"))
+
+
+def _candidate(client, name: str, version: str, metric: str) -> Candidate:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise SystemExit(f"'{name}' has no version {version!r} at {client.tracking_uri}") from e
+        raise
+    return candidate_from_tags(version, tags, metric)
 
 
 def set_champion(client, name: str, version: str) -> None:
@@ -121,18 +178,20 @@ def set_champion(client, name: str, version: str) -> None:
 def rollback(client, name: str) -> str:
     """Move `champion` back to the previous champion; returns that version."""
     history = _history(client, name)
+    current = _alias_version(client, name, CHAMPION)
+    if history and current != history[-1]:
+        raise SystemExit(f"'{name}'@{CHAMPION} is v{current}, but the champion history ends with v{history[-1]}: the "
+                         f"alias was moved outside this tool; use `promote VERSION` to choose the champion")
     if len(history) < 2:
-        raise SystemExit(f"'{name}' has no previous champion to roll back to (history: {history})")
-    previous = history[-2]
-    client.set_registered_model_alias(name, CHAMPION, previous)
+        raise SystemExit(f"'{name}' has no previous champion to roll back to (champion history: {history})")
+    client.set_registered_model_alias(name, CHAMPION, history[-2])
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
-    return previous
+    return history[-2]
 
 
 def promote(client, name: str, version: str, metric: str) -> None:
-    """Manual promotion: allowed for any evaluated version, whatever its score."""
-    tags = client.get_model_version(name, version).tags
-    if candidate_from_tags(version, tags, metric).score is None:
+    """Manual promotion: allowed for any evaluated version, whatever its score or protocol."""
+    if _candidate(client, name, version, metric).score is None:
         raise SystemExit(f"version {version} of '{name}' has no {metric}: evaluate it before promoting")
     set_champion(client, name, version)
 
@@ -140,67 +199,97 @@ def promote(client, name: str, version: str, metric: str) -> None:
 def _existing_version(client, name: str, tags: dict[str, str]) -> str | None:
     """The version already registered for this checkpoint and this evaluation, if any (idempotent re-runs)."""
     query = f"name = '{name}' and tags.checkpoint_sha256 = '{tags['checkpoint_sha256']}'"
-    for mv in client.search_model_versions(query):
-        if mv.tags.get("eval_sha256") == tags["eval_sha256"]:
-            return mv.version
-    return None
+    versions = [mv.version for mv in client.search_model_versions(query) if mv.tags.get("eval_sha256") ==
+                tags["eval_sha256"]]
+    return str(min(versions, key=int)) if versions else None
 
 
-def register(params: RegisterParams, dit_dir: str | Path, vae_dir: str | Path, eval_path: str | Path,
-             images_dir: str | Path, latents_dir: str | Path, sampler_defaults: dict, out_metrics: str | Path) -> dict:
-    """Log the pyfunc model into the training run, register a version, set `challenger`, maybe move `champion`."""
+def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_defaults: dict, name: str,
+                     tags: dict[str, str]):
+    """Log the pyfunc model into the training run recorded in dit_dir/tracking.json and register it; returns the
+    ModelVersion. A training run made with tracking off has no id: the model then goes to a new run, `register`."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     from pipeline.pyfunc import log_pyfunc
-    from pipeline.tracking import run_tags
+    from pipeline.tracking import Tracker
 
-    dit_dir = Path(dit_dir)
-    evaluation = json.loads(require_file(eval_path, "evaluate").read_text())
-    model_json = json.loads(require_file(dit_dir / "model.json", "train").read_text())
-    run_id = json.loads(require_file(dit_dir / "tracking.json", "train").read_text()).get("mlflow_run_id")
-    metric_value = evaluation["metrics"].get(params.metric)
-    tags = {
-        "fid": evaluation["metrics"].get("fid"), "kid": evaluation["metrics"].get("kid"),
-        "protocol": json.dumps(protocol_of(evaluation), sort_keys=True),
-        "checkpoint_sha256": model_json["ema_sha256"], "eval_sha256": sha256_file(eval_path),
-        "dataset_sha256": sha256_file(require_file(Path(images_dir) / "manifest.json", "ingest")),
-        "latents_sha256": sha256_file(require_file(Path(latents_dir) / "manifest.json", "encode")),
-        **run_tags(),
-    }
-    tags = {k: str(v) for k, v in tags.items()}
+    run_id = json.loads(require_file(Path(dit_dir) / "tracking.json", "train").read_text())["mlflow_run_id"]
+    tracker = Tracker(tracking, run_id)
+    if run_id is None:
+        print(f"[register] {dit_dir}/tracking.json records no training run (train ran with tracking off): "
+              "logging the model into a new run 'register'")
+        tracker.start("register", params={}, tags={}, system_metrics=False)
+    else:
+        try:
+            mlflow.MlflowClient().get_run(run_id)
+        except MlflowException as e:
+            raise ArtifactError(f"the training run {run_id} recorded in {dit_dir}/tracking.json is not in the "
+                                f"tracking store {tracker.uri} ({e.error_code}); point MLFLOW_TRACKING_URI at the "
+                                "store the train stage used") from e
+        tracker.resume()
+    try:
+        info = log_pyfunc(dit_dir, vae_dir, sampler_defaults)
+    finally:
+        tracker.end()  # a failed registration is not a failed training run: the status stays FINISHED
+    return mlflow.register_model(info.model_uri, name, tags=tags)
+
+
+def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Path, vae_dir: str | Path,
+             eval_path: str | Path, images_dir: str | Path, latents_dir: str | Path, sampler_defaults: dict,
+             out_metrics: str | Path) -> dict:
+    """Register the evaluated model as a version (or find it), set `challenger`, maybe move `champion`, and write
+    the decision to `out_metrics`."""
+    from pipeline.sample import read_model_card
+
+    if not tracking.enabled:
+        result = {"registered": False, "model_name": params.model_name, "reason": "tracking.enabled is false: "
+                  "the MLflow registry is off, nothing was registered; set it to true and run `dvc repro register`"}
+        atomic_write_json(out_metrics, result)
+        print(f"[register] {result['reason']}")
+        return result
+    checkpoint_sha256 = read_model_card(dit_dir)["checkpoint_sha256"]  # verifies ema.pt against model.json
+    evaluation = read_evaluation(eval_path, checkpoint_sha256)
+    tags = version_tags(checkpoint_sha256, evaluation, eval_path, images_dir, latents_dir)
+    name, metric = params.model_name, params.metric
     client = _client()
-    version = _existing_version(client, params.model_name, tags)
-    if version is None:
-        with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="register"):
-            info = log_pyfunc(dit_dir, vae_dir, sampler_defaults)
-        mv = mlflow.register_model(info.model_uri, params.model_name, tags=tags)
-        version = mv.version
-    champion_before = _champion(client, params.model_name, params.metric)
-    client.set_registered_model_alias(params.model_name, CHALLENGER, version)
-    new = Candidate(version, float(metric_value) if metric_value is not None else None, protocol_of(evaluation))
-    decision = (Decision(False, f"version {version} is already champion") if champion_before
-                and champion_before.version == version else decide(new, champion_before, params.metric))
+    version = _existing_version(client, name, tags)
+    new_version = version is None
+    if new_version:
+        version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults, name, tags).version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    champion = _alias_version(client, name, CHAMPION)
+    if champion == version:
+        decision = Decision(False, f"version {version} is already champion")
+    else:
+        new = Candidate(version, score_of(evaluation.get(metric)), protocol_of(evaluation["protocol"], metric))
+        decision = decide(new, _candidate(client, name, champion, metric) if champion else None, metric)
+    client.set_model_version_tag(name, version, "promotion", decision.reason)
     if decision.promote:
-        set_champion(client, params.model_name, version)
+        set_champion(client, name, version)
+    champion = _alias_version(client, name, CHAMPION)
     result = {
-        "model_name": params.model_name, "version": int(version), "promoted": decision.promote,
-        "reason": decision.reason, params.metric: metric_value,
-        "champion_version": int(version) if decision.promote else (
-            int(champion_before.version) if champion_before else None),
+        "registered": True, "model_name": name, "version": int(version), "new_version": new_version,
+        "run_id": client.get_model_version(name, version).run_id, "metric": metric,
+        metric: score_of(evaluation.get(metric)), "promoted": decision.promote,
+        "champion_version": int(champion) if champion else None, "reason": decision.reason,
     }
     atomic_write_json(out_metrics, result)
-    print(f"[register] {params.model_name} v{version}: {decision.reason}")
+    print(f"[register] {name} v{version}: {decision.reason}")
     return result
 
 
 def show(client, name: str, metric: str) -> None:
-    aliases = {alias: getattr(_alias(client, name, alias), "version", None) for alias in (CHAMPION, CHALLENGER)}
-    print(f"{name}: champion=v{aliases[CHAMPION]} challenger=v{aliases[CHALLENGER]} history={_history(client, name)}")
+    model = _registered(client, name)
+    if model is None:
+        raise SystemExit(f"no registered model named '{name}' at {client.tracking_uri}")
+    print(f"{name}: {' '.join(f'{a}=v{v}' for a, v in sorted(model.aliases.items()))} "
+          f"champion_history={_history(client, name)}")
     for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):
-        protocol = json.loads(mv.tags.get("protocol", "{}"))
-        print(f"  v{mv.version}: {metric}={mv.tags.get(metric)} sampler={protocol.get('sampler')} "
-              f"steps={protocol.get('steps')} cfg={protocol.get('cfg_scale')} n={protocol.get('num_samples')} "
-              f"run={mv.run_id} exp={mv.tags.get('dvc_experiment', '-')}")
+        p = json.loads(mv.tags.get("protocol", "{}"))
+        print(f"  v{mv.version}: {metric}={mv.tags.get(metric)} sampler={p.get('sampler')} steps={p.get('steps')} "
+              f"cfg={p.get('cfg_scale')} n={p.get('num_samples')} run={mv.run_id} "
+              f"exp={mv.tags.get('dvc_experiment', '-')} | {mv.tags.get('promotion', '')}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,6 +48,14 @@ def tracking_uri(root: str | Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database (MLflow would use ./mlruns of whatever the working
+    directory is); a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACT_DIR).as_uri()
+    return None
+
+
 def git_commit(root: str | Path | None = None) -> str | None:
     result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(root), capture_output=True, text=True)
     if result.returncode != 0:  # not a git checkout (e.g. an exported copy): the tag is simply absent
@@ -79,10 +87,7 @@ class Tracker:
     def _ensure_experiment(self) -> None:
         mlflow = self._mlflow
         if mlflow.get_experiment_by_name(self.experiment) is None:
-            location = None
-            if self.uri == local_store_uri():  # local store: keep artifacts beside the database
-                location = (repo_root() / ARTIFACT_DIR).as_uri()
-            mlflow.create_experiment(self.experiment, artifact_location=location)
+            mlflow.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
         mlflow.set_experiment(self.experiment)
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], system_metrics: bool = True) -> str | None:

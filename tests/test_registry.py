@@ -1,0 +1,407 @@
+"""The register stage and the registry CLI against real MLflow stores: a sqlite file per test, a real
+`mlflow server`, and `mlflow models serve` for the pyfunc model. Tiny DiT (depth 1, 8x8 latents, 3 classes) and a
+tiny KL-VAE (16 px images), exported as the train and vae stages write them; CPU only, loopback only."""
+import json
+import os
+import runpy
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL
+
+from pipeline import registry as R
+from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file, write_manifest
+from pipeline.config import load_section, read_yaml
+from pipeline.model import DiT
+from pipeline.tracking import TrackingParams
+from pipeline.train import TrainParams, export
+
+REPO = Path(__file__).resolve().parents[1]
+MLFLOW = Path(sys.executable).parent / "mlflow"
+NAME, EXPERIMENT = "dit-test", "registry-test"
+NUM_CLASSES, LATENT, IMAGE, SCALE = 3, [4, 8, 8], 16, 0.5
+SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "cfg_channels": None, "batch_size": 8,
+           "micro_batch": 4}
+PARAMS = R.RegisterParams(model_name=NAME, metric="fid")
+TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
+# metrics/eval.json's protocol exactly as pipeline.metrics.evaluate_stage writes it (sample settings, reference
+# description, evaluation settings); checkpoint_sha256 is filled in per model.
+PROTOCOL = {"num_samples": 1000, "sampler": "dpm-solver++", "steps": 25, "cfg_scale": 1.5, "cfg_channels": None,
+            "labels": "balanced", "sample_seed": 0, "extractor": "classifier", "extractor_mode": "clean",
+            "feature_dim": 64, "reference_count": 2000, "reference_stats_sha256": "ab" * 32, "pr_k": 3,
+            "kid_subsets": 10, "kid_subset_size": 500, "kid_seed": 0, "is_splits": None}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test machine has 2 shared cores: one thread avoids OpenMP spin-waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory) -> Path:
+    """An initialised, empty sqlite store: creating the tables takes ~6 s, copying the file ~0."""
+    path = tmp_path_factory.mktemp("store") / "empty.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def new_store(empty_db: Path, path: Path) -> str:
+    shutil.copyfile(empty_db, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(autouse=True)
+def store(empty_db, tmp_path, monkeypatch):
+    """A fresh sqlite tracking store per test (never the repository's mlflow.db), its experiment's artifacts in
+    tmp_path, and the working directory in tmp_path so nothing can land in the checkout."""
+    uri = new_store(empty_db, tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The upstream artifacts shared by all tests: DiT EMA weights, a VAE snapshot, image and latent manifests."""
+    root = tmp_path_factory.mktemp("upstream")
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                num_classes=NUM_CLASSES)
+    with torch.no_grad():  # adaLN-Zero starts at a zero output; random weights make samples depend on the label
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    torch.manual_seed(1)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  layers_per_block=1, norm_num_groups=8, sample_size=IMAGE,
+                  scaling_factor=SCALE).save_pretrained(root / "vae")
+    write_manifest(root / "images", "dit-images", 1, count=6, image_size=IMAGE, num_classes=NUM_CLASSES,
+                   shards=[{"file": "shard-00000.parquet", "count": 6, "sha256": "11" * 32}])
+    write_manifest(root / "latents", "dit-latents", 1, count=6, latent_shape=LATENT, scaling_factor=SCALE,
+                   num_classes=NUM_CLASSES, class_names=["a", "b", "c"], image_size=IMAGE)
+    return {"root": root, "ema": model.state_dict(), "config": model.config, "vae": root / "vae",
+            "images": root / "images", "latents": root / "latents"}
+
+
+def training_run() -> str:
+    """A finished run in the current store, standing for the train stage's run."""
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=(Path.cwd() / "artifacts").as_uri()
+                                 if mlflow.get_tracking_uri().startswith("sqlite") else None)
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
+        return run.info.run_id
+
+
+def export_dit(tiny, out_dir: Path, run_id: str | None) -> Path:
+    """models/dit (ema.pt, model.json, tracking.json) written by the train stage's own export."""
+    ckpt = {"ema": tiny["ema"], "model_config": tiny["config"], "step": 10, "mlflow_run_id": run_id,
+            "log": [{"step": 10, "loss": 0.5, "mse": 0.4, "vb": 0.1}], "timing": {"train_s": 1.0}}
+    manifest = json.loads((tiny["latents"] / "manifest.json").read_text())
+    train_params = load_section(TrainParams, "train", REPO / "params.yaml")
+    tracking = TRACKING if run_id else TrackingParams(enabled=False, experiment=EXPERIMENT)
+    export(ckpt, manifest, train_params, tracking, out_dir, out_dir.parent / "train.json", wall_s=1.0)
+    return out_dir
+
+
+def write_eval(path: Path, dit_dir: Path, fid=10.0, kid=0.01, **protocol) -> Path:
+    """metrics/eval.json in pipeline.metrics' layout; fid=None drops the metric."""
+    checkpoint = json.loads((dit_dir / "model.json").read_text())["ema_sha256"]
+    result = {"fid": fid, "kid": kid, "kid_std": 0.001, "inception_score": None, "inception_score_std": None,
+              "precision": 0.5, "recall": 0.5, "class_consistency": 0.9, "notes": {},
+              "protocol": {**PROTOCOL, "checkpoint_sha256": checkpoint, **protocol}}
+    if fid is None:
+        del result["fid"]
+    atomic_write_json(path, result)
+    return path
+
+
+@pytest.fixture
+def dit(tiny, tmp_path) -> Path:
+    return export_dit(tiny, tmp_path / "dit", training_run())
+
+
+def register(tiny, dit_dir, eval_path, out="register.json", params=PARAMS, tracking=TRACKING) -> dict:
+    return R.register(params, tracking, dit_dir, tiny["vae"], eval_path, tiny["images"], tiny["latents"], SAMPLER,
+                      Path(out))
+
+
+def aliases() -> dict[str, str]:
+    return {k: str(v) for k, v in mlflow.MlflowClient().get_registered_model(NAME).aliases.items()}
+
+
+# --- promotion rules, end to end through the registry -----------------------------------------------------------
+
+def test_promotion_rules(tiny, dit, tmp_path, monkeypatch):
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)  # the working directory (tmp_path) as a git checkout
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
+
+    def step(name, **evaluation):
+        return register(tiny, dit, write_eval(tmp_path / f"eval-{name}.json", dit, **evaluation), f"{name}.json")
+
+    missing = step("missing", fid=None)
+    assert missing["registered"] and not missing["promoted"] and missing["champion_version"] is None
+    assert "no finite fid" in missing["reason"] and R.CHAMPION not in aliases()
+    first = step("first", fid=10.0)
+    assert first["promoted"] and "no champion yet" in first["reason"] and first["champion_version"] == 2
+    worse = step("worse", fid=12.0)
+    assert not worse["promoted"] and "does not beat" in worse["reason"]
+    equal = step("equal", fid=10.0, kid=0.02)  # kid differs: another evaluation (an identical file is deduplicated)
+    assert not equal["promoted"] and "does not beat" in equal["reason"]
+    steps = step("steps", fid=1.0, steps=250)
+    assert not steps["promoted"] and "protocol differs" in steps["reason"] and "steps: 25 -> 250" in steps["reason"]
+    reference = step("reference", fid=1.0, reference_stats_sha256="cd" * 32)
+    assert not reference["promoted"] and "reference_stats_sha256" in reference["reason"]
+    assert aliases() == {R.CHAMPION: "2", R.CHALLENGER: "6"}
+    seed = step("seed", fid=9.0, sample_seed=1)  # another draw under the same protocol is comparable
+    assert seed["promoted"] and seed["champion_version"] == 7 and "beats champion v2" in seed["reason"]
+    assert aliases() == {R.CHAMPION: "7", R.CHALLENGER: "7"}
+    assert json.loads(Path("seed.json").read_text()) == seed
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version(NAME, "6")
+    assert mv.run_id == json.loads((dit / "tracking.json").read_text())["mlflow_run_id"]  # linked to training
+    assert mv.tags["fid"] == "1.0" and mv.tags["kid"] == "0.01" and "protocol differs" in mv.tags["promotion"]
+    assert json.loads(mv.tags["protocol"])["reference_stats_sha256"] == "cd" * 32
+    assert mv.tags["git_commit"] == commit and mv.tags["dvc_experiment"] == "exp-test"
+    assert mv.tags["checkpoint_sha256"] == json.loads((dit / "model.json").read_text())["ema_sha256"]
+    assert mv.tags["latents_sha256"] == sha256_file(tiny["latents"] / "manifest.json")
+    assert mv.tags["dataset_sha256"] == sha256_file(tiny["images"] / "manifest.json")
+    assert mv.tags["eval_sha256"] == sha256_file(tmp_path / "eval-reference.json")
+    assert "fid" not in client.get_model_version(NAME, "1").tags
+    assert json.loads(client.get_registered_model(NAME).tags[R.HISTORY_TAG]) == ["2", "7"]
+
+
+def test_kid_protocol_includes_its_subsets():
+    base = R.protocol_of(PROTOCOL, "kid")
+    assert base["kid_subset_size"] == 500 and "kid_subsets" not in R.protocol_of(PROTOCOL, "fid")
+    assert set(R.PROTOCOL_KEYS) <= set(PROTOCOL)  # every compared fact is one the evaluate stage writes
+
+
+def test_evaluation_of_another_checkpoint_is_refused(tiny, dit, tmp_path):
+    eval_path = write_eval(tmp_path / "eval.json", dit, checkpoint_sha256="00" * 32)
+    with pytest.raises(ArtifactError, match="dvc repro sample evaluate"):
+        register(tiny, dit, eval_path)
+
+
+def test_training_run_missing_from_the_store_is_a_clear_error(tiny, empty_db, tmp_path, monkeypatch):
+    dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(empty_db, tmp_path / "other.db"))
+    with pytest.raises(ArtifactError, match="not in the tracking store"):
+        register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir))
+
+
+# --- idempotence, the stage script and tracking off -------------------------------------------------------------
+
+def write_params(path: Path, enabled: bool) -> Path:
+    sample = {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER}  # the repository's section, our sampler
+    path.write_text(yaml.safe_dump({"register": {"model_name": NAME, "metric": "fid"}, "sample": sample,
+                                    "tracking": {"enabled": enabled, "experiment": EXPERIMENT}}))
+    return path
+
+
+def run_stage(tiny, params: Path, dit_dir: Path, eval_path: Path, out: Path, monkeypatch) -> dict:
+    monkeypatch.setattr(sys, "argv", [
+        "stages/register.py", "--params", str(params), "--dit", str(dit_dir), "--vae", str(tiny["vae"]),
+        "--eval", str(eval_path), "--images", str(tiny["images"]), "--latents", str(tiny["latents"]),
+        "--metrics", str(out)])
+    runpy.run_path(str(REPO / "stages" / "register.py"), run_name="__main__")
+    return json.loads(out.read_text())
+
+
+def test_unchanged_inputs_register_no_duplicate(tiny, dit, tmp_path, monkeypatch):
+    eval_path = write_eval(tmp_path / "eval.json", dit)
+    params = write_params(tmp_path / "params.yaml", enabled=True)
+    first = run_stage(tiny, params, dit, eval_path, tmp_path / "metrics" / "register.json", monkeypatch)
+    assert first["version"] == 1 and first["new_version"] and first["promoted"]
+    again = register(tiny, dit, eval_path)
+    assert again["version"] == 1 and not again["new_version"] and not again["promoted"]
+    assert "already champion" in again["reason"]
+    assert [mv.version for mv in mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")] == [1]
+    assert len(mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name(EXPERIMENT)
+                                                           .experiment_id], output_format="list")) == 1
+    other = register(tiny, dit, write_eval(tmp_path / "eval2.json", dit, fid=9.0))  # a new evaluation: a version
+    assert other["version"] == 2 and other["new_version"]
+
+
+def test_tracking_off_registers_nothing_and_says_why(tiny, tmp_path, monkeypatch):
+    dit_dir = export_dit(tiny, tmp_path / "dit", run_id=None)
+    params = write_params(tmp_path / "params.yaml", enabled=False)
+    result = run_stage(tiny, params, dit_dir, write_eval(tmp_path / "eval.json", dit_dir),
+                       tmp_path / "register.json", monkeypatch)
+    assert result["registered"] is False and "tracking.enabled is false" in result["reason"]
+    assert mlflow.MlflowClient().search_experiments(filter_string=f"name = '{EXPERIMENT}'") == []
+
+
+def test_no_training_run_logs_into_a_register_run(tiny, tmp_path):
+    dit_dir = export_dit(tiny, tmp_path / "dit", run_id=None)  # train ran with tracking off
+    training_run()  # creates the experiment in tmp_path
+    result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir))
+    assert result["promoted"] and mlflow.get_run(result["run_id"]).info.run_name == "register"
+
+
+# --- the pyfunc model -------------------------------------------------------------------------------------------
+
+def test_pyfunc_round_trip(tiny, dit, tmp_path):
+    register(tiny, dit, write_eval(tmp_path / "eval.json", dit))
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
+    labels = np.array([0, 2])
+    a = model.predict(labels, params={"seed": 1})
+    assert a.shape == (2, IMAGE, IMAGE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, model.predict(labels, params={"seed": 1}))
+    assert not np.array_equal(a, model.predict(labels, params={"seed": 2}))
+    assert not np.array_equal(a, model.predict(labels, params={"seed": 1, "sampler": "ddim", "steps": 2}))
+    assert np.array_equal(model.predict(labels), model.predict(labels, params={"seed": 0}))  # defaults = SAMPLER
+    defaults = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    assert defaults == {k: SAMPLER[k] for k in ("seed", "cfg_scale", "steps", "sampler")}
+    with pytest.raises(Exception, match=r"class labels in \[0, 3\)"):
+        model.predict(np.array([0, 3]))
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@{R.CHAMPION}", dst_path=str(tmp_path / "m")))
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle"))], files  # models from code: nothing pickled
+    assert {"artifacts/dit/ema.pt", "artifacts/vae/config.json", "code/pipeline/sample.py"} <= set(files)
+    requirements = (local / "requirements.txt").read_text()
+    assert "torch>=2.4" in requirements and "diffusers==" in requirements and "mlflow==" in requirements
+
+
+# --- the CLI: show, promote, rollback ---------------------------------------------------------------------------
+
+def cli(tmp_path, *args):
+    R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True)), *args])
+
+
+def test_promote_and_rollback(tiny, dit, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no registered model"):
+        cli(tmp_path, "rollback")
+    register(tiny, dit, write_eval(tmp_path / "e1.json", dit, fid=10.0))
+    with pytest.raises(SystemExit, match="no previous champion"):
+        cli(tmp_path, "rollback")
+    assert register(tiny, dit, write_eval(tmp_path / "e2.json", dit, fid=8.0))["promoted"]
+    assert register(tiny, dit, write_eval(tmp_path / "e3.json", dit, fid=9.0, steps=50))["version"] == 3
+    cli(tmp_path, "rollback")
+    assert aliases()[R.CHAMPION] == "1"
+    cli(tmp_path, "promote", "3")  # manual promotion ignores protocol and score
+    assert aliases()[R.CHAMPION] == "3"
+    cli(tmp_path, "rollback")
+    assert aliases()[R.CHAMPION] == "1"
+    with pytest.raises(SystemExit, match="no version '9'"):
+        cli(tmp_path, "promote", "9")
+    capsys.readouterr()
+    cli(tmp_path, "show")
+    out = capsys.readouterr().out
+    assert f"{NAME}: challenger=v3 champion=v1 champion_history=['1']" in out and "v2: fid=8.0" in out
+    mlflow.MlflowClient().set_registered_model_alias(NAME, R.CHAMPION, "2")  # moved by hand, e.g. in the UI
+    with pytest.raises(SystemExit, match="moved outside this tool"):
+        cli(tmp_path, "rollback")
+
+
+# --- real servers -----------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def start(args: list[str], env: dict) -> subprocess.Popen:
+    # Its own process group: both servers fork workers, which must end with them.
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_register_and_promote_through_a_tracking_server(tiny, empty_db, tmp_path, monkeypatch):
+    port = free_port()
+    server = start([str(MLFLOW), "server", "--backend-store-uri", new_store(empty_db, tmp_path / "server.db"),
+                    "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
+                    "--port", str(port), "--workers", "1"], env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=120)
+        uri = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
+        first = register(tiny, dit_dir, write_eval(tmp_path / "e1.json", dit_dir, fid=10.0))
+        better = register(tiny, dit_dir, write_eval(tmp_path / "e2.json", dit_dir, fid=9.0))
+        assert first["promoted"] and better["promoted"] and aliases()[R.CHAMPION] == "2"
+        assert register(tiny, dit_dir, tmp_path / "e2.json")["version"] == 2  # dedup through the REST search
+        R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True)), "rollback"])
+        assert aliases()[R.CHAMPION] == "1"
+        assert list((tmp_path / "server-artifacts").rglob("ema.pt")), "artifacts must go to the server's store"
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
+        assert model.predict(np.array([1]), params={"seed": 3}).shape == (1, IMAGE, IMAGE, 3)
+    finally:
+        stop(server)
+
+
+@pytest.mark.slow
+def test_models_serve_answers_invocations(tiny, dit, tmp_path, store):
+    register(tiny, dit, write_eval(tmp_path / "eval.json", dit))
+    port = free_port()
+    # `mlflow models serve` execs a bare `uvicorn`: the venv's bin must be on PATH (an activated venv)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1",
+           "PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}"}
+    server = start([str(MLFLOW), "models", "serve", "-m", f"models:/{NAME}@{R.CHAMPION}", "--env-manager", "local",
+                    "-h", "127.0.0.1", "-p", str(port)], env=env)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", server, timeout_s=120)
+        body = json.dumps({"inputs": [0, 1], "params": {"seed": 1}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                images = np.array(json.loads(response.read())["predictions"])
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"/invocations answered {e.code}: {e.read().decode()[-2000:]}")
+    finally:
+        stop(server)
+    assert images.shape == (2, IMAGE, IMAGE, 3) and images.min() >= 0 and images.max() <= 255
+    local = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}").predict(np.array([0, 1]), params={"seed": 1})
+    assert np.array_equal(images.astype(np.uint8), local)  # the server is the same model, seed for seed

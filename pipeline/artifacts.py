@@ -50,6 +50,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_torch_save(path: str | Path, obj: Any) -> Path:
+    """torch.save, atomically and reproducibly: given a path, torch names the zip's root folder after the (random)
+    temp file, so identical tensors would hash differently; through a file handle the name is fixed."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    return atomic_write(path, write)
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import (
-    ArtifactError, atomic_write, atomic_write_json, read_manifest, require_file, sha256_file,
+    ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, read_manifest, require_file, sha256_file,
 )
 from pipeline.config import from_dict, to_dict
 from pipeline.diffusion import create_diffusion, sample
@@ -284,7 +284,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 
 def save_checkpoint(directory: str | Path, payload: dict) -> Path:
     path = Path(directory) / f"ckpt-{payload['step']:07d}.pt"
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_torch_save(path, payload)
     for old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
         old.unlink()
     return path
@@ -604,7 +604,7 @@ def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams,
     MLflow run id and the metrics (loss = mean of the last log interval)."""
     out_dir = Path(out_dir)
     ema = {k: v.detach().cpu().contiguous() for k, v in ckpt["ema"].items()}
-    atomic_write(out_dir / "ema.pt", lambda tmp: torch.save(ema, tmp))
+    atomic_torch_save(out_dir / "ema.pt", ema)
     atomic_write_json(out_dir / "model.json", {
         "model": p.model, "model_kwargs": ckpt["model_config"], "diffusion": DIFFUSION,
         "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],

@@ -1,0 +1,295 @@
+"""Feature extractors for FID, KID and precision/recall: clean-fid's Inception-V3, or a small classifier trained here.
+
+Both map uint8 images (N, H, W, 3) to float64 features (N, D) and, where they have them, logits (N, K).
+- `inception`: the TorchScript port of TF Inception-V3 (inception-2015-12-05) through clean-fid's own `InceptionV3W`
+  and resizer, in mode `clean` (PIL bicubic to 299 outside the net) or `legacy_tensorflow` (the TF-style bilinear
+  resize inside the net, the protocol of the paper's ADM evaluator). Features: 2048-d pool3. Logits: the net's
+  1008-way `output` layer without its bias, as the original Inception Score code computes them.
+- `classifier`: a small CNN trained by the reference stage on the ingested images (the offline default, where
+  Inception weights cannot be fetched). Features: its 128-d penultimate layer. Logits: its class head.
+
+The reference stage records the extractor in `extractor.json`; `load_extractor` rebuilds exactly that one, so
+evaluate always compares features of one network.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from cleanfid.downloads_helper import inception_url
+from cleanfid.inception_torchscript import InceptionV3W
+from cleanfid.resize import build_resizer
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.artifacts import ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, sha256_file
+
+EXTRACTOR_FILE = "extractor.json"
+CLASSIFIER_FILE = "classifier.pt"
+INCEPTION_FILE = "inception-2015-12-05.pt"  # InceptionV3W loads this exact name from the directory it is given
+INCEPTION_URL = inception_url
+INCEPTION_DIM = 2048
+DOWNLOAD_TIMEOUT_S = 30  # fail fast on an offline machine instead of hanging in a socket read
+# The classifier extractor's architecture: a fixed design, recorded in extractor.json with the weights.
+CLASSIFIER_CHANNELS = (32, 64, 128, 256)
+CLASSIFIER_FEATURE_DIM = 128
+
+
+class WeightsUnavailable(RuntimeError):
+    """The Inception weights are neither on disk nor downloadable."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    features: np.ndarray  # (N, D) float64
+    logits: np.ndarray | None  # (N, K) float32, or None for an extractor without a class head
+
+
+class Extractor:
+    """Batched extraction shared by both extractors; subclasses implement `_batch` and `config`."""
+
+    name: str
+    mode: str | None
+    feature_dim: int
+    device: torch.device
+
+    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 3, H, W) float in [0, 255] on `device` -> features (B, D), logits (B, K) or None."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def extract(self, images: np.ndarray, batch_size: int, pbar: tqdm | None = None) -> Extracted:
+        """uint8 (N, H, W, 3) -> features and logits; `pbar` lets a caller show one bar over several calls."""
+        _check_images(images)
+        bar = pbar if pbar is not None else tqdm(total=len(images), desc=f"{self.name} features", unit="img")
+        features, logits = [], []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            f, l = self._batch(self._to_tensor(batch))
+            features.append(f.double().cpu().numpy())
+            logits.append(None if l is None else l.float().cpu().numpy())
+            bar.update(len(batch))
+        if pbar is None:
+            bar.close()
+        has_logits = bool(logits) and logits[0] is not None
+        return Extracted(
+            features=np.concatenate(features) if features else np.zeros((0, self.feature_dim)),
+            logits=np.concatenate(logits) if has_logits else None,
+        )
+
+    def features(self, images: np.ndarray, batch_size: int) -> np.ndarray:
+        return self.extract(images, batch_size).features
+
+    def logits(self, images: np.ndarray, batch_size: int) -> np.ndarray | None:
+        return self.extract(images, batch_size).logits
+
+    def _to_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float()
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+
+
+def select_device(use_gpu: bool, section: str) -> torch.device:
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError(f"{section}.use_gpu is true but torch sees no CUDA device; set it to false to use the CPU")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The classifier extractor
+
+
+class ClassifierNet(nn.Module):
+    """A small CNN: 3x3 convs with stride 2 (each halves the resolution; full-resolution convs cost 10x the CPU time
+    for little accuracy on 32-px images), GroupNorm, global average pool, a feature layer, a class head.
+
+    `forward` follows clean-fid's `custom_feat_extractor` convention, so the net plugs into `cleanfid.fid`:
+    x (B, 3, H, W) float in [0, 255] -> features (B, feature_dim). `classify` gives the logits (B, num_classes).
+    """
+
+    def __init__(self, num_classes: int, image_size: int, channels: tuple[int, ...], feature_dim: int):
+        super().__init__()
+        self.image_size = image_size
+        layers, c_in = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.SiLU()]
+            c_in = c
+        self.body = nn.Sequential(*layers)
+        self.feature = nn.Sequential(nn.Linear(c_in, feature_dim), nn.SiLU())
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):  # e.g. clean-fid's default 299 resize
+            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True, align_corners=False)
+        h = self.body(x / 127.5 - 1.0)  # (B, C, h, w)
+        return self.feature(h.mean(dim=(2, 3)))  # (B, feature_dim)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self(x))
+
+
+def classifier_arch(num_classes: int, image_size: int) -> dict:
+    """The constructor kwargs of the classifier for a dataset: what extractor.json records."""
+    return dict(num_classes=num_classes, image_size=image_size, channels=list(CLASSIFIER_CHANNELS),
+                feature_dim=CLASSIFIER_FEATURE_DIM)
+
+
+def build_classifier(arch: dict) -> ClassifierNet:
+    return ClassifierNet(arch["num_classes"], arch["image_size"], tuple(arch["channels"]), arch["feature_dim"])
+
+
+class ClassifierExtractor(Extractor):
+    name = "classifier"
+    mode = None
+
+    def __init__(self, net: ClassifierNet, arch: dict, device: torch.device):
+        self.net = net.to(device).eval()
+        self.arch = arch
+        self.device = device
+        self.feature_dim = arch["feature_dim"]
+
+    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.net(x)
+        return f, self.net.head(f)
+
+    def config(self) -> dict:
+        return {"extractor": self.name, "mode": None, "feature_dim": self.feature_dim, "arch": self.arch,
+                "weights": CLASSIFIER_FILE}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Inception extractor
+
+
+def cleanfid_weights_path() -> Path:
+    """Where clean-fid itself looks for (and downloads) the weights; it hard-codes this directory."""
+    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+
+
+def resolve_inception_weights(path: str | None) -> Path:
+    """The weights file to load: `path` (params `reference.inception_weights`), else clean-fid's usual location,
+    downloading it there with a timeout. Raises `WeightsUnavailable` saying where to put the file."""
+    if path is not None:
+        file = Path(path)
+        file = file / INCEPTION_FILE if file.is_dir() else file
+        if not file.is_file():
+            raise WeightsUnavailable(
+                f"reference.inception_weights = {path!r}: no such file. Download {INCEPTION_URL} to that path, "
+                f"or set reference.inception_weights: null to use clean-fid's location {cleanfid_weights_path()}"
+            )
+        if file.name != INCEPTION_FILE:
+            raise WeightsUnavailable(
+                f"reference.inception_weights = {path!r}: clean-fid's InceptionV3W loads the file by its name; "
+                f"rename it to {INCEPTION_FILE} (or point the param at its directory)"
+            )
+        return file
+    file = cleanfid_weights_path()
+    if not file.is_file():
+        download_inception(file)
+    return file
+
+
+def download_inception(dest: Path) -> None:
+    """clean-fid's download (same URL, same place), but atomic and with a timeout, so that an offline machine gets
+    an error instead of a hang and an interrupted download leaves no truncated file for the next run to load."""
+    tqdm.write(f"downloading the Inception weights {INCEPTION_URL} -> {dest}")
+    try:
+        with urllib.request.urlopen(INCEPTION_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            atomic_write(dest, lambda tmp: tmp.write_bytes(response.read()))
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise WeightsUnavailable(
+            f"the Inception weights are not available: {dest} does not exist and downloading {INCEPTION_URL} "
+            f"failed ({e}). On an offline machine, fetch that file elsewhere and copy it to {dest}, or set "
+            f"`reference.inception_weights: /path/to/{INCEPTION_FILE}` in params.yaml "
+            f"(or use `reference.extractor: classifier`)"
+        ) from e
+
+
+class InceptionExtractor(Extractor):
+    name = "inception"
+    feature_dim = INCEPTION_DIM
+
+    def __init__(self, weights: Path, mode: str, device: torch.device):
+        if mode not in ("clean", "legacy_tensorflow"):
+            raise ValueError(f"inception mode must be 'clean' or 'legacy_tensorflow', got {mode!r}")
+        self.mode = mode
+        self.weights = Path(weights)
+        self.device = device
+        # clean: clean-fid resizes outside the net (PIL bicubic, float); legacy_tensorflow: the net resizes inside.
+        self.model = InceptionV3W(str(self.weights.parent), download=False,
+                                  resize_inside=mode == "legacy_tensorflow").to(device).eval()
+        self.resize = build_resizer(mode)
+        # IS logits use the output layer without its bias, as the original (improved-gan) implementation does.
+        self.output_weight = self.model.base.output.weight.detach().to(device)  # (1008, 2048)
+
+    def _to_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        resized = np.stack([self.resize(img) for img in batch]).astype(np.float32)  # (B, 299, 299, 3) or as is
+        return torch.from_numpy(resized).to(self.device).permute(0, 3, 1, 2)
+
+    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.model(x)  # (B, 2048)
+        return f, F.linear(f, self.output_weight)
+
+    def config(self) -> dict:
+        return {"extractor": self.name, "mode": self.mode, "feature_dim": self.feature_dim,
+                "weights_sha256": sha256_file(self.weights)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Saving and rebuilding
+
+
+def save_extractor(directory: str | Path, extractor: Extractor, inception_weights: str | None) -> dict:
+    """Write extractor.json (+ classifier.pt); `inception_weights` is the params value, kept for `load_extractor`."""
+    directory = Path(directory)
+    config = extractor.config()
+    if isinstance(extractor, ClassifierExtractor):
+        state = {k: v.detach().cpu() for k, v in extractor.net.state_dict().items()}
+        atomic_torch_save(directory / CLASSIFIER_FILE, state)
+        config["weights_sha256"] = sha256_file(directory / CLASSIFIER_FILE)
+    else:
+        config["weights_param"] = inception_weights
+    atomic_write_json(directory / EXTRACTOR_FILE, config)
+    return config
+
+
+def load_extractor(directory: str | Path, device: torch.device, inception_weights: str | None = None) -> Extractor:
+    """Rebuild the extractor the reference stage recorded in `directory`. For Inception, `inception_weights`
+    overrides the recorded path (another machine); the file's hash must match the recorded one either way."""
+    directory = Path(directory)
+    path = directory / EXTRACTOR_FILE
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing; run `dvc repro reference`")
+    config = json.loads(path.read_text())
+    if config["extractor"] == "classifier":
+        weights = directory / config["weights"]
+        _check_hash(weights, config["weights_sha256"], "run `dvc repro reference`")
+        net = build_classifier(config["arch"])
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return ClassifierExtractor(net, config["arch"], device)
+    if config["extractor"] == "inception":
+        weights = resolve_inception_weights(inception_weights or config["weights_param"])
+        _check_hash(weights, config["weights_sha256"], "use the file the reference stage used, or rerun it")
+        return InceptionExtractor(weights, config["mode"], device)
+    raise ArtifactError(f"{path}: unknown extractor {config['extractor']!r}; run `dvc repro reference`")
+
+
+def _check_hash(path: Path, expected: str, fix: str) -> None:
+    if not path.exists():
+        raise ArtifactError(f"{path} is missing; {fix}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ArtifactError(f"{path} has sha256 {actual[:12]}…, the reference used {expected[:12]}…; {fix}")

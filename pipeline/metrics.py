@@ -1,0 +1,309 @@
+"""The `evaluate` stage: FID, KID, Inception Score, precision/recall and class consistency of the samples.
+
+The math is pure functions of feature arrays; I/O lives at the bottom. `metrics/eval.json` records the protocol
+(sampler, steps, cfg, number of samples, extractor and mode, hashes of the reference statistics and of the
+checkpoint) beside the numbers, because an FID means nothing without them.
+
+CLI (any ADM-format npz, arr_0 uint8 (N, H, W, 3), against any reference):
+    python -m pipeline.metrics SAMPLES.npz --reference data/reference [--out metrics.json]
+    python -m pipeline.metrics SAMPLES.npz --reference REAL.npz --mode legacy_tensorflow [--inception-weights F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from cleanfid import fid as cleanfid
+from scipy.special import log_softmax
+
+from pipeline.artifacts import ArtifactError, atomic_write_json, read_manifest, require_file, sha256_file
+from pipeline.config import load_section
+from pipeline.features import (Extracted, Extractor, InceptionExtractor, load_extractor, resolve_inception_weights,
+                               select_device)
+from pipeline.reference import REFERENCE_FORMAT, REFERENCE_VERSION, STATS_FILE
+
+SAMPLES_FORMAT, SAMPLES_VERSION = "dit-samples", 1
+SAMPLES_FILE = "samples.npz"
+# What evaluate copies from the sample stage's manifest into the protocol.
+SAMPLE_PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "seed",
+                        "checkpoint_sha256")
+PR_CHUNK_ELEMENTS = 1 << 26  # distance-matrix block: 64M float32 = 256 MB, so 50K x 50K runs in pieces
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    pr_k: int
+    kid_subsets: int
+    kid_subset_size: int
+    is_splits: int
+    batch_size: int
+    use_gpu: bool
+    seed: int  # KID subset draws
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: pure functions of features
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017), computed by clean-fid's
+    `frechet_distance` so that numbers match clean-fid's; here only the shapes are checked with clear errors."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    d = mu1.shape[0]
+    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(f"Frechet distance needs mu (D,) and sigma (D, D) on both sides, got "
+                         f"{mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape} (features of different nets?)")
+    return float(cleanfid.frechet_distance(mu1, sigma1, mu2, sigma2))
+
+
+def fid_from_features(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
+    """FID of features (N, D) against reference statistics; the covariance is unbiased, as in clean-fid."""
+    if len(features) < 2:
+        raise ValueError(f"FID needs at least 2 samples, got {len(features)}")
+    return frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), ref_mu, ref_sigma)
+
+
+def kernel_inception_distance(fake: np.ndarray, real: np.ndarray, num_subsets: int, subset_size: int,
+                              seed: int) -> tuple[float, float]:
+    """KID (Binkowski et al. 2018): the unbiased MMD^2 with kernel k(x, y) = (x.y / D + 1)^3, averaged over
+    `num_subsets` random subsets of min(subset_size, N_fake, N_real) points from each side. Returns (mean, std).
+
+    The estimator and the draw order are clean-fid's `kernel_distance(real, fake, ...)`; the draws come from a
+    seeded RandomState instead of the global one, and the spread over subsets is returned too."""
+    fake, real = np.asarray(fake, np.float64), np.asarray(real, np.float64)
+    m = min(subset_size, len(fake), len(real))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 points per side, got {len(fake)} fake and {len(real)} real")
+    d = fake.shape[1]
+    rng = np.random.RandomState(seed)
+    values = []
+    for _ in range(num_subsets):
+        x = fake[rng.choice(len(fake), m, replace=False)]
+        y = real[rng.choice(len(real), m, replace=False)]
+        k_same = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3  # (m, m)
+        k_cross = (x @ y.T / d + 1) ** 3  # (m, m)
+        mmd2 = (k_same.sum() - np.trace(k_same)) / (m * (m - 1)) - 2 * k_cross.sum() / (m * m)
+        values.append(mmd2)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def inception_score(logits: np.ndarray, num_splits: int) -> tuple[float, float]:
+    """IS (Salimans et al. 2016): exp E_x KL(p(y|x) || p(y)) per split of the samples; (mean, std) over splits."""
+    log_p = log_softmax(np.asarray(logits, np.float64), axis=1)  # (N, K)
+    scores = []
+    for part in np.array_split(log_p, num_splits):
+        log_py = np.log(np.exp(part).mean(axis=0))  # (K,) the marginal of this split
+        kl = (np.exp(part) * (part - log_py)).sum(axis=1)  # (n,)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, D), (m, D) -> squared Euclidean distances (n, m)."""
+    return (a.pow(2).sum(1, keepdim=True) - 2 * a @ b.T + b.pow(2).sum(1)[None]).clamp_min_(0)
+
+
+def _row_chunks(n_rows: int, n_cols: int, max_elements: int):
+    step = max(1, max_elements // max(n_cols, 1))
+    return (slice(s, s + step) for s in range(0, n_rows, step))
+
+
+def knn_sq_radii(x: torch.Tensor, k: int, max_elements: int = PR_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Squared distance from each point of x (N, D) to its k-th nearest other point: (N,)."""
+    if len(x) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per side, got {len(x)}")
+    # Each point is its own nearest neighbour at distance 0, so the k-th other point is the (k+1)-th smallest.
+    return torch.cat([_sq_distances(x[rows], x).kthvalue(k + 1, dim=1).values
+                      for rows in _row_chunks(len(x), len(x), max_elements)])
+
+
+def _coverage(points: torch.Tensor, centers: torch.Tensor, sq_radii: torch.Tensor, max_elements: int) -> float:
+    """Fraction of points inside at least one ball (center, radius)."""
+    inside = [(_sq_distances(points[rows], centers) <= sq_radii[None]).any(dim=1)
+              for rows in _row_chunks(len(points), len(centers), max_elements)]
+    return int(torch.cat(inside).sum()) / len(points)
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int, device: torch.device,
+                     max_elements: int = PR_CHUNK_ELEMENTS) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each manifold is the union of balls around its
+    points with radius the distance to the k-th nearest neighbour. Precision = fraction of fake points inside the
+    real manifold; recall = fraction of real points inside the fake manifold. Distances go in row blocks."""
+    real_t = torch.as_tensor(np.asarray(real, np.float32), device=device)
+    fake_t = torch.as_tensor(np.asarray(fake, np.float32), device=device)
+    precision = _coverage(fake_t, real_t, knn_sq_radii(real_t, k, max_elements), max_elements)
+    recall = _coverage(real_t, fake_t, knn_sq_radii(fake_t, k, max_elements), max_elements)
+    return precision, recall
+
+
+def class_consistency(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of conditional samples that the classifier assigns to their conditioning label."""
+    return float((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Putting them together
+
+
+@dataclass(frozen=True)
+class Reference:
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    features: np.ndarray  # (N, D) float32
+    image_size: int
+    num_classes: int | None
+    description: dict  # what the protocol records about it
+
+
+def load_reference(directory: str | Path) -> Reference:
+    manifest = read_manifest(directory, REFERENCE_FORMAT, REFERENCE_VERSION, "reference")
+    path = require_file(Path(directory) / STATS_FILE, "reference")
+    stats_sha256 = sha256_file(path)
+    if stats_sha256 != manifest["stats_sha256"]:
+        raise ArtifactError(f"{path} does not match its manifest's sha256; run `dvc repro reference`")
+    with np.load(path) as stats:
+        mu, sigma, features = stats["mu"], stats["sigma"], stats["features"]
+    description = {"extractor": manifest["extractor"], "extractor_mode": manifest["mode"],
+                   "feature_dim": manifest["feature_dim"], "reference_count": manifest["count"],
+                   "reference_features": manifest["features_kept"], "reference_stats_sha256": stats_sha256}
+    return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description)
+
+
+def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Reference, extractor_name: str,
+                      params: EvaluateParams, device: torch.device) -> dict:
+    """All metrics of the samples' features and logits against the reference.
+    The single place that returns the metrics dict: stages log it as is. Null metrics carry a reason in `notes`."""
+    fid = fid_from_features(fake.features, reference.mu, reference.sigma)
+    kid, kid_std = kernel_inception_distance(fake.features, reference.features, params.kid_subsets,
+                                             params.kid_subset_size, params.seed)
+    precision, recall = precision_recall(reference.features, fake.features, params.pr_k, device)
+    notes = {}
+    is_mean = is_std = consistency = None
+    if extractor_name == "inception":
+        is_mean, is_std = inception_score(fake.logits, params.is_splits)
+        notes["class_consistency"] = "needs the classifier extractor (Inception's classes are not the dataset's)"
+    else:
+        notes["inception_score"] = f"defined on Inception-V3's ImageNet logits; not reported with the {extractor_name}"
+        if labels is None:
+            notes["class_consistency"] = "the samples carry no labels"
+        else:
+            consistency = class_consistency(fake.logits, labels)
+    return {"fid": fid, "kid": kid, "kid_std": kid_std, "inception_score": is_mean, "inception_score_std": is_std,
+            "precision": precision, "recall": recall, "class_consistency": consistency, "notes": notes}
+
+
+def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """An ADM-format batch: arr_0 uint8 (N, H, W, 3), optional labels int (N,)."""
+    with np.load(require_file(path, "sample")) as data:
+        if "arr_0" not in data:
+            raise ArtifactError(f"{path}: no arr_0; ADM's format is np.savez(path, images_uint8_NHWC[, labels])")
+        images = data["arr_0"]
+        labels = data["labels"] if "labels" in data else None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ArtifactError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if labels is not None and labels.shape != (len(images),):
+        raise ArtifactError(f"{path}: labels must be ({len(images)},), got {labels.shape}")
+    return images, labels
+
+
+def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Reference, extractor: Extractor,
+                    params: EvaluateParams) -> dict:
+    if images.shape[1:3] != (reference.image_size, reference.image_size):
+        raise ValueError(f"samples are {images.shape[1]}x{images.shape[2]}, the reference images "
+                         f"{reference.image_size}x{reference.image_size}: FID compares one resolution")
+    k = reference.num_classes
+    if labels is not None and k is not None and not 0 <= labels.min() <= labels.max() < k:
+        raise ValueError(f"sample labels span [{labels.min()}, {labels.max()}], outside [0, {k})")
+    fake = extractor.extract(images, params.batch_size)
+    metrics = evaluate_features(fake, labels, reference, extractor.name, params, extractor.device)
+    kid_subset_size = min(params.kid_subset_size, len(images), len(reference.features))  # as KID uses it
+    protocol = {**reference.description, "num_samples": len(images), "pr_k": params.pr_k,
+                "kid_subsets": params.kid_subsets, "kid_subset_size": kid_subset_size, "kid_seed": params.seed,
+                "is_splits": params.is_splits if metrics["inception_score"] is not None else None}
+    return {**metrics, "protocol": protocol}
+
+
+def sample_protocol(samples_dir: str | Path, model_dir: str | Path) -> dict:
+    """The sample stage's settings, checked against the checkpoint the DiT stage wrote."""
+    manifest = read_manifest(samples_dir, SAMPLES_FORMAT, SAMPLES_VERSION, "sample")
+    missing = [k for k in SAMPLE_PROTOCOL_KEYS if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{samples_dir}/manifest.json lacks {missing}; run `dvc repro sample`")
+    model = json.loads(require_file(Path(model_dir) / "model.json", "train").read_text())
+    if "ema_sha256" not in model:
+        raise ArtifactError(f"{model_dir}/model.json lacks ema_sha256; run `dvc repro train`")
+    if model["ema_sha256"] != manifest["checkpoint_sha256"]:
+        raise ArtifactError(f"{samples_dir} was sampled from checkpoint {manifest['checkpoint_sha256'][:12]}…, "
+                            f"{model_dir} holds {model['ema_sha256'][:12]}…; run `dvc repro sample`")
+    # The sampling seed is renamed so it cannot be confused with the evaluation's KID seed.
+    return {("sample_seed" if k == "seed" else k): manifest[k] for k in SAMPLE_PROTOCOL_KEYS}
+
+
+def evaluate_stage(samples_dir: str | Path, reference_dir: str | Path, model_dir: str | Path,
+                   params: EvaluateParams) -> dict:
+    """Run the stage: the metrics with the full protocol (sample settings + reference + evaluation settings)."""
+    sampling = sample_protocol(samples_dir, model_dir)
+    images, labels = read_samples(Path(samples_dir) / SAMPLES_FILE)
+    if len(images) != sampling["num_samples"]:
+        raise ArtifactError(f"{samples_dir}: {len(images)} images, the manifest says {sampling['num_samples']}")
+    device = select_device(params.use_gpu, "evaluate")
+    result = evaluate_images(images, labels, load_reference(reference_dir), load_extractor(reference_dir, device),
+                             params)
+    evaluation = result.pop("protocol")
+    samples_sha256 = sha256_file(Path(samples_dir) / SAMPLES_FILE)
+    return {**result, "protocol": {**sampling, "samples_sha256": samples_sha256, **evaluation}}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def reference_from_images(path: Path, extractor: Extractor, batch_size: int) -> Reference:
+    """A reference made on the fly from another ADM-format npz of real images."""
+    images, _ = read_samples(path)
+    features = extractor.extract(images, batch_size).features
+    description = {"extractor": extractor.name, "extractor_mode": extractor.mode, "feature_dim": features.shape[1],
+                   "reference_count": len(features), "reference_features": len(features),
+                   "reference_npz_sha256": sha256_file(path)}
+    return Reference(features.mean(axis=0), np.cov(features, rowvar=False), features.astype(np.float32),
+                     images.shape[1], None, description)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m pipeline.metrics", description=__doc__.split("\n\n")[0])
+    p.add_argument("samples", type=Path, help="ADM-format npz: arr_0 uint8 (N, H, W, 3) [+ labels]")
+    p.add_argument("--reference", type=Path, required=True, help="a reference stage directory, or an npz of images")
+    p.add_argument("--params", default="params.yaml", help="params file with the `evaluate` section")
+    p.add_argument("--out", type=Path, help="write the metrics JSON here (default: print it)")
+    p.add_argument("--mode", choices=["clean", "legacy_tensorflow"], help="Inception mode for an npz reference")
+    p.add_argument("--inception-weights", help="local inception-2015-12-05.pt")
+    args = p.parse_args(argv)
+    params = load_section(EvaluateParams, "evaluate", args.params)
+    device = select_device(params.use_gpu, "evaluate")
+    if args.reference.is_dir():
+        reference = load_reference(args.reference)
+        extractor = load_extractor(args.reference, device, args.inception_weights)
+    else:
+        if args.mode is None:
+            p.error("an npz reference needs --mode (its features are computed here with Inception)")
+        extractor = InceptionExtractor(resolve_inception_weights(args.inception_weights), args.mode, device)
+        reference = reference_from_images(args.reference, extractor, params.batch_size)
+    images, labels = read_samples(args.samples)
+    result = evaluate_images(images, labels, reference, extractor, params)
+    result["protocol"]["samples_npz_sha256"] = sha256_file(args.samples)
+    if args.out:
+        atomic_write_json(args.out, result)
+    else:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    return result
+
+
+if __name__ == "__main__":
+    main()

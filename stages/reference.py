@@ -1,0 +1,26 @@
+"""Stage `reference`: feature statistics of the real images (data/images -> data/reference)."""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.artifacts import atomic_write_json
+from pipeline.config import load_section
+from pipeline.reference import ReferenceParams, build_reference
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--images", default="data/images", help="ingested images (dit-images v1)")
+    p.add_argument("--out", default="data/reference", help="output directory (dit-reference v1)")
+    p.add_argument("--metrics", default="metrics/reference.json")
+    args = p.parse_args()
+
+    params = load_section(ReferenceParams, "reference", args.params)
+    metrics = build_reference(args.images, args.out, params)
+    atomic_write_json(args.metrics, metrics)
+    print(metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Test data: a small structured image set (coloured shapes), a `dit-images` v1 directory holding it, and a tiny
+TorchScript stand-in for clean-fid's Inception weights file."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from pipeline.artifacts import sha256_file, write_manifest
+
+PALETTE = np.array([(230, 50, 50), (50, 200, 60), (60, 90, 230), (230, 200, 40), (200, 60, 200)], np.float64)
+SHAPES = ("square", "disk", "hbar", "vbar")
+
+
+def make_shapes(n: int, num_classes: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, size, size, 3), labels (n,): class c is shape c % 4 in colour c % 5 (unique for c < 20),
+    at a random place and scale on a random grey background with pixel noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, c in enumerate(labels):
+        cx, cy = rng.uniform(0.3, 0.7, 2) * size
+        r = rng.uniform(0.15, 0.3) * size
+        dx, dy = np.abs(xx - cx), np.abs(yy - cy)
+        mask = {"square": (dx < r) & (dy < r), "disk": dx**2 + dy**2 < r**2,
+                "hbar": (dx < 1.6 * r) & (dy < 0.5 * r), "vbar": (dx < 0.5 * r) & (dy < 1.6 * r)}[SHAPES[c % 4]]
+        img = np.full((size, size, 3), rng.uniform(0, 90))
+        img[mask] = PALETTE[c % 5] * rng.uniform(0.8, 1.1)
+        images[i] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_images_dir(directory: Path, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                     shard_size: int) -> Path:
+    """A `dit-images` v1 directory as the ingest stage writes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s, start in enumerate(range(0, len(images), shard_size)):
+        rows = range(start, min(start + shard_size, len(images)))
+        table = pa.table({"image": pa.array([png_bytes(images[i]) for i in rows], pa.binary()),
+                          "label": pa.array(labels[list(rows)], pa.int64()),
+                          "key": pa.array([f"synthetic/{i:06d}" for i in rows], pa.string())})
+        path = directory / f"shard-{s:05d}.parquet"
+        pq.write_table(table, path)
+        shards.append({"file": path.name, "count": len(rows), "sha256": sha256_file(path)})
+    write_manifest(directory, "dit-images", 1, count=len(images), image_size=images.shape[1],
+                   num_classes=num_classes, class_names=[f"class{c}" for c in range(num_classes)],
+                   source={"kind": "synthetic"}, shards=shards, skipped={"count": 0, "by_reason": {}})
+    return directory
+
+
+class _TinyLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(12, 2048)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3)), x.amin(dim=(2, 3)), x.std(dim=(2, 3))], 1)
+        return torch.relu(self.proj(pooled))[:, :, None, None]  # (B, 2048, 1, 1) like pool3
+
+
+class _TinyInception(nn.Module):
+    """Same call interface as inception-2015-12-05.pt: forward(img, return_features, use_fp16, no_output_bias)
+    with the TF-style resize inside, `layers` on normalized 299-px input, and a 1008-way `output` layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = _TinyLayers()
+        self.output = nn.Linear(2048, 1008)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        x = F.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
+        feats = self.layers((x - 128.0) / 128.0).reshape(-1, 2048)
+        if return_features:
+            return feats
+        logits = F.linear(feats, self.output.weight) if no_output_bias else self.output(feats)
+        return F.softmax(logits, 1)
+
+
+def save_tiny_inception(path: Path, seed: int) -> Path:
+    """Script and save the stand-in where a real inception-2015-12-05.pt would go."""
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(_TinyInception()).save(str(path))
+    return path

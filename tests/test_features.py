@@ -1,0 +1,162 @@
+"""Feature extractors: the classifier (training, determinism, clean-fid interop) and the Inception loading path."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from cleanfid import fid as cleanfid
+from cleanfid.resize import build_resizer
+from PIL import Image
+
+from pipeline import features
+from pipeline.artifacts import ArtifactError
+from pipeline.features import (INCEPTION_FILE, InceptionExtractor, WeightsUnavailable, load_extractor,
+                               resolve_inception_weights, save_extractor)
+from pipeline.metrics import fid_from_features
+from pipeline.reference import ReferenceParams, build_extractor, train_classifier
+from synthetic import make_shapes, save_tiny_inception
+
+CPU = torch.device("cpu")
+
+
+def params(**overrides) -> ReferenceParams:
+    base = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=150,
+                classifier_batch_size=32, classifier_lr=2e-3, holdout=100, max_features=None, batch_size=64, use_gpu=False, seed=0)
+    return ReferenceParams(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return make_shapes(500, 4, 16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(shapes):
+    images, labels = shapes
+    return build_extractor(images, labels, 4, params(), CPU)
+
+
+def write_folder(directory, images):
+    directory.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(directory / f"{i:04d}.png")
+    return str(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Classifier
+
+
+def test_classifier_separates_classes(trained):
+    extractor, accuracy = trained
+    assert accuracy >= 0.9  # 100 held-out images of 4 shape/colour classes
+    assert extractor.feature_dim == features.CLASSIFIER_FEATURE_DIM
+
+
+def test_classifier_training_is_deterministic(shapes):
+    images, labels = shapes[0][:64], shapes[1][:64]
+    a = train_classifier(images, labels, 4, params(classifier_steps=5)).net.state_dict()
+    b = train_classifier(images, labels, 4, params(classifier_steps=5)).net.state_dict()
+    c = train_classifier(images, labels, 4, params(classifier_steps=5, seed=1)).net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_features_do_not_depend_on_batch_size(trained, shapes):
+    extractor, _ = trained
+    images = shapes[0][:50]
+    np.testing.assert_allclose(extractor.features(images, 7), extractor.features(images, 50), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_plugs_into_cleanfid(trained, shapes, tmp_path):
+    """The net is a clean-fid custom_feat_extractor: compute_fid over two folders equals our FID of the features."""
+    extractor, _ = trained
+    images = shapes[0]
+    real, fake = images[:200], images[200:400]
+    dir_real, dir_fake = write_folder(tmp_path / "real", real), write_folder(tmp_path / "fake", fake)
+    theirs = cleanfid.compute_fid(dir_fake, dir_real, mode="clean", custom_feat_extractor=extractor.net,
+                                  custom_fn_resize=lambda x: x.astype(np.float32),  # keep 16 px: no 299 resize
+                                  device=CPU, num_workers=0, batch_size=64, verbose=False)
+    f_real, f_fake = extractor.features(real, 64), extractor.features(fake, 64)
+    ours = fid_from_features(f_fake, f_real.mean(axis=0), np.cov(f_real, rowvar=False))
+    assert ours == pytest.approx(theirs, rel=1e-4)
+    # clean-fid's default resize gives 299 px floats; the net brings them back to its own size.
+    assert extractor.net(torch.full((2, 3, 299, 299), 128.0)).shape == (2, features.CLASSIFIER_FEATURE_DIM)
+
+
+def test_save_and_load_round_trip(trained, shapes, tmp_path):
+    extractor, _ = trained
+    save_extractor(tmp_path, extractor, None)
+    loaded = load_extractor(tmp_path, CPU)
+    images = shapes[0][:20]
+    np.testing.assert_array_equal(loaded.features(images, 20), extractor.features(images, 20))
+    np.testing.assert_array_equal(loaded.logits(images, 20), extractor.logits(images, 20))
+    state = torch.load(tmp_path / features.CLASSIFIER_FILE, weights_only=True)
+    state["head.bias"] += 1
+    torch.save(state, tmp_path / features.CLASSIFIER_FILE)
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_extractor(tmp_path, CPU)
+
+
+def test_rejects_non_uint8_images(trained):
+    with pytest.raises(ValueError, match="uint8"):
+        trained[0].features(np.zeros((2, 16, 16, 3), np.float32), 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inception: weights resolution, and the loading path on a tiny TorchScript stand-in with the real one's interface
+
+
+@pytest.fixture
+def tiny_inception(tmp_path):
+    return save_tiny_inception(tmp_path / "weights" / INCEPTION_FILE, seed=0)
+
+
+def test_missing_weights_fail_fast_with_instructions(tmp_path, monkeypatch):
+    t0 = time.time()
+    with pytest.raises(WeightsUnavailable, match="reference.inception_weights"):
+        resolve_inception_weights(str(tmp_path / INCEPTION_FILE))
+    # No param and no file at clean-fid's location: one download try with a timeout, then the same advice.
+    monkeypatch.setattr(features, "cleanfid_weights_path", lambda: tmp_path / "cache" / INCEPTION_FILE)
+    monkeypatch.setattr(features, "INCEPTION_URL", "http://127.0.0.1:9/inception-2015-12-05.pt")
+    with pytest.raises(WeightsUnavailable, match="offline machine.*reference.inception_weights"):
+        resolve_inception_weights(None)
+    assert not (tmp_path / "cache" / INCEPTION_FILE).exists()
+    assert time.time() - t0 < 10
+
+
+def test_weights_file_must_keep_cleanfid_name(tiny_inception, tmp_path):
+    renamed = tmp_path / "inception.pt"
+    renamed.write_bytes(tiny_inception.read_bytes())
+    with pytest.raises(WeightsUnavailable, match="rename it"):
+        resolve_inception_weights(str(renamed))
+    assert resolve_inception_weights(str(tiny_inception.parent)) == tiny_inception  # a directory works too
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_tensorflow"])
+def test_inception_follows_cleanfid_protocol(tiny_inception, tmp_path, mode):
+    """Features equal clean-fid's own folder pipeline (its resizer, its InceptionV3W) on the same weights;
+    logits are the output layer without bias."""
+    images = make_shapes(6, 4, 16, seed=1)[0]
+    extractor = InceptionExtractor(resolve_inception_weights(str(tiny_inception)), mode, CPU)
+    ours = extractor.extract(images, 4)
+    theirs = cleanfid.get_folder_features(write_folder(tmp_path / "imgs", images), extractor.model, num_workers=0,
+                                          batch_size=4, device=CPU, mode=mode, verbose=False)
+    np.testing.assert_allclose(ours.features, theirs, rtol=1e-4, atol=1e-4)
+    weight = torch.jit.load(str(tiny_inception)).output.weight.detach().numpy()
+    np.testing.assert_allclose(ours.logits, ours.features @ weight.T, rtol=1e-4, atol=1e-4)
+    if mode == "clean":  # the resize happens outside the net, with clean-fid's PIL bicubic
+        assert build_resizer("clean")(images[0]).shape == (299, 299, 3)
+
+
+def test_inception_extractor_round_trip_checks_the_weights(tiny_inception, tmp_path):
+    extractor = InceptionExtractor(tiny_inception, "clean", CPU)
+    save_extractor(tmp_path / "ref", extractor, str(tiny_inception))
+    images = make_shapes(3, 4, 16, seed=2)[0]
+    np.testing.assert_array_equal(load_extractor(tmp_path / "ref", CPU).features(images, 3),
+                                  extractor.features(images, 3))
+    other = save_tiny_inception(tmp_path / "other" / INCEPTION_FILE, seed=1)
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_extractor(tmp_path / "ref", CPU, inception_weights=str(other))

@@ -1,0 +1,105 @@
+"""The reference stage end to end on a few dozen images: outputs, determinism, and bad inputs."""
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.reference import Moments, ReferenceParams, build_reference, holdout_split, kept_rows
+from synthetic import make_shapes, write_images_dir
+
+PARAMS = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=20,
+              classifier_batch_size=16, classifier_lr=2e-3, holdout=10, max_features=None, batch_size=16, use_gpu=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    images, labels = make_shapes(48, 4, 16, seed=0)
+    return write_images_dir(tmp_path_factory.mktemp("data") / "images", images, labels, 4, shard_size=20)
+
+
+def test_reference_outputs(images_dir, tmp_path):
+    metrics = build_reference(images_dir, tmp_path / "ref", ReferenceParams(**PARAMS))
+    manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    assert (manifest["format"], manifest["version"]) == ("dit-reference", 1)
+    assert manifest["extractor"] == "classifier" and manifest["mode"] is None
+    assert manifest["count"] == metrics["count"] == 48
+    assert manifest["classifier_accuracy"] == metrics["classifier_accuracy"]
+    assert manifest["images_manifest_sha256"] == sha256_file(images_dir / "manifest.json")
+    assert manifest["classifier_sha256"] == sha256_file(tmp_path / "ref" / "classifier.pt")
+    with np.load(tmp_path / "ref" / "stats.npz") as stats:
+        feats = stats["features"]
+        assert feats.shape == (48, manifest["feature_dim"]) and feats.dtype == np.float32
+        assert stats["mu"].dtype == np.float64 and stats["sigma"].shape == (feats.shape[1],) * 2
+        np.testing.assert_allclose(stats["mu"], feats.mean(axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats["sigma"], np.cov(feats.astype(np.float64), rowvar=False), atol=1e-5)
+        labels = pq.read_table(images_dir / "shard-00000.parquet").column("label").to_numpy()
+        np.testing.assert_array_equal(stats["labels"][:20], labels)  # rows keep the ingest order
+
+
+def test_reference_is_deterministic(images_dir, tmp_path):
+    build_reference(images_dir, tmp_path / "a", ReferenceParams(**PARAMS))
+    build_reference(images_dir, tmp_path / "b", ReferenceParams(**PARAMS))
+    for name in ("stats.npz", "classifier.pt", "extractor.json", "manifest.json"):
+        assert sha256_file(tmp_path / "a" / name) == sha256_file(tmp_path / "b" / name), name
+
+
+def test_max_features_keeps_a_subset_and_full_statistics(images_dir, tmp_path):
+    build_reference(images_dir, tmp_path / "all", ReferenceParams(**PARAMS))
+    build_reference(images_dir, tmp_path / "sub", ReferenceParams(**{**PARAMS, "max_features": 20}))
+    assert json.loads((tmp_path / "sub" / "manifest.json").read_text())["features_kept"] == 20
+    with np.load(tmp_path / "all" / "stats.npz") as full, np.load(tmp_path / "sub" / "stats.npz") as sub:
+        np.testing.assert_array_equal(sub["mu"], full["mu"])  # FID statistics still cover every image
+        np.testing.assert_array_equal(sub["sigma"], full["sigma"])
+        rows = kept_rows(48, 20, seed=0)
+        np.testing.assert_array_equal(sub["features"], full["features"][rows])
+        np.testing.assert_array_equal(sub["labels"], full["labels"][rows])
+
+
+def test_streaming_moments_match_numpy():
+    x = np.random.default_rng(0).normal(size=(300, 6)) * 5 + 1e4  # a large mean: the shifted sums keep precision
+    moments = Moments()
+    for part in np.array_split(x, 7):
+        moments.add(part)
+    mu, sigma = moments.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_stage_script(images_dir, tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    params.write_text("reference:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in PARAMS.items()))
+    out, metrics = tmp_path / "ref", tmp_path / "metrics" / "reference.json"
+    monkeypatch.setattr(sys, "argv", ["reference.py", "--params", str(params), "--images", str(images_dir),
+                                      "--out", str(out), "--metrics", str(metrics)])
+    runpy.run_path("stages/reference.py", run_name="__main__")
+    assert set(json.loads(metrics.read_text())) == {"classifier_accuracy", "count", "seconds"}
+    assert (out / "manifest.json").exists()
+
+
+def test_corrupt_shard_is_refused(images_dir, tmp_path):
+    bad = tmp_path / "images"
+    bad.mkdir()
+    for f in images_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "shard-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ArtifactError, match="shard-00001.parquet.*sha256.*dvc repro ingest"):
+        build_reference(bad, tmp_path / "ref", ReferenceParams(**PARAMS))
+
+
+def test_missing_images_name_the_stage(tmp_path):
+    with pytest.raises(ArtifactError, match="dvc repro ingest"):
+        build_reference(tmp_path / "nothing", tmp_path / "ref", ReferenceParams(**PARAMS))
+
+
+def test_holdout_split():
+    train, held = holdout_split(50, 10, seed=0)
+    assert len(held) == 10 and len(train) == 40 and not set(train) & set(held)
+    np.testing.assert_array_equal(held, holdout_split(50, 10, seed=0)[1])
+    with pytest.raises(ValueError, match="holdout"):
+        holdout_split(10, 10, seed=0)

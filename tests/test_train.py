@@ -248,7 +248,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, laten
 
     def torn_save(obj, f, *args, **kwargs):
         if obj.get("step") == 20:  # write half a file, then die, as a full disk or a kill would
-            Path(f).write_bytes(b"\x80\x02half a checkpoint")
+            f.write(b"\x80\x02half a checkpoint")  # artifacts.atomic_torch_save hands torch.save a file handle
             raise OSError("disk full (injected)")
         return real_save(obj, f, *args, **kwargs)
 

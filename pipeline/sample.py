@@ -417,27 +417,6 @@ def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | 
             "img_per_s": img_per_s, "img_steps_per_s": img_per_s * p.steps if img_per_s else None}
 
 
-def log_to_training_run(tracking, dit_dir: str | Path, out_dir: str | Path, metrics: dict) -> str | None:
-    """Log the grid and the throughput into the training's MLflow run; a no-op when tracking is off or the
-    training recorded no run. Returns the run id used."""
-    from pipeline.tracking import Tracker
-
-    if not tracking.enabled:
-        return None
-    run_id = json.loads(require_file(Path(dit_dir) / "tracking.json", "train").read_text()).get("mlflow_run_id")
-    if run_id is None:
-        return None
-    tracker = Tracker(tracking, run_id)
-    tracker.resume()
-    try:
-        tracker.log_image(np.asarray(Image.open(Path(out_dir) / "grid.png").convert("RGB")), key="sample_grid")
-        tracker.log_metrics({f"sample/{k}": v for k, v in metrics.items()})
-        tracker.log_artifact(Path(out_dir) / "manifest.json", artifact_path="samples")
-    finally:
-        tracker.end()
-    return run_id
-
-
 # --- command line: sample any checkpoint, e.g. the official DiT-XL/2 ----------------------------------------------
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SampleParams]:

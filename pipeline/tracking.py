@@ -135,3 +135,29 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def log_to_training_run(params: TrackingParams, dit_dir: str | Path, metrics: dict, prefix: str,
+                        images: dict[str, np.ndarray] | None = None, artifacts: dict[str, str] | None = None) -> str | None:
+    """Log a downstream stage's results into the training's run (its id is in `dit_dir/tracking.json`); a no-op
+    when tracking is off or the training recorded no run. `images`: key -> uint8 (H, W, 3); `artifacts`: file ->
+    artifact dir. Returns the run id used."""
+    import json
+
+    if not params.enabled:
+        return None
+    record = Path(dit_dir) / "tracking.json"
+    run_id = json.loads(record.read_text()).get("mlflow_run_id") if record.exists() else None
+    if run_id is None:
+        return None
+    tracker = Tracker(params, run_id)
+    tracker.resume()
+    try:
+        tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()})
+        for key, image in (images or {}).items():
+            tracker.log_image(image, key=key)
+        for path, artifact_path in (artifacts or {}).items():
+            tracker.log_artifact(path, artifact_path=artifact_path)
+    finally:
+        tracker.end()
+    return run_id

@@ -11,9 +11,9 @@ from pipeline.reference import ReferenceParams, build_reference
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", default="params.yaml")
-    p.add_argument("--images", default="data/images", help="ingested images (dit-images v1)")
-    p.add_argument("--out", default="data/reference", help="output directory (dit-reference v1)")
-    p.add_argument("--metrics", default="metrics/reference.json")
+    p.add_argument("--images", required=True, help="ingested images (dit-images v1)")
+    p.add_argument("--out", required=True, help="output directory (dit-reference v1)")
+    p.add_argument("--metrics", required=True)
     args = p.parse_args()
 
     params = load_section(ReferenceParams, "reference", args.params)

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.config import load_section
-from pipeline.sample import SampleParams, log_to_training_run, read_model_card, run_sample
-from pipeline.tracking import TrackingParams
+from pipeline.sample import SampleParams, read_model_card, run_sample
+from pipeline.tracking import TrackingParams, log_to_training_run
 
 
 def main() -> None:
@@ -27,7 +31,9 @@ def main() -> None:
     tracking = load_section(TrackingParams, "tracking", args.params)
     metrics = run_sample(params, read_model_card(args.dit), args.vae, args.out)
     atomic_write_json(args.metrics, metrics)
-    log_to_training_run(tracking, args.dit, args.out, metrics)
+    grid = np.asarray(Image.open(Path(args.out) / "grid.png").convert("RGB"))
+    log_to_training_run(tracking, args.dit, metrics, "sample", images={"sample_grid": grid},
+                        artifacts={str(Path(args.out) / "manifest.json"): "samples"})
     print(f"[sample] {json.dumps(metrics)}")
 
 

@@ -344,7 +344,7 @@ def test_grid_is_logged_into_the_training_run(dirs, tmp_path, monkeypatch):
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.create_experiment("sample-test", artifact_location=(tmp_path / "artifacts").as_uri())
     tracking = TrackingParams(enabled=True, experiment="sample-test")
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import Tracker, log_to_training_run
 
     tracker = Tracker(tracking)
     run_id = tracker.start("train", params={}, tags={}, system_metrics=False)
@@ -355,14 +355,15 @@ def test_grid_is_logged_into_the_training_run(dirs, tmp_path, monkeypatch):
         (run_dit / name).write_bytes((dit_dir / name).read_bytes())
     (run_dit / "tracking.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": None}))
     metrics = S.run_sample(params(num_fid_samples=8), S.read_model_card(run_dit), vae_dir, tmp_path / "out")
-    assert S.log_to_training_run(tracking, run_dit, tmp_path / "out", metrics) == run_id
+    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png").convert("RGB"))
+    logged = dict(images={"sample_grid": grid}, artifacts={str(tmp_path / "out" / "manifest.json"): "samples"})
+    assert log_to_training_run(tracking, run_dit, metrics, "sample", **logged) == run_id
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.data.metrics["sample/img_per_s"] == pytest.approx(metrics["img_per_s"])
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "samples")]
     assert artifacts == ["samples/manifest.json"]
-    assert S.log_to_training_run(TrackingParams(enabled=False, experiment="x"), run_dit, tmp_path / "out",
-                                 metrics) is None
-    assert S.log_to_training_run(tracking, dit_dir, tmp_path / "out", metrics) is None  # no run id: no-op
+    assert log_to_training_run(TrackingParams(enabled=False, experiment="x"), run_dit, metrics, "sample") is None
+    assert log_to_training_run(tracking, dit_dir, metrics, "sample") is None  # no run id: no-op
 
 
 def test_stage_script(dirs, tmp_path, monkeypatch):

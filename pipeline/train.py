@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,20 +34,18 @@ from tqdm.auto import tqdm
 from pipeline.artifacts import (
     ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, read_manifest, require_file, sha256_file,
 )
+from pipeline.checkpoints import (
+    CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint,
+    restore_rng, resume_mismatch, save_checkpoint,
+)
 from pipeline.config import from_dict, to_dict
 from pipeline.diffusion import create_diffusion, sample
 from pipeline.encode import LATENTS_FORMAT, load_latents
 from pipeline.model import DiT, DiT_models
 from pipeline.tracking import Tracker, TrackingParams, run_tags
 
-CHECKPOINT_FORMAT = ("dit-train-checkpoint", 1)
-KEEP_CHECKPOINTS = 3  # the latest few; older ones are deleted after each successful write
 # The training diffusion of the paper and the official train.py: create_diffusion(timestep_respacing="").
 DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000}
-# Train params that change the optimisation trajectory: a checkpoint made with other values is not resumed.
-# The others (train_steps, *_every, num_workers, use_gpu, compile*, activation_checkpointing) may change on resume.
-RESUME_KEYS = ("model", "conditioning", "global_batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
-               "class_dropout_prob", "grad_clip", "precision", "seed")
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
 # The EMA sample grid logged to MLflow: a monitoring aid, not an evaluation (that is the sample stage's job).
@@ -102,28 +99,6 @@ def check_params(p: TrainParams, num_examples: int) -> None:
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of everything rank `rank` draws at 0-based step `step` (SeedSequence mixes the three well)."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def capture_rng(data_order: dict) -> dict:
-    """Every RNG state of this process, as plain tensors and lists (torch.load(weights_only=True) reads them)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, state, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                      "has_gauss": has_gauss, "cached_gaussian": cached},
-            "python": [version, list(state), gauss], "data": data_order}
-
-
-def restore_rng(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    n = rng["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, state, gauss = rng["python"]
-    random.setstate((version, tuple(state), gauss))
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -273,55 +248,6 @@ def run_step(s: TrainState, data: LatentBatches, step: int, rank: int, world: in
     torch.manual_seed(step_seed(s.params.seed, step, rank))  # seeds the CPU and every CUDA generator
     x, y = data.batch(step, rank, world, s.params.global_batch_size)
     return train_step(s, x, y, learning_rate(s.params, step))
-
-
-# --- checkpoints --------------------------------------------------------------------------------------------------
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (an interrupted write leaves only a hidden temp file)."""
-    return sorted(Path(directory).glob("ckpt-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
-
-
-def save_checkpoint(directory: str | Path, payload: dict) -> Path:
-    path = Path(directory) / f"ckpt-{payload['step']:07d}.pt"
-    atomic_torch_save(path, payload)
-    for old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: read tensors on use
-    if [ckpt.get("format"), ckpt.get("version")] != list(CHECKPOINT_FORMAT):
-        raise ArtifactError(f"{path} is not a {CHECKPOINT_FORMAT[0]} v{CHECKPOINT_FORMAT[1]} checkpoint")
-    return ckpt
-
-
-def resume_mismatch(ckpt: dict, p: TrainParams, model_config: dict, latents_sha256: str) -> list[str]:
-    """Why `ckpt` cannot be continued by this run (empty when it can): a checkpoint resumes only the run it came
-    from, never another experiment's weights with other trajectory-defining params, model or data."""
-    old = ckpt["train_params"]
-    why = [f"train.{k}: {old.get(k)!r} -> {getattr(p, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(p, k)]
-    why += [f"model.{k}: {ckpt['model_config'].get(k)!r} -> {v!r}" for k, v in model_config.items()
-            if k != "activation_checkpointing" and ckpt["model_config"].get(k) != v]
-    if ckpt["latents_sha256"] != latents_sha256:
-        why.append("the latents changed (their manifest.json sha256)")
-    if ckpt["step"] > p.train_steps:
-        why.append(f"it is at step {ckpt['step']}, past train.train_steps {p.train_steps}")
-    return why
-
-
-def check_resumable(ckpt: dict, path: Path, p: TrainParams, model_config: dict, latents_sha256: str) -> None:
-    why = resume_mismatch(ckpt, p, model_config, latents_sha256)
-    if why:
-        raise ArtifactError(f"{path} cannot be resumed by this run ({'; '.join(why)}). Restore those params to "
-                            f"continue it, or delete {path.parent} (or pass --restart-on-mismatch to the stage) "
-                            "to train from scratch.")
-
-
-def latest_checkpoint(directory: str | Path) -> tuple[dict, Path] | tuple[None, None]:
-    ckpts = list_checkpoints(directory)
-    return (load_checkpoint(ckpts[-1]), ckpts[-1]) if ckpts else (None, None)
 
 
 # --- rank 0's side channels ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import pipeline.checkpoints as C
 import pipeline.train as T
 from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
 from pipeline.config import load_section
@@ -126,7 +127,7 @@ def test_ema_follows_the_weights_in_training(tmp_path, latents):
     run(tmp_path, latents, p)
     torch.manual_seed(p.seed)
     theta0 = T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY).state_dict()
-    c1, c2 = (T.load_checkpoint(tmp_path / "checkpoints" / f"ckpt-{s:07d}.pt") for s in (1, 2))
+    c1, c2 = (C.load_checkpoint(tmp_path / "checkpoints" / f"ckpt-{s:07d}.pt") for s in (1, 2))
     for name, ema1 in c1["ema"].items():
         torch.testing.assert_close(ema1, 0.75 * theta0[name] + 0.25 * c1["model"][name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(c2["ema"][name], 0.75 * ema1 + 0.25 * c2["model"][name], rtol=1e-5, atol=1e-7)
@@ -194,12 +195,12 @@ def test_resume_after_exception_is_bit_exact(tmp_path, latents, reference, monke
     monkeypatch.setattr(T.LatentBatches, "batch", failing)
     with pytest.raises(RuntimeError, match="injected"):
         run(tmp_path, latents, base_params())
-    assert [f.name for f in T.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000010.pt"]
+    assert [f.name for f in C.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000010.pt"]
     monkeypatch.setattr(T.LatentBatches, "batch", original)
     run(tmp_path, latents, base_params())
     assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
     assert read_log(tmp_path / "train.csv") == read_log(reference / "train.csv")  # no duplicated rows
-    assert len(T.list_checkpoints(tmp_path / "checkpoints")) == T.KEEP_CHECKPOINTS
+    assert len(C.list_checkpoints(tmp_path / "checkpoints")) == C.KEEP_CHECKPOINTS
 
 
 CHILD = """
@@ -229,7 +230,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, latents, reference):
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(latents)], env=env,
                              stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
-    while not T.list_checkpoints(tmp_path / "checkpoints"):
+    while not C.list_checkpoints(tmp_path / "checkpoints"):
         assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "the child wrote no checkpoint in time"
         time.sleep(0.02)
@@ -237,8 +238,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, latents, reference):
     child.wait()
     log.close()
     assert child.returncode == -signal.SIGKILL
-    ckpts = T.list_checkpoints(tmp_path / "checkpoints")
-    assert T.load_checkpoint(ckpts[-1])["step"] < 30 and not (tmp_path / "dit" / "ema.pt").exists()
+    ckpts = C.list_checkpoints(tmp_path / "checkpoints")
+    assert C.load_checkpoint(ckpts[-1])["step"] < 30 and not (tmp_path / "dit" / "ema.pt").exists()
     run(tmp_path, latents, base_params())
     assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
 
@@ -258,7 +259,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, laten
     monkeypatch.setattr(T.torch, "save", real_save)
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["ckpt-0000010.pt"], files  # no torn file, no temp file
-    assert T.load_checkpoint(tmp_path / "checkpoints" / files[0])["step"] == 10
+    assert C.load_checkpoint(tmp_path / "checkpoints" / files[0])["step"] == 10
     run(tmp_path, latents, base_params())
     assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
 
@@ -280,7 +281,7 @@ def test_restart_on_mismatch_trains_from_scratch(tmp_path, latents):
             tmp_path / "a" / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
     run(tmp_path / "fresh", latents, p)
     assert_bitwise_equal(load_ema(tmp_path / "a"), load_ema(tmp_path / "fresh"))
-    assert T.load_checkpoint(T.list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["train_params"]["lr"] == 2e-3
+    assert C.load_checkpoint(C.list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["train_params"]["lr"] == 2e-3
 
 
 # --- safety -------------------------------------------------------------------------------------------------------
@@ -295,8 +296,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     monkeypatch.setattr(T.LatentBatches, "batch", poisoned)
     with pytest.raises(FloatingPointError, match="NaN or Inf at step 6.*ckpt-0000004.pt"):
         run(tmp_path, latents, base_params(train_steps=12, ckpt_every=4, log_every=4))
-    assert [f.name for f in T.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000004.pt"]
-    ckpt = T.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000004.pt")
+    assert [f.name for f in C.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000004.pt"]
+    ckpt = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000004.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
 
 

@@ -13,8 +13,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers import `pipeline` from the installed package; keep them quiet unless something goes wrong.
-    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        # Joining: the cluster's head owns its dashboard and resources; Ray Client (ray://) forwards any extra
+        # kwarg to ray.init on the server, so pass only what concerns this driver.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)

@@ -1,0 +1,304 @@
+"""The `encode` stage: every image (and its horizontal flip) through the VAE encoder, once, with Ray Data.
+
+DiT trains on latents of a frozen VAE (DiT Sec. 3.1); encoding them once up front, instead of every step, is what the
+official fast-DiT port does too. Ray Data streams the image shards through a pool of encoder actors (one per GPU, or
+CPU actors); the driver places the rows by their global index and writes `latents-XXXXX.safetensors`, same row split
+as the image shards, each as soon as it is complete, so memory stays bounded by the shards in flight. The bytes do
+not depend on the number of actors, on `batch_size` or on arrival order: rows are placed by index, every VAE forward
+has one fixed shape and layout, and CPU encoders run with a fixed thread count (see `LatentEncoder`).
+Latents are stored unscaled; the scaling factor is recorded in the manifest, copied from the VAE config.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline.artifacts import (
+    ArtifactError, atomic_write, atomic_write_json, read_manifest, sha256_dir, sha256_file, write_manifest,
+)
+from pipeline.cluster import init_ray
+from pipeline.config import ParamsError
+from pipeline.vae import IMAGES_FORMAT, decode_png, encode_images, load_vae, staged_dir
+
+LATENTS_FORMAT = ("dit-latents", 1)
+# CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
+# conv kernels split work by thread count and round differently (measured: 1 vs 2 threads changes the last bits), so
+# latents would depend on the machine's core count. More CPU throughput comes from more actors (encode.num_actors).
+CPU_THREADS = 1
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    flip: bool  # also encode the horizontal flip (F = 2)
+    store: Literal["posterior", "sample"]
+    dtype: Literal["float16", "float32"]
+    batch_size: int  # rows per Ray task; a throughput/memory knob that never changes the bytes
+    micro_batch: int  # images per VAE forward; part of the numerics (kernels are chosen by shape)
+    num_actors: int
+    use_gpu: bool
+    seed: int  # store: sample draws image i's noise from (seed, i)
+
+    def __post_init__(self):
+        for key in ("batch_size", "micro_batch", "num_actors"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"'encode.{key}' must be >= 1, got {getattr(self, key)}")
+
+
+def decode_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{image: PNG bytes (n,), ...} -> {image: uint8 (n, H, W, 3), ...}; the other columns pass through."""
+    return {**batch, "image": decode_png(batch["image"])}
+
+
+class LatentEncoder:
+    """Batch of decoded rows {image: uint8 (n, H, W, 3), label (n,), ...} -> the same rows, the image replaced by
+    the posterior `mean` and `std`, float32 (n, F, C, h, w). A callable class, so Ray's actors load the VAE once."""
+
+    def __init__(self, vae_dir: str, flip: bool, micro_batch: int, device: str):
+        self.vae = load_vae(vae_dir, device)
+        self.flip = flip
+        self.micro_batch = micro_batch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
+        views = [x, x.flip(-1)] if self.flip else [x]  # index 0 = original, 1 = horizontally flipped
+        with cpu_threads(CPU_THREADS) if self.vae.device.type == "cpu" else nullcontext():
+            mean, std = zip(*(self.encode_fixed_shape(v) for v in views))
+        rest = {k: v for k, v in batch.items() if k != "image"}
+        return {**rest, "mean": torch.stack(mean, 1).numpy(), "std": torch.stack(std, 1).numpy()}
+
+    def encode_fixed_shape(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode (n, 3, H, W) in chunks of exactly `micro_batch` images, zero-padding the last one.
+
+        oneDNN and cuDNN choose conv kernels by input shape, and different kernels round differently (measured: the
+        same image encoded in a batch of 1, 7 or 16 differs in the last bits). With one shape for every forward, an
+        image's latent depends on the image alone, not on how Ray happened to cut the rows into batches."""
+        means, stds = [], []
+        for i in range(0, len(x), self.micro_batch):
+            chunk = x[i:i + self.micro_batch]
+            pad = self.micro_batch - len(chunk)
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
+            mean, std = encode_images(self.vae, chunk)
+            means.append(mean[: self.micro_batch - pad].cpu())
+            stds.append(std[: self.micro_batch - pad].cpu())
+        return torch.cat(means), torch.cat(stds)
+
+
+@contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `n` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def posterior_sample(mean: np.ndarray, std: np.ndarray, indices: np.ndarray, seed: int) -> np.ndarray:
+    """One fixed draw z = mean + std * eps per image; image i's eps comes from (seed, i) alone."""
+    eps = np.stack([
+        np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)])))
+        .standard_normal(mean.shape[1:], dtype=np.float32)
+        for i in indices
+    ])
+    return mean + std * eps
+
+
+class ShardWriter:
+    """Places encoded rows by their global index and writes each latents shard as soon as all its rows are in, so
+    the bytes do not depend on the order in which the rows arrive. Memory: the shards in flight."""
+
+    def __init__(self, out_dir: Path, images_manifest: dict, params: EncodeParams):
+        self.out_dir, self.params = out_dir, params
+        self.shards = images_manifest["shards"]
+        self.starts = np.cumsum([0] + [s["count"] for s in self.shards])  # (S + 1,) first global index per shard
+        self.pending: dict[int, dict[str, np.ndarray]] = {}  # shard number -> stored tensors being filled
+        self.seen: dict[int, np.ndarray] = {}  # shard number -> bool (count,)
+        self.written: dict[int, dict] = {}
+        self.latent_shape: list[int] = []  # [C, h, w]
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """`batch`: {index (n,) global row indices, label (n,), mean, std (n, F, C, h, w)}, any rows in any order."""
+        index = np.asarray(batch["index"], dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= self.starts[-1]):
+            raise ArtifactError(f"row index outside the {self.starts[-1]} images of the manifest; "
+                                "run `dvc repro ingest`")
+        stored = self.to_stored(batch, index)
+        shard_of = np.searchsorted(self.starts, index, side="right") - 1
+        for s in np.unique(shard_of).tolist():
+            rows, local = shard_of == s, index[shard_of == s] - self.starts[s]
+            if s not in self.pending:
+                count = self.shards[s]["count"]
+                self.pending[s] = {k: np.empty((count, *v.shape[1:]), v.dtype) for k, v in stored.items()}
+                self.seen[s] = np.zeros(count, bool)
+            if s in self.written or self.seen[s][local].any():
+                raise RuntimeError(f"rows of {self.shards[s]['file']} were encoded twice")
+            for key, values in stored.items():
+                self.pending[s][key][local] = values[rows]
+            self.seen[s][local] = True
+            if self.seen[s].all():
+                self.flush(s)
+
+    def to_stored(self, batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+        dtype = np.dtype(self.params.dtype)
+        self.latent_shape = list(batch["mean"].shape[2:])
+        out = {"label": np.asarray(batch["label"], dtype=np.int64)}
+        if self.params.store == "posterior":
+            out.update(mean=batch["mean"].astype(dtype), std=batch["std"].astype(dtype))
+        else:
+            out["sample"] = posterior_sample(batch["mean"], batch["std"], index, self.params.seed).astype(dtype)
+        return out
+
+    def flush(self, s: int) -> None:
+        tensors = {k: torch.from_numpy(v) for k, v in self.pending.pop(s).items()}  # C-contiguous (np.empty)
+        del self.seen[s]
+        name = self.shards[s]["file"].replace("shard-", "latents-").replace(".parquet", ".safetensors")
+        atomic_write(self.out_dir / name, lambda tmp: save_file(tensors, str(tmp)))
+        self.written[s] = {"file": name, "count": len(tensors["label"]), "sha256": sha256_file(self.out_dir / name)}
+
+    def finish(self) -> list[dict]:
+        missing = [self.shards[s]["file"] for s in range(len(self.shards)) if s not in self.written]
+        if missing:
+            raise RuntimeError(f"encoding ended with {len(missing)} incomplete shards, first {missing[0]}")
+        return [self.written[s] for s in range(len(self.shards))]
+
+
+def write_latents(batches: Iterable[dict[str, np.ndarray]], images_dir: str | Path, vae_dir: str | Path,
+                  out_dir: str | Path, params: EncodeParams) -> dict:
+    """Drain encoded `batches` (rows with their global `index`) into `out_dir`'s shards and manifest."""
+    images = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
+    with staged_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp, images, params)
+        with tqdm(total=images["count"], desc="encode", unit="img") as bar:
+            for batch in batches:
+                writer.add(batch)
+                bar.update(len(batch["index"]))
+        manifest = dict(
+            count=images["count"], latent_shape=writer.latent_shape, dtype=params.dtype, flip=params.flip,
+            store=params.store, scaling_factor=load_vae(vae_dir).config.scaling_factor,
+            vae_sha256=sha256_dir(vae_dir), images_manifest_sha256=sha256_file(Path(images_dir) / "manifest.json"),
+            num_classes=images["num_classes"], class_names=images["class_names"], image_size=images["image_size"],
+            shards=writer.finish(),
+        )
+        write_manifest(tmp, *LATENTS_FORMAT, **manifest)
+    return manifest
+
+
+def encode_local(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
+                 device: str = "cpu") -> dict:
+    """The same encoding in this process, without Ray: the reference the Ray path must match bit for bit."""
+    images = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
+    encoder = LatentEncoder(str(vae_dir), params.flip, params.micro_batch, device)
+
+    def batches():
+        start = 0
+        for shard in images["shards"]:
+            for rows in pq.ParquetFile(Path(images_dir) / shard["file"]).iter_batches(
+                    batch_size=params.batch_size, columns=["image", "label"]):
+                index = np.arange(start, start + rows.num_rows)
+                start += rows.num_rows
+                yield encoder(decode_rows({"image": rows.column("image").to_numpy(zero_copy_only=False),
+                                           "label": rows.column("label").to_numpy(), "index": index}))
+
+    return write_latents(batches(), images_dir, vae_dir, out_dir, params)
+
+
+def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, str], int]:
+    """(shard file, key) -> global row index. Ray Data reads files in no guaranteed order (it lists them in
+    parallel and bin-packs them into read tasks), so rows find their place by key, which is unique within a shard."""
+    lookup, start = {}, 0
+    for shard in images_manifest["shards"]:
+        keys = pq.read_table(Path(images_dir) / shard["file"], columns=["key"]).column("key").to_pylist()
+        if len(set(keys)) != len(keys):
+            raise ArtifactError(f"{images_dir}/{shard['file']} repeats keys; keys must be unique, "
+                                "run `dvc repro ingest`")
+        lookup.update({(shard["file"], key): start + i for i, key in enumerate(keys)})
+        start += len(keys)
+    return lookup
+
+
+def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
+    """Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
+    each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
+    images = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
+    lookup = row_index(images_dir, images)
+    init_ray()
+    check_resources(params)
+    paths = [str(Path(images_dir).resolve() / shard["file"]) for shard in images["shards"]]
+    ds = ray.data.read_parquet(paths, include_paths=True)
+    ds = ds.select_columns(["image", "label", "key", "path"])
+    # Parquet reads bin-pack small shards into ~128 MiB read tasks; cut them (streaming) into blocks of batch_size
+    # rows, so that every actor gets work, not just the one that receives the single block.
+    ds = ds.repartition(target_num_rows_per_block=params.batch_size)
+    ds = ds.map_batches(decode_rows, batch_size=params.batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        LatentEncoder,
+        fn_constructor_kwargs=dict(vae_dir=str(Path(vae_dir).resolve()), flip=params.flip,
+                                   micro_batch=params.micro_batch, device="cuda" if params.use_gpu else "cpu"),
+        compute=ray.data.ActorPoolStrategy(size=params.num_actors),
+        batch_size=params.batch_size, batch_format="numpy",
+        num_gpus=1 if params.use_gpu else 0, num_cpus=CPU_THREADS,
+    )
+
+    def indexed(batches):
+        for batch in batches:
+            yield {**batch, "index": np.array([lookup[Path(p).name, k] for p, k in zip(batch["path"], batch["key"])])}
+
+    return write_latents(indexed(ds.iter_batches(batch_size=None, batch_format="numpy")), images_dir, vae_dir,
+                         out_dir, params)
+
+
+def check_resources(params: EncodeParams) -> None:
+    """Fail now rather than hang: a fixed actor pool that takes every CPU leaves none for reading and decoding."""
+    have = ray.cluster_resources()
+    need_cpus = params.num_actors * CPU_THREADS + 1
+    if have.get("CPU", 0) < need_cpus:
+        raise RuntimeError(f"encode.num_actors={params.num_actors} needs {need_cpus} CPUs in the Ray cluster "
+                           f"({CPU_THREADS} per actor + 1 for reading and PNG decoding), it has {have.get('CPU', 0)}; "
+                           "lower encode.num_actors or join a larger cluster with RAY_ADDRESS")
+    if params.use_gpu and have.get("GPU", 0) < params.num_actors:
+        raise RuntimeError(f"encode.use_gpu with num_actors={params.num_actors} needs one GPU per actor, the Ray "
+                           f"cluster has {have.get('GPU', 0)}; lower encode.num_actors or set encode.use_gpu: false")
+
+
+def run_encode(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
+               metrics_path: str | Path) -> dict:
+    """The stage: encode with Ray, print the throughput, write `metrics_path`."""
+    start = time.perf_counter()
+    manifest = encode_ray(params, images_dir, vae_dir, out_dir)
+    seconds = time.perf_counter() - start
+    metrics = {"count": manifest["count"], "seconds": round(seconds, 2),
+               "img_per_s": round(manifest["count"] / seconds, 1), "num_actors": params.num_actors}
+    print(f"encoded {metrics['count']} images in {metrics['seconds']} s: {metrics['img_per_s']} img/s "
+          f"with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} actor(s)")
+    atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+def load_latents(latents_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest and all shards concatenated: `label` int64 (N,), and `mean` + `std` or `sample` (N, F, C, h, w),
+    unscaled, in the stored dtype. Holds the whole set in memory (fine for the latents of ~1M 256px images in fp16
+    on a training node: ImageNet's fp16 means with flips take about 21 GB)."""
+    manifest = read_manifest(latents_dir, *LATENTS_FORMAT, stage="encode")
+    parts: dict[str, list[torch.Tensor]] = {}
+    for shard in manifest["shards"]:
+        with safe_open(str(Path(latents_dir) / shard["file"]), "pt") as f:
+            for key in f.keys():
+                parts.setdefault(key, []).append(f.get_tensor(key))
+    tensors = {key: torch.cat(values) for key, values in parts.items()}
+    if len(tensors["label"]) != manifest["count"]:
+        raise ArtifactError(f"{latents_dir} holds {len(tensors['label'])} rows, its manifest says "
+                            f"{manifest['count']}; run `dvc repro encode`")
+    return manifest, tensors

@@ -1,0 +1,294 @@
+"""The `vae` stage: the autoencoder whose latent space DiT models (DiT Sec. 3.1, after LDM, Rombach et al. 2022).
+
+Either a pretrained KL-VAE (the paper's stabilityai/sd-vae-ft-ema, downsample 8) or, for the offline default, a small
+KL-VAE (downsample 4) trained here on the ingested images. Both end as a diffusers `save_pretrained` snapshot in
+`models/vae/` whose `config.json` carries the latent `scaling_factor`; nothing downstream touches the hub again.
+Pixels are in [-1, 1] as in DiT; latents leave `encode_images` unscaled and enter `decode_latents` scaled.
+"""
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from diffusers import AutoencoderKL
+from huggingface_hub.errors import HFValidationError
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.artifacts import ArtifactError, atomic_write_json, read_manifest
+from pipeline.config import ParamsError
+
+IMAGES_FORMAT = ("dit-images", 1)
+
+
+@dataclass(frozen=True)
+class VAEParams:
+    pretrained: str | None  # hub id or local save_pretrained directory; None = train the small VAE below
+    block_out_channels: tuple[int, ...]  # len 3 = 2 downsamples = downsample 4
+    latent_channels: int
+    layers_per_block: int
+    norm_num_groups: int  # GroupNorm groups; must divide every entry of block_out_channels
+    train_steps: int
+    batch_size: int
+    lr: float
+    kl_weight: float  # LDM's beta on the per-image KL, against the per-image summed reconstruction error
+    init_logvar: float  # initial log-variance of the posterior (bias of the encoder's logvar output)
+    holdout: int  # images kept out of training, for the reconstruction PSNR
+    seed: int
+
+    def __post_init__(self):
+        for key in ("train_steps", "batch_size", "holdout", "latent_channels", "layers_per_block"):
+            if getattr(self, key) < 1:
+                raise ParamsError(f"'vae.{key}' must be >= 1, got {getattr(self, key)}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ParamsError(f"'vae.norm_num_groups' ({self.norm_num_groups}) must divide every entry of "
+                              f"'vae.block_out_channels' {list(self.block_out_channels)}")
+
+
+# --- pixels and images -------------------------------------------------------------------------------------------
+
+def decode_png(blobs) -> np.ndarray:
+    """PNG bytes (n,) -> uint8 (n, H, W, 3)."""
+    images = []
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob)) as img:
+            images.append(np.asarray(img.convert("RGB")))
+    return np.stack(images)
+
+
+def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) in [0, 255] -> float32 (N, 3, H, W) in [-1, 1]."""
+    return images_uint8.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as the official sampling scripts store images."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def read_images(images_dir: str | Path, shard_files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Decode the image shards (all, or the named ones) into uint8 (N, H, W, 3) and int64 labels (N,)."""
+    manifest = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
+    shards = [s for s in manifest["shards"] if shard_files is None or s["file"] in shard_files]
+    images, labels = [], []
+    for shard in shards:
+        table = pq.read_table(Path(images_dir) / shard["file"], columns=["image", "label"])
+        if table.num_rows != shard["count"]:
+            raise ArtifactError(f"{images_dir}/{shard['file']} has {table.num_rows} rows, manifest says "
+                                f"{shard['count']}; run `dvc repro ingest`")
+        images.append(decode_png(table.column("image").to_pylist()))
+        labels.append(table.column("label").to_numpy().astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels), manifest
+
+
+def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
+    """PSNR of uint8 images, in dB, over the whole set (peak 255)."""
+    mse = (x.double() - y.double()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# --- the model: load, save, encode, decode -----------------------------------------------------------------------
+
+def load_pretrained(name_or_path: str) -> AutoencoderKL:
+    """A pretrained AutoencoderKL from the hub (or its cache) or a local save_pretrained directory; fails fast."""
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
+    except (OSError, HFValidationError) as e:
+        raise RuntimeError(
+            f"vae.pretrained={name_or_path!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Either allow hub downloads once (network access and HF_HUB_OFFLINE=0) so it lands in the HF cache, or "
+            "set vae.pretrained to a local directory written by AutoencoderKL.save_pretrained (config.json + "
+            "weights), or set vae.pretrained: null to train the small VAE on the ingested images."
+        ) from e
+    if vae.config.shift_factor:  # SD3/FLUX-style VAEs: z = (x - shift) * scale, which the latent contract lacks
+        raise ValueError(f"vae.pretrained={name_or_path!r} has shift_factor={vae.config.shift_factor}; the latents "
+                         "contract (scale only, as in DiT and SD 1.x/2.x) cannot represent it")
+    return vae
+
+
+@contextmanager
+def staged_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a sibling temp dir to fill; on success it replaces `out_dir`, so readers never see a half-written one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp.chmod(0o755)  # mkdtemp makes it private; this becomes the artifact directory
+    try:
+        yield tmp
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_snapshot(vae: AutoencoderKL, out_dir: str | Path) -> Path:
+    with staged_dir(out_dir) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
+
+
+def load_vae(snapshot_dir: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
+    """The DVC-versioned snapshot written by the `vae` stage, in eval mode on `device`. Never reads the hub."""
+    snapshot_dir = Path(snapshot_dir)
+    if not (snapshot_dir / "config.json").exists():
+        raise ArtifactError(f"{snapshot_dir}/config.json is missing; run `dvc repro vae` to produce the VAE snapshot")
+    vae = AutoencoderKL.from_pretrained(snapshot_dir, local_files_only=True, low_cpu_mem_usage=False)
+    return vae.to(device).eval()
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, H, W) in [0, 255], or float (N, 3, H, W) in [-1, 1] -> posterior (mean, std), each float32
+    (N, C, h, w), *unscaled* (raw VAE latents)."""
+    x = to_pixels(images) if images.dtype == torch.uint8 else images
+    # One memory layout for every call: an NHWC view (e.g. a permuted image batch) makes the conv backends pick
+    # other kernels, which round differently.
+    x = x.to(device=vae.device, dtype=vae.dtype).contiguous()
+    posterior = vae.encode(x).latent_dist
+    return posterior.mean.float().contiguous(), posterior.std.float().contiguous()  # conv outputs may be NHWC
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, z_scaled: torch.Tensor) -> torch.Tensor:
+    """Scaled latents (N, C, h, w) as DiT models them -> uint8 images (N, H, W, 3). Undoes the latent scale first,
+    decode(z / scaling_factor), as the official sample scripts do."""
+    z = z_scaled.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    return to_uint8(vae.decode(z).sample)
+
+
+def reconstruct(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3) through the posterior mean, in batches."""
+    out = []
+    for i in range(0, len(images_uint8), batch_size):
+        x = torch.from_numpy(images_uint8[i:i + batch_size]).permute(0, 3, 1, 2)
+        mean, _ = encode_images(vae, x)
+        out.append(decode_latents(vae, mean * vae.config.scaling_factor))
+    return torch.cat(out)
+
+
+# --- training the small KL-VAE -----------------------------------------------------------------------------------
+
+def build_vae(params: VAEParams, image_size: int) -> AutoencoderKL:
+    n = len(params.block_out_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=params.block_out_channels, layers_per_block=params.layers_per_block,
+        latent_channels=params.latent_channels, norm_num_groups=params.norm_num_groups, sample_size=image_size,
+        scaling_factor=1.0,  # replaced by 1/std of the trained latents (train_small_vae)
+    )
+    # quant_conv maps encoder features to the posterior's (mean, logvar) channels. Its default init gives std ~ 1,
+    # and with kl_weight ~ 1e-6 only the reconstruction gradient shrinks it: measured, that costs a short run most
+    # of its steps. Starting narrower lets the decoder see the signal from step 0.
+    with torch.no_grad():
+        vae.quant_conv.bias[params.latent_channels:] = params.init_logvar
+    return vae
+
+
+def batch_order(num_images: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """(steps, batch_size) image indices: seeded epoch permutations, concatenated, so the order is reproducible."""
+    g = torch.Generator().manual_seed(seed)
+    epochs = math.ceil(steps * batch_size / num_images)
+    return torch.cat([torch.randperm(num_images, generator=g) for _ in range(epochs)])[: steps * batch_size].view(
+        steps, batch_size)
+
+
+def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, g: torch.Generator) -> torch.Tensor:
+    """Negative ELBO with a Gaussian decoder, LDM style: per-image summed squared error + kl_weight * per-image KL."""
+    posterior = vae.encode(x).latent_dist
+    x_rec = vae.decode(posterior.sample(generator=g)).sample
+    reconstruction = (x_rec - x).pow(2).flatten(1).sum(1).mean()
+    return reconstruction + kl_weight * posterior.kl().mean()
+
+
+def fit(vae: AutoencoderKL, train_images: np.ndarray, params: VAEParams) -> None:
+    """Adam on `vae_loss` over seeded batches of `train_images` uint8 (N, H, W, 3)."""
+    opt = torch.optim.Adam(vae.parameters(), lr=params.lr)
+    g = torch.Generator().manual_seed(params.seed)
+    order = batch_order(len(train_images), params.batch_size, params.train_steps, params.seed)
+    vae.train()
+    bar = tqdm(order, desc="vae", unit="step")
+    for step, idx in enumerate(bar):
+        x = to_pixels(torch.from_numpy(train_images[idx.numpy()]).permute(0, 3, 1, 2))
+        loss = vae_loss(vae, x, params.kl_weight, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss_per_pixel=f"{loss.item() / x[0].numel():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def latent_scale(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int, seed: int) -> float:
+    """1 / std of posterior samples over `images_uint8` (LDM's scale_by_std), so scaled latents have unit variance."""
+    g = torch.Generator().manual_seed(seed)
+    total, total_sq, n = 0.0, 0.0, 0
+    for i in range(0, len(images_uint8), batch_size):
+        x = to_pixels(torch.from_numpy(images_uint8[i:i + batch_size]).permute(0, 3, 1, 2))
+        z = vae.encode(x).latent_dist.sample(generator=g).double()
+        total, total_sq, n = total + z.sum().item(), total_sq + z.pow(2).sum().item(), n + z.numel()
+    variance = total_sq / n - (total / n) ** 2
+    return 1.0 / math.sqrt(variance)
+
+
+def split_holdout(num_images: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, holdout) row indices."""
+    if not 0 < holdout < num_images:
+        raise ValueError(f"vae.holdout={holdout} must be in [1, {num_images - 1}] for {num_images} ingested images")
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
+
+
+def train_small_vae(images: np.ndarray, params: VAEParams) -> tuple[AutoencoderKL, np.ndarray]:
+    """Train on all but the holdout; returns the VAE (scaling_factor set in its config) and the holdout images."""
+    train_idx, holdout_idx = split_holdout(len(images), params.holdout, params.seed)
+    torch.manual_seed(params.seed)
+    vae = build_vae(params, image_size=images.shape[1])
+    fit(vae, images[train_idx], params)
+    vae.register_to_config(scaling_factor=latent_scale(vae, images[train_idx], params.batch_size, params.seed))
+    return vae, images[holdout_idx]
+
+
+# --- the stage ---------------------------------------------------------------------------------------------------
+
+def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
+    """Write the VAE snapshot to `out_dir` and its metrics (holdout PSNR, latent shape, scale) to `metrics_path`.
+
+    The pretrained path measures PSNR on a seeded subset of the first image shard only, so that it never decodes a
+    whole ImageNet-sized dataset to pick a few hundred images."""
+    start = time.perf_counter()
+    if params.pretrained is None:
+        images, _, _ = read_images(images_dir)
+        vae, holdout = train_small_vae(images, params)
+    else:
+        vae = load_pretrained(params.pretrained).eval()
+        first_shard = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")["shards"][0]["file"]
+        images, _, _ = read_images(images_dir, [first_shard])
+        holdout = images[split_holdout(len(images), min(params.holdout, len(images) - 1), params.seed)[1]]
+    reconstructions = reconstruct(vae, holdout, params.batch_size)
+    latent = encode_images(vae, torch.from_numpy(holdout[:1]).permute(0, 3, 1, 2))[0]
+    save_snapshot(vae, out_dir)
+    metrics = {
+        "psnr_db": round(psnr_db(reconstructions, torch.from_numpy(holdout)), 3),
+        "holdout_images": len(holdout),
+        "train_steps": 0 if params.pretrained is not None else params.train_steps,
+        "latent_shape": list(latent.shape[1:]),
+        "scaling_factor": vae.config.scaling_factor,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_json(metrics_path, metrics)
+    return metrics

@@ -1,0 +1,24 @@
+"""DVC stage `encode`: the image shards through the VAE encoder with Ray Data, into latent shards."""
+from __future__ import annotations
+
+import argparse
+
+from pipeline.config import load_section
+from pipeline.encode import EncodeParams, run_encode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--images", required=True, help="image shards from the ingest stage (data/images)")
+    parser.add_argument("--vae", required=True, help="VAE snapshot from the vae stage (models/vae)")
+    parser.add_argument("--out", required=True, help="latent shards + manifest (data/latents)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/encode.json)")
+    args = parser.parse_args()
+
+    params = load_section(EncodeParams, "encode", args.params)
+    run_encode(params, args.images, args.vae, args.out, args.metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""DVC stage `vae`: snapshot a pretrained KL-VAE, or train the small one on the ingested images."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.config import load_section
+from pipeline.vae import VAEParams, run_vae
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--images", required=True, help="image shards from the ingest stage (data/images)")
+    parser.add_argument("--out", required=True, help="where the save_pretrained snapshot goes (models/vae)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/vae.json)")
+    args = parser.parse_args()
+
+    params = load_section(VAEParams, "vae", args.params)
+    metrics = run_vae(params, args.images, args.out, args.metrics)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The `vae` stage: the small KL-VAE trained here, the pretrained snapshot path, and the encode/decode helpers."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from pipeline.artifacts import sha256_dir, sha256_file, write_manifest
+from pipeline.config import ParamsError, load_section
+from pipeline.vae import (
+    VAEParams, decode_latents, encode_images, load_vae, psnr_db, read_images, run_vae, split_holdout, to_uint8,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- a tiny `dit-images` v1 fixture (written here so these tests do not depend on the ingest stage) -----------------
+
+def blob_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, size, size, 3) smooth colour blobs on a flat background (class = number of blobs - 1), labels (n,)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[:size, :size] + 0.5) / size
+    labels = np.arange(n, dtype=np.int64) % 3
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, label in enumerate(labels):
+        img = np.ones((size, size, 3)) * rng.uniform(0, 1, 3)
+        for _ in range(label + 1):
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(0.1, 0.25) ** 2))[..., None]
+            img = img * (1 - weight) + weight * rng.uniform(0, 1, 3)
+        images[i] = np.round(img * 255)
+    return images, labels
+
+
+def write_image_shards(directory: Path, images: np.ndarray, labels: np.ndarray, shard_size: int) -> Path:
+    """`images` uint8 (N, S, S, 3) as `dit-images` v1 parquet shards + manifest, the ingest stage's output contract."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for s, start in enumerate(range(0, len(images), shard_size)):
+        rows = range(start, min(start + shard_size, len(images)))
+        pngs = []
+        for i in rows:
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        table = pa.table({"image": pa.array(pngs, pa.binary()), "label": pa.array(labels[list(rows)], pa.int64()),
+                          "key": pa.array([f"blobs/{i}" for i in rows], pa.string())})
+        path = directory / f"shard-{s:05d}.parquet"
+        pq.write_table(table, path)
+        shards.append({"file": path.name, "count": len(rows), "sha256": sha256_file(path)})
+    num_classes = int(labels.max()) + 1
+    write_manifest(directory, "dit-images", 1, count=len(images), image_size=images.shape[1], num_classes=num_classes,
+                   class_names=[f"blobs{c}" for c in range(num_classes)], source={"kind": "test"}, shards=shards,
+                   skipped={"count": 0, "by_reason": {}})
+    return directory
+
+
+def tiny_autoencoder(scaling_factor: float, seed: int = 0) -> AutoencoderKL:
+    """A random AutoencoderKL with downsample 2: 16x16 images -> 4x8x8 latents."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                         sample_size=16, scaling_factor=scaling_factor).eval()
+
+
+# 16x16 images, downsample 2 -> 8x8 latents. 500 steps (~15 s of CPU) is about where this VAE leaves the flat-colour
+# plateau (measured: ~17 dB at 300 steps, ~22.7 dB at 500); 512 images so that it generalises rather than memorises.
+TINY = VAEParams(pretrained=None, block_out_channels=(8, 16), latent_channels=4, layers_per_block=1,
+                 norm_num_groups=4, train_steps=500, batch_size=16, lr=2e-3, kl_weight=1e-6, init_logvar=-6.0,
+                 holdout=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory) -> Path:
+    images, labels = blob_images(512, 16, seed=0)
+    return write_image_shards(tmp_path_factory.mktemp("images"), images, labels, shard_size=200)
+
+
+@pytest.fixture(scope="module")
+def trained(images_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("vae") / "vae"
+    metrics = run_vae(TINY, images_dir, out, out.parent / "metrics" / "vae.json")
+    return out, metrics
+
+
+def test_params_yaml_vae_section_loads():
+    params = load_section(VAEParams, "vae", REPO / "params.yaml")
+    assert len(params.block_out_channels) == 3  # downsample 4, as documented there
+
+
+@pytest.mark.slow
+def test_small_vae_reconstructs_held_out_images(images_dir, trained):
+    out, metrics = trained
+    images, _, _ = read_images(images_dir)
+    holdout = images[split_holdout(len(images), TINY.holdout, TINY.seed)[1]]
+    # Baseline: every held-out pixel replaced by its image's mean colour (what an untrained VAE drifts to).
+    flat = np.broadcast_to(holdout.mean((1, 2), keepdims=True).round(), holdout.shape).astype(np.uint8)
+    baseline_db = psnr_db(torch.from_numpy(flat), torch.from_numpy(holdout))
+    assert metrics["psnr_db"] > 20.0 and metrics["psnr_db"] > baseline_db + 3.0, (metrics, baseline_db)
+    assert metrics["latent_shape"] == [4, 8, 8] and metrics["train_steps"] == TINY.train_steps
+    assert json.loads((out.parent / "metrics" / "vae.json").read_text()) == metrics
+
+
+@pytest.mark.slow
+def test_scaling_factor_is_inverse_latent_std_and_reloads(images_dir, trained):
+    out, metrics = trained
+    vae = load_vae(out)
+    scale = vae.config.scaling_factor
+    assert scale == metrics["scaling_factor"] and scale != 1.0
+    assert json.loads((out / "config.json").read_text())["scaling_factor"] == scale
+    images, _, _ = read_images(images_dir)
+    train = torch.from_numpy(images[split_holdout(len(images), TINY.holdout, TINY.seed)[0]]).permute(0, 3, 1, 2)
+    mean, std = encode_images(vae, train)
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(123))  # a fresh draw
+    assert (z * scale).std().item() == pytest.approx(1.0, rel=0.02)
+
+
+def test_training_is_deterministic(images_dir, tmp_path):
+    short = dataclasses.replace(TINY, train_steps=10)
+    for run in ("a", "b"):
+        run_vae(short, images_dir, tmp_path / run, tmp_path / f"{run}.json")
+    assert sha256_dir(tmp_path / "a") == sha256_dir(tmp_path / "b")
+
+
+def test_decode_divides_by_the_scaling_factor_and_rounds_like_the_official_scripts():
+    vae = tiny_autoencoder(scaling_factor=0.5)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    images = decode_latents(vae, z * 0.5)
+    assert images.dtype == torch.uint8 and images.shape == (2, 16, 16, 3)
+    assert torch.equal(images, expected)
+    edges = to_uint8(torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5))
+    assert edges[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_encode_accepts_uint8_or_pixels_in_minus_one_one():
+    vae = tiny_autoencoder(scaling_factor=1.0)
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean_u8, std_u8 = encode_images(vae, images)
+    mean_f, std_f = encode_images(vae, images.float() / 127.5 - 1)
+    assert mean_u8.shape == std_u8.shape == (3, 4, 8, 8) and (std_u8 > 0).all()
+    assert torch.equal(mean_u8, mean_f) and torch.equal(std_u8, std_f)
+
+
+def test_pretrained_local_directory_is_snapshotted_unchanged(images_dir, tmp_path):
+    source = tmp_path / "my-vae"
+    tiny_autoencoder(scaling_factor=0.18215, seed=1).save_pretrained(source)
+    params = dataclasses.replace(TINY, pretrained=str(source))
+    metrics = run_vae(params, images_dir, tmp_path / "vae", tmp_path / "vae.json")
+    original, snapshot = load_vae(source), load_vae(tmp_path / "vae")
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # not _name_or_path
+    assert public(snapshot.config) == public(original.config)
+    assert snapshot.config.scaling_factor == 0.18215  # a pretrained VAE keeps its own scale
+    for (name, a), (_, b) in zip(original.state_dict().items(), snapshot.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert metrics["train_steps"] == 0 and metrics["latent_shape"] == [4, 8, 8]
+
+
+def test_unreachable_pretrained_fails_fast_with_the_fix(images_dir, tmp_path):
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # set by conftest before huggingface_hub was imported
+    params = dataclasses.replace(TINY, pretrained="no-such-org/no-such-vae")
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="vae.pretrained='no-such-org/no-such-vae'") as info:
+        run_vae(params, images_dir, tmp_path / "vae", tmp_path / "vae.json")
+    assert time.perf_counter() - start < 10.0  # offline: no download retries
+    assert "HF_HUB_OFFLINE=0" in str(info.value) and "save_pretrained" in str(info.value)
+    assert isinstance(info.value.__cause__, OSError)
+    assert not (tmp_path / "vae").exists()
+
+
+def test_holdout_must_leave_training_images():
+    with pytest.raises(ValueError, match="vae.holdout=48"):
+        split_holdout(48, 48, seed=0)
+
+
+def test_params_reject_groups_that_do_not_divide_the_channels():
+    with pytest.raises(ParamsError, match="vae.norm_num_groups"):
+        dataclasses.replace(TINY, norm_num_groups=3)

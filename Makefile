@@ -7,9 +7,15 @@ STAMP := $(VENV)/.installed
 # Tests never touch the network: a hub miss would otherwise cost ~23 s of retries each.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=disabled
 
-.PHONY: repro test venv
+.PHONY: repro test exp venv
 repro: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=disabled dvc repro
+
+# A profile of profiles/ as a DVC experiment: make exp PROFILE=cifar10 [EXP_ARGS=--queue]
+exp: $(STAMP)
+	test -n "$(PROFILE)" || (echo "usage: make exp PROFILE=<$$(ls profiles | sed 's/.yaml//' | tr '\n' ' ')>" && false)
+	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=disabled \
+		dvc exp run -n $(PROFILE) $(EXP_ARGS) $$($(BIN)/python -m pipeline.profiles $(PROFILE))
 
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)

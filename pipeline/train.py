@@ -75,6 +75,8 @@ class TrainParams:
     num_workers: int  # 0 = in-process without Ray
     use_gpu: bool
     seed: int
+    # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
+    official_checkpoint: str | None
 
 
 def check_params(p: TrainParams, num_examples: int) -> None:
@@ -477,6 +479,9 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
     manifest = read_manifest(latents_dir, *LATENTS_FORMAT, stage="encode")
     check_params(p, manifest["count"])
     _check_vae(vae_dir, manifest)
+    Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
+    if p.official_checkpoint:
+        return import_official(p, tracking, manifest, out_dir, metrics_path, plots_path)
     tracker = Tracker(tracking)  # creates the experiment once, from the driver
     config = {
         "train": to_dict(p), "tracking": to_dict(tracking), "distributed": p.num_workers > 0,
@@ -486,7 +491,6 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         "tracking_uri": tracker.uri if tracker.enabled else None,
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
-    Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)
     resolve_checkpoints(p, manifest, config, restart_on_mismatch)
     if p.num_workers == 0:
         train_loop_per_worker(config)
@@ -524,23 +528,57 @@ def _check_vae(vae_dir, manifest: dict) -> None:
                             "come from different VAEs; run `dvc repro encode`")
 
 
+def write_model(out_dir, ema: dict, name: str, model_config: dict, manifest: dict, train_steps: int) -> None:
+    """`ema.pt` in the official flat layout, and `model.json`: everything needed to rebuild and sample it."""
+    out_dir = Path(out_dir)
+    atomic_torch_save(out_dir / "ema.pt", {k: v.detach().cpu().contiguous() for k, v in ema.items()})
+    atomic_write_json(out_dir / "model.json", {
+        "model": name, "model_kwargs": model_config, "diffusion": DIFFUSION,
+        "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],
+        "image_size": manifest["image_size"], "num_classes": manifest["num_classes"],
+        "class_names": manifest["class_names"], "train_steps": train_steps,
+        "ema_sha256": sha256_file(out_dir / "ema.pt"),
+    })
+
+
+def write_tracking_record(out_dir, tracker: Tracker) -> None:
+    atomic_write_json(Path(out_dir) / "tracking.json", {"mlflow_run_id": tracker.run_id,
+                                                        "tracking_uri": tracker.uri if tracker.enabled else None})
+
+
+def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, out_dir, metrics_path,
+                    plots_path) -> dict:
+    """`train.official_checkpoint`: no training; the official EMA weights become this stage's model, after a
+    strict load into the `train.model` preset at the latents' size (official checkpoints carry no config)."""
+    path = require_file(p.official_checkpoint, "train")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("ema", state)  # the official train.py's checkpoints wrap the EMA; released ones are flat
+    model = build_model(p, manifest["latent_shape"], manifest["num_classes"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path} does not fit {p.model} at latent {manifest['latent_shape']} with "
+                            f"{manifest['num_classes']} classes; set train.model to its preset") from e
+    write_model(out_dir, model.state_dict(), p.model, model.config, manifest, train_steps=0)
+    tracker = Tracker(tracking)
+    tracker.start(f"official {p.model}", {"train": to_dict(p)}, run_tags(official_checkpoint=Path(path).name),
+                  system_metrics=False)
+    tracker.end()
+    write_tracking_record(out_dir, tracker)
+    atomic_write(plots_path, lambda tmp: tmp.write_text(_csv_text([], header=True)))
+    metrics = {"steps": 0, "official_checkpoint_sha256": sha256_file(path)}
+    atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
 def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams, out_dir, metrics_path,
            wall_s: float) -> dict:
     """The stage outputs from the final checkpoint: the EMA in the official flat layout, its description, the
     MLflow run id and the metrics (loss = mean of the last log interval)."""
     out_dir = Path(out_dir)
-    ema = {k: v.detach().cpu().contiguous() for k, v in ckpt["ema"].items()}
-    atomic_torch_save(out_dir / "ema.pt", ema)
-    atomic_write_json(out_dir / "model.json", {
-        "model": p.model, "model_kwargs": ckpt["model_config"], "diffusion": DIFFUSION,
-        "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],
-        "image_size": manifest["image_size"],
-        "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
-        "train_steps": ckpt["step"], "ema_sha256": sha256_file(out_dir / "ema.pt"),
-    })
+    write_model(out_dir, ckpt["ema"], p.model, ckpt["model_config"], manifest, ckpt["step"])
     tracker = Tracker(tracking, ckpt["mlflow_run_id"] if tracking.enabled else None)
-    atomic_write_json(out_dir / "tracking.json", {"mlflow_run_id": tracker.run_id,
-                                                  "tracking_uri": tracker.uri if tracker.enabled else None})
+    write_tracking_record(out_dir, tracker)
     last = ckpt["log"][-1]
     metrics = {"loss": last["loss"], "mse": last["mse"], "vb": last["vb"], "steps": ckpt["step"],
                "img_per_s": ckpt["step"] * p.global_batch_size / ckpt["timing"]["train_s"],

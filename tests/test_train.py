@@ -393,3 +393,25 @@ def test_ray_two_cpu_workers_resume(tmp_path, latents):
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
     log = read_log(tmp_path / "resumed" / "train.csv")
     assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first session's last row, then no duplicates
+
+
+# --- exporting an official checkpoint instead of training (profiles/official-xl2.yaml) ---------------------------
+
+def test_official_checkpoint_is_exported_without_training(tmp_path, latents):
+    from pipeline.model import DiT_models
+
+    official = DiT_models["DiT-Ti/8"](input_size=LATENT_SHAPE[-1], num_classes=NUM_CLASSES)
+    with torch.no_grad():
+        for param in official.parameters():
+            param.add_(torch.randn_like(param))
+    torch.save(official.state_dict(), tmp_path / "official.pt")  # flat, as released
+    p = base_params(model="DiT-Ti/8", official_checkpoint=str(tmp_path / "official.pt"))
+    metrics = T.train(p, OFF, latents, tmp_path / "checkpoints", tmp_path / "dit", tmp_path / "metrics.json",
+                      tmp_path / "train.csv")
+    assert metrics["steps"] == 0 and not list((tmp_path / "checkpoints").iterdir())
+    assert_bitwise_equal(load_ema(tmp_path), official.state_dict())
+    card = json.loads((tmp_path / "dit" / "model.json").read_text())
+    assert card["train_steps"] == 0 and card["model"] == "DiT-Ti/8"
+    with pytest.raises(ArtifactError, match="set train.model"):
+        T.train(replace(p, model="DiT-Ti/4"), OFF, latents, tmp_path / "c2", tmp_path / "d2", tmp_path / "m2.json",
+                tmp_path / "t2.csv")

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
+
+import pipeline
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -12,11 +15,16 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Workers import `pipeline` from the installed package; keep them quiet unless something goes wrong.
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if os.environ.get("RAY_ADDRESS"):
         # Joining: the cluster's head owns its dashboard and resources; Ray Client (ray://) forwards any extra
-        # kwarg to ray.init on the server, so pass only what concerns this driver.
+        # kwarg to ray.init on the server, so pass only what concerns this driver. Its nodes run the `pipeline`
+        # package installed on them.
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet)
+        return
+    # Local workers import the very `pipeline` this driver runs, also from the temp copy of a queued
+    # `dvc exp run`, rather than whichever checkout an editable install points at.
+    checkout = str(Path(pipeline.__file__).resolve().parents[1])
+    python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+             **quiet)

@@ -1,13 +1,14 @@
 """`ingest` stage: a source of labelled images -> ADM center crop -> deterministic parquet shards (`dit-images` v1).
 
 Sources (params `ingest.source`):
-- `synthetic`: a procedurally drawn 10-class shape dataset, the offline default. Class = shape; colours, size,
-  position, rotation and background vary within every class so colour is no shortcut.
+- `synthetic`: a procedurally drawn 10-class shape dataset, the offline default (`pipeline/synthetic.py`).
 - `hf`: any Hugging Face dataset with an `Image` column and a `ClassLabel` column (hub id or local directory).
 - `imagefolder`: torchvision's `root/<class_name>/<file>` tree, as read by DiT's official train.py.
 
 Every input is counted: it becomes a row, or an entry in `skipped.json` with a reason. The stage fails when the
 rejected fraction exceeds `max_bad_fraction`, after writing the report. Same inputs + params => same shard bytes.
+
+This module is also the one reader of `dit-images` (bottom): vae, encode and reference read the shards through it.
 """
 from __future__ import annotations
 
@@ -26,18 +27,16 @@ from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline import artifacts
+from pipeline import artifacts, synthetic
 from pipeline.config import ParamsError
 
 FORMAT, VERSION, STAGE = "dit-images", 1, "ingest"
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
 PNG_COMPRESS_LEVEL = 6  # zlib's default; fixed so PNG bytes do not depend on a library default
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-SYNTHETIC_CLASSES = ("circle", "square", "triangle", "cross", "ring", "bars", "star", "x", "frame", "crescent")
-SYNTHETIC_GENERATOR_VERSION = 1  # bump when the drawing code changes, so manifests tell the datasets apart
 
 
 @dataclass(frozen=True)
@@ -47,9 +46,9 @@ class SyntheticParams:
     seed: int
 
     def __post_init__(self):
-        if not 1 <= self.num_classes <= len(SYNTHETIC_CLASSES):
-            raise ParamsError(f"'ingest.synthetic.num_classes' must be in 1..{len(SYNTHETIC_CLASSES)} "
-                              f"(the designed shapes: {', '.join(SYNTHETIC_CLASSES)}), got {self.num_classes}")
+        if not 1 <= self.num_classes <= len(synthetic.CLASSES):
+            raise ParamsError(f"'ingest.synthetic.num_classes' must be in 1..{len(synthetic.CLASSES)} "
+                              f"(the designed shapes: {', '.join(synthetic.CLASSES)}), got {self.num_classes}")
         if self.num_images < 1:
             raise ParamsError(f"'ingest.synthetic.num_images' must be >= 1, got {self.num_images}")
 
@@ -174,12 +173,6 @@ def encode_png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG bytes of a shard row -> (H, W, 3) uint8."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 def preprocess(data: bytes, image_size: int, min_image_side: int) -> bytes:
     """Encoded image file -> PNG of its ADM center crop. Raises `_Reject` for unusable inputs."""
     if len(data) == 0:
@@ -216,86 +209,6 @@ def _decode_chunk(items: list[tuple[str, int | None, bytes | str | None]], image
     return rows
 
 
-# ------------------------------------------------------------------------------------------------- synthetic
-
-def synthetic_image(seed: int, index: int, num_classes: int, image_size: int) -> tuple[np.ndarray, int]:
-    """Image `index` of the synthetic set: ((S, S, 3) uint8, label). Depends only on (seed, index)."""
-    rng = np.random.default_rng([seed, index])
-    label = index % num_classes
-    supersample = 4  # draw the mask at 4x and box-filter it down: anti-aliased edges
-    canvas = image_size * supersample
-    mask = Image.new("L", (canvas, canvas), 0)
-    radius = rng.uniform(0.24, 0.40) * canvas
-    center = canvas / 2 + rng.uniform(-0.14, 0.14, size=2) * canvas
-    angle = rng.uniform(-np.pi / 9, np.pi / 9)  # +-20 deg: keeps cross and x (45 deg apart) distinct
-    _draw_shape(ImageDraw.Draw(mask), SYNTHETIC_CLASSES[label], center, radius, angle)
-    alpha = np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX), np.float64)[..., None] / 255
-
-    ramp = np.linspace(-0.5, 0.5, image_size)
-    direction = rng.uniform(0, 2 * np.pi)
-    gradient = np.cos(direction) * ramp[None, :] + np.sin(direction) * ramp[:, None]  # (S, S)
-    bg0, bg1 = rng.uniform(0, 255, size=(2, 3))
-    background = bg0 + (bg1 - bg0) * (gradient[..., None] + 0.5) * rng.uniform(0.2, 0.8)  # (S, S, 3)
-    foreground = rng.uniform(0, 255, size=3)
-    while np.linalg.norm(foreground - background.mean((0, 1))) < 90:  # keep the shape visible
-        foreground = rng.uniform(0, 255, size=3)
-    pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 6, size=background.shape)
-    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), label
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, center: np.ndarray, radius: float, angle: float) -> None:
-    """Fill `shape` (unit-radius outlines, rotated by `angle`) with 255; holes are drawn with 0."""
-    if shape == "x":
-        angle += np.pi / 4  # the cross, turned
-
-    def poly(points, fill=255):
-        pts = np.asarray(points, np.float64)
-        rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-        draw.polygon([tuple(p) for p in pts @ rot.T * radius + center], fill=fill)
-
-    def rect(x0, y0, x1, y1, fill=255):
-        poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
-
-    def disk(r, offset=(0.0, 0.0), fill=255):
-        cx, cy = center + np.asarray(offset) * radius
-        draw.ellipse([cx - r * radius, cy - r * radius, cx + r * radius, cy + r * radius], fill=fill)
-
-    turns = np.arange(10) * np.pi / 5 - np.pi / 2
-    if shape == "circle":
-        disk(0.9)
-    elif shape == "square":
-        rect(-0.75, -0.75, 0.75, 0.75)
-    elif shape == "triangle":
-        poly([(np.cos(a), np.sin(a)) for a in np.array([-90, 30, 150]) * np.pi / 180])
-    elif shape in ("cross", "x"):
-        rect(-1, -0.28, 1, 0.28)
-        rect(-0.28, -1, 0.28, 1)
-    elif shape == "ring":
-        disk(0.95)
-        disk(0.55, fill=0)
-    elif shape == "bars":
-        for y in (-0.7, 0.0, 0.7):
-            rect(-1, y - 0.2, 1, y + 0.2)
-    elif shape == "star":
-        poly([(r * np.cos(a), r * np.sin(a)) for r, a in zip(itertools.cycle((1.0, 0.42)), turns)])
-    elif shape == "frame":
-        rect(-0.85, -0.85, 0.85, 0.85)
-        rect(-0.45, -0.45, 0.45, 0.45, fill=0)
-    elif shape == "crescent":
-        disk(0.9)
-        disk(0.75, offset=(0.45 * np.cos(angle), 0.45 * np.sin(angle)), fill=0)
-    else:
-        raise ValueError(f"unknown synthetic shape {shape!r}")
-
-
-def _synthetic_chunk(indices: list[int], seed: int, num_classes: int, image_size: int) -> list[Row]:
-    rows = []
-    for index in indices:
-        rgb, label = synthetic_image(seed, index, num_classes, image_size)
-        rows.append(Row(f"synthetic/{index}", label, encode_png(rgb)))
-    return rows
-
-
 # --------------------------------------------------------------------------------------------------- sources
 
 def _chunked(items: Iterable, size: int) -> Iterator[list]:
@@ -309,12 +222,20 @@ def _decode_work(params: IngestParams, num_classes: int) -> Callable[[list], lis
                    num_classes=num_classes)
 
 
+def _synthetic_chunk(indices: list[int], seed: int, num_classes: int, image_size: int) -> list[Row]:
+    rows = []
+    for index in indices:
+        rgb, label = synthetic.draw_image(seed, index, num_classes, image_size)
+        rows.append(Row(f"synthetic/{index}", label, encode_png(rgb)))
+    return rows
+
+
 def open_synthetic(params: IngestParams) -> Source:
     p = params.synthetic
     work = partial(_synthetic_chunk, seed=p.seed, num_classes=p.num_classes, image_size=params.image_size)
     info = {"kind": "synthetic", "seed": p.seed, "num_images": p.num_images,
-            "generator_version": SYNTHETIC_GENERATOR_VERSION}
-    return Source(list(SYNTHETIC_CLASSES[:p.num_classes]), _chunked(range(p.num_images), CHUNK_ROWS), work,
+            "generator_version": synthetic.GENERATOR_VERSION}
+    return Source(list(synthetic.CLASSES[:p.num_classes]), _chunked(range(p.num_images), CHUNK_ROWS), work,
                   p.num_images, info)
 
 
@@ -506,14 +427,49 @@ def read_manifest(images_dir: str | Path) -> dict:
     return artifacts.read_manifest(images_dir, FORMAT, VERSION, stage=STAGE)
 
 
-def shard_paths(images_dir: str | Path) -> list[Path]:
-    """The manifest's shard files, in row order."""
-    return [artifacts.require_file(Path(images_dir) / s["file"], STAGE) for s in read_manifest(images_dir)["shards"]]
+def decode_png(png: bytes, image_size: int, where: str) -> np.ndarray:
+    """PNG bytes of one shard row -> (S, S, 3) uint8. The contract is an RGB S x S image: anything else is an
+    ArtifactError naming the row (`where`), not a silent conversion."""
+    with Image.open(io.BytesIO(png)) as img:
+        if img.mode != "RGB" or img.size != (image_size, image_size):
+            raise artifacts.ArtifactError(f"{where}: expected an RGB {image_size}x{image_size} image, got {img.mode} "
+                                          f"{img.size}; run `dvc repro {STAGE}`")
+        return np.asarray(img, dtype=np.uint8)
 
 
-def read_images(images_dir: str | Path, batch_rows: int = 256) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (label, (S, S, 3) uint8 image) for every row, shard by shard; memory is one batch of rows."""
-    for path in shard_paths(images_dir):
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["image", "label"]):
-            for png, label in zip(batch.column("image").to_pylist(), batch.column("label").to_pylist()):
-                yield label, decode_png(png)
+def decode_pngs(pngs: Iterable[bytes], image_size: int, wheres: Iterable[str]) -> np.ndarray:
+    """PNG bytes (n,) -> uint8 (n, S, S, 3); `wheres` names each row for `decode_png`'s errors."""
+    return np.stack([decode_png(png, image_size, where) for png, where in zip(pngs, wheres, strict=True)])
+
+
+def read_shard(images_dir: str | Path, shard: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One entry of the manifest's `shards` -> (images uint8 (n, S, S, 3), labels int64 (n,)), after checking the
+    file against the manifest's sha256 and row count."""
+    path = artifacts.require_file(Path(images_dir) / shard["file"], STAGE)
+    if artifacts.sha256_file(path) != shard["sha256"]:
+        raise artifacts.ArtifactError(f"{path} does not match the sha256 in its manifest; run `dvc repro {STAGE}`")
+    table = pq.read_table(path, columns=["image", "label"])
+    if table.num_rows != shard["count"]:
+        raise artifacts.ArtifactError(f"{path} has {table.num_rows} rows, its manifest says {shard['count']}; "
+                                      f"run `dvc repro {STAGE}`")
+    wheres = (f"{path} row {i}" for i in range(table.num_rows))
+    images = decode_pngs(table.column("image").to_pylist(), image_size, wheres)
+    return images, np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+
+
+def iter_image_shards(images_dir: str | Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (images uint8 (n, S, S, 3), labels int64 (n,)) per shard, in row order; memory is one shard."""
+    manifest = read_manifest(images_dir)
+    for shard in manifest["shards"]:
+        yield read_shard(images_dir, shard, manifest["image_size"])
+
+
+def read_images(images_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """All images in memory (for training on random batches): uint8 (N, S, S, 3), labels int64 (N,), the manifest."""
+    manifest = read_manifest(images_dir)
+    parts = [read_shard(images_dir, shard, manifest["image_size"]) for shard in manifest["shards"]]
+    images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if len(images) != manifest["count"]:
+        raise artifacts.ArtifactError(f"{images_dir}: shards hold {len(images)} images, the manifest says "
+                                      f"{manifest['count']}; run `dvc repro {STAGE}`")
+    return images, labels, manifest

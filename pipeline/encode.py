@@ -24,12 +24,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from pipeline import data
 from pipeline.artifacts import (
-    ArtifactError, atomic_write, atomic_write_json, read_manifest, sha256_dir, sha256_file, write_manifest,
+    ArtifactError, atomic_write, atomic_write_json, read_manifest, sha256_dir, sha256_file, staged_dir, write_manifest,
 )
 from pipeline.cluster import init_ray
 from pipeline.config import ParamsError
-from pipeline.vae import IMAGES_FORMAT, decode_png, encode_images, load_vae, staged_dir
+from pipeline.vae import encode_images, load_vae
 
 LATENTS_FORMAT = ("dit-latents", 1)
 # CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
@@ -55,9 +56,10 @@ class EncodeParams:
                 raise ParamsError(f"'encode.{key}' must be >= 1, got {getattr(self, key)}")
 
 
-def decode_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{image: PNG bytes (n,), ...} -> {image: uint8 (n, H, W, 3), ...}; the other columns pass through."""
-    return {**batch, "image": decode_png(batch["image"])}
+def decode_rows(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
+    """{image: PNG bytes (n,), path, key, ...} -> {image: uint8 (n, S, S, 3), ...}; the other columns pass through."""
+    wheres = (f"{path} key {key}" for path, key in zip(batch["path"], batch["key"]))
+    return {**batch, "image": data.decode_pngs(batch["image"], image_size, wheres)}
 
 
 class LatentEncoder:
@@ -178,7 +180,7 @@ class ShardWriter:
 def write_latents(batches: Iterable[dict[str, np.ndarray]], images_dir: str | Path, vae_dir: str | Path,
                   out_dir: str | Path, params: EncodeParams) -> dict:
     """Drain encoded `batches` (rows with their global `index`) into `out_dir`'s shards and manifest."""
-    images = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
+    images = data.read_manifest(images_dir)
     with staged_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, images, params)
         with tqdm(total=images["count"], desc="encode", unit="img") as bar:
@@ -199,18 +201,15 @@ def write_latents(batches: Iterable[dict[str, np.ndarray]], images_dir: str | Pa
 def encode_local(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
                  device: str = "cpu") -> dict:
     """The same encoding in this process, without Ray: the reference the Ray path must match bit for bit."""
-    images = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
     encoder = LatentEncoder(str(vae_dir), params.flip, params.micro_batch, device)
 
     def batches():
-        start = 0
-        for shard in images["shards"]:
-            for rows in pq.ParquetFile(Path(images_dir) / shard["file"]).iter_batches(
-                    batch_size=params.batch_size, columns=["image", "label"]):
-                index = np.arange(start, start + rows.num_rows)
-                start += rows.num_rows
-                yield encoder(decode_rows({"image": rows.column("image").to_numpy(zero_copy_only=False),
-                                           "label": rows.column("label").to_numpy(), "index": index}))
+        start = 0  # global index of the shard's first row
+        for images, labels in data.iter_image_shards(images_dir):
+            for i in range(0, len(images), params.batch_size):
+                j = min(i + params.batch_size, len(images))
+                yield encoder({"image": images[i:j], "label": labels[i:j], "index": np.arange(start + i, start + j)})
+            start += len(images)
 
     return write_latents(batches(), images_dir, vae_dir, out_dir, params)
 
@@ -232,7 +231,7 @@ def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, 
 def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
     """Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
     each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
-    images = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
+    images = data.read_manifest(images_dir)
     lookup = row_index(images_dir, images)
     init_ray()
     check_resources(params)
@@ -242,7 +241,8 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
     # Parquet reads bin-pack small shards into ~128 MiB read tasks; cut them (streaming) into blocks of batch_size
     # rows, so that every actor gets work, not just the one that receives the single block.
     ds = ds.repartition(target_num_rows_per_block=params.batch_size)
-    ds = ds.map_batches(decode_rows, batch_size=params.batch_size, batch_format="numpy")
+    ds = ds.map_batches(decode_rows, fn_kwargs={"image_size": images["image_size"]}, batch_size=params.batch_size,
+                        batch_format="numpy")
     ds = ds.map_batches(
         LatentEncoder,
         fn_constructor_kwargs=dict(vae_dir=str(Path(vae_dir).resolve()), flip=params.flip,

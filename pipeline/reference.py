@@ -8,7 +8,6 @@ subset of `max_features`, as ADM's reference batches keep 10,000), plus `extract
 """
 from __future__ import annotations
 
-import io
 import time
 import zipfile
 from contextlib import contextmanager
@@ -17,19 +16,16 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline.artifacts import (ArtifactError, atomic_write, read_manifest, require_file, sha256_file,
-                                write_manifest)
+from pipeline import data
+from pipeline.artifacts import ArtifactError, atomic_write, sha256_file, write_manifest
 from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtractor, build_classifier,
                                classifier_arch, resolve_inception_weights, save_extractor,
                                select_device)
 
-IMAGES_FORMAT, IMAGES_VERSION = "dit-images", 1
 REFERENCE_FORMAT, REFERENCE_VERSION = "dit-reference", 1
 STATS_FILE = "stats.npz"
 
@@ -47,44 +43,6 @@ class ReferenceParams:
     batch_size: int  # feature extraction batch
     use_gpu: bool  # feature extraction device; the classifier always trains on CPU
     seed: int
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reading the ingested images
-
-
-def iter_image_shards(images_dir: str | Path, manifest: dict) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (images uint8 (n, H, W, 3), labels int64 (n,)) per shard, checking each shard against the manifest."""
-    images_dir = Path(images_dir)
-    size = manifest["image_size"]
-    for shard in manifest["shards"]:
-        path = require_file(images_dir / shard["file"], "ingest")
-        if sha256_file(path) != shard["sha256"]:
-            raise ArtifactError(f"{path} does not match the sha256 in its manifest; run `dvc repro ingest`")
-        table = pq.read_table(path, columns=["image", "label"])
-        if table.num_rows != shard["count"]:
-            raise ArtifactError(f"{path} has {table.num_rows} rows, its manifest says {shard['count']}")
-        images = np.stack([_decode_png(b, size, f"{path} row {i}")
-                           for i, b in enumerate(table.column("image").to_pylist())])
-        yield images, np.asarray(table.column("label").to_numpy(), dtype=np.int64)
-
-
-def _decode_png(data: bytes, size: int, where: str) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        if img.mode != "RGB" or img.size != (size, size):
-            raise ArtifactError(f"{where}: expected an RGB {size}x{size} image, got {img.mode} {img.size}")
-        return np.asarray(img, dtype=np.uint8)  # (H, W, 3)
-
-
-def read_images(images_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """All images in memory (the classifier needs random access): uint8 (N, H, W, 3), labels (N,), manifest."""
-    manifest = read_manifest(images_dir, IMAGES_FORMAT, IMAGES_VERSION, "ingest")
-    parts = list(iter_image_shards(images_dir, manifest))
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    if len(images) != manifest["count"]:
-        raise ArtifactError(f"{images_dir}: shards hold {len(images)} images, the manifest says {manifest['count']}")
-    return images, labels, manifest
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,7 +152,7 @@ def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, para
     keep = kept_rows(manifest["count"], params.max_features, params.seed)
     moments, features, labels, offset = Moments(), [], [], 0
     with tqdm(total=manifest["count"], desc=f"reference {extractor.name} features", unit="img") as bar:
-        for images, y in iter_image_shards(images_dir, manifest):
+        for images, y in data.iter_image_shards(images_dir):
             f = extractor.extract(images, params.batch_size, pbar=bar).features  # (n, D) float64
             moments.add(f)
             rows = keep[(keep >= offset) & (keep < offset + len(f))] - offset
@@ -222,10 +180,10 @@ def build_reference(images_dir: str | Path, out_dir: str | Path, params: Referen
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     device = select_device(params.use_gpu, "reference")
     if params.extractor == "classifier":
-        images, labels, manifest = read_images(images_dir)
+        images, labels, manifest = data.read_images(images_dir)
     else:  # Inception needs no training data in memory: the features are extracted shard by shard below
         images = labels = None
-        manifest = read_manifest(images_dir, IMAGES_FORMAT, IMAGES_VERSION, "ingest")
+        manifest = data.read_manifest(images_dir)
     extractor, accuracy = build_extractor(images, labels, manifest["num_classes"], params, device)
     del images
     mu, sigma, features, labels = extract_dataset(images_dir, manifest, extractor, params)

@@ -7,28 +7,20 @@ Pixels are in [-1, 1] as in DiT; latents leave `encode_images` unscaled and ente
 """
 from __future__ import annotations
 
-import io
 import math
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from diffusers import AutoencoderKL
 from huggingface_hub.errors import HFValidationError
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline.artifacts import ArtifactError, atomic_write_json, read_manifest
+from pipeline import data
+from pipeline.artifacts import ArtifactError, atomic_write_json, staged_dir
 from pipeline.config import ParamsError
-
-IMAGES_FORMAT = ("dit-images", 1)
 
 
 @dataclass(frozen=True)
@@ -55,16 +47,7 @@ class VAEParams:
                               f"'vae.block_out_channels' {list(self.block_out_channels)}")
 
 
-# --- pixels and images -------------------------------------------------------------------------------------------
-
-def decode_png(blobs) -> np.ndarray:
-    """PNG bytes (n,) -> uint8 (n, H, W, 3)."""
-    images = []
-    for blob in blobs:
-        with Image.open(io.BytesIO(blob)) as img:
-            images.append(np.asarray(img.convert("RGB")))
-    return np.stack(images)
-
+# --- pixels ------------------------------------------------------------------------------------------------------
 
 def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) in [0, 255] -> float32 (N, 3, H, W) in [-1, 1]."""
@@ -75,21 +58,6 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as the official sampling scripts store images."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-
-def read_images(images_dir: str | Path, shard_files: list[str] | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Decode the image shards (all, or the named ones) into uint8 (N, H, W, 3) and int64 labels (N,)."""
-    manifest = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")
-    shards = [s for s in manifest["shards"] if shard_files is None or s["file"] in shard_files]
-    images, labels = [], []
-    for shard in shards:
-        table = pq.read_table(Path(images_dir) / shard["file"], columns=["image", "label"])
-        if table.num_rows != shard["count"]:
-            raise ArtifactError(f"{images_dir}/{shard['file']} has {table.num_rows} rows, manifest says "
-                                f"{shard['count']}; run `dvc repro ingest`")
-        images.append(decode_png(table.column("image").to_pylist()))
-        labels.append(table.column("label").to_numpy().astype(np.int64))
-    return np.concatenate(images), np.concatenate(labels), manifest
 
 
 def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -115,23 +83,6 @@ def load_pretrained(name_or_path: str) -> AutoencoderKL:
         raise ValueError(f"vae.pretrained={name_or_path!r} has shift_factor={vae.config.shift_factor}; the latents "
                          "contract (scale only, as in DiT and SD 1.x/2.x) cannot represent it")
     return vae
-
-
-@contextmanager
-def staged_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield a sibling temp dir to fill; on success it replaces `out_dir`, so readers never see a half-written one."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    tmp.chmod(0o755)  # mkdtemp makes it private; this becomes the artifact directory
-    try:
-        yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_snapshot(vae: AutoencoderKL, out_dir: str | Path) -> Path:
@@ -272,12 +223,12 @@ def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metr
     whole ImageNet-sized dataset to pick a few hundred images."""
     start = time.perf_counter()
     if params.pretrained is None:
-        images, _, _ = read_images(images_dir)
+        images, _, _ = data.read_images(images_dir)
         vae, holdout = train_small_vae(images, params)
     else:
         vae = load_pretrained(params.pretrained).eval()
-        first_shard = read_manifest(images_dir, *IMAGES_FORMAT, stage="ingest")["shards"][0]["file"]
-        images, _, _ = read_images(images_dir, [first_shard])
+        manifest = data.read_manifest(images_dir)
+        images, _ = data.read_shard(images_dir, manifest["shards"][0], manifest["image_size"])
         holdout = images[split_holdout(len(images), min(params.holdout, len(images) - 1), params.seed)[1]]
     reconstructions = reconstruct(vae, holdout, params.batch_size)
     latent = encode_images(vae, torch.from_numpy(holdout[:1]).permute(0, 3, 1, 2))[0]

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import data
+from pipeline import data, synthetic
 from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.config import ParamsError, from_dict, load_section
 
@@ -44,7 +44,7 @@ def shard_hashes(out: Path) -> list[str]:
 
 
 def rows(out: Path) -> list[dict]:
-    return [r for p in data.shard_paths(out) for r in pq.read_table(p).to_pylist()]
+    return [r for s in data.read_manifest(out)["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -61,7 +61,7 @@ def noise(rng, h, w, c=3) -> np.ndarray:
 
 def test_params_yaml_section_loads():
     params = load_section(data.IngestParams, "ingest", REPO / "params.yaml")
-    assert params.synthetic.num_classes <= len(data.SYNTHETIC_CLASSES)
+    assert params.synthetic.num_classes <= len(synthetic.CLASSES)
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -90,7 +90,7 @@ def test_synthetic_is_deterministic_balanced_and_independent_of_workers(tmp_path
     assert shard_hashes(tmp_path / "workers") == shard_hashes(tmp_path / "a")
 
     assert m1 == {"count": 40, "skipped": 0, "num_classes": 10}
-    labels = [label for label, _ in data.read_images(tmp_path / "a")]
+    _, labels, _ = data.read_images(tmp_path / "a")
     assert np.bincount(labels).tolist() == [4] * 10
     manifest = data.read_manifest(tmp_path / "a")
     assert manifest["class_names"][:3] == ["circle", "square", "triangle"] and manifest["image_size"] == 16
@@ -102,9 +102,9 @@ def test_synthetic_classes_are_shapes_not_colours(tmp_path):
     """A small CNN separates the 10 shapes on held-out images; the mean colour alone does not."""
     torch = pytest.importorskip("torch")
     data.ingest(make_params(image_size=32, shard_size=500, **{"synthetic.num_images": 1200}), tmp_path)
-    pairs = list(data.read_images(tmp_path))
-    x = torch.tensor(np.stack([img for _, img in pairs]), dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
-    y = torch.tensor([label for label, _ in pairs])
+    images, labels, _ = data.read_images(tmp_path)
+    x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
+    y = torch.tensor(labels)
     x_train, y_train, x_test, y_test = x[:1000], y[:1000], x[1000:], y[1000:]
 
     threads = torch.get_num_threads()
@@ -147,7 +147,7 @@ def test_rerun_removes_stale_shards_and_reads_back(tmp_path):
     assert len(list(tmp_path.glob("shard-*.parquet"))) == 3
     data.ingest(make_params(shard_size=40), tmp_path)
     assert [p.name for p in tmp_path.glob("shard-*.parquet")] == ["shard-00000.parquet"]
-    images = [img for _, img in data.read_images(tmp_path)]
+    images, _, _ = data.read_images(tmp_path)
     assert len(images) == 40 and images[0].shape == (16, 16, 3) and images[0].dtype == np.uint8
     assert [r["key"] for r in rows(tmp_path)][:2] == ["synthetic/0", "synthetic/1"]
     with pytest.raises(ArtifactError, match="dvc repro ingest"):
@@ -244,7 +244,7 @@ def test_imagefolder_bad_inputs_are_reported_and_valid_ones_kept(tmp_path):
     assert manifest["skipped"] == {"count": 4, "by_reason": {r: 1 for r in sorted(bad.values())}}
     assert manifest["class_names"] == names and manifest["source"]["kind"] == "imagefolder"
 
-    by_key = {r["key"]: data.decode_png(r["image"]) for r in table}
+    by_key = {r["key"]: data.decode_png(r["image"], 16, r["key"]) for r in table}
     gray16 = np.asarray(Image.open(root / "emu/gray16.png"), np.float64)
     expected = Image.fromarray(np.rint(gray16 / 257).astype(np.uint8), "L").convert("RGB")
     np.testing.assert_array_equal(by_key["emu/gray16.png"], adm_center_crop_reference(expected, 16))

@@ -16,7 +16,8 @@ from pipeline.artifacts import ArtifactError, sha256_dir, sha256_file
 from pipeline.config import load_section
 from pipeline.encode import EncodeParams, encode_local, load_latents, run_encode
 from pipeline.vae import encode_images, load_vae
-from test_vae import blob_images, tiny_autoencoder, write_image_shards
+from synthetic import write_images_dir
+from test_vae import blob_images, tiny_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
 # micro_batch 4 against batch sizes 1, 3, 5, 7: every batch boundary falls somewhere else, every last chunk is padded.
@@ -28,7 +29,7 @@ PARAMS = EncodeParams(flip=True, store="posterior", dtype="float32", batch_size=
 def inputs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("encode")
     images, labels = blob_images(20, 16, seed=1)
-    images_dir = write_image_shards(root / "images", images, labels, shard_size=8)  # shards of 8, 8 and 4 rows
+    images_dir = write_images_dir(root / "images", images, labels, 3, shard_size=8)  # shards of 8, 8 and 4 rows
     vae_dir = root / "vae"
     tiny_autoencoder(scaling_factor=0.7).save_pretrained(vae_dir)
     return {"images_dir": images_dir, "vae_dir": vae_dir, "images": images, "labels": labels}

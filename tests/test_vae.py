@@ -2,30 +2,26 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
 
 import huggingface_hub
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from PIL import Image
 
-from pipeline.artifacts import sha256_dir, sha256_file, write_manifest
+from pipeline.artifacts import sha256_dir
 from pipeline.config import ParamsError, load_section
-from pipeline.vae import (
-    VAEParams, decode_latents, encode_images, load_vae, psnr_db, read_images, run_vae, split_holdout, to_uint8,
-)
+from pipeline.data import read_images
+from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, split_holdout, to_uint8
+from synthetic import write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# --- a tiny `dit-images` v1 fixture (written here so these tests do not depend on the ingest stage) -----------------
+# --- tiny fixtures: colour blobs (stored as `dit-images` by synthetic.write_images_dir, not by ingest), a random VAE
 
 def blob_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (n, size, size, 3) smooth colour blobs on a flat background (class = number of blobs - 1), labels (n,)."""
@@ -41,29 +37,6 @@ def blob_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
             img = img * (1 - weight) + weight * rng.uniform(0, 1, 3)
         images[i] = np.round(img * 255)
     return images, labels
-
-
-def write_image_shards(directory: Path, images: np.ndarray, labels: np.ndarray, shard_size: int) -> Path:
-    """`images` uint8 (N, S, S, 3) as `dit-images` v1 parquet shards + manifest, the ingest stage's output contract."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s, start in enumerate(range(0, len(images), shard_size)):
-        rows = range(start, min(start + shard_size, len(images)))
-        pngs = []
-        for i in rows:
-            buf = io.BytesIO()
-            Image.fromarray(images[i]).save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        table = pa.table({"image": pa.array(pngs, pa.binary()), "label": pa.array(labels[list(rows)], pa.int64()),
-                          "key": pa.array([f"blobs/{i}" for i in rows], pa.string())})
-        path = directory / f"shard-{s:05d}.parquet"
-        pq.write_table(table, path)
-        shards.append({"file": path.name, "count": len(rows), "sha256": sha256_file(path)})
-    num_classes = int(labels.max()) + 1
-    write_manifest(directory, "dit-images", 1, count=len(images), image_size=images.shape[1], num_classes=num_classes,
-                   class_names=[f"blobs{c}" for c in range(num_classes)], source={"kind": "test"}, shards=shards,
-                   skipped={"count": 0, "by_reason": {}})
-    return directory
 
 
 def tiny_autoencoder(scaling_factor: float, seed: int = 0) -> AutoencoderKL:
@@ -84,7 +57,7 @@ TINY = VAEParams(pretrained=None, block_out_channels=(8, 16), latent_channels=4,
 @pytest.fixture(scope="module")
 def images_dir(tmp_path_factory) -> Path:
     images, labels = blob_images(512, 16, seed=0)
-    return write_image_shards(tmp_path_factory.mktemp("images"), images, labels, shard_size=200)
+    return write_images_dir(tmp_path_factory.mktemp("images"), images, labels, 3, shard_size=200)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from typing import Iterable, Iterator, Literal
 
 import numpy as np
 import pyarrow.parquet as pq
-import ray
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -231,6 +230,8 @@ def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, 
 def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
     """Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
     each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
+    import ray  # here, not at the top: training imports this module for load_latents and needs no Ray
+
     images = data.read_manifest(images_dir)
     lookup = row_index(images_dir, images)
     init_ray()
@@ -262,6 +263,8 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
 
 def check_resources(params: EncodeParams) -> None:
     """Fail now rather than hang: a fixed actor pool that takes every CPU leaves none for reading and decoding."""
+    import ray
+
     have = ray.cluster_resources()
     need_cpus = params.num_actors * CPU_THREADS + 1
     if have.get("CPU", 0) < need_cpus:

@@ -48,7 +48,7 @@ def run(model, vae, args, sampler: str, steps: int, n: int, device) -> float:
     generate_images(model, vae, indices % args.num_classes, indices, seed=0, sampler=sampler, steps=steps,
                     cfg_scale=args.cfg_scale, cfg_channels=None, num_classes=args.num_classes,
                     latent_shape=(4, args.latent_size, args.latent_size), device=device,
-                    batch_size=args.batch_size, micro_batch=args.micro_batch)
+                    batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--num-images", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--micro-batch", type=int, default=8, help="images per network call (sample.micro_batch)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="DiT under bf16 autocast or not")
     ap.add_argument("--runs", default="dpm-solver++:25,ddpm:250", help="sampler:steps pairs")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", help="also write the results to this JSON file")

@@ -16,9 +16,9 @@ import torch
 from pipeline.artifacts import ArtifactError, atomic_torch_save
 
 CHECKPOINT_FORMAT = ("dit-train-checkpoint", 1)
-KEEP_CHECKPOINTS = 3  # the latest few; older ones are deleted after each successful write
 # Train params that change the optimisation trajectory: a checkpoint made with other values is not resumed.
-# The others (train_steps, *_every, num_workers, use_gpu, compile*, activation_checkpointing) may change on resume.
+# The others (train_steps, *_every, keep_checkpoints, num_workers, use_gpu, compile*, activation_checkpointing) may
+# change on resume.
 RESUME_KEYS = ("model", "conditioning", "global_batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay",
                "class_dropout_prob", "grad_clip", "precision", "seed")
 
@@ -52,10 +52,13 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(Path(directory).glob("ckpt-*.pt"), key=lambda f: int(f.stem.split("-")[1]))
 
 
-def save_checkpoint(directory: str | Path, payload: dict) -> Path:
+def save_checkpoint(directory: str | Path, payload: dict, keep: int) -> Path:
+    """Write `payload` as ckpt-<step>.pt, then delete all but the latest `keep` (train.keep_checkpoints)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the checkpoint just written), got {keep}")
     path = Path(directory) / f"ckpt-{payload['step']:07d}.pt"
     atomic_torch_save(path, payload)
-    for old in list_checkpoints(directory)[:-KEEP_CHECKPOINTS]:
+    for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     return path
 

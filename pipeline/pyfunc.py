@@ -27,7 +27,7 @@ import numpy as np
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT_PATH = "model"  # the LoggedModel's name inside the run
-SAMPLER_KEYS = ("seed", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "micro_batch")  # as `sample`
+SAMPLER_KEYS = ("seed", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "micro_batch", "precision")  # as `sample`
 PARAM_KEYS = ("seed", "cfg_scale", "steps", "sampler")  # what a request may override
 # Third-party distributions the `pipeline` modules used by predict import; torch is left open because the serving
 # host brings its own CUDA build.
@@ -61,6 +61,7 @@ class DiTImageModel(mlflow.pyfunc.PythonModel):
             cfg_channels=self.defaults["cfg_channels"], num_classes=num_classes, device=self.device,
             latent_shape=tuple(self.card["latent_shape"]), batch_size=int(self.defaults["batch_size"]),
             micro_batch=int(self.defaults["micro_batch"]),  # fixes the pixels, as in the sample stage
+            precision=str(self.defaults["precision"]),
         )
 
 

@@ -70,6 +70,8 @@ class SampleParams:
     labels: Literal["balanced", "uniform"]
     batch_size: int  # images per sampler loop, rounded up to whole micro-batches; does not change pixels
     micro_batch: int  # images per network/VAE call (2x rows with guidance); fixes the pixels, see the docstring
+    precision: Literal["fp32", "bf16"]  # the DiT under bf16 autocast (GPUs); the VAE always decodes in fp32
+    compile: bool  # torch.compile the DiT's forward (one shape per run, thanks to the fixed micro-batch)
     num_workers: int  # Ray CPU actors; 0 = in-process (with use_gpu, one actor per GPU of the cluster)
     use_gpu: bool
     shard_size: int  # images per resumable shard
@@ -203,7 +205,7 @@ class FixedShapeNet:
 
 def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed: int, sampler: str, steps: int,
                     cfg_scale: float, cfg_channels: int | None, num_classes: int, latent_shape: tuple, device,
-                    batch_size: int, micro_batch: int, progress: bool = False) -> np.ndarray:
+                    batch_size: int, micro_batch: int, precision: str, progress: bool = False) -> np.ndarray:
     """uint8 (N, H, W, 3) images of global samples `indices` (N,) with classes `labels` (N,).
 
     Image i depends only on (seed, indices[i], labels[i]) and the sampling settings, never on N, on batch_size
@@ -222,10 +224,13 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
     for start in tqdm(range(0, len(blocks), per_loop), desc="batches", disable=not progress):
         rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
         y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
+        bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.inference_mode():
-            z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
-                                 cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                                 generators=generators(seed, rows, "noise"), num_classes=num_classes, device=device)
+            with bf16:
+                z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
+                                     cfg_scale=cfg_scale, cfg_channels=cfg_channels,
+                                     generators=generators(seed, rows, "noise"), num_classes=num_classes,
+                                     device=device)
             images = torch.cat([decode_latents(vae, block) for block in z.split(micro_batch)]).numpy()
         found.update((i, image) for i, image in zip(rows.tolist(), images) if i in wanted)
     if not len(indices):
@@ -238,7 +243,8 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
 def settings_key(card: dict, vae_sha256: str, p: SampleParams) -> str:
     """Hash of everything that determines the pixels of a shard (not num_fid_samples: more samples extend a run)."""
     determining = {
-        "shard_version": SHARD_VERSION, "micro_batch": p.micro_batch, "checkpoint_sha256": card["checkpoint_sha256"],
+        "shard_version": SHARD_VERSION, "micro_batch": p.micro_batch, "precision": p.precision, "compile": p.compile,
+        "checkpoint_sha256": card["checkpoint_sha256"],
         "vae_sha256": vae_sha256, "latent_shape": list(card["latent_shape"]), "num_classes": card["num_classes"],
         "sampler": p.sampler, "steps": p.steps, "cfg_scale": p.cfg_scale, "cfg_channels": p.cfg_channels,
         "labels": p.labels, "seed": p.seed, "shard_size": p.shard_size,
@@ -287,6 +293,8 @@ class ShardWorker:
 
     def __init__(self, card: dict, vae_dir: str, p: SampleParams, device: str):
         self.model, self.vae = load_models(card, vae_dir, device)
+        if p.compile:  # forward_with_cfg calls self.forward, so this covers guided sampling too
+            self.model.forward = torch.compile(self.model.forward)
         self.card, self.p, self.device = card, p, device
 
     def generate(self, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
@@ -296,7 +304,8 @@ class ShardWorker:
         images = generate_images(self.model, self.vae, labels, indices, seed=p.seed, sampler=p.sampler,
                                  steps=p.steps, cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels,
                                  num_classes=card["num_classes"], latent_shape=tuple(card["latent_shape"]),
-                                 device=self.device, batch_size=p.batch_size, micro_batch=p.micro_batch)
+                                 device=self.device, batch_size=p.batch_size, micro_batch=p.micro_batch,
+                                 precision=p.precision)
         return k, images, labels, indices
 
 
@@ -389,7 +398,7 @@ def write_outputs(out_dir: Path, images: np.ndarray, labels: np.ndarray, card: d
         cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels, labels=p.labels, seed=p.seed,
         image_size=int(images.shape[1]), latent_shape=list(card["latent_shape"]), model=card["model"],
         num_classes=card["num_classes"], class_names=card.get("class_names"),
-        checkpoint_sha256=card["checkpoint_sha256"], vae_sha256=vae_sha256, micro_batch=p.micro_batch,
+        checkpoint_sha256=card["checkpoint_sha256"], vae_sha256=vae_sha256, micro_batch=p.micro_batch, precision=p.precision,
         shard_size=p.shard_size, samples_sha256=sha256_file(out_dir / "samples.npz"),
         label_counts=np.bincount(labels, minlength=card["num_classes"]).tolist(),
     )

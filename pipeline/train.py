@@ -70,6 +70,7 @@ class TrainParams:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     activation_checkpointing: bool
     ckpt_every: int
+    keep_checkpoints: int  # the latest this many checkpoints stay on disk; the curve stage evaluates each of them
     log_every: int
     sample_every: int
     num_workers: int  # 0 = in-process without Ray
@@ -89,7 +90,7 @@ def check_params(p: TrainParams, num_examples: int) -> None:
     if num_examples < p.global_batch_size:
         raise ValueError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
                          f"{p.global_batch_size}: lower the batch or encode more images")
-    for key in ("train_steps", "ckpt_every", "log_every", "sample_every"):
+    for key in ("train_steps", "ckpt_every", "keep_checkpoints", "log_every", "sample_every"):
         if getattr(p, key) < 1:
             raise ValueError(f"train.{key} must be >= 1, got {getattr(p, key)}")
     if not 0 <= p.ema_decay < 1:
@@ -420,7 +421,7 @@ class Loop:
             "latents_sha256": self.config["latents_sha256"], "mlflow_run_id": self.reporter.tracker.run_id,
             "log": list(self.reporter.rows), "timing": dict(self.timing),
         }
-        save_checkpoint(self.config["checkpoints"], payload)
+        save_checkpoint(self.config["checkpoints"], payload, self.p.keep_checkpoints)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -462,9 +463,14 @@ def fit_with_ray(config: dict, p: TrainParams) -> None:
 
     from pipeline.cluster import init_ray
 
+    import ray
+
     init_ray()
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config,
-                           scaling_config=ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu),
+    # CPU workers share the cluster's CPUs (Ray sizes each worker's torch thread pool from this); GPU workers
+    # keep Ray's default of one CPU each beside their GPU.
+    per_worker = None if p.use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)) // p.num_workers)}
+    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker)
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                            run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
     trainer.fit()
 

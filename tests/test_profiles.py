@@ -13,6 +13,7 @@ PROFILES = sorted(p.stem for p in (REPO / "profiles").glob("*.yaml"))
 
 
 def sections():
+    from pipeline.curve import CurveParams
     from pipeline.data import IngestParams
     from pipeline.encode import EncodeParams
     from pipeline.metrics import EvaluateParams
@@ -25,7 +26,7 @@ def sections():
 
     return {"ingest": IngestParams, "vae": VAEParams, "encode": EncodeParams, "train": TrainParams,
             "reference": ReferenceParams, "sample": SampleParams, "evaluate": EvaluateParams,
-            "register": RegisterParams, "tracking": TrackingParams}
+            "curve": CurveParams, "register": RegisterParams, "tracking": TrackingParams}
 
 
 def apply(params: dict, flat: dict) -> dict:

@@ -33,7 +33,7 @@ MLFLOW = Path(sys.executable).parent / "mlflow"
 NAME, EXPERIMENT = "dit-test", "registry-test"
 NUM_CLASSES, LATENT, IMAGE, SCALE = 3, [4, 8, 8], 16, 0.5
 SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "cfg_channels": None, "batch_size": 8,
-           "micro_batch": 4}
+           "micro_batch": 4, "precision": "fp32"}
 PARAMS = R.RegisterParams(model_name=NAME, metric="fid")
 TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
 # metrics/eval.json's protocol exactly as pipeline.metrics.evaluate_stage writes it (sample settings, reference

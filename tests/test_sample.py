@@ -77,7 +77,7 @@ def models(dirs):
 
 def params(**overrides) -> S.SampleParams:
     base = dict(num_fid_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                labels="balanced", batch_size=8, micro_batch=MICRO, num_workers=0, use_gpu=False, shard_size=8, seed=0,
+                labels="balanced", batch_size=8, micro_batch=MICRO, precision="fp32", compile=False, num_workers=0, use_gpu=False, shard_size=8, seed=0,
                 grid_per_class=3)
     return S.SampleParams(**{**base, **overrides})
 
@@ -86,7 +86,7 @@ def generate(models, indices, labels, batch_size, seed=0, **kw):
     card, model, vae = models
     settings = dict(seed=seed, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
                     num_classes=NUM_CLASSES, latent_shape=LATENT, device="cpu", batch_size=batch_size,
-                    micro_batch=MICRO)
+                    micro_batch=MICRO, precision="fp32")
     return S.generate_images(model, vae, labels, indices, **{**settings, **kw})
 
 
@@ -296,7 +296,7 @@ def test_official_checkpoint_command(dirs, tmp_path):
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same pixels straight from the library function
     direct = S.generate_images(model, vae, labels, np.arange(12), seed=0, sampler="ddpm", steps=3, cfg_scale=1.5,
                                cfg_channels=3, num_classes=1000, latent_shape=LATENT, device="cpu", batch_size=12,
-                               micro_batch=8)
+                               micro_batch=8, precision="fp32")
     np.testing.assert_array_equal(arr, direct)
     with pytest.raises(ArtifactError, match="--model"):
         S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/4", "--image-size",

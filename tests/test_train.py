@@ -200,7 +200,7 @@ def test_resume_after_exception_is_bit_exact(tmp_path, latents, reference, monke
     run(tmp_path, latents, base_params())
     assert_bitwise_equal(load_ema(tmp_path), load_ema(reference))
     assert read_log(tmp_path / "train.csv") == read_log(reference / "train.csv")  # no duplicated rows
-    assert len(C.list_checkpoints(tmp_path / "checkpoints")) == C.KEEP_CHECKPOINTS
+    assert len(C.list_checkpoints(tmp_path / "checkpoints")) == base_params().keep_checkpoints
 
 
 CHILD = """

@@ -99,7 +99,13 @@ def table_rows(show: list[dict]) -> list[tuple[str, str, dict]]:
             for rev in exp["revs"]:
                 if not rev.get("error"):
                     experiments.append((rev.get("name") or rev["rev"][:7], rev["rev"], rev.get("data")))
-    return [r for r in experiments + baselines + workspace if r[2] and CURVE_METRICS in (r[2].get("metrics") or {})]
+    return [r for r in experiments + baselines + workspace if r[2] and has_curve(r[2])]
+
+
+def has_curve(data: dict) -> bool:
+    """DVC lists every declared metrics file of a row, with an `error` entry where the commit lacks it."""
+    entry = (data.get("metrics") or {}).get(CURVE_METRICS)
+    return bool(entry) and "error" not in entry
 
 
 def read_curve(repo: Path, rev: str) -> dict:

@@ -1,4 +1,6 @@
-"""End to end: `dvc repro` of a reduced offline default in a fresh copy of the repository, then again (no-op)."""
+"""End to end: `dvc repro` of a reduced offline default in a fresh copy of the repository, then again (no-op);
+then versioning: `dvc push` to a local remote and `dvc pull` in a git clone restore every output without
+recomputing, and `git checkout` + `dvc checkout` of an earlier commit bring back its metrics and samples."""
 from __future__ import annotations
 
 import json
@@ -13,7 +15,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "vae", "encode", "train", "reference", "sample", "evaluate", "register")
+STAGES = ("ingest", "vae", "encode", "train", "reference", "curve", "sample", "evaluate", "register")
 
 # The offline default, shrunk to seconds per stage; every other key stays as in params.yaml.
 REDUCED = {
@@ -23,6 +25,7 @@ REDUCED = {
     "reference": {"classifier_steps": 30, "holdout": 40},
     "sample": {"num_fid_samples": 48, "steps": 4, "batch_size": 16, "shard_size": 16},
     "evaluate": {"kid_subset_size": 24, "kid_subsets": 2},
+    "curve": {"num_samples": 32, "steps": 4, "batch_size": 16},
 }
 
 
@@ -98,6 +101,40 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     assert int(champion.version) == registered["version"]
     assert champion.tags["checkpoint_sha256"] == model["ema_sha256"]
 
+    curve = json.loads((repo / "metrics/curve.json").read_text())
+    assert curve["steps"] == [10, 20] and all(np.isfinite(curve["fid"])) and curve["gflops"] > 0
+
     second = _run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second, second[-3000:]
+    assert "up to date" in _run(["dvc", "status"], repo, env)
+
+    # Versioning. Commit this run, then a second one that only resamples (another seed).
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "run 1"], repo, env)
+    _run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
+    _run(["dvc", "push"], repo, env)
+    first_eval = (repo / "metrics/eval.json").read_text()
+    first_samples = (repo / "data/samples/samples.npz").read_bytes()
+    params["sample"]["seed"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = _run(["dvc", "repro"], repo, env)
+    assert "Running stage 'sample'" in rerun and "Running stage 'train'" not in rerun, rerun[-3000:]
+    assert (repo / "data/samples/samples.npz").read_bytes() != first_samples
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "run 2: sample seed 1"], repo, env)
+    _run(["dvc", "push"], repo, env)
+
+    # A fresh clone of run 2 pulls its data and models from the remote: nothing is left to recompute.
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    _run(["dvc", "pull"], clone, env)
+    assert "up to date" in _run(["dvc", "status"], clone, env)
+    assert (clone / "models/dit/ema.pt").read_bytes() == (repo / "models/dit/ema.pt").read_bytes()
+    assert (clone / "data/samples/samples.npz").read_bytes() == (repo / "data/samples/samples.npz").read_bytes()
+
+    # Back to run 1: git brings its metrics and lock file, dvc checkout its samples.
+    _run(["git", "checkout", "-q", "HEAD~1"], repo, env)
+    _run(["dvc", "checkout"], repo, env)
+    assert (repo / "metrics/eval.json").read_text() == first_eval
+    assert (repo / "data/samples/samples.npz").read_bytes() == first_samples
     assert "up to date" in _run(["dvc", "status"], repo, env)

@@ -59,6 +59,16 @@ def test_table_rows_of_real_dvc_output():
     assert rows[0][2]["params"]["params.yaml"]["data"]["train"]["model"] == "DiT-S/4"
 
 
+def test_rows_whose_commit_lacks_the_curve_are_left_out():
+    # DVC lists every declared metrics file of a row; a baseline commit made before any run has an `error` entry
+    show = json.loads((DATA / "dvc_exp_show.json").read_text())
+    missing = {"error": {"type": "FileNotFoundError", "msg": "No such file or directory: 'metrics/curve.json'"}}
+    for row in show:
+        if row["rev"] != "workspace":
+            row["data"]["metrics"]["metrics/curve.json"] = missing
+    assert "master" not in [name for name, _, _ in R.table_rows(show)]
+
+
 def test_collect_reads_whole_curves_and_drops_duplicates_and_stale_rows():
     show = json.loads((DATA / "dvc_exp_show.json").read_text())
     trained = {rev: data["params"]["params.yaml"]["data"]["train"] for _, rev, data in R.table_rows(show)}

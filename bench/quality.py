@@ -1,0 +1,80 @@
+"""The offline default's quality bar, measured on the pipeline's own outputs (run `dvc repro` first).
+
+Prints, for one seeded set of conditional samples scored with the reference stage's extractor:
+- the trained EMA model with the sample stage's sampler (params.yaml `sample`), i.e. the metrics/eval.json setting;
+- the same architecture untrained (seeded init), the baseline of the bar "FID at most 0.5x the untrained FID";
+- optionally the paper's sampler, 250 DDPM steps, on the trained model (`--ddpm250`: slow on a CPU).
+
+    python bench/quality.py                      # the default number of samples (sample.num_fid_samples)
+    python bench/quality.py --num-samples 400 --ddpm250
+
+FID at a small N is biased upward: compare rows of one run (same N, labels and noise), not with other N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from pipeline.config import load_section
+from pipeline.features import load_extractor
+from pipeline.metrics import EvaluateParams, evaluate_images, load_reference
+from pipeline.model import DiT
+from pipeline.sample import SampleParams, generate_images, load_models, make_labels, read_model_card
+
+BAR_FID_RATIO = 0.5
+BAR_CLASS_CONSISTENCY = 0.60
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--dit", default="models/dit")
+    ap.add_argument("--vae", default="models/vae")
+    ap.add_argument("--reference", default="data/reference")
+    ap.add_argument("--num-samples", type=int, default=None, help="default: sample.num_fid_samples")
+    ap.add_argument("--ddpm250", action="store_true", help="also sample with 250 DDPM steps (the paper's sampler)")
+    args = ap.parse_args()
+
+    sp = load_section(SampleParams, "sample", args.params)
+    ev = load_section(EvaluateParams, "evaluate", args.params)
+    n = args.num_samples or sp.num_fid_samples
+    card = read_model_card(args.dit)
+    trained, vae = load_models(card, args.vae, "cpu")
+    torch.manual_seed(0)
+    untrained = DiT.from_config(card["model_kwargs"]).eval()
+    reference, extractor = load_reference(args.reference), load_extractor(args.reference, "cpu")
+    num_classes = card["model_kwargs"]["num_classes"]
+    indices = np.arange(n, dtype=np.int64)
+    labels = make_labels(sp.labels, indices, num_classes, sp.seed)
+
+    runs = [("untrained", untrained, sp.sampler, sp.steps), ("trained", trained, sp.sampler, sp.steps)]
+    if args.ddpm250:
+        runs.append(("trained", trained, "ddpm", 250))
+    rows = []
+    for name, model, sampler, steps in runs:
+        t0 = time.perf_counter()
+        images = generate_images(model, vae, labels, indices, seed=sp.seed, sampler=sampler, steps=steps,
+                                 cfg_scale=sp.cfg_scale, cfg_channels=sp.cfg_channels, num_classes=num_classes,
+                                 latent_shape=tuple(card["latent_shape"]), device="cpu", batch_size=sp.batch_size,
+                                 micro_batch=sp.micro_batch, precision="fp32")
+        m = evaluate_images(images, labels, reference, extractor, ev)
+        rows.append({"model": name, "sampler": f"{sampler}-{steps}", "cfg_scale": sp.cfg_scale, "num_samples": n,
+                     "fid": round(m["fid"], 2), "class_consistency": m["class_consistency"],
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    ratio = rows[1]["fid"] / rows[0]["fid"]
+    cc = rows[1]["class_consistency"]
+    print(f"FID trained / untrained = {rows[1]['fid']:.2f} / {rows[0]['fid']:.2f} = {ratio:.3f} "
+          f"(bar <= {BAR_FID_RATIO}: {'met' if ratio <= BAR_FID_RATIO else 'NOT met'})")
+    if cc is not None:
+        print(f"class consistency at cfg {sp.cfg_scale} = {cc:.3f} "
+              f"(bar >= {BAR_CLASS_CONSISTENCY}: {'met' if cc >= BAR_CLASS_CONSISTENCY else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

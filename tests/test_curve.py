@@ -35,12 +35,7 @@ CURVE = CV.CurveParams(num_samples=16, sampler="dpm-solver++", steps=3, cfg_scal
 EVAL = EvaluateParams(pr_k=3, kid_subsets=2, kid_subset_size=8, is_splits=2, batch_size=16, use_gpu=False, seed=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def train_run(root: Path, latents: Path, **changes) -> Path:

@@ -43,13 +43,7 @@ class TinyNet(nn.Module):
         return torch.cat([torch.cat([guided_eps, guided_eps]), out[:, k:]], dim=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core machine their barriers cost up to 30x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -1,17 +1,10 @@
 """Tests of the Gflops counter against the paper's Table 1 and against the closed-form count of a DiT."""
 import pytest
-import torch
 
 from pipeline.flops import count_gflops, count_gflops_latent, count_ops, count_parameters, paper_round
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: intra-op threads would mostly spin against other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,7 @@ REFERENCE = Path(__file__).parent / "data" / "dit_xl2_256_state_dict_layout.json
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 shared cores: intra-op threads would mostly spin against other jobs (40 s instead of 2 s per test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_dit(**overrides):

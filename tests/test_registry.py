@@ -44,13 +44,7 @@ PROTOCOL = {"num_samples": 1000, "sampler": "dpm-solver++", "steps": 25, "cfg_sc
             "kid_subsets": 10, "kid_subset_size": 500, "kid_seed": 0, "is_splits": None}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine has 2 shared cores: one thread avoids OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

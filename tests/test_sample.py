@@ -24,13 +24,7 @@ MICRO = 8  # sample.micro_batch in these tests
 SCALE = 0.5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test machine has 2 shared cores: one thread avoids OpenMP spin-waits (and matches the Ray actors)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_vae() -> AutoencoderKL:

@@ -30,13 +30,7 @@ NUM_CLASSES, LATENT_SHAPE, SCALING_FACTOR = 4, (4, 8, 8), 0.5
 OFF = TrackingParams(enabled=False, experiment="test-train")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Bit-for-bit comparisons need the same kernels in every run (and 1 thread is the fastest on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def write_latents(directory: Path, count: int = 64, store: str = "posterior") -> Path:

@@ -3,6 +3,8 @@
 Prints, for one seeded set of conditional samples scored with the reference stage's extractor:
 - the trained EMA model with the sample stage's sampler (params.yaml `sample`), i.e. the metrics/eval.json setting;
 - the same architecture untrained (seeded init), the baseline of the bar "FID at most 0.5x the untrained FID";
+- the VAE's reconstructions of as many real images (their posterior mean decoded): the ceiling any DiT on these
+  latents can reach;
 - optionally the paper's sampler, 250 DDPM steps, on the trained model (`--ddpm250`: slow on a CPU).
 
     python bench/quality.py                      # the default number of samples (sample.num_fid_samples)
@@ -20,10 +22,12 @@ import numpy as np
 import torch
 
 from pipeline.config import load_section
+from pipeline.data import read_images
 from pipeline.features import load_extractor
 from pipeline.metrics import EvaluateParams, evaluate_images, load_reference
 from pipeline.model import DiT
 from pipeline.sample import SampleParams, generate_images, load_models, make_labels, read_model_card
+from pipeline.vae import reconstruct
 
 BAR_FID_RATIO = 0.5
 BAR_CLASS_CONSISTENCY = 0.60
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--dit", default="models/dit")
     ap.add_argument("--vae", default="models/vae")
     ap.add_argument("--reference", default="data/reference")
+    ap.add_argument("--images", default="data/images", help="the real images, for the VAE-reconstruction ceiling")
     ap.add_argument("--num-samples", type=int, default=None, help="default: sample.num_fid_samples")
     ap.add_argument("--ddpm250", action="store_true", help="also sample with 250 DDPM steps (the paper's sampler)")
     args = ap.parse_args()
@@ -55,6 +60,13 @@ def main() -> None:
     if args.ddpm250:
         runs.append(("trained", trained, "ddpm", 250))
     rows = []
+    real, real_labels, _ = read_images(args.images)
+    pick = np.concatenate([np.flatnonzero(real_labels == c)[: -(-n // num_classes)] for c in range(num_classes)])[:n]
+    m = evaluate_images(reconstruct(vae, real[pick], sp.micro_batch).numpy(), real_labels[pick], reference,
+                        extractor, ev)
+    rows.append({"model": "vae reconstruction of real images (ceiling)", "num_samples": len(pick),
+                 "fid": round(m["fid"], 2), "class_consistency": m["class_consistency"]})
+    print(json.dumps(rows[-1]), flush=True)
     for name, model, sampler, steps in runs:
         t0 = time.perf_counter()
         images = generate_images(model, vae, labels, indices, seed=sp.seed, sampler=sampler, steps=steps,
@@ -67,9 +79,10 @@ def main() -> None:
                      "seconds": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]), flush=True)
 
-    ratio = rows[1]["fid"] / rows[0]["fid"]
-    cc = rows[1]["class_consistency"]
-    print(f"FID trained / untrained = {rows[1]['fid']:.2f} / {rows[0]['fid']:.2f} = {ratio:.3f} "
+    untrained_row, trained_row = rows[1], rows[2]
+    ratio = trained_row["fid"] / untrained_row["fid"]
+    cc = trained_row["class_consistency"]
+    print(f"FID trained / untrained = {trained_row['fid']:.2f} / {untrained_row['fid']:.2f} = {ratio:.3f} "
           f"(bar <= {BAR_FID_RATIO}: {'met' if ratio <= BAR_FID_RATIO else 'NOT met'})")
     if cc is not None:
         print(f"class consistency at cfg {sp.cfg_scale} = {cc:.3f} "

@@ -9,7 +9,7 @@
 # Training throughput, bench/bench_train.py on the idle 2-core CPU (batch 64, 16x16x4 latents): Ti/8 990 img/s,
 # Ti/4 425 (adaLN 398, cross-attention 333, in-context 429), Ti/2 118, S/4 68.5, i.e. ~30 min of training for the
 # 7 runs; 4 curve points of 400 samples each, ~9 min; the data stages once, ~7 min. See docs/results.md for the
-# measured wall time.
+# measured wall time (67 min).
 #
 #   sweeps/offline.sh                 # queue the 7 runs, run them, write docs/results.md
 #   DRY_RUN=1 sweeps/offline.sh       # print the commands

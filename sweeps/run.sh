@@ -10,7 +10,7 @@
 #   - COND_MODEL with adaLN, cross-attention and in-context (its adaLN-Zero run must be among the MODELs): Fig. 5.
 # Names are <profile without "sweep-">-<size><patch>-<conditioning>, e.g. offline-Ti4-adaLN-Zero.
 # Then `dvc exp run --run-all --jobs 1` (this runs *every* queued experiment, also ones queued before) and
-# `python -m pipeline.report --exp <these names>`. Data stages (ingest, vae, encode, reference) run in the first
+# `python -m pipeline.report --all-commits --exp <these names>`. Data stages (ingest, vae, encode, reference) run in the first
 # experiment only; the others restore them from DVC's run cache.
 #
 # Commit your changes first: a queued experiment runs a copy of the last commit plus the tracked files' changes.
@@ -55,4 +55,4 @@ for i in "${!variants[@]}"; do
 done
 [ "${QUEUE_ONLY:-0}" = 1 ] && { echo "queued ${names[*]}; run: dvc exp run --run-all --jobs 1"; exit 0; }
 run dvc exp run --run-all --jobs 1
-run python -m pipeline.report --exp "${names[@]}"
+run python -m pipeline.report --all-commits --exp "${names[@]}"  # --all-commits: the baseline may have moved on

@@ -1,8 +1,12 @@
 """The procedurally drawn shape dataset behind `ingest.source: synthetic`, the offline default.
 
-Class = shape. Colours, size, position, rotation and background vary within every class, so colour is no shortcut;
-image `index` depends only on (seed, index), so any worker can draw any image and the set has the same bytes on
-every machine. `pipeline.data` turns these images into `dit-images` shards like any other source.
+Class = shape. Foreground colour, background colour and gradient, and size vary within every class, so colour is no
+shortcut; image `index` depends only on (seed, index), so any worker can draw any image and the set has the same
+bytes on every machine. `pipeline.data` turns these images into `dit-images` shards like any other source.
+
+Shapes are centred and upright, and there is no pixel noise (generator version 2). With the position and rotation
+jitter of version 1 the default DiT-Ti/2 still drew blobs after its CPU budget (class consistency 0.22 at cfg 1.5 after
+1,500 steps, 0.29 after 4,000); with them fixed its samples take the class's shape (0.78 after 2,500 steps).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "bars", "star", "x", "frame", "crescent")
-GENERATOR_VERSION = 1  # bump when the drawing code changes, so manifests tell the datasets apart
+GENERATOR_VERSION = 2  # bump when the drawing code changes, so manifests tell the datasets apart
 
 
 def draw_image(seed: int, index: int, num_classes: int, image_size: int) -> tuple[np.ndarray, int]:
@@ -22,10 +26,9 @@ def draw_image(seed: int, index: int, num_classes: int, image_size: int) -> tupl
     supersample = 4  # draw the mask at 4x and box-filter it down: anti-aliased edges
     canvas = image_size * supersample
     mask = Image.new("L", (canvas, canvas), 0)
-    radius = rng.uniform(0.24, 0.40) * canvas
-    center = canvas / 2 + rng.uniform(-0.14, 0.14, size=2) * canvas
-    angle = rng.uniform(-np.pi / 9, np.pi / 9)  # +-20 deg: keeps cross and x (45 deg apart) distinct
-    _draw_shape(ImageDraw.Draw(mask), CLASSES[label], center, radius, angle)
+    radius = rng.uniform(0.32, 0.42) * canvas
+    center = np.full(2, canvas / 2)
+    _draw_shape(ImageDraw.Draw(mask), CLASSES[label], center, radius, angle=0.0)
     alpha = np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX), np.float64)[..., None] / 255
 
     ramp = np.linspace(-0.5, 0.5, image_size)
@@ -36,7 +39,7 @@ def draw_image(seed: int, index: int, num_classes: int, image_size: int) -> tupl
     foreground = rng.uniform(0, 255, size=3)
     while np.linalg.norm(foreground - background.mean((0, 1))) < 90:  # keep the shape visible
         foreground = rng.uniform(0, 255, size=3)
-    pixels = background * (1 - alpha) + foreground * alpha + rng.normal(0, 6, size=background.shape)
+    pixels = background * (1 - alpha) + foreground * alpha
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), label
 
 

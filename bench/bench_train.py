@@ -3,7 +3,7 @@
 Each step is exactly the stage's: seeded draws, posterior sample and flip from the latents store, timesteps and
 noise, forward + hybrid loss (MSE + VB), backward, grad norm, AdamW (fused on CUDA), foreach EMA.
 
-    python bench/bench_train.py                  # CPU: the offline default of params.yaml (DiT-Ti/2, 8x8x4, batch 64)
+    python bench/bench_train.py                  # CPU: the offline default of params.yaml (DiT-Ti/2, 8x8x4, batch 32)
     python bench/bench_train.py --device cuda    # DiT-XL/2 and DiT-B/2, latent 32x32x4, batch 256, bf16, compiled
     python bench/bench_train.py --device cuda --model DiT-B/2 \
         --compile-mode default reduce-overhead max-autotune-no-cudagraphs

@@ -5,7 +5,8 @@ Prints, for one seeded set of conditional samples scored with the reference stag
 - the same architecture untrained (seeded init), the baseline of the bar "FID at most 0.5x the untrained FID";
 - the VAE's reconstructions of as many real images (their posterior mean decoded): the ceiling any DiT on these
   latents can reach;
-- optionally the paper's sampler, 250 DDPM steps, on the trained model (`--ddpm250`: slow on a CPU).
+- optionally the paper's sampler, 250 DDPM steps, and 25 DPM-Solver++ steps on the trained model (`--ddpm250`:
+  slow on a CPU).
 
     python bench/quality.py                      # the default number of samples (sample.num_fid_samples)
     python bench/quality.py --num-samples 400 --ddpm250
@@ -57,7 +58,9 @@ def main() -> None:
     labels = make_labels(sp.labels, indices, num_classes, sp.seed)
 
     runs = [("untrained", untrained, sp.sampler, sp.steps), ("trained", trained, sp.sampler, sp.steps)]
-    if args.ddpm250:
+    if args.ddpm250:  # the comparison: 25 DPM-Solver++ steps against the paper's 250 DDPM steps
+        if (sp.sampler, sp.steps) != ("dpm-solver++", 25):
+            runs.append(("trained", trained, "dpm-solver++", 25))
         runs.append(("trained", trained, "ddpm", 250))
     rows = []
     real, real_labels, _ = read_images(args.images)

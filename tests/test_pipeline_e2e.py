@@ -23,7 +23,7 @@ REDUCED = {
     "vae": {"train_steps": 40, "holdout": 40},
     "train": {"train_steps": 20, "global_batch_size": 16, "ckpt_every": 10, "log_every": 5, "sample_every": 10},
     "reference": {"classifier_steps": 30, "holdout": 40},
-    "sample": {"num_fid_samples": 48, "steps": 4, "batch_size": 16, "shard_size": 16},
+    "sample": {"num_fid_samples": 48, "steps": 4, "batch_size": 16, "micro_batch": 8, "shard_size": 16},
     "evaluate": {"kid_subset_size": 24, "kid_subsets": 2},
     "curve": {"num_samples": 32, "steps": 4, "batch_size": 16},
 }

@@ -314,8 +314,8 @@ def test_stale_or_mismatched_checkpoints_are_rejected(dirs, tmp_path):
 def test_params_yaml_section_loads_and_is_checked():
     p = load_section(S.SampleParams, "sample", "params.yaml")
     S.check_params(p)
-    with pytest.raises(ValueError, match="multiple of sample.micro_batch=8"):
-        S.check_params(dataclasses.replace(p, shard_size=250))
+    with pytest.raises(ValueError, match=f"multiple of sample.micro_batch={p.micro_batch}"):
+        S.check_params(dataclasses.replace(p, shard_size=p.micro_batch * 8 + 1))
 
 
 def test_actor_plan():

@@ -1,8 +1,8 @@
 """The `curve` stage: FID over training, from every checkpoint the train stage kept (paper Figs. 5, 6 and 8).
 
 For each `models/checkpoints/ckpt-*.pt`, oldest first, the EMA weights are rebuilt from the checkpoint's own
-model_config (sample.build_dit: no architecture is declared here), `curve.num_samples` images are drawn with the
-curve's sampler settings by sample.generate_images and scored against data/reference with the reference's own
+model_config (generate.build_dit: no architecture is declared here), `curve.num_samples` images are drawn with the
+curve's sampler settings and the checkpoint's own diffusion by generate.generate_images and scored against data/reference with the reference's own
 extractor (metrics.evaluate_images). Image i comes from (seed, i) with label i % num_classes, so every checkpoint
 of every experiment sees the same noise and labels: differences between points are the models', not the draws'.
 
@@ -29,9 +29,11 @@ from pipeline.artifacts import ArtifactError, atomic_write, atomic_write_json, s
 from pipeline.checkpoints import RESUME_KEYS, list_checkpoints, load_checkpoint
 from pipeline.features import load_extractor, select_device
 from pipeline.flops import build_on_meta, count_gflops_latent
-from pipeline.metrics import EvaluateParams, evaluate_images, load_reference
+from pipeline.formats.model_card import read_diffusion
+from pipeline.formats.reference_stats import load_reference
+from pipeline.generate import build_dit, generate_images, make_labels
+from pipeline.metrics import EvaluateParams, evaluate_images
 from pipeline.model import DiT
-from pipeline.sample import build_dit, generate_images, make_labels
 from pipeline.vae import load_vae
 
 LABELS = "balanced"  # label of sample i = i % num_classes: every class equally often at every point
@@ -111,10 +113,11 @@ def evaluate_checkpoint(path: Path, ckpt: dict, vae, reference, extractor, p: Cu
     indices = np.arange(p.num_samples, dtype=np.int64)
     labels = make_labels(LABELS, indices, config["num_classes"], p.seed)
     latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
+    diffusion = read_diffusion(ckpt, str(path), fix=f"delete {path.parent} and rerun `dvc repro train`")
     images = generate_images(model, vae, labels, indices, seed=p.seed, sampler=p.sampler, steps=p.steps,
                              cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels, num_classes=config["num_classes"],
                              latent_shape=latent_shape, device=device, batch_size=p.batch_size,
-                             micro_batch=p.micro_batch, precision=p.precision)
+                             micro_batch=p.micro_batch, precision=p.precision, diffusion=diffusion)
     return evaluate_images(images, labels, reference, extractor, eval_params)  # (N, H, W, 3) uint8 -> metrics
 
 

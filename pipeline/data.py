@@ -8,7 +8,8 @@ Sources (params `ingest.source`):
 Every input is counted: it becomes a row, or an entry in `skipped.json` with a reason. The stage fails when the
 rejected fraction exceeds `max_bad_fraction`, after writing the report. Same inputs + params => same shard bytes.
 
-This module is also the one reader of `dit-images` (bottom): vae, encode and reference read the shards through it.
+The shards are written through `pipeline.formats.images`, which is also their one reader: vae, encode and reference
+read them from there, without importing the sources here.
 """
 from __future__ import annotations
 
@@ -25,17 +26,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import artifacts, synthetic
 from pipeline.config import ParamsError
+from pipeline.formats.images import ShardWriter, encode_png, write_images_manifest
 
-FORMAT, VERSION, STAGE = "dit-images", 1, "ingest"
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
-PNG_COMPRESS_LEVEL = 6  # zlib's default; fixed so PNG bytes do not depend on a library default
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -164,13 +162,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, ...
     except ValueError as e:  # PIL has no conversion from this mode (e.g. LAB)
         raise _Reject("unsupported_mode", f"{img.mode}: {e}") from e
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """(H, W, 3) uint8 -> PNG bytes. A fresh image carries no metadata (no ICC, EXIF or time chunks)."""
-    buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, optimize=False)
-    return buf.getvalue()
 
 
 def preprocess(data: bytes, image_size: int, min_image_side: int) -> bytes:
@@ -343,41 +334,13 @@ def _ordered_map(work: Callable, chunks: Iterable[list], num_workers: int) -> It
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class _ShardWriter:
-    """Buffers rows and writes `shard-%05d.parquet` files of exactly `shard_size` rows (the last may be short)."""
-
-    def __init__(self, out_dir: Path, shard_size: int):
-        self.out_dir, self.shard_size = out_dir, shard_size
-        self.rows: list[Row] = []
-        self.shards: list[dict] = []
-
-    def add(self, row: Row) -> None:
-        self.rows.append(row)
-        if len(self.rows) == self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        table = pa.table({"image": pa.array([r.png for r in self.rows], pa.binary()),
-                          "label": pa.array([r.label for r in self.rows], pa.int64()),
-                          "key": pa.array([r.key for r in self.rows], pa.string())})
-        path = self.out_dir / f"shard-{len(self.shards):05d}.parquet"
-        # Fixed writer options: bytes depend only on the rows (pyarrow stores no timestamps).
-        artifacts.atomic_write(path, lambda tmp: pq.write_table(
-            table, tmp, row_group_size=len(self.rows), compression="zstd", compression_level=3,
-            use_dictionary=False, write_statistics=["label"]))
-        self.shards.append({"file": path.name, "count": len(self.rows), "sha256": artifacts.sha256_file(path)})
-        self.rows = []
-
-
 def ingest(params: IngestParams, out_dir: str | Path) -> dict:
     """Run the ingest stage into `out_dir` (owned by the stage). Returns the metrics: count, skipped, num_classes."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # until the new one is written, the directory is not valid
     source = SOURCES[params.source](params)
-    writer, skipped, seen = _ShardWriter(out, params.shard_size), [], 0
+    writer, skipped, seen = ShardWriter(out, params.shard_size), [], 0
     results = _ordered_map(source.work, source.chunks, params.num_workers)
     with closing(results), tqdm(total=source.total, unit="img", desc=f"ingest {params.source}") as bar:
         for rows in results:
@@ -396,10 +359,9 @@ def ingest(params: IngestParams, out_dir: str | Path) -> dict:
     _check_bad_fraction(len(skipped), seen, params.max_bad_fraction, report)
     count = sum(s["count"] for s in writer.shards)
     by_reason = dict(sorted(Counter(s["reason"] for s in skipped).items()))
-    artifacts.write_manifest(
-        out, FORMAT, VERSION, count=count, image_size=params.image_size, num_classes=len(source.class_names),
-        class_names=source.class_names, source=source.info, shards=writer.shards,
-        skipped={"count": len(skipped), "by_reason": by_reason})
+    write_images_manifest(out, count=count, image_size=params.image_size, class_names=source.class_names,
+                          source=source.info, shards=writer.shards,
+                          skipped={"count": len(skipped), "by_reason": by_reason})
     print(f"ingest: {count} images in {len(writer.shards)} shards -> {out}; skipped {len(skipped)} {by_reason}")
     return {"count": count, "skipped": len(skipped), "num_classes": len(source.class_names)}
 
@@ -418,58 +380,3 @@ def _check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, report: Pa
             f"{bad} of {seen} inputs read ({bad / seen:.2%}) were rejected, more than ingest.max_bad_fraction = "
             f"{max_bad_fraction:.2%}; see {report} for each key and reason. Fix the source, or raise "
             "max_bad_fraction if losing these images is acceptable")
-
-
-# ---------------------------------------------------------------------------------------------------- reading
-
-def read_manifest(images_dir: str | Path) -> dict:
-    """The `dit-images` v1 manifest of `images_dir` (ArtifactError with the fix when missing or stale)."""
-    return artifacts.read_manifest(images_dir, FORMAT, VERSION, stage=STAGE)
-
-
-def decode_png(png: bytes, image_size: int, where: str) -> np.ndarray:
-    """PNG bytes of one shard row -> (S, S, 3) uint8. The contract is an RGB S x S image: anything else is an
-    ArtifactError naming the row (`where`), not a silent conversion."""
-    with Image.open(io.BytesIO(png)) as img:
-        if img.mode != "RGB" or img.size != (image_size, image_size):
-            raise artifacts.ArtifactError(f"{where}: expected an RGB {image_size}x{image_size} image, got {img.mode} "
-                                          f"{img.size}; run `dvc repro {STAGE}`")
-        return np.asarray(img, dtype=np.uint8)
-
-
-def decode_pngs(pngs: Iterable[bytes], image_size: int, wheres: Iterable[str]) -> np.ndarray:
-    """PNG bytes (n,) -> uint8 (n, S, S, 3); `wheres` names each row for `decode_png`'s errors."""
-    return np.stack([decode_png(png, image_size, where) for png, where in zip(pngs, wheres, strict=True)])
-
-
-def read_shard(images_dir: str | Path, shard: dict, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One entry of the manifest's `shards` -> (images uint8 (n, S, S, 3), labels int64 (n,)), after checking the
-    file against the manifest's sha256 and row count."""
-    path = artifacts.require_file(Path(images_dir) / shard["file"], STAGE)
-    if artifacts.sha256_file(path) != shard["sha256"]:
-        raise artifacts.ArtifactError(f"{path} does not match the sha256 in its manifest; run `dvc repro {STAGE}`")
-    table = pq.read_table(path, columns=["image", "label"])
-    if table.num_rows != shard["count"]:
-        raise artifacts.ArtifactError(f"{path} has {table.num_rows} rows, its manifest says {shard['count']}; "
-                                      f"run `dvc repro {STAGE}`")
-    wheres = (f"{path} row {i}" for i in range(table.num_rows))
-    images = decode_pngs(table.column("image").to_pylist(), image_size, wheres)
-    return images, np.asarray(table.column("label").to_numpy(), dtype=np.int64)
-
-
-def iter_image_shards(images_dir: str | Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (images uint8 (n, S, S, 3), labels int64 (n,)) per shard, in row order; memory is one shard."""
-    manifest = read_manifest(images_dir)
-    for shard in manifest["shards"]:
-        yield read_shard(images_dir, shard, manifest["image_size"])
-
-
-def read_images(images_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """All images in memory (for training on random batches): uint8 (N, S, S, 3), labels int64 (N,), the manifest."""
-    manifest = read_manifest(images_dir)
-    parts = [read_shard(images_dir, shard, manifest["image_size"]) for shard in manifest["shards"]]
-    images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    if len(images) != manifest["count"]:
-        raise artifacts.ArtifactError(f"{images_dir}: shards hold {len(images)} images, the manifest says "
-                                      f"{manifest['count']}; run `dvc repro {STAGE}`")
-    return images, labels, manifest

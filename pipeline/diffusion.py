@@ -304,6 +304,11 @@ class GaussianDiffusion:
         return terms
 
 
+# The training diffusion of the paper and the official train.py (create_diffusion(timestep_respacing="")); with the
+# model's learn_sigma it is what a model card records under `diffusion`.
+DIT_DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000}
+
+
 def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
                      predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,
                      diffusion_steps=1000) -> GaussianDiffusion:
@@ -374,13 +379,14 @@ def guided(model, cfg_scale: float, cfg_channels: int | None, num_classes: int) 
 
 def sample(model, *, sampler: str, steps: int, shape: Sequence[int], y: torch.Tensor, cfg_scale: float,
            cfg_channels: int | None, generators: Sequence[torch.Generator] | None, num_classes: int, device,
-           progress=False, noise_schedule="linear", diffusion_steps=1000) -> torch.Tensor:
+           noise_schedule: str, diffusion_steps: int, learn_sigma: bool, progress=False) -> torch.Tensor:
     """Class-conditional samples (N, C, H, W) in model space (still scaled by the VAE's scaling factor).
 
     sampler: "ddpm" (ADM respacing to `steps`, clip_denoised=False: the official protocol), "ddim" (eta = 0) or
     "dpm-solver++". y: (N,) labels in [0, num_classes). cfg_scale != 1 uses guidance with the null label
     `num_classes`; cfg_channels guides only the first channels (3 = the official sampler, None = all eps channels).
     generators: one CPU generator per row (all of row i's noise comes from generators[i]) or None (global RNG).
+    noise_schedule, diffusion_steps, learn_sigma: the diffusion the model was trained with (its model card).
     """
     _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes)
     net = model if cfg_scale == 1.0 else guided(model, cfg_scale, cfg_channels, num_classes)
@@ -390,7 +396,8 @@ def sample(model, *, sampler: str, steps: int, shape: Sequence[int], y: torch.Te
         scheduler = dpm_solver_scheduler(noise_schedule, diffusion_steps)
         return dpm_solver_sample_loop(net, shape, steps, scheduler, noise, model_kwargs, progress)
     respacing = str(steps) if sampler == "ddpm" else f"ddim{steps}"
-    diffusion = create_diffusion(respacing, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps)
+    diffusion = create_diffusion(respacing, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                                 learn_sigma=learn_sigma)
     loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
     return loop(net, shape, noise=noise, clip_denoised=False, model_kwargs=model_kwargs, device=device,
                 progress=progress, generators=generators)

@@ -17,21 +17,16 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline import data
-from pipeline.artifacts import (
-    ArtifactError, atomic_write, atomic_write_json, read_manifest, sha256_dir, sha256_file, staged_dir, write_manifest,
-)
+from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_dir, sha256_file, staged_dir
 from pipeline.cluster import init_ray
 from pipeline.config import ParamsError
+from pipeline.formats import images as image_shards
+from pipeline.formats.latents import shard_name, write_latents_manifest, write_shard
 from pipeline.vae import encode_images, load_vae
 
-LATENTS_FORMAT = ("dit-latents", 1)
 # CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
 # conv kernels split work by thread count and round differently (measured: 1 vs 2 threads changes the last bits), so
 # latents would depend on the machine's core count. More CPU throughput comes from more actors (encode.num_actors).
@@ -58,7 +53,7 @@ class EncodeParams:
 def decode_rows(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
     """{image: PNG bytes (n,), path, key, ...} -> {image: uint8 (n, S, S, 3), ...}; the other columns pass through."""
     wheres = (f"{path} key {key}" for path, key in zip(batch["path"], batch["key"]))
-    return {**batch, "image": data.decode_pngs(batch["image"], image_size, wheres)}
+    return {**batch, "image": image_shards.decode_pngs(batch["image"], image_size, wheres)}
 
 
 class LatentEncoder:
@@ -163,11 +158,9 @@ class ShardWriter:
         return out
 
     def flush(self, s: int) -> None:
-        tensors = {k: torch.from_numpy(v) for k, v in self.pending.pop(s).items()}  # C-contiguous (np.empty)
+        arrays = self.pending.pop(s)  # C-contiguous (np.empty)
         del self.seen[s]
-        name = self.shards[s]["file"].replace("shard-", "latents-").replace(".parquet", ".safetensors")
-        atomic_write(self.out_dir / name, lambda tmp: save_file(tensors, str(tmp)))
-        self.written[s] = {"file": name, "count": len(tensors["label"]), "sha256": sha256_file(self.out_dir / name)}
+        self.written[s] = write_shard(self.out_dir, shard_name(self.shards[s]["file"]), arrays)
 
     def finish(self) -> list[dict]:
         missing = [self.shards[s]["file"] for s in range(len(self.shards)) if s not in self.written]
@@ -179,7 +172,7 @@ class ShardWriter:
 def write_latents(batches: Iterable[dict[str, np.ndarray]], images_dir: str | Path, vae_dir: str | Path,
                   out_dir: str | Path, params: EncodeParams) -> dict:
     """Drain encoded `batches` (rows with their global `index`) into `out_dir`'s shards and manifest."""
-    images = data.read_manifest(images_dir)
+    images = image_shards.read_manifest(images_dir)
     with staged_dir(out_dir) as tmp:
         writer = ShardWriter(tmp, images, params)
         with tqdm(total=images["count"], desc="encode", unit="img") as bar:
@@ -193,7 +186,7 @@ def write_latents(batches: Iterable[dict[str, np.ndarray]], images_dir: str | Pa
             num_classes=images["num_classes"], class_names=images["class_names"], image_size=images["image_size"],
             shards=writer.finish(),
         )
-        write_manifest(tmp, *LATENTS_FORMAT, **manifest)
+        write_latents_manifest(tmp, **manifest)
     return manifest
 
 
@@ -204,7 +197,7 @@ def encode_local(params: EncodeParams, images_dir: str | Path, vae_dir: str | Pa
 
     def batches():
         start = 0  # global index of the shard's first row
-        for images, labels in data.iter_image_shards(images_dir):
+        for images, labels in image_shards.iter_image_shards(images_dir):
             for i in range(0, len(images), params.batch_size):
                 j = min(i + params.batch_size, len(images))
                 yield encoder({"image": images[i:j], "label": labels[i:j], "index": np.arange(start + i, start + j)})
@@ -218,7 +211,7 @@ def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, 
     parallel and bin-packs them into read tasks), so rows find their place by key, which is unique within a shard."""
     lookup, start = {}, 0
     for shard in images_manifest["shards"]:
-        keys = pq.read_table(Path(images_dir) / shard["file"], columns=["key"]).column("key").to_pylist()
+        keys = image_shards.read_keys(images_dir, shard)
         if len(set(keys)) != len(keys):
             raise ArtifactError(f"{images_dir}/{shard['file']} repeats keys; keys must be unique, "
                                 "run `dvc repro ingest`")
@@ -230,9 +223,9 @@ def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, 
 def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
     """Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
     each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
-    import ray  # here, not at the top: training imports this module for load_latents and needs no Ray
+    import ray  # here, not at the top: importing this module needs no Ray
 
-    images = data.read_manifest(images_dir)
+    images = image_shards.read_manifest(images_dir)
     lookup = row_index(images_dir, images)
     init_ray()
     check_resources(params)
@@ -288,20 +281,3 @@ def run_encode(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
           f"with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} actor(s)")
     atomic_write_json(metrics_path, metrics)
     return metrics
-
-
-def load_latents(latents_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The manifest and all shards concatenated: `label` int64 (N,), and `mean` + `std` or `sample` (N, F, C, h, w),
-    unscaled, in the stored dtype. Holds the whole set in memory (fine for the latents of ~1M 256px images in fp16
-    on a training node: ImageNet's fp16 means with flips take about 21 GB)."""
-    manifest = read_manifest(latents_dir, *LATENTS_FORMAT, stage="encode")
-    parts: dict[str, list[torch.Tensor]] = {}
-    for shard in manifest["shards"]:
-        with safe_open(str(Path(latents_dir) / shard["file"]), "pt") as f:
-            for key in f.keys():
-                parts.setdefault(key, []).append(f.get_tensor(key))
-    tensors = {key: torch.cat(values) for key, values in parts.items()}
-    if len(tensors["label"]) != manifest["count"]:
-        raise ArtifactError(f"{latents_dir} holds {len(tensors['label'])} rows, its manifest says "
-                            f"{manifest['count']}; run `dvc repro encode`")
-    return manifest, tensors

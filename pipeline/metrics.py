@@ -21,14 +21,14 @@ import torch
 from cleanfid import fid as cleanfid
 from scipy.special import log_softmax
 
-from pipeline.artifacts import ArtifactError, atomic_write_json, read_manifest, require_file, sha256_file
+from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file
 from pipeline.config import load_section
 from pipeline.features import (Extracted, Extractor, InceptionExtractor, load_extractor, resolve_inception_weights,
                                select_device)
-from pipeline.reference import REFERENCE_FORMAT, REFERENCE_VERSION, STATS_FILE
+from pipeline.formats.model_card import read_model_json
+from pipeline.formats.reference_stats import Reference, load_reference
+from pipeline.formats.samples import SAMPLES_FILE, read_samples, read_samples_manifest
 
-SAMPLES_FORMAT, SAMPLES_VERSION = "dit-samples", 1
-SAMPLES_FILE = "samples.npz"
 # What evaluate copies from the sample stage's manifest into the protocol.
 SAMPLE_PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "seed",
                         "checkpoint_sha256")
@@ -151,30 +151,6 @@ def class_consistency(logits: np.ndarray, labels: np.ndarray) -> float:
 # Putting them together
 
 
-@dataclass(frozen=True)
-class Reference:
-    mu: np.ndarray  # (D,) float64
-    sigma: np.ndarray  # (D, D) float64
-    features: np.ndarray  # (N, D) float32
-    image_size: int
-    num_classes: int | None
-    description: dict  # what the protocol records about it
-
-
-def load_reference(directory: str | Path) -> Reference:
-    manifest = read_manifest(directory, REFERENCE_FORMAT, REFERENCE_VERSION, "reference")
-    path = require_file(Path(directory) / STATS_FILE, "reference")
-    stats_sha256 = sha256_file(path)
-    if stats_sha256 != manifest["stats_sha256"]:
-        raise ArtifactError(f"{path} does not match its manifest's sha256; run `dvc repro reference`")
-    with np.load(path) as stats:
-        mu, sigma, features = stats["mu"], stats["sigma"], stats["features"]
-    description = {"extractor": manifest["extractor"], "extractor_mode": manifest["mode"],
-                   "feature_dim": manifest["feature_dim"], "reference_count": manifest["count"],
-                   "reference_features": manifest["features_kept"], "reference_stats_sha256": stats_sha256}
-    return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description)
-
-
 def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Reference, extractor_name: str,
                       params: EvaluateParams, device: torch.device) -> dict:
     """All metrics of the samples' features and logits against the reference.
@@ -198,20 +174,6 @@ def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Ref
             "precision": precision, "recall": recall, "class_consistency": consistency, "notes": notes}
 
 
-def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """An ADM-format batch: arr_0 uint8 (N, H, W, 3), optional labels int (N,)."""
-    with np.load(require_file(path, "sample")) as data:
-        if "arr_0" not in data:
-            raise ArtifactError(f"{path}: no arr_0; ADM's format is np.savez(path, images_uint8_NHWC[, labels])")
-        images = data["arr_0"]
-        labels = data["labels"] if "labels" in data else None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ArtifactError(f"{path}: arr_0 must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
-    if labels is not None and labels.shape != (len(images),):
-        raise ArtifactError(f"{path}: labels must be ({len(images)},), got {labels.shape}")
-    return images, labels
-
-
 def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Reference, extractor: Extractor,
                     params: EvaluateParams) -> dict:
     if images.shape[1:3] != (reference.image_size, reference.image_size):
@@ -231,11 +193,11 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Re
 
 def sample_protocol(samples_dir: str | Path, model_dir: str | Path) -> dict:
     """The sample stage's settings, checked against the checkpoint the DiT stage wrote."""
-    manifest = read_manifest(samples_dir, SAMPLES_FORMAT, SAMPLES_VERSION, "sample")
+    manifest = read_samples_manifest(samples_dir)
     missing = [k for k in SAMPLE_PROTOCOL_KEYS if k not in manifest]
     if missing:
         raise ArtifactError(f"{samples_dir}/manifest.json lacks {missing}; run `dvc repro sample`")
-    model = json.loads(require_file(Path(model_dir) / "model.json", "train").read_text())
+    model = read_model_json(model_dir)
     if "ema_sha256" not in model:
         raise ArtifactError(f"{model_dir}/model.json lacks ema_sha256; run `dvc repro train`")
     if model["ema_sha256"] != manifest["checkpoint_sha256"]:

@@ -25,6 +25,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from pipeline.formats.model_card import read_model_json
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT_PATH = "model"  # the LoggedModel's name inside the run
 SAMPLER_KEYS = ("seed", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "micro_batch", "precision")  # as `sample`
@@ -38,16 +40,18 @@ class DiTImageModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from pipeline.sample import load_models, read_model_card
+        from pipeline.formats.model_card import read_diffusion, read_model_card
+        from pipeline.generate import load_models
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.card = read_model_card(context.artifacts["dit"])  # checks ema.pt against model.json's sha256
         self.model, self.vae = load_models(self.card, context.artifacts["vae"], self.device)
+        self.diffusion = read_diffusion(self.card, "the registered model's model.json")
         self.defaults = json.loads(Path(context.artifacts["sampler"]).read_text())
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         """(N,) int labels -> uint8 (N, H, W, 3)."""
-        from pipeline.sample import generate_images
+        from pipeline.generate import generate_images
 
         labels = np.asarray(model_input).reshape(-1)
         num_classes = self.card["num_classes"]
@@ -61,7 +65,7 @@ class DiTImageModel(mlflow.pyfunc.PythonModel):
             cfg_channels=self.defaults["cfg_channels"], num_classes=num_classes, device=self.device,
             latent_shape=tuple(self.card["latent_shape"]), batch_size=int(self.defaults["batch_size"]),
             micro_batch=int(self.defaults["micro_batch"]),  # fixes the pixels, as in the sample stage
-            precision=str(self.defaults["precision"]),
+            precision=str(self.defaults["precision"]), diffusion=self.diffusion,
         )
 
 
@@ -71,7 +75,7 @@ def requirements() -> list[str]:
 
 def image_size(dit_dir: str | Path, vae_dir: str | Path) -> tuple[int, int]:
     """(H, W) of the decoded images: the latent size times the VAE's downsample factor (one per extra block)."""
-    card = json.loads((Path(dit_dir) / "model.json").read_text())
+    card = read_model_json(dit_dir)
     vae_config = json.loads((Path(vae_dir) / "config.json").read_text())
     downsample = 2 ** (len(vae_config["block_out_channels"]) - 1)
     _, h, w = card["latent_shape"]
@@ -86,7 +90,7 @@ def log_pyfunc(dit_dir: str | Path, vae_dir: str | Path, sampler_defaults: dict)
     missing = [k for k in SAMPLER_KEYS if k not in sampler_defaults]
     if missing:
         raise ValueError(f"sampler_defaults lacks {missing}; pass the sample section's {list(SAMPLER_KEYS)}")
-    card = json.loads((Path(dit_dir) / "model.json").read_text())
+    card = read_model_json(dit_dir)
     h, w = image_size(dit_dir, vae_dir)
     example = np.arange(min(2, card["num_classes"]), dtype=np.int64)  # (2,) labels
     signature = infer_signature(example, np.zeros((len(example), h, w, 3), np.uint8),

@@ -9,7 +9,6 @@ subset of `max_features`, as ADM's reference batches keep 10,000), plus `extract
 from __future__ import annotations
 
 import time
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import data
-from pipeline.artifacts import ArtifactError, atomic_write, sha256_file, write_manifest
+from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.formats import images as image_shards
+from pipeline.formats.reference_stats import STATS_FILE, write_npz, write_reference_manifest
 from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtractor, build_classifier,
                                classifier_arch, resolve_inception_weights, save_extractor,
                                select_device)
-
-REFERENCE_FORMAT, REFERENCE_VERSION = "dit-reference", 1
-STATS_FILE = "stats.npz"
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,7 @@ def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, para
     keep = kept_rows(manifest["count"], params.max_features, params.seed)
     moments, features, labels, offset = Moments(), [], [], 0
     with tqdm(total=manifest["count"], desc=f"reference {extractor.name} features", unit="img") as bar:
-        for images, y in data.iter_image_shards(images_dir):
+        for images, y in image_shards.iter_image_shards(images_dir):
             f = extractor.extract(images, params.batch_size, pbar=bar).features  # (n, D) float64
             moments.add(f)
             rows = keep[(keep >= offset) & (keep < offset + len(f))] - offset
@@ -163,35 +160,23 @@ def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, para
     return mu, sigma, np.concatenate(features), np.concatenate(labels)
 
 
-def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
-    """An uncompressed .npz with fixed zip timestamps, so equal arrays give equal bytes (np.savez stamps the time)."""
-    def write(tmp: Path) -> None:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
-            for name, array in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                with zf.open(info, "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
-    return atomic_write(path, write)
-
-
 def build_reference(images_dir: str | Path, out_dir: str | Path, params: ReferenceParams) -> dict:
     """Run the stage: write `out_dir` (dit-reference v1) and return the stage metrics."""
     start = time.time()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     device = select_device(params.use_gpu, "reference")
     if params.extractor == "classifier":
-        images, labels, manifest = data.read_images(images_dir)
+        images, labels, manifest = image_shards.read_images(images_dir)
     else:  # Inception needs no training data in memory: the features are extracted shard by shard below
         images = labels = None
-        manifest = data.read_manifest(images_dir)
+        manifest = image_shards.read_manifest(images_dir)
     extractor, accuracy = build_extractor(images, labels, manifest["num_classes"], params, device)
     del images
     mu, sigma, features, labels = extract_dataset(images_dir, manifest, extractor, params)
     stats_path = write_npz(out_dir / STATS_FILE, mu=mu, sigma=sigma, features=features, labels=labels)
     config = save_extractor(out_dir, extractor, params.inception_weights)
-    write_manifest(
-        out_dir, REFERENCE_FORMAT, REFERENCE_VERSION,
-        extractor=extractor.name, mode=extractor.mode, count=manifest["count"], feature_dim=len(mu),
+    write_reference_manifest(
+        out_dir, extractor=extractor.name, mode=extractor.mode, count=manifest["count"], feature_dim=len(mu),
         features_kept=len(features), image_size=manifest["image_size"], num_classes=manifest["num_classes"],
         class_names=manifest["class_names"], classifier_holdout=params.holdout if accuracy is not None else None,
         classifier_accuracy=accuracy, images_manifest_sha256=sha256_file(images_dir / "manifest.json"),

@@ -240,7 +240,7 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
              out_metrics: str | Path) -> dict:
     """Register the evaluated model as a version (or find it), set `challenger`, maybe move `champion`, and write
     the decision to `out_metrics`."""
-    from pipeline.sample import read_model_card
+    from pipeline.formats.model_card import read_model_card
 
     if not tracking.enabled:
         result = {"registered": False, "model_name": params.model_name, "reason": "tracking.enabled is false: "

@@ -46,18 +46,16 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from pipeline.artifacts import (ArtifactError, atomic_write, require_file, sha256_dir, sha256_file,
-                                write_manifest)
+from pipeline.artifacts import atomic_write, require_file, sha256_dir, sha256_file
 from pipeline.config import from_dict, read_yaml
-from pipeline.diffusion import sample as diffusion_sample
-from pipeline.model import DiT, DiT_models
-from pipeline.vae import decode_latents, load_vae
+from pipeline.diffusion import DIT_DIFFUSION
+from pipeline.formats.model_card import read_diffusion, read_model_card
+from pipeline.formats.samples import save_npz, write_samples
+from pipeline.generate import generate_images, load_models, make_grid, make_labels
+from pipeline.model import DiT_models
 
-FORMAT, VERSION = "dit-samples", 1
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
-GRID_MAX_CLASSES = 32  # display only: 1000 rows of 256 px images would make a 256k-pixel-tall PNG
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
-CARD_KEYS = ("model", "model_kwargs", "latent_shape", "scaling_factor", "num_classes")
 
 
 @dataclass(frozen=True)
@@ -90,45 +88,7 @@ def check_params(p: SampleParams) -> None:
                          f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
 
 
-# --- seeds and labels -------------------------------------------------------------------------------------------
-
-def sample_seed(seed: int, index: int, stream: str) -> int:
-    """63-bit generator seed of sample `index`'s `stream` ("noise" or "label"): a hash, so unlike seed * K + i no
-    two (seed, index) pairs can collide, and the label draw never shifts the noise stream."""
-    digest = hashlib.sha256(f"dit-sample/{stream}/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def generators(seed: int, indices: np.ndarray, stream: str) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(sample_seed(seed, int(i), stream)) for i in indices]
-
-
-def make_labels(mode: str, indices: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
-    """int64 (N,) class of each global index: balanced = i % num_classes, uniform = a seeded draw per index."""
-    if mode == "balanced":
-        return (np.asarray(indices) % num_classes).astype(np.int64)
-    if mode == "uniform":
-        draws = [torch.randint(num_classes, (1,), generator=g) for g in generators(seed, indices, "label")]
-        return torch.cat(draws).numpy().astype(np.int64) if draws else np.zeros(0, np.int64)
-    raise ValueError(f"unknown labels mode {mode!r}; use 'balanced' or 'uniform'")
-
-
 # --- the checkpoint ---------------------------------------------------------------------------------------------
-
-def read_model_card(dit_dir: str | Path) -> dict:
-    """models/dit/model.json plus the EMA path and its verified sha256."""
-    dit_dir = Path(dit_dir)
-    card = json.loads(require_file(dit_dir / "model.json", "train").read_text())
-    missing = [k for k in CARD_KEYS if k not in card]
-    if missing:
-        raise ArtifactError(f"{dit_dir}/model.json lacks {missing}; run `dvc repro train`")
-    ema = require_file(dit_dir / "ema.pt", "train")
-    sha = sha256_file(ema)
-    if card.get("ema_sha256") not in (None, sha):
-        raise ArtifactError(f"{ema} (sha256 {sha[:12]}) is not the file model.json describes "
-                            f"({card['ema_sha256'][:12]}); run `dvc repro train`")
-    return {**card, "checkpoint": str(ema), "checkpoint_sha256": sha}
-
 
 def official_card(ckpt: str | Path, model: str, image_size: int, vae_dir: str | Path) -> dict:
     """The card of an official checkpoint, which carries no config: ImageNet classes, latent from the VAE."""
@@ -145,97 +105,9 @@ def official_card(ckpt: str | Path, model: str, image_size: int, vae_dir: str | 
         net = DiT_models[model](input_size=latent_shape[1], in_channels=latent_shape[0],
                                 num_classes=OFFICIAL_NUM_CLASSES)
     return {"model": model, "model_kwargs": net.config, "latent_shape": latent_shape, "scaling_factor": None,
+            "diffusion": {**DIT_DIFFUSION, "learn_sigma": net.config["learn_sigma"]},
             "num_classes": OFFICIAL_NUM_CLASSES, "class_names": None, "image_size": image_size,
             "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt)}
-
-
-def build_dit(card: dict, device) -> DiT:
-    """The model rebuilt from the card's own config, EMA weights loaded strictly, in eval mode."""
-    model = DiT.from_config(card["model_kwargs"])
-    state = torch.load(card["checkpoint"], map_location="cpu", weights_only=True)
-    if isinstance(state.get("ema"), dict):  # a training checkpoint (official train.py or ours): take its EMA
-        state = state["ema"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ArtifactError(f"{card['checkpoint']} does not fit {card['model']} {card['model_kwargs']} (for an "
-                            f"official checkpoint, check --model and --image-size): {e}") from e
-    return model.to(device).eval()
-
-
-def load_dit(dit_dir: str | Path, device) -> tuple[DiT, dict]:
-    card = read_model_card(dit_dir)
-    return build_dit(card, device), card
-
-
-def load_models(card: dict, vae_dir: str | Path, device):
-    """(DiT, VAE) on `device`; checks that the model was trained on latents of this VAE's scale."""
-    model, vae = build_dit(card, device), load_vae(vae_dir, device)
-    trained_scale = card["scaling_factor"]
-    if trained_scale is not None and not math.isclose(trained_scale, vae.config.scaling_factor, rel_tol=1e-6):
-        raise ArtifactError(f"the DiT was trained on latents scaled by {trained_scale} but {vae_dir} has "
-                            f"scaling_factor {vae.config.scaling_factor}; run `dvc repro encode train`")
-    return model, vae
-
-
-# --- generation -------------------------------------------------------------------------------------------------
-
-class FixedShapeNet:
-    """The DiT as the sampler sees it, run on blocks of exactly `rows` rows whatever the batch, so that every
-    network call has one shape. The sampler's inputs are whole blocks; with guidance they are [cond; uncond]
-    (official layout) and each block's cond rows go with its own uncond rows."""
-
-    training = False
-
-    def __init__(self, model: DiT, rows: int):
-        self.model, self.rows = model, rows
-
-    def __call__(self, x, t, y):  # (N, C, H, W), (N,), (N,) -> (N, 2C, H, W)
-        r = self.rows
-        return torch.cat([self.model(x[s:s + r], t[s:s + r], y[s:s + r]) for s in range(0, len(x), r)])
-
-    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels):  # x (2N, C, H, W) = [cond; uncond]
-        n, r = len(x) // 2, self.rows
-        outs = []
-        for s in range(0, n, r):
-            pair = [torch.cat([v[s:s + r], v[n + s:n + s + r]]) for v in (x, t, y)]
-            outs.append(self.model.forward_with_cfg(*pair, cfg_scale=cfg_scale, cfg_channels=cfg_channels))
-        return torch.cat([o[:r] for o in outs] + [o[r:] for o in outs])
-
-
-def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed: int, sampler: str, steps: int,
-                    cfg_scale: float, cfg_channels: int | None, num_classes: int, latent_shape: tuple, device,
-                    batch_size: int, micro_batch: int, precision: str, progress: bool = False) -> np.ndarray:
-    """uint8 (N, H, W, 3) images of global samples `indices` (N,) with classes `labels` (N,).
-
-    Image i depends only on (seed, indices[i], labels[i]) and the sampling settings, never on N, on batch_size
-    or on which worker made it, for a given `micro_batch` (see the module docstring). `batch_size` images share
-    one sampler loop."""
-    labels, indices = np.asarray(labels, dtype=np.int64), np.asarray(indices, dtype=np.int64)
-    if labels.shape != indices.shape or labels.ndim != 1 or len(np.unique(indices)) != len(indices):
-        raise ValueError(f"labels and indices must be 1-D of one length with distinct indices, got "
-                         f"{labels.shape} and {indices.shape}")
-    if batch_size < 1 or (indices < 0).any():
-        raise ValueError(f"need batch_size >= 1 (got {batch_size}) and indices >= 0")
-    wanted = dict(zip(indices.tolist(), labels.tolist()))
-    blocks = np.unique(indices // micro_batch)
-    per_loop = math.ceil(batch_size / micro_batch)
-    net, found = FixedShapeNet(model, micro_batch), {}
-    for start in tqdm(range(0, len(blocks), per_loop), desc="batches", disable=not progress):
-        rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
-        y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
-        bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with torch.inference_mode():
-            with bf16:
-                z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
-                                     cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                                     generators=generators(seed, rows, "noise"), num_classes=num_classes,
-                                     device=device)
-            images = torch.cat([decode_latents(vae, block) for block in z.split(micro_batch)]).numpy()
-        found.update((i, image) for i, image in zip(rows.tolist(), images) if i in wanted)
-    if not len(indices):
-        return np.zeros((0, 0, 0, 3), np.uint8)
-    return np.stack([found[i] for i in indices.tolist()])
 
 
 # --- shards -----------------------------------------------------------------------------------------------------
@@ -280,14 +152,6 @@ def shard_is_done(path: Path, indices: np.ndarray) -> bool:
         return np.array_equal(f["indices"], indices)
 
 
-def save_npz(path: Path, **arrays: np.ndarray) -> Path:
-    """Atomic, uncompressed np.savez (ADM's evaluator reads samples.npz's arr_0 this way)."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append ".npz" to the temp name
-            np.savez(f, **arrays)
-    return atomic_write(path, write)
-
-
 class ShardWorker:
     """Loads the DiT and the VAE once, then turns shard ids into images; in-process or as a Ray actor."""
 
@@ -296,6 +160,7 @@ class ShardWorker:
         if p.compile:  # forward_with_cfg calls self.forward, so this covers guided sampling too
             self.model.forward = torch.compile(self.model.forward)
         self.card, self.p, self.device = card, p, device
+        self.diffusion = read_diffusion(card, f"the model card of {card['checkpoint']}")
 
     def generate(self, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         p, card = self.p, self.card
@@ -305,7 +170,7 @@ class ShardWorker:
                                  steps=p.steps, cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels,
                                  num_classes=card["num_classes"], latent_shape=tuple(card["latent_shape"]),
                                  device=self.device, batch_size=p.batch_size, micro_batch=p.micro_batch,
-                                 precision=p.precision)
+                                 precision=p.precision, diffusion=self.diffusion)
         return k, images, labels, indices
 
 
@@ -362,17 +227,6 @@ def read_shards(shard_dir: Path, p: SampleParams) -> tuple[np.ndarray, np.ndarra
 
 # --- outputs ----------------------------------------------------------------------------------------------------
 
-def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
-    """uint8 (rows * H, per_class * W, 3): row c holds the first `per_class` samples of class c in index order,
-    black where a class has fewer; rows = min(num_classes, GRID_MAX_CLASSES)."""
-    rows, (h, w) = min(num_classes, GRID_MAX_CLASSES), images.shape[1:3]
-    grid = np.zeros((rows, per_class, h, w, 3), np.uint8)
-    for c in range(rows):
-        picked = np.flatnonzero(labels == c)[:per_class]
-        grid[c, : len(picked)] = images[picked]
-    return grid.transpose(0, 2, 1, 3, 4).reshape(rows * h, per_class * w, 3)
-
-
 def with_row_names(grid: np.ndarray, names: list[str], row_height: int) -> np.ndarray:
     """The grid with a white left margin carrying each row's class name."""
     font = ImageFont.load_default()
@@ -387,20 +241,18 @@ def with_row_names(grid: np.ndarray, names: list[str], row_height: int) -> np.nd
 
 def write_outputs(out_dir: Path, images: np.ndarray, labels: np.ndarray, card: dict, p: SampleParams,
                   vae_sha256: str) -> None:
-    save_npz(out_dir / "samples.npz", arr_0=images, labels=labels)
     grid = make_grid(images, labels, card["num_classes"], p.grid_per_class)
     if card.get("class_names"):
         rows = grid.shape[0] // images.shape[1]
         grid = with_row_names(grid, card["class_names"][:rows], row_height=images.shape[1])
     atomic_write(out_dir / "grid.png", lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
-    write_manifest(
-        out_dir, FORMAT, VERSION, num_samples=len(images), sampler=p.sampler, steps=p.steps,
+    write_samples(
+        out_dir, images, labels, sampler=p.sampler, steps=p.steps,
         cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels, labels=p.labels, seed=p.seed,
         image_size=int(images.shape[1]), latent_shape=list(card["latent_shape"]), model=card["model"],
         num_classes=card["num_classes"], class_names=card.get("class_names"),
         checkpoint_sha256=card["checkpoint_sha256"], vae_sha256=vae_sha256, micro_batch=p.micro_batch, precision=p.precision,
-        shard_size=p.shard_size, samples_sha256=sha256_file(out_dir / "samples.npz"),
-        label_counts=np.bincount(labels, minlength=card["num_classes"]).tolist(),
+        shard_size=p.shard_size,
     )
 
 

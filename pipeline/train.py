@@ -17,8 +17,6 @@ writes checkpoints, the CSV log, MLflow records and the progress bar. The driver
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import math
 import os
@@ -29,28 +27,23 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.artifacts import (
-    ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, read_manifest, require_file, sha256_file,
+    ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
 from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint,
     restore_rng, resume_mismatch, save_checkpoint,
 )
 from pipeline.config import from_dict, to_dict
-from pipeline.diffusion import create_diffusion, sample
-from pipeline.encode import LATENTS_FORMAT, load_latents
+from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
+from pipeline.formats.latents import load_latents, read_latents_manifest
+from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.tracking import Tracker, TrackingParams, run_tags
+from pipeline.train_log import Reporter, csv_text
 
-# The training diffusion of the paper and the official train.py: create_diffusion(timestep_respacing="").
-DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000}
-LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
-# The EMA sample grid logged to MLflow: a monitoring aid, not an evaluation (that is the sample stage's job).
-GRID_CLASSES, GRID_PER_CLASS, GRID_SEED = 8, 4, 0
-GRID_SAMPLER, GRID_STEPS, GRID_CFG_SCALE = "dpm-solver++", 20, 4.0  # 4.0 = the official sample.py's default
 
 
 @dataclass(frozen=True)
@@ -196,7 +189,7 @@ class TrainState:
         names = [n for n, q in self.model.named_parameters() if q.requires_grad]  # pos_embed is frozen
         self.trainable = [self.model.get_parameter(n) for n in names]
         self.ema_params = [self.ema.get_parameter(n) for n in names]
-        self.diffusion = create_diffusion("", learn_sigma=self.model.config["learn_sigma"], **DIFFUSION)
+        self.diffusion = create_diffusion("", **diffusion_record(self.model.config))
         # The diffusion maps t through timestep_map on the model's device at every call: keep the map there, so no
         # step waits on a host-to-device copy (a pageable copy synchronises the stream).
         self.diffusion.timestep_map = self.diffusion.timestep_map.to(self.device)
@@ -251,77 +244,6 @@ def run_step(s: TrainState, data: LatentBatches, step: int, rank: int, world: in
     torch.manual_seed(step_seed(s.params.seed, step, rank))  # seeds the CPU and every CUDA generator
     x, y = data.batch(step, rank, world, s.params.global_batch_size)
     return train_step(s, x, y, learning_rate(s.params, step))
-
-
-# --- rank 0's side channels ---------------------------------------------------------------------------------------
-
-class Reporter:
-    """Rank 0's outputs besides checkpoints: the CSV training log, the MLflow run (metrics, EMA sample grids) and
-    the progress bar. The log rows live in the checkpoints too, so a resumed run rewrites the CSV up to its step."""
-
-    def __init__(self, config: dict, p: TrainParams, ckpt: dict | None, start: int, latent_shape, num_classes: int):
-        self.rows = list(ckpt["log"]) if ckpt else []
-        self.csv_path = Path(config["plots"])
-        atomic_write(self.csv_path, lambda tmp: tmp.write_text(_csv_text(self.rows, header=True)))
-        self.tracker = Tracker(TrackingParams(**config["tracking"]), ckpt["mlflow_run_id"] if ckpt else None)
-        if self.tracker.run_id:
-            self.tracker.resume(system_metrics=True)
-        else:
-            self.tracker.start(os.environ.get("DVC_EXP_NAME") or f"train {p.model}",
-                               {"train": to_dict(p), "model": config["model_config"]}, config["tags"])
-        self.vae_dir, self.vae, self.latent_shape, self.num_classes = config["vae"], None, latent_shape, num_classes
-        self.pbar = progress_bar(config["distributed"], p.train_steps, start)
-
-    def log(self, row: dict) -> None:
-        self.rows.append(row)
-        with open(self.csv_path, "a") as f:
-            f.write(_csv_text([row], header=False))
-        self.tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
-        self.pbar.set_description(f"train loss {row['loss']:.4f}, {row['img_per_s']:.0f} img/s")
-
-    def sample_grid(self, ema: DiT, step: int, device: torch.device, bf16: bool) -> None:
-        if not (self.tracker.enabled and self.vae_dir):
-            return  # nowhere to log it, or no decoder
-        from pipeline.vae import decode_latents, load_vae
-
-        self.vae = self.vae or load_vae(self.vae_dir, device)
-        rows = min(self.num_classes, GRID_CLASSES)
-        y = torch.arange(rows).repeat_interleave(GRID_PER_CLASS)  # (n,)
-        generators = [torch.Generator().manual_seed(GRID_SEED + i) for i in range(len(y))]  # sample i: seed + i
-        guidance = GRID_CFG_SCALE if ema.config["class_dropout_prob"] > 0 else 1.0  # guidance needs the null label
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            z = sample(ema, sampler=GRID_SAMPLER, steps=GRID_STEPS, shape=(len(y), *self.latent_shape), y=y,
-                       cfg_scale=guidance, cfg_channels=None, generators=generators, num_classes=self.num_classes,
-                       device=device)
-        images = decode_latents(self.vae, z.float()).cpu().numpy()  # (n, H, W, 3) uint8
-        n, h, w, _ = images.shape
-        grid = images.reshape(rows, GRID_PER_CLASS, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, -1, 3)
-        self.tracker.log_image(grid, key="ema_samples", step=step)
-
-    def close(self, status: str) -> None:
-        self.pbar.close()
-        self.tracker.end(status)
-
-
-def progress_bar(distributed: bool, total: int, initial: int):
-    """tqdm in-process; Ray's tqdm in a Ray worker, whose log streaming would otherwise print every refresh."""
-    if not distributed:
-        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-    from ray.experimental import tqdm_ray
-
-    bar = tqdm_ray.tqdm(total=total, desc="train", unit="step")
-    bar.n = initial
-    bar.refresh()
-    return bar
-
-
-def _csv_text(rows: list[dict], header: bool) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
-    if header:
-        writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 # --- the loop -----------------------------------------------------------------------------------------------------
@@ -417,7 +339,8 @@ class Loop:
             "format": CHECKPOINT_FORMAT[0], "version": CHECKPOINT_FORMAT[1], "step": done,
             "model": self.s.model.state_dict(), "ema": self.s.ema.state_dict(), "opt": self.s.opt.state_dict(),
             "rng": capture_rng({"seed": self.p.seed, "epoch": epoch, "position": position}),
-            "model_config": self.s.model.config, "train_params": to_dict(self.p),
+            "model_config": self.s.model.config, "diffusion": diffusion_record(self.s.model.config),
+            "train_params": to_dict(self.p),
             "latents_sha256": self.config["latents_sha256"], "mlflow_run_id": self.reporter.tracker.run_id,
             "log": list(self.reporter.rows), "timing": dict(self.timing),
         }
@@ -445,7 +368,7 @@ def train_loop_per_worker(config: dict) -> None:
         for stale in Path(config["checkpoints"]).glob(".ckpt-*.tmp"):  # left by a process killed mid-write
             stale.unlink()
         loop.reporter = Reporter(loop.config, p, ckpt, loop.start, tuple(manifest["latent_shape"]),
-                                 manifest["num_classes"])
+                                 manifest["num_classes"], diffusion_record(model.config))
     status = "FAILED"
     try:
         loop.run()
@@ -482,7 +405,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
     metrics. Returns the metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
     `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are deleted."""
     started = time.time()
-    manifest = read_manifest(latents_dir, *LATENTS_FORMAT, stage="encode")
+    manifest = read_latents_manifest(latents_dir)
     check_params(p, manifest["count"])
     _check_vae(vae_dir, manifest)
     Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
@@ -534,17 +457,14 @@ def _check_vae(vae_dir, manifest: dict) -> None:
                             "come from different VAEs; run `dvc repro encode`")
 
 
+def diffusion_record(model_config: dict) -> dict:
+    """The diffusion this stage trains with, as the model card and the checkpoints record it."""
+    return {**DIT_DIFFUSION, "learn_sigma": model_config["learn_sigma"]}
+
+
 def write_model(out_dir, ema: dict, name: str, model_config: dict, manifest: dict, train_steps: int) -> None:
     """`ema.pt` in the official flat layout, and `model.json`: everything needed to rebuild and sample it."""
-    out_dir = Path(out_dir)
-    atomic_torch_save(out_dir / "ema.pt", {k: v.detach().cpu().contiguous() for k, v in ema.items()})
-    atomic_write_json(out_dir / "model.json", {
-        "model": name, "model_kwargs": model_config, "diffusion": DIFFUSION,
-        "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],
-        "image_size": manifest["image_size"], "num_classes": manifest["num_classes"],
-        "class_names": manifest["class_names"], "train_steps": train_steps,
-        "ema_sha256": sha256_file(out_dir / "ema.pt"),
-    })
+    write_model_card(out_dir, ema, name, model_config, diffusion_record(model_config), manifest, train_steps)
 
 
 def write_tracking_record(out_dir, tracker: Tracker) -> None:
@@ -571,7 +491,7 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
                   system_metrics=False)
     tracker.end()
     write_tracking_record(out_dir, tracker)
-    atomic_write(plots_path, lambda tmp: tmp.write_text(_csv_text([], header=True)))
+    atomic_write(plots_path, lambda tmp: tmp.write_text(csv_text([], header=True)))
     metrics = {"steps": 0, "official_checkpoint_sha256": sha256_file(path)}
     atomic_write_json(metrics_path, metrics)
     return metrics

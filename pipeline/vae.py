@@ -18,9 +18,9 @@ from diffusers import AutoencoderKL
 from huggingface_hub.errors import HFValidationError
 from tqdm import tqdm
 
-from pipeline import data
 from pipeline.artifacts import ArtifactError, atomic_write_json, staged_dir
 from pipeline.config import ParamsError
+from pipeline.formats import images as image_shards
 
 
 @dataclass(frozen=True)
@@ -223,12 +223,12 @@ def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metr
     whole ImageNet-sized dataset to pick a few hundred images."""
     start = time.perf_counter()
     if params.pretrained is None:
-        images, _, _ = data.read_images(images_dir)
+        images, _, _ = image_shards.read_images(images_dir)
         vae, holdout = train_small_vae(images, params)
     else:
         vae = load_pretrained(params.pretrained).eval()
-        manifest = data.read_manifest(images_dir)
-        images, _ = data.read_shard(images_dir, manifest["shards"][0], manifest["image_size"])
+        manifest = image_shards.read_manifest(images_dir)
+        images, _ = image_shards.read_shard(images_dir, manifest["shards"][0], manifest["image_size"])
         holdout = images[split_holdout(len(images), min(params.holdout, len(images) - 1), params.seed)[1]]
     reconstructions = reconstruct(vae, holdout, params.batch_size)
     latent = encode_images(vae, torch.from_numpy(holdout[:1]).permute(0, 3, 1, 2))[0]

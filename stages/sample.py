@@ -14,7 +14,8 @@ from PIL import Image
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.config import load_section
-from pipeline.sample import SampleParams, read_model_card, run_sample
+from pipeline.formats.model_card import read_model_card
+from pipeline.sample import SampleParams, run_sample
 from pipeline.tracking import TrackingParams, log_to_training_run
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline import data, synthetic
+from pipeline.formats import images as image_shards
 from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.config import ParamsError, from_dict, load_section
 
@@ -44,7 +45,7 @@ def shard_hashes(out: Path) -> list[str]:
 
 
 def rows(out: Path) -> list[dict]:
-    return [r for s in data.read_manifest(out)["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
+    return [r for s in image_shards.read_manifest(out)["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
 
 
 def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -90,9 +91,9 @@ def test_synthetic_is_deterministic_balanced_and_independent_of_workers(tmp_path
     assert shard_hashes(tmp_path / "workers") == shard_hashes(tmp_path / "a")
 
     assert m1 == {"count": 40, "skipped": 0, "num_classes": 10}
-    _, labels, _ = data.read_images(tmp_path / "a")
+    _, labels, _ = image_shards.read_images(tmp_path / "a")
     assert np.bincount(labels).tolist() == [4] * 10
-    manifest = data.read_manifest(tmp_path / "a")
+    manifest = image_shards.read_manifest(tmp_path / "a")
     assert manifest["class_names"][:3] == ["circle", "square", "triangle"] and manifest["image_size"] == 16
     assert [s["count"] for s in manifest["shards"]] == [16, 16, 8]
     assert [s["sha256"] for s in manifest["shards"]] == shard_hashes(tmp_path / "a")
@@ -102,7 +103,7 @@ def test_synthetic_classes_are_shapes_not_colours(tmp_path):
     """A small CNN separates the 10 shapes on held-out images; the mean colour alone does not."""
     torch = pytest.importorskip("torch")
     data.ingest(make_params(image_size=32, shard_size=500, **{"synthetic.num_images": 1200}), tmp_path)
-    images, labels, _ = data.read_images(tmp_path)
+    images, labels, _ = image_shards.read_images(tmp_path)
     x = torch.tensor(images, dtype=torch.float32).permute(0, 3, 1, 2) / 127.5 - 1
     y = torch.tensor(labels)
     x_train, y_train, x_test, y_test = x[:1000], y[:1000], x[1000:], y[1000:]
@@ -147,11 +148,11 @@ def test_rerun_removes_stale_shards_and_reads_back(tmp_path):
     assert len(list(tmp_path.glob("shard-*.parquet"))) == 3
     data.ingest(make_params(shard_size=40), tmp_path)
     assert [p.name for p in tmp_path.glob("shard-*.parquet")] == ["shard-00000.parquet"]
-    images, _, _ = data.read_images(tmp_path)
+    images, _, _ = image_shards.read_images(tmp_path)
     assert len(images) == 40 and images[0].shape == (16, 16, 3) and images[0].dtype == np.uint8
     assert [r["key"] for r in rows(tmp_path)][:2] == ["synthetic/0", "synthetic/1"]
     with pytest.raises(ArtifactError, match="dvc repro ingest"):
-        data.read_manifest(tmp_path / "missing")
+        image_shards.read_manifest(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------------------- preprocessing
@@ -240,11 +241,11 @@ def test_imagefolder_bad_inputs_are_reported_and_valid_ones_kept(tmp_path):
 
     report = json.loads((out / "skipped.json").read_text())
     assert {e["key"]: e["reason"] for e in report} == bad and all(e["detail"] for e in report)
-    manifest = data.read_manifest(out)
+    manifest = image_shards.read_manifest(out)
     assert manifest["skipped"] == {"count": 4, "by_reason": {r: 1 for r in sorted(bad.values())}}
     assert manifest["class_names"] == names and manifest["source"]["kind"] == "imagefolder"
 
-    by_key = {r["key"]: data.decode_png(r["image"], 16, r["key"]) for r in table}
+    by_key = {r["key"]: image_shards.decode_png(r["image"], 16, r["key"]) for r in table}
     gray16 = np.asarray(Image.open(root / "emu/gray16.png"), np.float64)
     expected = Image.fromarray(np.rint(gray16 / 257).astype(np.uint8), "L").convert("RGB")
     np.testing.assert_array_equal(by_key["emu/gray16.png"], adm_center_crop_reference(expected, 16))
@@ -311,7 +312,7 @@ def test_hf_local_parquet_streaming_and_map_style_agree(tmp_path, hf_dir):
     assert shard_hashes(tmp_path / "map") == shard_hashes(tmp_path / "stream")
     report = json.loads((tmp_path / "map/skipped.json").read_text())
     assert [(e["key"], e["reason"]) for e in report] == [("train/10", "unknown_label"), ("train/11", "unknown_label")]
-    manifest = data.read_manifest(tmp_path / "map")
+    manifest = image_shards.read_manifest(tmp_path / "map")
     assert manifest["class_names"] == ["ant", "bee"]
     assert manifest["source"]["kind"] == "hf" and manifest["source"]["split"] == "train"
     assert manifest["source"]["resolved_revision"] is None  # a local directory has no hub commit
@@ -339,4 +340,4 @@ def test_stage_script_end_to_end(tmp_path):
     subprocess.run([sys.executable, str(REPO / "stages/ingest.py"), "--params", str(tmp_path / "params.yaml"),
                     "--out", str(out), "--metrics", str(metrics)], check=True, cwd=tmp_path)
     assert json.loads(metrics.read_text()) == {"count": 40, "skipped": 0, "num_classes": 10}
-    assert data.read_manifest(out)["count"] == 40
+    assert image_shards.read_manifest(out)["count"] == 40

@@ -12,6 +12,7 @@ from pipeline.diffusion import create_diffusion, dpm_solver_scheduler, guided, s
 C, H, W = 4, 8, 8
 NUM_CLASSES = 10
 LINEAR = dict(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
+TRAINED = dict(noise_schedule="linear", diffusion_steps=1000, learn_sigma=True)  # what a model card records
 
 
 class TinyNet(nn.Module):
@@ -245,7 +246,7 @@ def test_dpm_solver_matches_diffusers(net, cfg_scale):
     """sample() equals diffusers' DPM-Solver++ driven directly on the official doubled batch [z; z], [y; null]."""
     y, steps = torch.tensor([0, 3, 7]), 8
     ours = sample(net, sampler="dpm-solver++", steps=steps, shape=(3, C, H, W), y=y, cfg_scale=cfg_scale,
-                  cfg_channels=None, generators=gens(range(3)), num_classes=NUM_CLASSES, device="cpu")
+                  cfg_channels=None, generators=gens(range(3)), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
     peer = DPMSolverMultistepScheduler(**LINEAR, algorithm_type="dpmsolver++", prediction_type="epsilon",
                                        solver_order=2)
     peer.set_timesteps(steps)
@@ -271,7 +272,7 @@ def test_ddpm_guided_matches_official_doubled_batch(net):
     """sample() equals the official protocol: p_sample_loop on [z; z] with forward_with_cfg as the model."""
     y, cfg_scale, steps = torch.tensor([4, 9]), 3.0, 10
     ours = sample(net, sampler="ddpm", steps=steps, shape=(2, C, H, W), y=y, cfg_scale=cfg_scale, cfg_channels=3,
-                  generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu")
+                  generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
     z = torch.stack([torch.randn(C, H, W, generator=g) for g in gens([0, 1])])
     first, second = gens([0, 1]), gens([5, 6])
     for g in first:
@@ -286,7 +287,7 @@ def test_ddpm_guided_matches_official_doubled_batch(net):
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 10), ("ddim", 10), ("dpm-solver++", 6)])
 def test_samples_do_not_depend_on_the_batch_split(net, sampler, steps):
     y = torch.tensor([0, 1, 2, 3, 4])
-    kw = dict(sampler=sampler, steps=steps, cfg_scale=2.5, cfg_channels=None, num_classes=NUM_CLASSES, device="cpu")
+    kw = dict(sampler=sampler, steps=steps, cfg_scale=2.5, cfg_channels=None, num_classes=NUM_CLASSES, device="cpu", **TRAINED)
     whole = sample(net, shape=(5, C, H, W), y=y, generators=gens(range(5)), **kw)
     parts = [sample(net, shape=(len(ix), C, H, W), y=y[ix], generators=gens(ix), **kw) for ix in ([0, 1, 2], [3, 4])]
     again = sample(net, shape=(5, C, H, W), y=y, generators=gens(range(5)), **kw)
@@ -299,7 +300,7 @@ def test_samples_do_not_depend_on_the_batch_split(net, sampler, steps):
 def test_guidance_at_scale_one_equals_unguided(net, sampler):
     y = torch.tensor([1, 5, 8])
     kw = dict(sampler=sampler, steps=6, shape=(3, C, H, W), y=y, cfg_channels=None, num_classes=NUM_CLASSES,
-              device="cpu")
+              device="cpu", **TRAINED)
     plain = sample(net, cfg_scale=1.0, generators=gens(range(3)), **kw)
     through_cfg = sample(guided_as_model(net), cfg_scale=1.0, generators=gens(range(3)), **kw)
     torch.testing.assert_close(plain, through_cfg, rtol=1e-4, atol=1e-5)  # uncond + 1 * (cond - uncond) rounds
@@ -316,7 +317,7 @@ def guided_as_model(net):
 
 def test_sample_rejects_bad_input(net):
     kw = dict(sampler="ddpm", steps=5, shape=(2, C, H, W), y=torch.tensor([0, 1]), cfg_scale=1.5, cfg_channels=None,
-              generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu")
+              generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(net, **{**kw, "sampler": "euler"})
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
@@ -386,7 +387,7 @@ def test_samplers_recover_a_known_gaussian(sampler, steps):
     n = 128
     y = torch.arange(n) % 2
     x = sample(oracle, sampler=sampler, steps=steps, shape=(n, C, H, W), y=y, cfg_scale=1.0, cfg_channels=None,
-               generators=gens(range(n)), num_classes=2, device="cpu").double()
+               generators=gens(range(n)), num_classes=2, device="cpu", **TRAINED).double()
     expected_ratio = torch.tensor(ddim_std_ratio(s.numpy(), 1000 // steps)) if sampler == "ddim" else torch.ones(C)
     # DPM-Solver++ ends with a first-order jump to sigma = 0 from t = 40, which shrinks narrow data (s = 0.3) by ~9%
     std_tol = torch.tensor([0.12, 0.04, 0.04, 0.04]) if sampler == "dpm-solver++" else torch.full((C,), 0.03)

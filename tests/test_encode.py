@@ -14,7 +14,8 @@ import torch
 
 from pipeline.artifacts import ArtifactError, sha256_dir, sha256_file
 from pipeline.config import load_section
-from pipeline.encode import EncodeParams, encode_local, load_latents, run_encode
+from pipeline.encode import EncodeParams, encode_local, run_encode
+from pipeline.formats.latents import load_latents
 from pipeline.vae import encode_images, load_vae
 from synthetic import write_images_dir
 from test_vae import blob_images, tiny_autoencoder

@@ -13,15 +13,18 @@ import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
 
+from pipeline import generate as G
 from pipeline import sample as S
 from pipeline.artifacts import ArtifactError, read_manifest, sha256_file
 from pipeline.config import load_section
+from pipeline.formats.model_card import read_model_card, write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.tracking import TrackingParams
 
 NUM_CLASSES, LATENT, IMAGE = 4, (4, 8, 8), 16
 MICRO = 8  # sample.micro_batch in these tests
 SCALE = 0.5
+DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}  # as train records it
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -51,11 +54,9 @@ def dirs(tmp_path_factory):
     dit_dir.mkdir()
     model = perturbed(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                           num_classes=NUM_CLASSES))
-    torch.save(model.state_dict(), dit_dir / "ema.pt")
-    (dit_dir / "model.json").write_text(json.dumps({
-        "model": "tiny", "model_kwargs": model.config, "latent_shape": list(LATENT), "scaling_factor": SCALE,
-        "num_classes": NUM_CLASSES, "class_names": ["zero", "one", "two", "three"],
-        "ema_sha256": sha256_file(dit_dir / "ema.pt")}))
+    latents = {"latent_shape": list(LATENT), "scaling_factor": SCALE, "image_size": IMAGE,
+               "num_classes": NUM_CLASSES, "class_names": ["zero", "one", "two", "three"]}
+    write_model_card(dit_dir, model.state_dict(), "tiny", model.config, DIFFUSION, latents, train_steps=0)
     (dit_dir / "tracking.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None}))
     tiny_vae().save_pretrained(vae_dir)
     return dit_dir, vae_dir
@@ -64,8 +65,8 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(dirs):
     dit_dir, vae_dir = dirs
-    card = S.read_model_card(dit_dir)
-    model, vae = S.load_models(card, vae_dir, "cpu")
+    card = read_model_card(dit_dir)
+    model, vae = G.load_models(card, vae_dir, "cpu")
     return card, model, vae
 
 
@@ -80,8 +81,8 @@ def generate(models, indices, labels, batch_size, seed=0, **kw):
     card, model, vae = models
     settings = dict(seed=seed, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
                     num_classes=NUM_CLASSES, latent_shape=LATENT, device="cpu", batch_size=batch_size,
-                    micro_batch=MICRO, precision="fp32")
-    return S.generate_images(model, vae, labels, indices, **{**settings, **kw})
+                    micro_batch=MICRO, precision="fp32", diffusion=DIFFUSION)
+    return G.generate_images(model, vae, labels, indices, **{**settings, **kw})
 
 
 def load_samples(out_dir):
@@ -131,7 +132,7 @@ def test_label_changes_only_its_own_sample(models):
 
 def test_shard_size_does_not_change_pixels(dirs, tmp_path):
     dit_dir, vae_dir = dirs
-    card = S.read_model_card(dit_dir)
+    card = read_model_card(dit_dir)
     S.run_sample(params(shard_size=8, batch_size=3), card, vae_dir, tmp_path / "a")
     S.run_sample(params(shard_size=16, batch_size=16), card, vae_dir, tmp_path / "b")
     np.testing.assert_array_equal(load_samples(tmp_path / "a")[0], load_samples(tmp_path / "b")[0])
@@ -141,7 +142,7 @@ def test_shard_size_does_not_change_pixels(dirs, tmp_path):
 def test_ray_workers_do_not_change_pixels(dirs, tmp_path):
     ray = pytest.importorskip("ray")
     dit_dir, vae_dir = dirs
-    card = S.read_model_card(dit_dir)
+    card = read_model_card(dit_dir)
     try:
         S.run_sample(params(num_workers=1), card, vae_dir, tmp_path / "one")
         S.run_sample(params(num_workers=2, batch_size=5), card, vae_dir, tmp_path / "two")
@@ -157,7 +158,7 @@ def test_ray_workers_do_not_change_pixels(dirs, tmp_path):
 
 def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
     dit_dir, vae_dir = dirs
-    card, p, out = S.read_model_card(dit_dir), params(), tmp_path / "out"
+    card, p, out = read_model_card(dit_dir), params(), tmp_path / "out"
     original, calls = S.ShardWorker.generate, []
 
     def killed_after_first(self, k):
@@ -191,7 +192,7 @@ def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
 
 def test_more_samples_extend_a_finished_run(dirs, tmp_path, monkeypatch):
     dit_dir, vae_dir = dirs
-    card, out = S.read_model_card(dit_dir), tmp_path / "out"
+    card, out = read_model_card(dit_dir), tmp_path / "out"
     S.run_sample(params(num_fid_samples=20), card, vae_dir, out)  # shards 0, 1 full, shard 2 holds 4
     original, calls = S.ShardWorker.generate, []
     monkeypatch.setattr(S.ShardWorker, "generate", lambda self, k: (calls.append(k), original(self, k))[1])
@@ -205,7 +206,7 @@ def test_more_samples_extend_a_finished_run(dirs, tmp_path, monkeypatch):
 
 def test_outputs_in_adm_layout_with_manifest(dirs, tmp_path):
     dit_dir, vae_dir = dirs
-    card = S.read_model_card(dit_dir)
+    card = read_model_card(dit_dir)
     metrics = S.run_sample(params(), card, vae_dir, tmp_path)
     with np.load(tmp_path / "samples.npz") as f:  # how ADM's evaluator opens it: no pickle, arr_0 NHWC uint8
         assert sorted(f.files) == ["arr_0", "labels"]
@@ -225,9 +226,9 @@ def test_outputs_in_adm_layout_with_manifest(dirs, tmp_path):
 
 def test_grid_one_row_per_class(dirs, tmp_path):
     dit_dir, vae_dir = dirs
-    S.run_sample(params(grid_per_class=3), S.read_model_card(dit_dir), vae_dir, tmp_path)
+    S.run_sample(params(grid_per_class=3), read_model_card(dit_dir), vae_dir, tmp_path)
     images, labels = load_samples(tmp_path)
-    grid = S.make_grid(images, labels, NUM_CLASSES, 3)
+    grid = G.make_grid(images, labels, NUM_CLASSES, 3)
     assert grid.shape == (NUM_CLASSES * IMAGE, 3 * IMAGE, 3)
     for c in range(NUM_CLASSES):  # row c: the first three samples of class c, in index order
         first = np.flatnonzero(labels == c)[:3]
@@ -239,30 +240,30 @@ def test_grid_one_row_per_class(dirs, tmp_path):
 
 def test_grid_leaves_missing_samples_black():
     images = np.full((3, 2, 2, 3), 200, np.uint8)
-    grid = S.make_grid(images, np.array([1, 1, 1]), num_classes=2, per_class=2)
+    grid = G.make_grid(images, np.array([1, 1, 1]), num_classes=2, per_class=2)
     assert grid.shape == (4, 4, 3) and (grid[:2] == 0).all() and (grid[2:] == 200).all()
 
 
 # --- labels -----------------------------------------------------------------------------------------------------
 
 def test_balanced_labels():
-    labels = S.make_labels("balanced", np.arange(1000), 10, seed=0)
+    labels = G.make_labels("balanced", np.arange(1000), 10, seed=0)
     assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [100] * 10
     assert labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
 def test_uniform_labels_are_seeded_per_index_and_uniform():
-    labels = S.make_labels("uniform", np.arange(5000), 10, seed=0)
+    labels = G.make_labels("uniform", np.arange(5000), 10, seed=0)
     assert labels.dtype == np.int64 and labels.min() == 0 and labels.max() == 9
     counts = np.bincount(labels, minlength=10)
     chi2 = ((counts - 500) ** 2 / 500).sum()
     assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
-    np.testing.assert_array_equal(S.make_labels("uniform", np.arange(100, 200), 10, seed=0), labels[100:200])
-    assert not np.array_equal(S.make_labels("uniform", np.arange(100), 10, seed=1), labels[:100])
+    np.testing.assert_array_equal(G.make_labels("uniform", np.arange(100, 200), 10, seed=0), labels[100:200])
+    assert not np.array_equal(G.make_labels("uniform", np.arange(100), 10, seed=1), labels[:100])
 
 
 def test_seeds_are_distinct_per_index_and_stream():
-    seeds = {S.sample_seed(s, i, stream) for s in range(3) for i in range(1000) for stream in ("noise", "label")}
+    seeds = {G.sample_seed(s, i, stream) for s in range(3) for i in range(1000) for stream in ("noise", "label")}
     assert len(seeds) == 6000 and all(0 <= v < 2 ** 63 for v in seeds)
 
 
@@ -288,13 +289,32 @@ def test_official_checkpoint_command(dirs, tmp_path):
         "DiT-Ti/8", 1000, 3, "ddpm")
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same pixels straight from the library function
-    direct = S.generate_images(model, vae, labels, np.arange(12), seed=0, sampler="ddpm", steps=3, cfg_scale=1.5,
+    direct = G.generate_images(model, vae, labels, np.arange(12), seed=0, sampler="ddpm", steps=3, cfg_scale=1.5,
                                cfg_channels=3, num_classes=1000, latent_shape=LATENT, device="cpu", batch_size=12,
-                               micro_batch=8, precision="fp32")
+                               micro_batch=8, precision="fp32", diffusion=DIFFUSION)
     np.testing.assert_array_equal(arr, direct)
     with pytest.raises(ArtifactError, match="--model"):
         S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/4", "--image-size",
                 "16", "--vae", str(vae_dir), "--out", str(tmp_path / "bad"), "--params", str(tmp_path / "params.yaml")])
+
+
+def test_sampling_uses_the_diffusion_the_model_card_records(models, dirs, tmp_path):
+    """The diffusion is read back from model.json, not taken from defaults: another schedule gives other pixels, and
+    a card without it names the stage to rerun."""
+    indices = np.arange(4)
+    cosine = {**DIFFUSION, "noise_schedule": "squaredcos_cap_v2"}
+    linear_images = generate(models, indices, indices % NUM_CLASSES, 4)
+    assert not np.array_equal(linear_images, generate(models, indices, indices % NUM_CLASSES, 4, diffusion=cosine))
+    dit_dir, _ = dirs
+    card = json.loads((dit_dir / "model.json").read_text())
+    assert card["diffusion"] == DIFFUSION and read_model_card(dit_dir)["diffusion"] == DIFFUSION
+    old = tmp_path / "dit"
+    old.mkdir()
+    (old / "ema.pt").write_bytes((dit_dir / "ema.pt").read_bytes())
+    (old / "model.json").write_text(json.dumps({**card, "diffusion": {"noise_schedule": "linear",
+                                                                      "diffusion_steps": 1000}}))
+    with pytest.raises(ArtifactError, match=r"learn_sigma.*dvc repro train"):
+        read_model_card(old)
 
 
 def test_stale_or_mismatched_checkpoints_are_rejected(dirs, tmp_path):
@@ -305,10 +325,10 @@ def test_stale_or_mismatched_checkpoints_are_rejected(dirs, tmp_path):
     (bad / "ema.pt").write_bytes((dit_dir / "ema.pt").read_bytes())
     (bad / "model.json").write_text(json.dumps({**card, "ema_sha256": "0" * 64}))
     with pytest.raises(ArtifactError, match="not the file model.json describes"):
-        S.read_model_card(bad)
+        read_model_card(bad)
     (bad / "model.json").write_text(json.dumps({**card, "scaling_factor": 0.18215}))
     with pytest.raises(ArtifactError, match="scaling_factor"):
-        S.load_models(S.read_model_card(bad), vae_dir, "cpu")
+        G.load_models(read_model_card(bad), vae_dir, "cpu")
 
 
 def test_params_yaml_section_loads_and_is_checked():
@@ -348,7 +368,7 @@ def test_grid_is_logged_into_the_training_run(dirs, tmp_path, monkeypatch):
     for name in ("ema.pt", "model.json"):
         (run_dit / name).write_bytes((dit_dir / name).read_bytes())
     (run_dit / "tracking.json").write_text(json.dumps({"mlflow_run_id": run_id, "tracking_uri": None}))
-    metrics = S.run_sample(params(num_fid_samples=8), S.read_model_card(run_dit), vae_dir, tmp_path / "out")
+    metrics = S.run_sample(params(num_fid_samples=8), read_model_card(run_dit), vae_dir, tmp_path / "out")
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png").convert("RGB"))
     logged = dict(images={"sample_grid": grid}, artifacts={str(tmp_path / "out" / "manifest.json"): "samples"})
     assert log_to_training_run(tracking, run_dit, metrics, "sample", **logged) == run_id

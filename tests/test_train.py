@@ -21,6 +21,7 @@ import pipeline.checkpoints as C
 import pipeline.train as T
 from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
 from pipeline.config import load_section
+from pipeline.formats.latents import load_latents
 from pipeline.model import DiT
 from pipeline.tracking import TrackingParams
 
@@ -158,7 +159,7 @@ def test_grad_clip_warmup_and_bf16_step():
 
 
 def test_batches_are_disjoint_across_ranks_and_flip(latents):
-    _, tensors = T.load_latents(latents)
+    _, tensors = load_latents(latents)
     data = T.LatentBatches(tensors, SCALING_FACTOR, seed=0, device=torch.device("cpu"))
     torch.manual_seed(1)
     steps_per_epoch = 64 // 16

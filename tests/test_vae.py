@@ -14,7 +14,7 @@ from diffusers import AutoencoderKL
 
 from pipeline.artifacts import sha256_dir
 from pipeline.config import ParamsError, load_section
-from pipeline.data import read_images
+from pipeline.formats.images import read_images
 from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, split_holdout, to_uint8
 from synthetic import write_images_dir
 

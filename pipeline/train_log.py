@@ -1,0 +1,94 @@
+"""The train stage's outputs besides checkpoints, written by rank 0: the CSV training log (plots/train.csv), the
+MLflow run (metrics and EMA sample grids) and the progress bar. MLflow stays a side channel: with tracking off the
+tracker's calls do nothing, and the CSV and the checkpoints remain the record.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.artifacts import atomic_write
+from pipeline.config import to_dict
+from pipeline.tracking import Tracker, TrackingParams
+
+LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
+# The EMA sample grid logged to MLflow: a monitoring aid, not an evaluation (that is the sample stage's job).
+GRID_CLASSES, GRID_PER_CLASS, GRID_SEED = 8, 4, 0
+GRID_SAMPLER, GRID_STEPS, GRID_CFG_SCALE = "dpm-solver++", 20, 4.0  # 4.0 = the official sample.py's default
+
+
+class Reporter:
+    """Rank 0's outputs besides checkpoints: the CSV training log, the MLflow run (metrics, EMA sample grids) and
+    the progress bar. The log rows live in the checkpoints too, so a resumed run rewrites the CSV up to its step."""
+
+    def __init__(self, config: dict, p, ckpt: dict | None, start: int, latent_shape, num_classes: int,
+                 diffusion: dict):
+        self.rows = list(ckpt["log"]) if ckpt else []
+        self.csv_path = Path(config["plots"])
+        atomic_write(self.csv_path, lambda tmp: tmp.write_text(csv_text(self.rows, header=True)))
+        self.tracker = Tracker(TrackingParams(**config["tracking"]), ckpt["mlflow_run_id"] if ckpt else None)
+        if self.tracker.run_id:
+            self.tracker.resume(system_metrics=True)
+        else:
+            self.tracker.start(os.environ.get("DVC_EXP_NAME") or f"train {p.model}",
+                               {"train": to_dict(p), "model": config["model_config"]}, config["tags"])
+        self.vae_dir, self.vae, self.latent_shape, self.num_classes = config["vae"], None, latent_shape, num_classes
+        self.diffusion = diffusion
+        self.pbar = progress_bar(config["distributed"], p.train_steps, start)
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.csv_path, "a") as f:
+            f.write(csv_text([row], header=False))
+        self.tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+        self.pbar.set_description(f"train loss {row['loss']:.4f}, {row['img_per_s']:.0f} img/s")
+
+    def sample_grid(self, ema, step: int, device: torch.device, bf16: bool) -> None:
+        """Log a grid of the EMA model's samples (GRID_PER_CLASS of each of the first GRID_CLASSES classes), drawn
+        by the sample stage's generator: sample i from (GRID_SEED, i), one network block for the whole grid."""
+        if not (self.tracker.enabled and self.vae_dir):
+            return  # nowhere to log it, or no decoder
+        from pipeline.generate import generate_images, make_grid
+        from pipeline.vae import load_vae
+
+        self.vae = self.vae or load_vae(self.vae_dir, device)
+        rows = min(self.num_classes, GRID_CLASSES)
+        labels = np.repeat(np.arange(rows, dtype=np.int64), GRID_PER_CLASS)  # (n,)
+        guidance = GRID_CFG_SCALE if ema.config["class_dropout_prob"] > 0 else 1.0  # guidance needs the null label
+        images = generate_images(ema, self.vae, labels, np.arange(len(labels)), seed=GRID_SEED, sampler=GRID_SAMPLER,
+                                 steps=GRID_STEPS, cfg_scale=guidance, cfg_channels=None, num_classes=self.num_classes,
+                                 latent_shape=self.latent_shape, device=device, batch_size=len(labels),
+                                 micro_batch=len(labels), precision="bf16" if bf16 else "fp32",
+                                 diffusion=self.diffusion)
+        self.tracker.log_image(make_grid(images, labels, rows, GRID_PER_CLASS), key="ema_samples", step=step)
+
+    def close(self, status: str) -> None:
+        self.pbar.close()
+        self.tracker.end(status)
+
+
+def progress_bar(distributed: bool, total: int, initial: int):
+    """tqdm in-process; Ray's tqdm in a Ray worker, whose log streaming would otherwise print every refresh."""
+    if not distributed:
+        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    from ray.experimental import tqdm_ray
+
+    bar = tqdm_ray.tqdm(total=total, desc="train", unit="step")
+    bar.n = initial
+    bar.refresh()
+    return bar
+
+
+def csv_text(rows: list[dict], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()

@@ -93,11 +93,13 @@ def dep_paths(stage: dict) -> list[str]:
     return [next(iter(d)) if isinstance(d, dict) else d for d in stage.get("deps", [])]
 
 
-def uncovered(name: str, stage: dict, root: Path = ROOT) -> list[str]:
+def stage_code(name: str, stage: dict, root: Path = ROOT) -> list[str]:
     roots = [stage_script(stage["cmd"]), *EXTRA_ROOTS.get(name, [])]
-    files = closure([root / r for r in roots], root)
-    rel = sorted(f.relative_to(root).as_posix() for f in files)
-    return [f for f in rel if not covered(f, dep_paths(stage))]
+    return sorted(f.relative_to(root).as_posix() for f in closure([root / r for r in roots], root))
+
+
+def uncovered(name: str, stage: dict, root: Path = ROOT) -> list[str]:
+    return [f for f in stage_code(name, stage, root) if not covered(f, dep_paths(stage))]
 
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -108,6 +110,14 @@ def test_stage_deps_cover_its_code(name):
     missing = uncovered(name, STAGES[name])
     assert not missing, (f"dvc.yaml stage {name!r} runs {missing} but does not list them in its deps: editing them "
                          "would not rerun the stage. Add them to its deps (or stop importing them).")
+
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_stage_deps_list_no_module_it_does_not_run(name):
+    """The other direction: a listed module the stage never imports reruns it for nothing (and hides drift)."""
+    code = set(stage_code(name, STAGES[name]))
+    stale = [d for d in dep_paths(STAGES[name]) if d.startswith(PACKAGE + "/") and d not in code]
+    assert not stale, f"dvc.yaml stage {name!r} lists {stale} in its deps but does not import them; remove them"
 
 
 def test_closure_sees_lazy_relative_and_package_imports(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.features import ClassifierExtractor, InceptionExtractor, build_classifier, classifier_arch
 from pipeline.metrics import fid_from_features, kernel_inception_distance, precision_recall
-from pipeline.reference import single_thread
+from pipeline.determinism import torch_threads
 
 
 def timed(label: str, fn, *args, **kwargs):
@@ -45,7 +45,7 @@ def bench_classifier(device: torch.device, image_size: int, batch: int) -> None:
     x, y = torch.rand(batch, 3, image_size, image_size) * 255, torch.randint(0, 10, (batch,))
     steps = 20
     start = time.perf_counter()
-    with single_thread():  # as the reference stage trains it
+    with torch_threads(1):  # as the reference stage trains it
         for _ in range(steps):
             loss = torch.nn.functional.cross_entropy(net.classify(x), y)
             opt.zero_grad()

@@ -141,7 +141,6 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
         # q(x_{t-1} | x_t, x_0), DDPM eq. 6-7. The variance is 0 at t = 0, so its log is clipped to the t = 1 value.
@@ -166,11 +165,6 @@ class GaussianDiffusion:
         return self._on(name, t.device)[t].float().view(-1, *([1] * (ndim - 1)))
 
     # --- forward process ---------------------------------------------------------------------------------------
-
-    def q_mean_variance(self, x_start, t):
-        mean = self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
-        variance = 1.0 - self._extract("alphas_cumprod", t, x_start.ndim)
-        return mean, variance, self._extract("log_one_minus_alphas_cumprod", t, x_start.ndim)
 
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""

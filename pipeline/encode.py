@@ -11,10 +11,10 @@ Latents are stored unscaled; the scaling factor is recorded in the manifest, cop
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_dir, sha256_file, staged_dir
 from pipeline.cluster import init_ray
 from pipeline.config import ParamsError
+from pipeline.determinism import torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.latents import shard_name, write_latents_manifest, write_shard
 from pipeline.vae import encode_images, load_vae
@@ -68,7 +69,7 @@ class LatentEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
         views = [x, x.flip(-1)] if self.flip else [x]  # index 0 = original, 1 = horizontally flipped
-        with cpu_threads(CPU_THREADS) if self.vae.device.type == "cpu" else nullcontext():
+        with torch_threads(CPU_THREADS) if self.vae.device.type == "cpu" else nullcontext():
             mean, std = zip(*(self.encode_fixed_shape(v) for v in views))
         rest = {k: v for k, v in batch.items() if k != "image"}
         return {**rest, "mean": torch.stack(mean, 1).numpy(), "std": torch.stack(std, 1).numpy()}
@@ -89,17 +90,6 @@ class LatentEncoder:
             means.append(mean[: self.micro_batch - pad].cpu())
             stds.append(std[: self.micro_batch - pad].cpu())
         return torch.cat(means), torch.cat(stds)
-
-
-@contextmanager
-def cpu_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` inside the block, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def posterior_sample(mean: np.ndarray, std: np.ndarray, indices: np.ndarray, seed: int) -> np.ndarray:

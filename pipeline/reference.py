@@ -9,10 +9,9 @@ subset of `max_features`, as ADM's reference batches keep 10,000), plus `extract
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.determinism import holdout_split, torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.reference_stats import STATS_FILE, write_npz, write_reference_manifest
 from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtractor, build_classifier,
@@ -46,27 +46,7 @@ class ReferenceParams:
 # The classifier extractor, trained here
 
 
-def holdout_split(n: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, held out): a seeded permutation, the first `holdout` held out."""
-    if not 0 <= holdout < n:
-        raise ValueError(f"reference.holdout = {holdout} must be in [0, {n}) for {n} images")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: float sums then run in one order whatever the core count, so the weights are the same
-    bytes on a laptop and on a 16-core node (and a net this small gains little from threads anyway)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@single_thread()
+@torch_threads(1)  # the same weights on a laptop and a 16-core node; a net this small gains little from threads
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
                      params: ReferenceParams) -> ClassifierExtractor:
     """Adam on cross-entropy for `classifier_steps` steps, on one CPU thread, with a seeded init and data order:
@@ -110,7 +90,7 @@ def build_extractor(images: np.ndarray | None, labels: np.ndarray | None, num_cl
     """The configured extractor on `device`, and the classifier's held-out accuracy (None for Inception)."""
     if params.extractor == "inception":
         return InceptionExtractor(resolve_inception_weights(params.inception_weights), params.mode, device), None
-    train, held = holdout_split(len(images), params.holdout, params.seed)
+    train, held = holdout_split(len(images), params.holdout, params.seed, "reference.holdout")
     trained = train_classifier(images[train], labels[train], num_classes, params)
     accuracy = classifier_accuracy(trained, images[held], labels[held], params.batch_size) if len(held) else None
     return ClassifierExtractor(trained.net, trained.arch, device), accuracy

@@ -117,10 +117,6 @@ class Tracker:
         if self.enabled:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            self._mlflow.set_tags(tags)
-
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)

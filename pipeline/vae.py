@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, staged_dir
 from pipeline.config import ParamsError
+from pipeline.determinism import holdout_split
 from pipeline.formats import images as image_shards
 
 
@@ -196,17 +197,9 @@ def latent_scale(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int, 
     return 1.0 / math.sqrt(variance)
 
 
-def split_holdout(num_images: int, holdout: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, holdout) row indices."""
-    if not 0 < holdout < num_images:
-        raise ValueError(f"vae.holdout={holdout} must be in [1, {num_images - 1}] for {num_images} ingested images")
-    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed)).numpy()
-    return np.sort(perm[holdout:]), np.sort(perm[:holdout])
-
-
 def train_small_vae(images: np.ndarray, params: VAEParams) -> tuple[AutoencoderKL, np.ndarray]:
     """Train on all but the holdout; returns the VAE (scaling_factor set in its config) and the holdout images."""
-    train_idx, holdout_idx = split_holdout(len(images), params.holdout, params.seed)
+    train_idx, holdout_idx = holdout_split(len(images), params.holdout, params.seed, "vae.holdout")
     torch.manual_seed(params.seed)
     vae = build_vae(params, image_size=images.shape[1])
     fit(vae, images[train_idx], params)
@@ -229,7 +222,8 @@ def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metr
         vae = load_pretrained(params.pretrained).eval()
         manifest = image_shards.read_manifest(images_dir)
         images, _ = image_shards.read_shard(images_dir, manifest["shards"][0], manifest["image_size"])
-        holdout = images[split_holdout(len(images), min(params.holdout, len(images) - 1), params.seed)[1]]
+        held = holdout_split(len(images), min(params.holdout, len(images) - 1), params.seed, "vae.holdout")[1]
+        holdout = images[held]
     reconstructions = reconstruct(vae, holdout, params.batch_size)
     latent = encode_images(vae, torch.from_numpy(holdout[:1]).permute(0, 3, 1, 2))[0]
     save_snapshot(vae, out_dir)

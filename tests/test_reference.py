@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.reference import Moments, ReferenceParams, build_reference, holdout_split, kept_rows
+from pipeline.determinism import holdout_split
+from pipeline.reference import Moments, ReferenceParams, build_reference, kept_rows
 from synthetic import make_shapes, write_images_dir
 
 PARAMS = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=20,
@@ -98,8 +99,8 @@ def test_missing_images_name_the_stage(tmp_path):
 
 
 def test_holdout_split():
-    train, held = holdout_split(50, 10, seed=0)
+    train, held = holdout_split(50, 10, seed=0, param="reference.holdout")
     assert len(held) == 10 and len(train) == 40 and not set(train) & set(held)
-    np.testing.assert_array_equal(held, holdout_split(50, 10, seed=0)[1])
+    np.testing.assert_array_equal(held, holdout_split(50, 10, seed=0, param="reference.holdout")[1])
     with pytest.raises(ValueError, match="holdout"):
-        holdout_split(10, 10, seed=0)
+        holdout_split(10, 10, seed=0, param="reference.holdout")

@@ -14,8 +14,9 @@ from diffusers import AutoencoderKL
 
 from pipeline.artifacts import sha256_dir
 from pipeline.config import ParamsError, load_section
+from pipeline.determinism import holdout_split
 from pipeline.formats.images import read_images
-from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, split_holdout, to_uint8
+from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, to_uint8
 from synthetic import write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_params_yaml_vae_section_loads():
 def test_small_vae_reconstructs_held_out_images(images_dir, trained):
     out, metrics = trained
     images, _, _ = read_images(images_dir)
-    holdout = images[split_holdout(len(images), TINY.holdout, TINY.seed)[1]]
+    holdout = images[holdout_split(len(images), TINY.holdout, TINY.seed, "vae.holdout")[1]]
     # Baseline: every held-out pixel replaced by its image's mean colour (what an untrained VAE drifts to).
     flat = np.broadcast_to(holdout.mean((1, 2), keepdims=True).round(), holdout.shape).astype(np.uint8)
     baseline_db = psnr_db(torch.from_numpy(flat), torch.from_numpy(holdout))
@@ -93,7 +94,7 @@ def test_scaling_factor_is_inverse_latent_std_and_reloads(images_dir, trained):
     assert scale == metrics["scaling_factor"] and scale != 1.0
     assert json.loads((out / "config.json").read_text())["scaling_factor"] == scale
     images, _, _ = read_images(images_dir)
-    train = torch.from_numpy(images[split_holdout(len(images), TINY.holdout, TINY.seed)[0]]).permute(0, 3, 1, 2)
+    train = torch.from_numpy(images[holdout_split(len(images), TINY.holdout, TINY.seed, "vae.holdout")[0]]).permute(0, 3, 1, 2)
     mean, std = encode_images(vae, train)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(123))  # a fresh draw
     assert (z * scale).std().item() == pytest.approx(1.0, rel=0.02)
@@ -155,7 +156,7 @@ def test_unreachable_pretrained_fails_fast_with_the_fix(images_dir, tmp_path):
 
 def test_holdout_must_leave_training_images():
     with pytest.raises(ValueError, match="vae.holdout=48"):
-        split_holdout(48, 48, seed=0)
+        holdout_split(48, 48, seed=0, param="vae.holdout")
 
 
 def test_params_reject_groups_that_do_not_divide_the_channels():

@@ -31,6 +31,7 @@ from pipeline.config import load_section
 from pipeline.data import IngestParams, ingest
 from pipeline.encode import EncodeParams, encode_local, run_encode
 from pipeline.vae import VAEParams, build_vae, encode_images, save_snapshot
+from timing import synchronize
 
 # The stabilityai/sd-vae-ft-ema config.json (the VAE of the paper), for a same-sized model with random weights.
 SD_VAE_CONFIG = dict(
@@ -99,11 +100,11 @@ def bench_cuda(args) -> None:
         encode_images(vae, images)
     rounds = []
     for _ in range(args.rounds):
-        torch.cuda.synchronize()
+        synchronize("cuda")
         start = time.perf_counter()
         for _ in range(args.iters):
             encode_images(vae, images)
-        torch.cuda.synchronize()
+        synchronize("cuda")
         rounds.append(args.iters * args.batch_size / (time.perf_counter() - start))
     print(f"SD-VAE-sized encoder (random weights), {args.image_size}px, batch {args.batch_size}, {args.dtype}, "
           f"{torch.cuda.get_device_name()}: {statistics.median(rounds):.1f} img/s "

@@ -13,30 +13,21 @@ import time
 import numpy as np
 import torch
 
+from pipeline.determinism import torch_threads
 from pipeline.features import ClassifierExtractor, InceptionExtractor, build_classifier, classifier_arch
 from pipeline.metrics import fid_from_features, kernel_inception_distance, precision_recall
-from pipeline.determinism import torch_threads
-
-
-def timed(label: str, fn, *args, **kwargs):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    print(f"{label}: {time.perf_counter() - start:.2f} s -> {out}")
-    return out
+from timing import timed
 
 
 def bench_metrics(n: int, dim: int, device: torch.device) -> None:
     rng = np.random.default_rng(0)
     real = rng.normal(size=(n, dim)).astype(np.float32)
     fake = (rng.normal(size=(n, dim)) * 1.05 + 0.02).astype(np.float32)
-    timed(f"precision/recall k=3, {n} x {n}, D={dim}, {device}", precision_recall, real, fake, 3, device)
-    timed("KID 10 subsets of 500 (float64, CPU)", kernel_inception_distance, fake, real, 10, 500, 0)
-    timed(f"FID incl. np.cov and scipy sqrtm at D={dim} (CPU)", fid_from_features, fake.astype(np.float64),
-          real.mean(axis=0, dtype=np.float64), np.cov(real, rowvar=False))
+    print("  ->", timed(f"precision/recall k=3, {n} x {n}, D={dim}, {device}", precision_recall, real, fake, 3,
+                        device))
+    print("  ->", timed("KID 10 subsets of 500 (float64, CPU)", kernel_inception_distance, fake, real, 10, 500, 0))
+    print("  ->", timed(f"FID incl. np.cov and scipy sqrtm at D={dim} (CPU)", fid_from_features,
+                        fake.astype(np.float64), real.mean(axis=0, dtype=np.float64), np.cov(real, rowvar=False)))
 
 
 def bench_classifier(device: torch.device, image_size: int, batch: int) -> None:

@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.flops import count_ops
 from pipeline.model import DiT_models
+from timing import synchronize
 
 PAPER_LR = 1e-4  # the paper's AdamW learning rate; it does not affect the speed
 
@@ -76,11 +77,6 @@ def check_flash_attention(model, args, device):
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
         model.blocks[0].attn(x)
     print("SDPA flash attention: ok")
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_batch(args, in_channels, out_channels, device):

@@ -18,7 +18,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.model import DiT_models
-from pipeline.sample import generate_images
+from pipeline.diffusion import DIT_DIFFUSION
+from pipeline.generate import generate_images
+from timing import synchronize
 
 VAE_ARCHS = {  # (block_out_channels, layers_per_block): the small VAE trained here, and SD's (sd-vae-ft-ema)
     "small": ((32, 64, 64), 1),
@@ -42,15 +44,14 @@ def random_models(args, device):
 def run(model, vae, args, sampler: str, steps: int, n: int, device) -> float:
     """Seconds to generate n images."""
     indices = np.arange(n, dtype=np.int64)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     generate_images(model, vae, indices % args.num_classes, indices, seed=0, sampler=sampler, steps=steps,
                     cfg_scale=args.cfg_scale, cfg_channels=None, num_classes=args.num_classes,
                     latent_shape=(4, args.latent_size, args.latent_size), device=device,
-                    batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+                    batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
+                    diffusion={**DIT_DIFFUSION, "learn_sigma": model.config["learn_sigma"]})
+    synchronize(device)
     return time.perf_counter() - start
 
 

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from pipeline.diffusion import SAMPLERS, sample
+from pipeline.diffusion import DIT_DIFFUSION, SAMPLERS, sample
+from timing import synchronize
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,11 +58,6 @@ def compile_forward(model: torch.nn.Module, mode: str | None) -> None:
     model.forward = torch.compile(model.forward, mode=mode)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_sampling(model, args, steps: int, device: torch.device) -> float:
     """Seconds for one `sample(...)` call of `args.batch` images and `steps` steps."""
     y = torch.randint(0, args.num_classes, (args.batch,), generator=torch.Generator().manual_seed(0))
@@ -72,7 +68,7 @@ def time_sampling(model, args, steps: int, device: torch.device) -> float:
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"):
         z = sample(model, sampler=args.sampler, steps=steps, shape=shape, y=y, cfg_scale=args.cfg_scale,
                    cfg_channels=args.cfg_channels, generators=generators, num_classes=args.num_classes,
-                   device=device)
+                   device=device, **DIT_DIFFUSION, learn_sigma=model.config["learn_sigma"])
     synchronize(device)
     if not torch.isfinite(z).all():
         raise SystemExit("the sampler produced non-finite latents")

@@ -23,6 +23,7 @@ import torch
 import pipeline.train as T
 from pipeline.config import load_section, read_yaml
 from pipeline.flops import count_gflops_latent
+from timing import synchronize
 
 STORE_EXAMPLES = 4096  # random latents in the store (per flip); only their count matters, not their values
 SCALING_FACTOR = 0.18215  # SD-VAE's; the speed does not depend on it
@@ -70,16 +71,15 @@ def bench_one(p: T.TrainParams, latent_shape, num_classes: int, device: str, war
     model = T.build_model(p, latent_shape, num_classes)
     state = T.make_train_state(model, p, torch.device(device), world=1, ckpt=None)
     data = random_latents(max(STORE_EXAMPLES, p.global_batch_size), latent_shape, num_classes, device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for step in range(warmup):
         T.run_step(state, data, step, 0, 1)
-    sync()
+    synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for step in range(warmup, warmup + steps):
         stats = T.run_step(state, data, step, 0, 1)
-    sync()
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     loss = stats[0].item()
     img_per_s = p.global_batch_size / seconds

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,14 @@ import torch
 
 from pipeline.config import load_section
 from pipeline.data import IngestParams, ingest
-from pipeline.encode import EncodeParams, encode_local, load_latents
-from pipeline.sample import SampleParams, read_model_card, run_sample
+from pipeline.encode import EncodeParams, encode_local
+from pipeline.formats.latents import load_latents
+from pipeline.formats.model_card import read_model_card
+from pipeline.sample import SampleParams, run_sample
 from pipeline.tracking import TrackingParams
 from pipeline.train import TrainParams, train
 from pipeline.vae import VAEParams, build_vae, save_snapshot
-
-
-def timed(name: str, fn):
-    start = time.perf_counter()
-    out = fn()
-    print(f"{name:<34} {time.perf_counter() - start:7.1f} s", flush=True)
-    return out
+from timing import timed
 
 
 def main() -> None:

@@ -23,11 +23,14 @@ import numpy as np
 import torch
 
 from pipeline.config import load_section
-from pipeline.data import read_images
 from pipeline.features import load_extractor
-from pipeline.metrics import EvaluateParams, evaluate_images, load_reference
+from pipeline.formats.images import read_images
+from pipeline.formats.model_card import read_diffusion, read_model_card
+from pipeline.formats.reference_stats import load_reference
+from pipeline.generate import generate_images, load_models, make_labels
+from pipeline.metrics import EvaluateParams, evaluate_images
 from pipeline.model import DiT
-from pipeline.sample import SampleParams, generate_images, load_models, make_labels, read_model_card
+from pipeline.sample import SampleParams
 from pipeline.vae import reconstruct
 
 BAR_FID_RATIO = 0.5
@@ -75,7 +78,8 @@ def main() -> None:
         images = generate_images(model, vae, labels, indices, seed=sp.seed, sampler=sampler, steps=steps,
                                  cfg_scale=sp.cfg_scale, cfg_channels=sp.cfg_channels, num_classes=num_classes,
                                  latent_shape=tuple(card["latent_shape"]), device="cpu", batch_size=sp.batch_size,
-                                 micro_batch=sp.micro_batch, precision="fp32")
+                                 micro_batch=sp.micro_batch, precision="fp32",
+                                 diffusion=read_diffusion(card, f"{args.dit}/model.json"))
         m = evaluate_images(images, labels, reference, extractor, ev)
         rows.append({"model": name, "sampler": f"{sampler}-{steps}", "cfg_scale": sp.cfg_scale, "num_samples": n,
                      "fid": round(m["fid"], 2), "class_consistency": m["class_consistency"],

@@ -150,11 +150,10 @@ def write_samples(directory, images, labels, checkpoint="c0ffee" * 10, **overrid
     return directory
 
 
-def test_evaluate_stage_records_protocol_and_ranks_samples(data, tmp_path, monkeypatch):
-    (tmp_path / "dit").mkdir()
-    (tmp_path / "dit" / "model.json").write_text(json.dumps({"ema_sha256": "c0ffee" * 10}))
+def test_evaluate_stage_records_protocol_and_ranks_samples(data, tmp_path, monkeypatch, write_dit_card):
+    ema_sha256 = write_dit_card(tmp_path / "dit")
     good, labels = make_shapes(100, 4, 16, seed=1)  # fresh draws of the real distribution
-    write_samples(tmp_path / "good", good, labels)
+    write_samples(tmp_path / "good", good, labels, checkpoint=ema_sha256)
     metrics = tmp_path / "metrics" / "eval.json"
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--params", str(data / "params.yaml"), "--samples",
                                       str(tmp_path / "good"), "--reference", str(data / "reference"), "--model",
@@ -164,28 +163,28 @@ def test_evaluate_stage_records_protocol_and_ranks_samples(data, tmp_path, monke
     protocol = result["protocol"]
     assert protocol["sampler"] == "ddpm" and protocol["steps"] == 250 and protocol["cfg_channels"] == 3
     assert protocol["extractor"] == "classifier" and protocol["num_samples"] == 100
-    assert protocol["checkpoint_sha256"] == "c0ffee" * 10 and protocol["reference_stats_sha256"]
+    assert protocol["checkpoint_sha256"] == ema_sha256 and protocol["reference_stats_sha256"]
     assert result["inception_score"] is None and "inception_score" in result["notes"]
     assert result["class_consistency"] > 0.9 and result["precision"] > 0.5 and result["recall"] > 0.5
 
     noise = np.random.default_rng(0).integers(0, 256, good.shape, dtype=np.uint8)
-    bad = evaluate_stage(write_samples(tmp_path / "bad", noise, labels), data / "reference", tmp_path / "dit", EVAL)
+    bad = evaluate_stage(write_samples(tmp_path / "bad", noise, labels, checkpoint=ema_sha256), data / "reference", tmp_path / "dit", EVAL)
     assert bad["fid"] > 2 * result["fid"] and bad["kid"] > result["kid"]
     assert bad["precision"] < 0.5 * result["precision"]
     assert result["protocol"]["samples_sha256"] == sha256_file(tmp_path / "good" / "samples.npz")
-    shuffled = evaluate_stage(write_samples(tmp_path / "perm", good, (labels + 1) % 4), data / "reference",
+    shuffled = evaluate_stage(write_samples(tmp_path / "perm", good, (labels + 1) % 4, checkpoint=ema_sha256),
+                              data / "reference",
                               tmp_path / "dit", EVAL)
     assert shuffled["class_consistency"] < 0.1 and shuffled["fid"] == pytest.approx(result["fid"])
 
 
-def test_evaluate_refuses_samples_of_another_checkpoint(data, tmp_path):
-    (tmp_path / "dit").mkdir()
-    (tmp_path / "dit" / "model.json").write_text(json.dumps({"ema_sha256": "feed" * 16}))
+def test_evaluate_refuses_samples_of_another_checkpoint(data, tmp_path, write_dit_card):
+    ema_sha256 = write_dit_card(tmp_path / "dit")
     images, labels = make_shapes(10, 4, 16, seed=1)
     with pytest.raises(ArtifactError, match="dvc repro sample"):
         evaluate_stage(write_samples(tmp_path / "s", images, labels), data / "reference", tmp_path / "dit", EVAL)
     with pytest.raises(ArtifactError, match=r"lacks \['cfg_channels'\]"):
-        directory = write_samples(tmp_path / "t", images, labels)
+        directory = write_samples(tmp_path / "t", images, labels, checkpoint=ema_sha256)
         manifest = json.loads((directory / "manifest.json").read_text())
         del manifest["cfg_channels"]
         (directory / "manifest.json").write_text(json.dumps(manifest))

@@ -38,3 +38,37 @@ def write_dit_card():
         write_model_card(dit_dir, {"w": torch.arange(4.0)}, "DiT-Ti/2", {"input_size": 8}, diffusion, latents, 0)
         return json.loads((dit_dir / "model.json").read_text())["ema_sha256"]
     return write
+
+
+def _tiny_vae(scaling_factor: float, seed: int = 0, block_out_channels=(8, 16), norm_num_groups: int = 4):
+    """A random AutoencoderKL with downsample 2 (16x16 images <-> 4x8x8 latents), in eval mode."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=block_out_channels,
+                         layers_per_block=1, latent_channels=4, norm_num_groups=norm_num_groups, sample_size=16,
+                         scaling_factor=scaling_factor).eval()
+
+
+def _perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Random non-zero weights everywhere but the fixed pos_embed: adaLN-Zero starts with a zero output, and random
+    weights make every check depend on every layer (and samples on the label)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.add_(torch.randn_like(p) * std)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_vae():
+    """`tiny_vae(scaling_factor, seed=0, block_out_channels=(8, 16), norm_num_groups=4)` -> a random AutoencoderKL."""
+    return _tiny_vae
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    """`perturb(model, seed, std=0.05)` -> the model with random non-zero weights (in place)."""
+    return _perturb

@@ -38,6 +38,22 @@ def make_shapes(n: int, num_classes: int, size: int, seed: int) -> tuple[np.ndar
     return images, labels
 
 
+def blob_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, size, size, 3) smooth colour blobs on a flat background (class = number of blobs - 1), labels (n,)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[:size, :size] + 0.5) / size
+    labels = np.arange(n, dtype=np.int64) % 3
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, label in enumerate(labels):
+        img = np.ones((size, size, 3)) * rng.uniform(0, 1, 3)
+        for _ in range(label + 1):
+            cy, cx = rng.uniform(0.2, 0.8, 2)
+            weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(0.1, 0.25) ** 2))[..., None]
+            img = img * (1 - weight) + weight * rng.uniform(0, 1, 3)
+        images[i] = np.round(img * 255)
+    return images, labels
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")

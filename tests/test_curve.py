@@ -23,7 +23,6 @@ from pipeline.metrics import EvaluateParams
 from pipeline.model import DiT, DiT_models
 from pipeline.reference import ReferenceParams, build_reference
 from synthetic import make_shapes, write_images_dir
-from test_sample import tiny_vae
 from test_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
 
 MODEL = "DiT-Ti/4"  # a preset, so that pipeline.flops can count its Gflops; 4 tokens on 8x8 latents
@@ -46,13 +45,13 @@ def train_run(root: Path, latents: Path, **changes) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_vae):
     root = tmp_path_factory.mktemp("curve")
     latents = write_latents(root / "latents")  # 64 examples, 4 classes; decoded by the VAE to 16 px
     images, labels = make_shapes(48, NUM_CLASSES, 16, seed=0)
     build_reference(write_images_dir(root / "images", images, labels, NUM_CLASSES, shard_size=24),
                     root / "reference", ReferenceParams(**REFERENCE))
-    tiny_vae().save_pretrained(root / "vae")
+    tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(root / "vae")
     train_run(root / "run", latents)
     return {"root": root, "latents": latents, "ckpts": root / "run" / "checkpoints", "reference": root / "reference",
             "vae": root / "vae"}

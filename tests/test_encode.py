@@ -17,8 +17,7 @@ from pipeline.config import load_section
 from pipeline.encode import EncodeParams, encode_local, run_encode
 from pipeline.formats.latents import load_latents
 from pipeline.vae import encode_images, load_vae
-from synthetic import write_images_dir
-from test_vae import blob_images, tiny_autoencoder
+from synthetic import blob_images, write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]
 # micro_batch 4 against batch sizes 1, 3, 5, 7: every batch boundary falls somewhere else, every last chunk is padded.
@@ -27,12 +26,12 @@ PARAMS = EncodeParams(flip=True, store="posterior", dtype="float32", batch_size=
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory) -> dict:
+def inputs(tmp_path_factory, tiny_vae) -> dict:
     root = tmp_path_factory.mktemp("encode")
     images, labels = blob_images(20, 16, seed=1)
     images_dir = write_images_dir(root / "images", images, labels, 3, shard_size=8)  # shards of 8, 8 and 4 rows
     vae_dir = root / "vae"
-    tiny_autoencoder(scaling_factor=0.7).save_pretrained(vae_dir)
+    tiny_vae(scaling_factor=0.7).save_pretrained(vae_dir)
     return {"images_dir": images_dir, "vae_dir": vae_dir, "images": images, "labels": labels}
 
 

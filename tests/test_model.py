@@ -23,16 +23,6 @@ def tiny_dit(**overrides):
     return DiT(**{**TINY, **overrides})
 
 
-def perturb(model, std=0.05):
-    """Random non-zero weights everywhere (also in the zero-initialised layers), so that no check is trivial."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.add_(torch.randn_like(p) * std)
-    return model
-
-
 def inputs(n=6, num_classes=10, size=8, seed=2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, size, size, generator=g)
@@ -70,8 +60,8 @@ def test_presets():
         DiT_models["DiT-S/2"](depth=3)
 
 
-def test_state_dict_round_trip_loads_strict(tmp_path):
-    model = perturb(tiny_dit()).eval()
+def test_state_dict_round_trip_loads_strict(tmp_path, perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     path = tmp_path / "ema.pt"
     torch.save(model.state_dict(), path)
     state = torch.load(path, weights_only=True, map_location="cpu")
@@ -137,8 +127,8 @@ def diffusers_peer(model, official_timesteps=True):
     return peer.eval()
 
 
-def test_parity_with_diffusers():
-    model = perturb(tiny_dit()).eval()
+def test_parity_with_diffusers(perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     peer = diffusers_peer(model)
     errors = []
     for seed in range(4):
@@ -179,8 +169,8 @@ def cfg_batch(model, n=3, seed=3):
     return x, t, y
 
 
-def test_cfg_scale_one_is_the_conditional_model():
-    model = perturb(tiny_dit()).eval()
+def test_cfg_scale_one_is_the_conditional_model(perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     x, t, y = cfg_batch(model)
     with torch.no_grad():
         guided = model.forward_with_cfg(x, t, y, cfg_scale=1.0, cfg_channels=None)
@@ -189,8 +179,8 @@ def test_cfg_scale_one_is_the_conditional_model():
         torch.testing.assert_close(half[:, :4], cond[:, :4], atol=1e-6, rtol=1e-5)
 
 
-def test_cfg_guides_the_first_channels_and_passes_the_rest_through():
-    model = perturb(tiny_dit()).eval()
+def test_cfg_guides_the_first_channels_and_passes_the_rest_through(perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     x, t, y = cfg_batch(model)
     scale = 4.0
     with torch.no_grad():
@@ -206,8 +196,8 @@ def test_cfg_guides_the_first_channels_and_passes_the_rest_through():
     assert not torch.allclose(official[:3, 3], standard[:3, 3])
 
 
-def test_cfg_halves_share_the_noise_of_the_first_half():
-    model = perturb(tiny_dit()).eval()
+def test_cfg_halves_share_the_noise_of_the_first_half(perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     x, t, y = cfg_batch(model)
     other = torch.cat([x[:3], torch.randn(3, 4, 8, 8)])
     with torch.no_grad():
@@ -242,8 +232,8 @@ def test_label_dropout_uses_the_null_label_in_training_only():
     assert DiT(**{**TINY, "class_dropout_prob": 0.0}).y_embedder.embedding_table.weight.shape[0] == 10
 
 
-def test_eval_forward_is_deterministic():
-    model = perturb(tiny_dit()).eval()
+def test_eval_forward_is_deterministic(perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     x, t, y = inputs()
     assert torch.equal(model(x, t, y), model(x, t, y))
 
@@ -269,8 +259,8 @@ def test_each_conditioning_learns(conditioning):
 
 
 @pytest.mark.parametrize("conditioning", CONDITIONINGS)
-def test_each_conditioning_sees_t_and_y(conditioning):
-    model = perturb(tiny_dit(conditioning=conditioning)).eval()
+def test_each_conditioning_sees_t_and_y(conditioning, perturb):
+    model = perturb(tiny_dit(conditioning=conditioning), seed=1).eval()
     x, t, y = inputs()
     with torch.no_grad():
         out = model(x, t, y)
@@ -287,8 +277,8 @@ def test_conditioning_variants_have_their_own_layers():
     assert "blocks.0.adaLN_modulation.1.weight" not in models["in-context"].state_dict()
 
 
-def test_bf16_autocast_is_finite_and_close_to_fp32():
-    model = perturb(tiny_dit()).eval()
+def test_bf16_autocast_is_finite_and_close_to_fp32(perturb):
+    model = perturb(tiny_dit(), seed=1).eval()
     x, t, y = inputs()
     with torch.no_grad():
         fp32 = model(x, t, y)
@@ -300,10 +290,10 @@ def test_bf16_autocast_is_finite_and_close_to_fp32():
     assert rel_err(bf16.float(), fp32) < 0.03
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_gives_the_same_gradients(perturb):
     grads = []
     for checkpointing in (False, True):
-        model = perturb(tiny_dit(activation_checkpointing=checkpointing)).train()
+        model = perturb(tiny_dit(activation_checkpointing=checkpointing), seed=1).train()
         x, t, y = inputs()
         model(x, t, y, force_drop_ids=torch.tensor([0, 1, 0, 0, 1, 0])).square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
@@ -312,8 +302,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_forward_compiles_without_graph_breaks(checkpointing):
-    model = perturb(tiny_dit(activation_checkpointing=checkpointing)).train()
+def test_forward_compiles_without_graph_breaks(checkpointing, perturb):
+    model = perturb(tiny_dit(activation_checkpointing=checkpointing), seed=1).train()
     x, t, y = inputs()
     explanation = torch._dynamo.explain(model)(x, t, y)
     assert explanation.graph_break_count == 0, explanation.break_reasons

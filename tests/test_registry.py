@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderKL
 
 from pipeline import registry as R
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file, write_manifest
@@ -74,20 +73,13 @@ def store(empty_db, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, tiny_vae, perturb):
     """The upstream artifacts shared by all tests: DiT EMA weights, a VAE snapshot, image and latent manifests."""
     root = tmp_path_factory.mktemp("upstream")
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
-                num_classes=NUM_CLASSES)
-    with torch.no_grad():  # adaLN-Zero starts at a zero output; random weights make samples depend on the label
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    torch.manual_seed(1)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  layers_per_block=1, norm_num_groups=8, sample_size=IMAGE,
-                  scaling_factor=SCALE).save_pretrained(root / "vae")
+    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                        num_classes=NUM_CLASSES), seed=1)
+    tiny_vae(SCALE, seed=1, norm_num_groups=8).save_pretrained(root / "vae")
     write_manifest(root / "images", "dit-images", 1, count=6, image_size=IMAGE, num_classes=NUM_CLASSES,
                    shards=[{"file": "shard-00000.parquet", "count": 6, "sha256": "11" * 32}])
     write_manifest(root / "latents", "dit-latents", 1, count=6, latent_shape=LATENT, scaling_factor=SCALE,

@@ -30,35 +30,19 @@ DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma":
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                         layers_per_block=1, norm_num_groups=8, sample_size=IMAGE, scaling_factor=SCALE).eval()
-
-
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """adaLN-Zero starts with a zero output; random weights everywhere make the samples depend on everything."""
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, tiny_vae, perturb):
     """A models/dit (ema.pt + model.json + tracking.json) and a models/vae snapshot, as train and vae write them."""
     root = tmp_path_factory.mktemp("models")
     dit_dir, vae_dir = root / "dit", root / "vae"
     dit_dir.mkdir()
-    model = perturbed(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                          num_classes=NUM_CLASSES))
+    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                        num_classes=NUM_CLASSES), seed=2).eval()
     latents = {"latent_shape": list(LATENT), "scaling_factor": SCALE, "image_size": IMAGE,
                "num_classes": NUM_CLASSES, "class_names": ["zero", "one", "two", "three"]}
     write_model_card(dit_dir, model.state_dict(), "tiny", model.config, DIFFUSION, latents, train_steps=0)
     (dit_dir / "tracking.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None}))
-    tiny_vae().save_pretrained(vae_dir)
+    tiny_vae(SCALE, seed=1, norm_num_groups=8).save_pretrained(vae_dir)
     return dit_dir, vae_dir
 
 
@@ -269,11 +253,11 @@ def test_seeds_are_distinct_per_index_and_stream():
 
 # --- checkpoints and params -------------------------------------------------------------------------------------
 
-def test_official_checkpoint_command(dirs, tmp_path):
+def test_official_checkpoint_command(dirs, tmp_path, perturb):
     """The Table 2 command path: a flat state_dict with no config, model and image size given."""
     _, vae_dir = dirs
     torch.manual_seed(0)
-    model = perturbed(DiT_models["DiT-Ti/8"](input_size=8, num_classes=1000))  # latent 8 = 16 px / 2
+    model = perturb(DiT_models["DiT-Ti/8"](input_size=8, num_classes=1000), seed=2).eval()  # latent 8 = 16 px / 2
     torch.save(model.state_dict(), tmp_path / "DiT-Ti-8-16x16.pt")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sample": dataclasses.asdict(params())}))
     out = tmp_path / "samples_official"

@@ -307,24 +307,14 @@ def test_bad_params_fail_clearly(tmp_path, latents):
 
 # --- outputs, tracking and the stage script -----------------------------------------------------------------------
 
-def tiny_vae(directory: Path) -> Path:
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=SCALING_FACTOR)
-    vae.save_pretrained(directory)
-    return directory
-
-
-def test_outputs_and_mlflow_run(tmp_path, latents, monkeypatch):
+def test_outputs_and_mlflow_run(tmp_path, latents, monkeypatch, tiny_vae):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     tracking = TrackingParams(enabled=True, experiment="test-train")
-    vae = tiny_vae(tmp_path / "vae")
+    vae = tmp_path / "vae"
+    tiny_vae(SCALING_FACTOR, block_out_channels=(8, 8)).save_pretrained(vae)
     run(tmp_path, latents, base_params(train_steps=4, ckpt_every=2, log_every=2, sample_every=2), tracking, vae)
 
     info = json.loads((tmp_path / "dit" / "model.json").read_text())

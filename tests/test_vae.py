@@ -10,43 +10,18 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from pipeline.artifacts import sha256_dir
 from pipeline.config import ParamsError, load_section
 from pipeline.determinism import holdout_split
 from pipeline.formats.images import read_images
 from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, to_uint8
-from synthetic import write_images_dir
+from synthetic import blob_images, write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# --- tiny fixtures: colour blobs (stored as `dit-images` by synthetic.write_images_dir, not by ingest), a random VAE
-
-def blob_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, size, size, 3) smooth colour blobs on a flat background (class = number of blobs - 1), labels (n,)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = (np.mgrid[:size, :size] + 0.5) / size
-    labels = np.arange(n, dtype=np.int64) % 3
-    images = np.empty((n, size, size, 3), np.uint8)
-    for i, label in enumerate(labels):
-        img = np.ones((size, size, 3)) * rng.uniform(0, 1, 3)
-        for _ in range(label + 1):
-            cy, cx = rng.uniform(0.2, 0.8, 2)
-            weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * rng.uniform(0.1, 0.25) ** 2))[..., None]
-            img = img * (1 - weight) + weight * rng.uniform(0, 1, 3)
-        images[i] = np.round(img * 255)
-    return images, labels
-
-
-def tiny_autoencoder(scaling_factor: float, seed: int = 0) -> AutoencoderKL:
-    """A random AutoencoderKL with downsample 2: 16x16 images -> 4x8x8 latents."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                         sample_size=16, scaling_factor=scaling_factor).eval()
-
+# --- tiny fixtures: colour blobs (synthetic.blob_images, stored by synthetic.write_images_dir), a random VAE (conftest)
 
 # 16x16 images, downsample 2 -> 8x8 latents. 500 steps (~15 s of CPU) is about where this VAE leaves the flat-colour
 # plateau (measured: ~17 dB at 300 steps, ~22.7 dB at 500); 512 images so that it generalises rather than memorises.
@@ -107,8 +82,8 @@ def test_training_is_deterministic(images_dir, tmp_path):
     assert sha256_dir(tmp_path / "a") == sha256_dir(tmp_path / "b")
 
 
-def test_decode_divides_by_the_scaling_factor_and_rounds_like_the_official_scripts():
-    vae = tiny_autoencoder(scaling_factor=0.5)
+def test_decode_divides_by_the_scaling_factor_and_rounds_like_the_official_scripts(tiny_vae):
+    vae = tiny_vae(scaling_factor=0.5)
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ((vae.decode(z).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
@@ -119,8 +94,8 @@ def test_decode_divides_by_the_scaling_factor_and_rounds_like_the_official_scrip
     assert edges[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
 
 
-def test_encode_accepts_uint8_or_pixels_in_minus_one_one():
-    vae = tiny_autoencoder(scaling_factor=1.0)
+def test_encode_accepts_uint8_or_pixels_in_minus_one_one(tiny_vae):
+    vae = tiny_vae(scaling_factor=1.0)
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean_u8, std_u8 = encode_images(vae, images)
     mean_f, std_f = encode_images(vae, images.float() / 127.5 - 1)
@@ -128,9 +103,9 @@ def test_encode_accepts_uint8_or_pixels_in_minus_one_one():
     assert torch.equal(mean_u8, mean_f) and torch.equal(std_u8, std_f)
 
 
-def test_pretrained_local_directory_is_snapshotted_unchanged(images_dir, tmp_path):
+def test_pretrained_local_directory_is_snapshotted_unchanged(images_dir, tmp_path, tiny_vae):
     source = tmp_path / "my-vae"
-    tiny_autoencoder(scaling_factor=0.18215, seed=1).save_pretrained(source)
+    tiny_vae(scaling_factor=0.18215, seed=1).save_pretrained(source)
     params = dataclasses.replace(TINY, pretrained=str(source))
     metrics = run_vae(params, images_dir, tmp_path / "vae", tmp_path / "vae.json")
     original, snapshot = load_vae(source), load_vae(tmp_path / "vae")

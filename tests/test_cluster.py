@@ -1,0 +1,136 @@
+"""A real two-node Ray cluster on this machine, locked with a token, started with the commands of the README's
+"From a laptop to a cluster": `ray start --head` plus `ray start --address=...`, each node with its own CPU and
+temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`."""
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[1]
+# Ray rewrites 127.0.0.1 and localhost in an address to this machine's network address, so that a node elsewhere
+# could use it; any other loopback address is kept, and the head's GCS listens on it too. Traffic stays on `lo`.
+JOIN_HOST = "127.0.0.2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(env: dict, head_port: int, head: bool) -> tuple[subprocess.Popen, str]:
+    """`ray start --block` in its own process group: SIGTERM to it stops this node's processes and no other Ray's
+    (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
+    cmd = [RAY, "start", "--block", "--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+           "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    if head:
+        cmd += ["--head", f"--port={head_port}", "--include-dashboard=false"]
+    else:
+        cmd += [f"--address={JOIN_HOST}:{head_port}"]
+    log = open(f"{temp_dir}.log", "w")
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT), temp_dir
+
+
+def stop_node(proc: subprocess.Popen, temp_dir: str) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of this node's group only
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        Path(f"{temp_dir}.log").unlink(missing_ok=True)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ray start --head exited with {proc.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the head's GCS did not listen on port {port} within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Yields (address, env of a client holding the token). The nodes read the token from a 0600 file named by
+    RAY_AUTH_TOKEN_PATH; the session's own RAY_AUTH_TOKEN (conftest) is kept away from them."""
+    token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    port = free_port()
+    nodes = [start_node(env, port, head=True)]
+    try:
+        wait_for_port(port, nodes[0][0])
+        nodes.append(start_node(env, port, head=False))
+        yield f"{JOIN_HOST}:{port}", env
+    finally:
+        for proc, temp_dir in reversed(nodes):
+            stop_node(proc, temp_dir)
+
+
+# Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
+# waits for both nodes, then places one 1-CPU actor per node (each node has one CPU) and reports their node ids.
+CLIENT = """
+import json, time
+import ray
+from pipeline.cluster import init_ray
+
+init_ray()
+deadline = time.monotonic() + 120
+while len(alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+    time.sleep(0.5)
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+class Where:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+actors = [Where.remote() for _ in range(2)]
+print(json.dumps({"alive": alive, "actors": ray.get([a.node.remote() for a in actors], timeout=120)}))
+"""
+
+
+def client(env: dict, address: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CLIENT], cwd=REPO, env={**env, "RAY_ADDRESS": address},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(cluster):
+    address, env = cluster
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    refused = {
+        "wrong token": client({**no_token, "RAY_AUTH_TOKEN": secrets.token_hex(32)}, address),
+        "no token, auth off": client({**no_token, "RAY_AUTH_MODE": "disabled"}, address),
+    }
+    admitted = client(env, address)
+    for name, proc in refused.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode != 0, f"{name}: joined a token-locked cluster: {out}"
+        assert "Authentication token is missing or incorrect" in err, f"{name}: {err[-2000:]}"
+    out, err = admitted.communicate(timeout=240)
+    assert admitted.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert len(set(report["alive"])) == 2
+    assert sorted(report["actors"]) == sorted(report["alive"])  # one actor on each node

@@ -1,6 +1,8 @@
 """A real two-node Ray cluster on this machine, locked with a token, started with the commands of the README's
 "From a laptop to a cluster": `ray start --head` plus `ray start --address=...`, each node with its own CPU and
-temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`."""
+temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
+`encode` stage's actors spread over both nodes with the same bytes as a single process."""
+import dataclasses
 import json
 import os
 import secrets
@@ -14,6 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+
+from pipeline.encode import encode_local
+from test_encode import PARAMS as ENCODE_PARAMS
+from test_encode import inputs, shard_hashes  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +36,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_node(env: dict, head_port: int, head: bool) -> tuple[subprocess.Popen, str]:
+def start_node(env: dict, head_port: int, head: bool, num_cpus: int) -> tuple[subprocess.Popen, str]:
     """`ray start --block` in its own process group: SIGTERM to it stops this node's processes and no other Ray's
     (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes."""
     temp_dir = tempfile.mkdtemp(prefix="ray-")
-    cmd = [RAY, "start", "--block", "--num-cpus=1", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+    cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
            "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
     if head:
@@ -73,17 +79,20 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> No
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Yields (address, env of a client holding the token). The nodes read the token from a 0600 file named by
-    RAY_AUTH_TOKEN_PATH; the session's own RAY_AUTH_TOKEN (conftest) is kept away from them."""
+    RAY_AUTH_TOKEN_PATH; the session's own RAY_AUTH_TOKEN (conftest) is kept away from them. The head has 2 CPUs and
+    the worker 1: `encode` with 2 actors needs a third CPU for reading. Both nodes import this checkout's
+    `pipeline`, as a cluster's nodes import the package installed on them."""
     token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     port = free_port()
-    nodes = [start_node(env, port, head=True)]
+    nodes = [start_node(env, port, head=True, num_cpus=2)]
     try:
         wait_for_port(port, nodes[0][0])
-        nodes.append(start_node(env, port, head=False))
+        nodes.append(start_node(env, port, head=False, num_cpus=1))
         yield f"{JOIN_HOST}:{port}", env
     finally:
         for proc, temp_dir in reversed(nodes):
@@ -91,7 +100,7 @@ def cluster(tmp_path_factory):
 
 
 # Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
-# waits for both nodes, then places one 1-CPU actor per node (each node has one CPU) and reports their node ids.
+# waits for both nodes, then spreads two actors and reports the node each one runs on.
 CLIENT = """
 import json, time
 import ray
@@ -134,3 +143,32 @@ def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(clust
     report = json.loads(out.strip().splitlines()[-1])
     assert len(set(report["alive"])) == 2
     assert sorted(report["actors"]) == sorted(report["alive"])  # one actor on each node
+
+
+# The encode stage's library call on the cluster, then the nodes its encoder actors ran on (from the GCS's actor
+# table: the state API would need the dashboard, which the head runs without).
+ENCODE = """
+import dataclasses, json, sys
+import ray
+from ray._private.state import actors
+from pipeline.encode import EncodeParams, run_encode
+
+params, images_dir, vae_dir, out = json.loads(sys.argv[1])
+run_encode(EncodeParams(**params), images_dir, vae_dir, out, out + ".json")
+nodes = [a["Address"]["NodeID"] for a in actors().values() if "LatentEncoder" in a["ActorClassName"]]
+print(json.dumps({"nodes": nodes, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
+"""
+
+
+def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, inputs, tmp_path):
+    address, env = cluster
+    params = dataclasses.replace(ENCODE_PARAMS, store="sample", num_actors=2, batch_size=3)
+    encode_local(params, inputs["images_dir"], inputs["vae_dir"], tmp_path / "local")
+    args = [dataclasses.asdict(params), str(inputs["images_dir"]), str(inputs["vae_dir"]), str(tmp_path / "cluster")]
+    done = subprocess.run([sys.executable, "-c", ENCODE, json.dumps(args)], cwd=REPO,
+                          env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
+    assert shard_hashes(tmp_path / "cluster") == shard_hashes(tmp_path / "local")
+    assert (tmp_path / "cluster" / "manifest.json").read_bytes() == (tmp_path / "local" / "manifest.json").read_bytes()

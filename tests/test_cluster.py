@@ -121,17 +121,20 @@ print(json.dumps({"alive": alive, "actors": ray.get([a.node.remote() for a in ac
 """
 
 
-def client(env: dict, address: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CLIENT], cwd=REPO, env={**env, "RAY_ADDRESS": address},
+def client(env: dict, address: str, script: str = CLIENT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**env, "RAY_ADDRESS": address},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(cluster):
+def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(cluster, tmp_path):
     address, env = cluster
-    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    # Plain Ray clients, as an outsider would run them: one with a token of its own, one that sends none (auth mode
+    # unset and no ~/.ray/auth_token: an address given explicitly does not turn token auth on in the client).
     refused = {
-        "wrong token": client({**no_token, "RAY_AUTH_TOKEN": secrets.token_hex(32)}, address),
-        "no token, auth off": client({**no_token, "RAY_AUTH_MODE": "disabled"}, address),
+        "wrong token": client({**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+                              address, "import ray; ray.init()"),
+        "no token": client({**no_token, "HOME": str(tmp_path)}, address, "import ray; ray.init()"),
     }
     admitted = client(env, address)
     for name, proc in refused.items():

@@ -4,17 +4,18 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Tests never touch the network: a hub miss would otherwise cost ~23 s of retries each.
-TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=disabled
+# Tests never touch the network: a hub miss would otherwise cost ~23 s of retries each. Ray always runs with token
+# authentication: a local Ray keeps its token in ~/.ray/auth_token (made on first use), never in the repository.
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=token
 
 .PHONY: repro test exp venv
 repro: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=disabled dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc repro
 
 # A profile of profiles/ as a DVC experiment: make exp PROFILE=cifar10 [EXP_ARGS=--queue]
 exp: $(STAMP)
 	test -n "$(PROFILE)" || (echo "usage: make exp PROFILE=<$$(ls profiles | sed 's/.yaml//' | tr '\n' ' ')>" && false)
-	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=disabled \
+	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token \
 		dvc exp run -n $(PROFILE) $(EXP_ARGS) $$($(BIN)/python -m pipeline.profiles $(PROFILE))
 
 test: $(STAMP)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from pipeline.cluster import lock_ray
 from pipeline.config import load_section
 from pipeline.data import IngestParams, ingest
 from pipeline.encode import EncodeParams, encode_local, run_encode
@@ -78,6 +79,7 @@ def bench_cpu(args) -> None:
         rows.append(("single process (no Ray)", manifest["count"] / (time.perf_counter() - start)))
         # Each CPU actor takes a CPU and reading takes one more (encode.check_resources); on a small machine
         # the logical count exceeds the cores, so actors share them.
+        lock_ray()
         ray.init(num_cpus=max(os.cpu_count() or 1, max(args.actors) + 1), include_dashboard=False)
         for n in args.actors:
             metrics = run_encode(dataclasses.replace(encode, num_actors=n, use_gpu=False), tmp / "images", vae_dir,

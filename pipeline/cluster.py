@@ -7,6 +7,26 @@ from pathlib import Path
 
 import pipeline
 
+log = logging.getLogger(__name__)
+
+
+def lock_ray() -> None:
+    """Turn on Ray's token authentication for this process and the Ray it starts or joins, unless the user chose.
+
+    A local Ray makes its token in ~/.ray/auth_token on first use; a cluster's nodes and clients take it from
+    RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH. Without it the GCS, raylet and workers listen on every interface and run
+    code for anyone who reaches them."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        # Ray reads its config once, when it is first imported: re-read it so this process agrees with the
+        # GCS and raylet it launches (which would otherwise demand a token this process never made).
+        from ray._raylet import Config
+
+        Config.initialize("")
+    elif mode != "token":
+        log.warning("RAY_AUTH_MODE=%s: anyone who can reach this Ray can run code on it", mode)
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to `RAY_ADDRESS` when set (a cluster), else start a local Ray. Idempotent."""
@@ -14,7 +34,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    lock_ray()
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if os.environ.get("RAY_ADDRESS"):
         # Joining: the cluster's head owns its dashboard and resources; Ray Client (ray://) forwards any extra

@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_AUTH_MODE=token  # the local Ray makes its token in ~/.ray/auth_token
 [ $# -ge 3 ] || { sed -n '2,20p' "$0"; exit 2; }
 profile=$1 cond_model=$2
 shift 2

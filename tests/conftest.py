@@ -1,17 +1,22 @@
 import json
 import os
+import secrets
 
 import pytest
 import torch
 
-# Belt and braces for runs that bypass `make test`: no hub lookups, no Ray auth warning, no DVC analytics.
+# Belt and braces for runs that bypass `make test`: no hub lookups, Ray locked by a token, no DVC analytics. Set
+# before anything imports ray, which reads its auth mode once. The token lives in this process's environment for
+# the session (inherited by the Rays the tests start and by `dvc repro`'s stages), so tests leave no token file.
 for key, value in {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",
     "DVC_NO_ANALYTICS": "1",
 }.items():
     os.environ.setdefault(key, value)
+if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="module")

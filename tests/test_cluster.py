@@ -1,0 +1,177 @@
+"""A real two-node Ray cluster on this machine, locked with a token, started with the commands of the README's
+"From a laptop to a cluster": `ray start --head` plus `ray start --address=...`, each node with its own CPU and
+temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
+`encode` stage's actors spread over both nodes with the same bytes as a single process."""
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.encode import encode_local
+from test_encode import PARAMS as ENCODE_PARAMS
+from test_encode import inputs, shard_hashes  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+REPO = Path(__file__).resolve().parents[1]
+# Ray rewrites 127.0.0.1 and localhost in an address to this machine's network address, so that a node elsewhere
+# could use it; any other loopback address is kept, and the head's GCS listens on it too. Traffic stays on `lo`.
+JOIN_HOST = "127.0.0.2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(env: dict, head_port: int, head: bool, num_cpus: int) -> tuple[subprocess.Popen, str]:
+    """`ray start --block` in its own process group: SIGTERM to it stops this node's processes and no other Ray's
+    (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-")
+    cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
+           "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    if head:
+        cmd += ["--head", f"--port={head_port}", "--include-dashboard=false"]
+    else:
+        cmd += [f"--address={JOIN_HOST}:{head_port}"]
+    log = open(f"{temp_dir}.log", "w")
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT), temp_dir
+
+
+def stop_node(proc: subprocess.Popen, temp_dir: str) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # stragglers of this node's group only
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        Path(f"{temp_dir}.log").unlink(missing_ok=True)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"ray start --head exited with {proc.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"the head's GCS did not listen on port {port} within {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Yields (address, env of a client holding the token). The nodes read the token from a 0600 file named by
+    RAY_AUTH_TOKEN_PATH; the session's own RAY_AUTH_TOKEN (conftest) is kept away from them. The head has 2 CPUs and
+    the worker 1: `encode` with 2 actors needs a third CPU for reading. Both nodes import this checkout's
+    `pipeline`, as a cluster's nodes import the package installed on them."""
+    token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    port = free_port()
+    nodes = [start_node(env, port, head=True, num_cpus=2)]
+    try:
+        wait_for_port(port, nodes[0][0])
+        nodes.append(start_node(env, port, head=False, num_cpus=1))
+        yield f"{JOIN_HOST}:{port}", env
+    finally:
+        for proc, temp_dir in reversed(nodes):
+            stop_node(proc, temp_dir)
+
+
+# Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
+# waits for both nodes, then spreads two actors and reports the node each one runs on.
+CLIENT = """
+import json, time
+import ray
+from pipeline.cluster import init_ray
+
+init_ray()
+deadline = time.monotonic() + 120
+while len(alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+    time.sleep(0.5)
+
+@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+class Where:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+actors = [Where.remote() for _ in range(2)]
+print(json.dumps({"alive": alive, "actors": ray.get([a.node.remote() for a in actors], timeout=120)}))
+"""
+
+
+def client(env: dict, address: str, script: str = CLIENT) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**env, "RAY_ADDRESS": address},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(cluster, tmp_path):
+    address, env = cluster
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+    # Plain Ray clients, as an outsider would run them: one with a token of its own, one that sends none (auth mode
+    # unset and no ~/.ray/auth_token: an address given explicitly does not turn token auth on in the client).
+    refused = {
+        "wrong token": client({**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+                              address, "import ray; ray.init()"),
+        "no token": client({**no_token, "HOME": str(tmp_path)}, address, "import ray; ray.init()"),
+    }
+    admitted = client(env, address)
+    for name, proc in refused.items():
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode != 0, f"{name}: joined a token-locked cluster: {out}"
+        assert "Authentication token is missing or incorrect" in err, f"{name}: {err[-2000:]}"
+    out, err = admitted.communicate(timeout=240)
+    assert admitted.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert len(set(report["alive"])) == 2
+    assert sorted(report["actors"]) == sorted(report["alive"])  # one actor on each node
+
+
+# The encode stage's library call on the cluster, then the nodes its encoder actors ran on (from the GCS's actor
+# table: the state API would need the dashboard, which the head runs without).
+ENCODE = """
+import dataclasses, json, sys
+import ray
+from ray._private.state import actors
+from pipeline.encode import EncodeParams, run_encode
+
+params, images_dir, vae_dir, out = json.loads(sys.argv[1])
+run_encode(EncodeParams(**params), images_dir, vae_dir, out, out + ".json")
+nodes = [a["Address"]["NodeID"] for a in actors().values() if "LatentEncoder" in a["ActorClassName"]]
+print(json.dumps({"nodes": nodes, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
+"""
+
+
+def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, inputs, tmp_path):
+    address, env = cluster
+    params = dataclasses.replace(ENCODE_PARAMS, store="sample", num_actors=2, batch_size=3)
+    encode_local(params, inputs["images_dir"], inputs["vae_dir"], tmp_path / "local")
+    args = [dataclasses.asdict(params), str(inputs["images_dir"]), str(inputs["vae_dir"]), str(tmp_path / "cluster")]
+    done = subprocess.run([sys.executable, "-c", ENCODE, json.dumps(args)], cwd=REPO,
+                          env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
+    assert shard_hashes(tmp_path / "cluster") == shard_hashes(tmp_path / "local")
+    assert (tmp_path / "cluster" / "manifest.json").read_bytes() == (tmp_path / "local" / "manifest.json").read_bytes()

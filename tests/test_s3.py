@@ -1,0 +1,130 @@
+"""S3 as users run it, against a local S3-compatible server (moto, bound to 127.0.0.1): a DVC remote with dvc-s3
+(push, git clone, pull, status clean) and an MLflow tracking server whose artifacts live in S3, registering the
+project's pyfunc model and loading the champion back. Credentials come from the environment only: they must never
+land in a file that git or DVC tracks, and the MLflow client needs none (the server proxies the artifacts)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import mlflow
+import numpy as np
+import pytest
+from moto.server import ThreadedMotoServer
+
+from pipeline import registry as R
+from test_registry import (IMAGE, NAME, export_dit, free_port, register, start, stop, tiny,  # noqa: F401 (fixture)
+                           training_run, wait_http, write_eval)
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+BUCKET = "dit"
+# Fake keys for the fake server. A user exports real ones (or uses a profile / instance role) the same way.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id-4f1c", "AWS_SECRET_ACCESS_KEY": "test-secret-9b2e",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """(endpoint URL, environment with the credentials); an empty bucket `dit` on a fresh server."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **CREDENTIALS,
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                 region_name=CREDENTIALS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
+    yield endpoint, env
+    server.stop()
+
+
+def keys(endpoint: str, prefix: str) -> list[str]:
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                          region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def sh(args: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+# A one-stage pipeline writing a directory of shards, as the project's stages do.
+DVC_YAML = """stages:
+  make:
+    cmd: python make.py out
+    deps: [make.py]
+    outs: [out]
+"""
+MAKE_PY = """import sys, pathlib, numpy as np
+out = pathlib.Path(sys.argv[1]); out.mkdir(exist_ok=True)
+for i in range(3):
+    np.save(out / f"shard-{i}.npy", np.random.default_rng(i).standard_normal((64, 4)))
+"""
+
+
+def test_dvc_remote_on_s3_push_clone_pull(s3, tmp_path):
+    endpoint, env = s3
+    env = {**env, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    repo, clone = tmp_path / "repo", tmp_path / "clone"
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(DVC_YAML)
+    (repo / "make.py").write_text(MAKE_PY)
+    sh(["git", "init", "-q"], repo, env)
+    sh(["dvc", "init", "-q"], repo, env)
+    sh(["dvc", "repro", "-q"], repo, env)
+    # The README's commands: the remote and its endpoint are shared settings, the keys stay in the environment.
+    sh(["dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc"], repo, env)
+    sh(["dvc", "remote", "modify", "storage", "endpointurl", endpoint], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "pipeline and remote"], repo, env)
+    sh(["dvc", "push"], repo, env)
+    tracked = sh(["git", "ls-files"], repo, env).split()
+    assert ".dvc/config" in tracked
+    for path in tracked:
+        text = (repo / path).read_text(errors="replace")
+        assert not any(v in text for v in CREDENTIALS.values() if v.startswith("test-")), f"credentials in {path}"
+    assert len(keys(endpoint, "dvc/")) == 4  # 3 shards + the directory's .dir listing
+
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    sh(["dvc", "pull"], clone, env)
+    for shard in (repo / "out").iterdir():
+        assert (clone / "out" / shard.name).read_bytes() == shard.read_bytes()
+    assert "up to date" in sh(["dvc", "status"], clone, env)
+    assert "in sync" in sh(["dvc", "status", "--cloud"], clone, env)
+
+
+def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, tmp_path, monkeypatch):  # noqa: F811
+    endpoint, env = s3
+    port = free_port()
+    # Only the server holds the S3 credentials; clients upload and download through it (mlflow-artifacts:/).
+    server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
+                    "--workers", "1"], env={**env, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": ""})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
+        uri = f"http://127.0.0.1:{port}"
+        for key in [k for k in os.environ if k.startswith("AWS_")]:
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.chdir(tmp_path)
+        mlflow.set_tracking_uri(uri)
+        dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
+        result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir))
+        assert result["promoted"] and result["version"] == 1
+        stored = keys(endpoint, "mlflow/")
+        assert any(k.endswith("artifacts/dit/ema.pt") for k in stored), stored[:20]
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
+        images = model.predict(np.array([0, 2]), params={"seed": 1})
+        assert images.shape == (2, IMAGE, IMAGE, 3) and images.dtype == np.uint8
+    finally:
+        mlflow.set_tracking_uri(None)
+        stop(server)

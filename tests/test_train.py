@@ -294,12 +294,13 @@ def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_ver
     assert C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000020.pt")["provenance"] == upgraded
 
     capsys.readouterr()
-    monkeypatch.setattr(T, "stamp", lambda module: {**upgraded, "code": {"pipeline/diffusion.py": "edited"}})
+    edited = {**upgraded, "code": {**made["code"], "pipeline/diffusion.py": "edited"}}
+    monkeypatch.setattr(T, "stamp", lambda module: edited)
     T.train(base_params(train_steps=20), OFF, latents, tmp_path / "checkpoints", tmp_path / "dit",
             tmp_path / "metrics.json", tmp_path / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
-    assert "code changed: pipeline/diffusion.py" in capsys.readouterr().out  # the stage says why it restarts
+    assert "(code changed: pipeline/diffusion.py)" in capsys.readouterr().out  # the stage says why it restarts
     rewritten = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"]
-    assert rewritten["code"] == {"pipeline/diffusion.py": "edited"}  # trained afresh from step 0
+    assert rewritten == edited  # trained afresh from step 0
 
 
 # --- safety -------------------------------------------------------------------------------------------------------

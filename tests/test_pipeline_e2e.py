@@ -135,7 +135,7 @@ def _run(args: list[str], cwd: Path, env: dict) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2400)
 def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     repo = tmp_path / "repo"
     params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)

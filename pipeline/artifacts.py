@@ -94,7 +94,11 @@ def sha256_dir(path: str | Path) -> str:
 
 
 def write_manifest(directory: str | Path, format: str, version: int, **fields: Any) -> Path:
-    return atomic_write_json(Path(directory) / "manifest.json", {"format": format, "version": version, **fields})
+    """`directory/manifest.json`: the format, its fields, and the versions of the packages that change numbers."""
+    from pipeline.provenance import package_versions
+
+    return atomic_write_json(Path(directory) / "manifest.json",
+                             {"format": format, "version": version, **fields, "packages": package_versions()})
 
 
 def read_manifest(directory: str | Path, format: str, version: int, stage: str) -> dict:

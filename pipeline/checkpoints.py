@@ -2,8 +2,8 @@
 
 A checkpoint is a `torch.save`d dict of plain tensors, numbers, strings and lists (read back with
 `weights_only=True`): model, EMA, optimizer, step, every RNG state, the model config, the train params, the latents'
-manifest hash, the MLflow run id and the training log. Writes are atomic (temp file, fsync, rename), so a crash
-while writing leaves the previous checkpoint as the latest complete one.
+manifest hash, the code and package stamp (`provenance.stamp`), the MLflow run id and the training log. Writes are
+atomic (temp file, fsync, rename), so a crash while writing leaves the previous checkpoint as the latest complete one.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import ArtifactError, atomic_torch_save
+from pipeline.provenance import stamp_mismatch
 
 CHECKPOINT_FORMAT = ("dit-train-checkpoint", 1)
 # Train params that change the optimisation trajectory: a checkpoint made with other values is not resumed.
@@ -70,11 +71,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def resume_mismatch(ckpt: dict, p, model_config: dict, latents_sha256: str) -> list[str]:
+def resume_mismatch(ckpt: dict, p, model_config: dict, latents_sha256: str, code_stamp: dict | None) -> list[str]:
     """Why `ckpt` cannot be continued by this run (empty when it can): a checkpoint resumes only the run it came
-    from, never another experiment's weights with other trajectory-defining params, model or data."""
+    from, never another experiment's weights with other trajectory-defining params, model or data, nor weights
+    made by other code or packages (`code_stamp`: `provenance.stamp`; None = the user resumes across versions)."""
     old = ckpt["train_params"]
-    why = [f"train.{k}: {old.get(k)!r} -> {getattr(p, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(p, k)]
+    why = stamp_mismatch(ckpt.get("provenance"), code_stamp) if code_stamp is not None else []
+    why += [f"train.{k}: {old.get(k)!r} -> {getattr(p, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(p, k)]
     why += [f"model.{k}: {ckpt['model_config'].get(k)!r} -> {v!r}" for k, v in model_config.items()
             if k != "activation_checkpointing" and ckpt["model_config"].get(k) != v]
     if ckpt["latents_sha256"] != latents_sha256:
@@ -84,12 +87,14 @@ def resume_mismatch(ckpt: dict, p, model_config: dict, latents_sha256: str) -> l
     return why
 
 
-def check_resumable(ckpt: dict, path: Path, p, model_config: dict, latents_sha256: str) -> None:
-    why = resume_mismatch(ckpt, p, model_config, latents_sha256)
+def check_resumable(ckpt: dict, path: Path, p, model_config: dict, latents_sha256: str,
+                    code_stamp: dict | None) -> None:
+    why = resume_mismatch(ckpt, p, model_config, latents_sha256, code_stamp)
     if why:
         raise ArtifactError(f"{path} cannot be resumed by this run ({'; '.join(why)}). Restore those params to "
                             f"continue it, or delete {path.parent} (or pass --restart-on-mismatch to the stage) "
-                            "to train from scratch.")
+                            "to train from scratch; after a code or package change, --resume-across-versions "
+                            "continues it anyway.")
 
 
 def latest_checkpoint(directory: str | Path) -> tuple[dict, Path] | tuple[None, None]:

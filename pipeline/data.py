@@ -32,6 +32,7 @@ from tqdm import tqdm
 from pipeline import artifacts, synthetic
 from pipeline.config import ParamsError
 from pipeline.formats.images import ShardWriter, encode_png, write_images_manifest
+from pipeline.provenance import NO_INPUT, local_input
 
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -53,7 +54,8 @@ class SyntheticParams:
 
 @dataclass(frozen=True)
 class HFParams:
-    path: str  # hub id ("uoft-cs/cifar10") or a local directory of data files, as datasets.load_dataset takes
+    path: str | None  # hub id ("uoft-cs/cifar10") or builder name; None = read local_dir
+    local_dir: str  # a local dataset directory tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = none
     name: str | None
     split: str
     revision: str | None
@@ -65,6 +67,9 @@ class HFParams:
     def __post_init__(self):
         if self.max_images is not None and self.max_images < 1:
             raise ParamsError(f"'ingest.hf.max_images' must be >= 1 or null, got {self.max_images}")
+        if (self.path is None) == (local_input(self.local_dir) is None):
+            raise ParamsError("set exactly one of 'ingest.hf.path' (a hub id) and 'ingest.hf.local_dir' (a local "
+                              f"directory; {NO_INPUT} = none): got path {self.path!r}, local_dir {self.local_dir!r}")
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,9 @@ def open_synthetic(params: IngestParams) -> Source:
 def open_imagefolder(params: IngestParams) -> Source:
     """torchvision ImageFolder layout: classes = sorted subdirectory names, label = index; files in sorted order."""
     root = Path(params.imagefolder.root)
+    if local_input(str(root)) is None:
+        raise IngestError(f"ingest.imagefolder.root is {NO_INPUT}, which holds no images: put the class folders "
+                          "under inputs/<name>/, run `dvc add inputs/<name>` and set ingest.imagefolder.root to it")
     if not root.is_dir():
         raise IngestError(f"ingest.imagefolder.root = {root}: not a directory; point it at a folder of "
                           "<class_name>/ subfolders holding the images")
@@ -260,8 +268,12 @@ def open_hf(params: IngestParams) -> Source:
     from huggingface_hub.errors import HfHubHTTPError
 
     h = params.hf
+    path = h.path or h.local_dir
+    if h.path is not None and os.path.exists(h.path):
+        raise IngestError(f"ingest.hf.path = {h.path!r} is a local path, which DVC cannot see there: run `dvc add "
+                          f"{h.path}`, then set ingest.hf.local_dir: {h.path} and ingest.hf.path: null")
     try:
-        builder = datasets.load_dataset_builder(h.path, h.name, revision=h.revision)
+        builder = datasets.load_dataset_builder(path, h.name, revision=h.revision)
         if h.streaming:
             ds = builder.as_streaming_dataset(split=h.split)
         else:
@@ -269,7 +281,7 @@ def open_hf(params: IngestParams) -> Source:
             ds = builder.as_dataset(split=h.split)
     except (ConnectionError, datasets.exceptions.DatasetNotFoundError, FileNotFoundError, HfHubHTTPError) as e:
         raise IngestError(
-            f"could not load the Hugging Face dataset {h.path!r} (name={h.name!r}, split={h.split!r}, "
+            f"could not load the Hugging Face dataset {h.path or h.local_dir!r} (name={h.name!r}, split={h.split!r}, "
             f"revision={h.revision!r}): {type(e).__name__}: {e}. Fix: check network access (unset HF_HUB_OFFLINE / "
             "HF_DATASETS_OFFLINE, or fill the cache on a connected machine first), set HF_TOKEN and accept the "
             "terms on the dataset page for gated datasets, and check ingest.hf.path / name / revision.") from e
@@ -277,8 +289,9 @@ def open_hf(params: IngestParams) -> Source:
     ds = ds.select_columns([h.image_column, h.label_column]).cast_column(h.image_column, datasets.Image(decode=False))
     rows = itertools.islice(_hf_items(ds, h), h.max_images)
     total = h.max_images if h.streaming else min(len(ds), h.max_images or len(ds))
-    info = {"kind": "hf", "path": h.path, "name": h.name, "split": h.split, "revision": h.revision,
-            "resolved_revision": None if os.path.exists(h.path) else builder.hash,  # the hub commit sha
+    info = {"kind": "hf", "path": h.path, "local_dir": local_input(h.local_dir), "name": h.name, "split": h.split,
+            "revision": h.revision,
+            "resolved_revision": builder.hash if h.path else None,  # the hub commit sha; dvc.lock pins local_dir
             "streaming": h.streaming, "max_images": h.max_images,
             "image_column": h.image_column, "label_column": h.label_column}
     return Source(class_names, _chunked(rows, CHUNK_ROWS), _decode_work(params, len(class_names)), total, info)
@@ -287,16 +300,17 @@ def open_hf(params: IngestParams) -> Source:
 def _hf_class_names(features, h: HFParams) -> list[str]:
     import datasets
 
+    source = h.path or h.local_dir
     if features is None:
-        raise IngestError(f"{h.path!r}: the dataset's features are unknown (some streaming datasets); "
+        raise IngestError(f"{source!r}: the dataset's features are unknown (some streaming datasets); "
                           "set ingest.hf.streaming: false, or use a dataset whose card declares its features")
     for key, column in (("image_column", h.image_column), ("label_column", h.label_column)):
         if column not in features:
-            raise IngestError(f"ingest.hf.{key} = {column!r} is not a column of {h.path!r}; columns: {list(features)}")
+            raise IngestError(f"ingest.hf.{key} = {column!r} is not a column of {source!r}; columns: {list(features)}")
     if not isinstance(features[h.image_column], datasets.Image):
-        raise IngestError(f"{h.path!r}: column {h.image_column!r} is {features[h.image_column]}, not an Image")
+        raise IngestError(f"{source!r}: column {h.image_column!r} is {features[h.image_column]}, not an Image")
     if not isinstance(features[h.label_column], datasets.ClassLabel):
-        raise IngestError(f"{h.path!r}: column {h.label_column!r} is {features[h.label_column]}, not a ClassLabel; "
+        raise IngestError(f"{source!r}: column {h.label_column!r} is {features[h.label_column]}, not a ClassLabel; "
                           "class names cannot be known. Cast it first (Dataset.cast_column(col, ClassLabel(names=...)))"
                           " and save the dataset, or choose the dataset's ClassLabel column")
     return list(features[h.label_column].names)

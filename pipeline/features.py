@@ -30,6 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, sha256_file
+from pipeline.provenance import NO_INPUT, local_input
 
 EXTRACTOR_FILE = "extractor.json"
 CLASSIFIER_FILE = "classifier.pt"
@@ -180,15 +181,18 @@ def cleanfid_weights_path() -> Path:
 
 
 def resolve_inception_weights(path: str | None) -> Path:
-    """The weights file to load: `path` (params `reference.inception_weights`), else clean-fid's usual location,
-    downloading it there with a timeout. Raises `WeightsUnavailable` saying where to put the file."""
+    """The weights file to load: `path` (params `reference.inception_weights`), else (None or provenance.NO_INPUT)
+    clean-fid's usual location, downloading it there with a timeout. Raises `WeightsUnavailable` saying where to put
+    the file."""
+    path = local_input(path)
     if path is not None:
         file = Path(path)
         file = file / INCEPTION_FILE if file.is_dir() else file
         if not file.is_file():
             raise WeightsUnavailable(
                 f"reference.inception_weights = {path!r}: no such file. Download {INCEPTION_URL} to that path, "
-                f"or set reference.inception_weights: null to use clean-fid's location {cleanfid_weights_path()}"
+                f"and `dvc add` it, or set reference.inception_weights: {NO_INPUT} to use clean-fid's location "
+                f"{cleanfid_weights_path()}"
             )
         if file.name != INCEPTION_FILE:
             raise WeightsUnavailable(
@@ -213,7 +217,7 @@ def download_inception(dest: Path) -> None:
         raise WeightsUnavailable(
             f"the Inception weights are not available: {dest} does not exist and downloading {INCEPTION_URL} "
             f"failed ({e}). On an offline machine, fetch that file elsewhere and copy it to {dest}, or set "
-            f"`reference.inception_weights: /path/to/{INCEPTION_FILE}` in params.yaml "
+            f"`reference.inception_weights: inputs/{INCEPTION_FILE}` in params.yaml (after `dvc add` of it) "
             f"(or use `reference.extractor: classifier`)"
         ) from e
 

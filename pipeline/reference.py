@@ -31,7 +31,7 @@ from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtracto
 class ReferenceParams:
     extractor: Literal["classifier", "inception"]
     mode: Literal["clean", "legacy_tensorflow"]  # inception only
-    inception_weights: str | None
+    inception_weights: str  # a local file tracked with `dvc add` (a dvc.yaml dep); NO_INPUT = clean-fid's copy
     classifier_steps: int
     classifier_batch_size: int
     classifier_lr: float

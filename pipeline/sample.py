@@ -16,7 +16,8 @@ The seeding is ours, so the pixels differ from the official sample_ddp.py's; the
 
 Resume. Shard k covers indices [k * shard_size, (k + 1) * shard_size). Each finished shard is written atomically
 to `shards/<key>/`, where key hashes everything that determines the pixels; a killed run skips finished shards,
-and shards made under other settings are deleted.
+and shards made under other settings are deleted, as are those made by other code or package versions
+(`provenance.json` in the shard folder records them).
 
 Reproducing the paper's Table 2 (FID-50K 2.27 for DiT-XL/2 with cfg 1.5) from the official checkpoint, with
 models/vae holding a save_pretrained snapshot of stabilityai/sd-vae-ft-ema:
@@ -53,6 +54,7 @@ from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.samples import save_npz, write_samples
 from pipeline.generate import generate_images, load_models, make_grid, make_labels
 from pipeline.model import DiT_models
+from pipeline.provenance import reuse_or_clear, stamp
 
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
@@ -256,12 +258,15 @@ def write_outputs(out_dir: Path, images: np.ndarray, labels: np.ndarray, card: d
     )
 
 
-def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | Path) -> dict:
-    """Generate (or finish) the samples of `card` into `out_dir`; returns the throughput metrics."""
+def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | Path,
+               resume_across_versions: bool = False) -> dict:
+    """Generate (or finish) the samples of `card` into `out_dir`; returns the throughput metrics. Finished shards of
+    other pipeline code or package versions are regenerated, unless `resume_across_versions`."""
     check_params(p)
     out_dir, vae_dir = Path(out_dir), str(vae_dir)
     vae_sha256 = sha256_dir(require_file(vae_dir, "vae"))
     shard_dir = open_shard_dir(out_dir, settings_key(card, vae_sha256, p))
+    reuse_or_clear(shard_dir, stamp("pipeline.sample"), resume_across_versions, label="sample")
     shards = range(math.ceil(p.num_fid_samples / p.shard_size))
     todo = [k for k in shards if not shard_is_done(shard_path(shard_dir, k), shard_indices(k, p))]
     generated = sum(len(shard_indices(k, p)) for k in todo)

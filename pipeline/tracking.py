@@ -64,8 +64,11 @@ def git_commit(root: str | Path | None = None) -> str | None:
 
 
 def run_tags(**extra: Any) -> dict[str, str]:
-    """Tags every run carries: the code version and the DVC experiment that produced it."""
-    tags = {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME"), **extra}
+    """Tags every run carries: the code version, the DVC experiment and the versions of the number-changing packages."""
+    from pipeline.provenance import package_versions
+
+    versions = {f"version.{name}": v for name, v in package_versions().items()}
+    tags = {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME"), **versions, **extra}
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 

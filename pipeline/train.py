@@ -32,7 +32,7 @@ from pipeline.artifacts import (
     ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
 from pipeline.checkpoints import (
-    CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint,
+    CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
     restore_rng, resume_mismatch, save_checkpoint,
 )
 from pipeline.config import from_dict, to_dict
@@ -40,6 +40,7 @@ from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import load_latents, read_latents_manifest
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
+from pipeline.provenance import local_input, stamp
 from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
 
@@ -70,7 +71,7 @@ class TrainParams:
     use_gpu: bool
     seed: int
     # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
-    official_checkpoint: str | None
+    official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
 
 
 def check_params(p: TrainParams, num_examples: int) -> None:
@@ -341,7 +342,8 @@ class Loop:
             "rng": capture_rng({"seed": self.p.seed, "epoch": epoch, "position": position}),
             "model_config": self.s.model.config, "diffusion": diffusion_record(self.s.model.config),
             "train_params": to_dict(self.p),
-            "latents_sha256": self.config["latents_sha256"], "mlflow_run_id": self.reporter.tracker.run_id,
+            "latents_sha256": self.config["latents_sha256"], "provenance": self.config["provenance"],
+            "mlflow_run_id": self.reporter.tracker.run_id,
             "log": list(self.reporter.rows), "timing": dict(self.timing),
         }
         save_checkpoint(self.config["checkpoints"], payload, self.p.keep_checkpoints)
@@ -360,7 +362,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
     ckpt, path = latest_checkpoint(config["checkpoints"])
     if ckpt is not None:
-        check_resumable(ckpt, path, p, model.config, config["latents_sha256"])
+        check_resumable(ckpt, path, p, model.config, config["latents_sha256"], _required_stamp(config))
         restore_rng(ckpt["rng"])
     loop = Loop(make_train_state(model, p, device, world, ckpt), data, {**config, "model_config": model.config},
                 rank, world, ckpt)
@@ -400,16 +402,18 @@ def fit_with_ray(config: dict, p: TrainParams) -> None:
 
 def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, checkpoints_dir: str | Path,
           out_dir: str | Path, metrics_path: str | Path, plots_path: str | Path, vae_dir: str | Path | None = None,
-          model_overrides: dict | None = None, restart_on_mismatch: bool = False) -> dict:
+          model_overrides: dict | None = None, restart_on_mismatch: bool = False,
+          resume_across_versions: bool = False) -> dict:
     """Train (or resume) up to `p.train_steps`, then write `out_dir`/{ema.pt, model.json, tracking.json} and the
     metrics. Returns the metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
-    `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are deleted."""
+    `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are deleted. Checkpoints of
+    other code or packages count as another run, unless `resume_across_versions`."""
     started = time.time()
     manifest = read_latents_manifest(latents_dir)
     check_params(p, manifest["count"])
     _check_vae(vae_dir, manifest)
     Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
-    if p.official_checkpoint:
+    if local_input(p.official_checkpoint):
         return import_official(p, tracking, manifest, out_dir, metrics_path, plots_path)
     tracker = Tracker(tracking)  # creates the experiment once, from the driver
     config = {
@@ -418,6 +422,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         "checkpoints": str(Path(checkpoints_dir).resolve()), "plots": str(Path(plots_path).resolve()),
         "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"), "model_overrides": model_overrides,
         "tracking_uri": tracker.uri if tracker.enabled else None,
+        "provenance": stamp("pipeline.train"), "resume_across_versions": resume_across_versions,
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
     resolve_checkpoints(p, manifest, config, restart_on_mismatch)
@@ -439,13 +444,18 @@ def resolve_checkpoints(p: TrainParams, manifest: dict, config: dict, restart: b
     with torch.device("meta"):  # the model's config without allocating its weights
         model_config = build_model(p, manifest["latent_shape"], manifest["num_classes"],
                                    config["model_overrides"]).config
-    why = resume_mismatch(ckpt, p, model_config, config["latents_sha256"])
+    why = resume_mismatch(ckpt, p, model_config, config["latents_sha256"], _required_stamp(config))
     if why and restart:
         print(f"[train] {path} belongs to another run ({'; '.join(why)}): deleting its checkpoints and starting over")
         for old in list_checkpoints(config["checkpoints"]):
             old.unlink()
     elif why:
-        check_resumable(ckpt, path, p, model_config, config["latents_sha256"])
+        check_resumable(ckpt, path, p, model_config, config["latents_sha256"], _required_stamp(config))
+
+
+def _required_stamp(config: dict) -> dict | None:
+    """The code and package stamp a checkpoint must match to be resumed; None when resuming across versions."""
+    return None if config["resume_across_versions"] else config["provenance"]
 
 
 def _check_vae(vae_dir, manifest: dict) -> None:

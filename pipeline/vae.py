@@ -22,11 +22,15 @@ from pipeline.artifacts import ArtifactError, atomic_write_json, staged_dir
 from pipeline.config import ParamsError
 from pipeline.determinism import holdout_split
 from pipeline.formats import images as image_shards
+from pipeline.provenance import NO_INPUT, hub_revision, local_input
+
+SOURCE_FILE = "source.json"  # in the snapshot: where its weights came from (`source_record`)
 
 
 @dataclass(frozen=True)
 class VAEParams:
-    pretrained: str | None  # hub id or local save_pretrained directory; None = train the small VAE below
+    pretrained: str | None  # hub id; None = pretrained_dir, or the small VAE below
+    pretrained_dir: str  # a local save_pretrained directory tracked with `dvc add` (a dvc.yaml dep); NO_INPUT = none
     block_out_channels: tuple[int, ...]  # len 3 = 2 downsamples = downsample 4
     latent_channels: int
     layers_per_block: int
@@ -40,6 +44,9 @@ class VAEParams:
     seed: int
 
     def __post_init__(self):
+        if self.pretrained is not None and local_input(self.pretrained_dir) is not None:
+            raise ParamsError(f"set 'vae.pretrained' (a hub id) or 'vae.pretrained_dir' (a local snapshot), not both: "
+                              f"got {self.pretrained!r} and {self.pretrained_dir!r}; {NO_INPUT} means no local one")
         for key in ("train_steps", "batch_size", "holdout", "latent_channels", "layers_per_block"):
             if getattr(self, key) < 1:
                 raise ParamsError(f"'vae.{key}' must be >= 1, got {getattr(self, key)}")
@@ -77,8 +84,9 @@ def load_pretrained(name_or_path: str) -> AutoencoderKL:
         raise RuntimeError(
             f"vae.pretrained={name_or_path!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Either allow hub downloads once (network access and HF_HUB_OFFLINE=0) so it lands in the HF cache, or "
-            "set vae.pretrained to a local directory written by AutoencoderKL.save_pretrained (config.json + "
-            "weights), or set vae.pretrained: null to train the small VAE on the ingested images."
+            "put a directory written by AutoencoderKL.save_pretrained (config.json + weights) under inputs/, "
+            "`dvc add` it and set vae.pretrained: null and vae.pretrained_dir to it, or set both to null and "
+            f"{NO_INPUT} to train the small VAE on the ingested images."
         ) from e
     if vae.config.shift_factor:  # SD3/FLUX-style VAEs: z = (x - shift) * scale, which the latent contract lacks
         raise ValueError(f"vae.pretrained={name_or_path!r} has shift_factor={vae.config.shift_factor}; the latents "
@@ -86,10 +94,23 @@ def load_pretrained(name_or_path: str) -> AutoencoderKL:
     return vae
 
 
-def save_snapshot(vae: AutoencoderKL, out_dir: str | Path) -> Path:
+def save_snapshot(vae: AutoencoderKL, out_dir: str | Path, source: dict | None = None) -> Path:
+    """The save_pretrained snapshot, plus `source.json` (`source_record`) when given."""
     with staged_dir(out_dir) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
+        if source is not None:
+            atomic_write_json(tmp / SOURCE_FILE, source)
     return Path(out_dir)
+
+
+def source_record(params: VAEParams) -> dict:
+    """Where the weights came from: a hub id pinned by the commit it resolved to (from the hub cache that
+    from_pretrained just used), a local snapshot (dvc.lock pins its content), or training here."""
+    if params.pretrained is not None:
+        return {"kind": "hub", "id": params.pretrained, "resolved_revision": hub_revision(params.pretrained)}
+    if local_input(params.pretrained_dir) is not None:
+        return {"kind": "local", "path": params.pretrained_dir}
+    return {"kind": "trained"}
 
 
 def load_vae(snapshot_dir: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
@@ -215,22 +236,26 @@ def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metr
     The pretrained path measures PSNR on a seeded subset of the first image shard only, so that it never decodes a
     whole ImageNet-sized dataset to pick a few hundred images."""
     start = time.perf_counter()
-    if params.pretrained is None:
+    if params.pretrained is not None and Path(params.pretrained).exists():
+        raise ParamsError(f"vae.pretrained = {params.pretrained!r} is a local path, which DVC cannot see there: "
+                          "`dvc add` it, set vae.pretrained_dir to it and vae.pretrained: null")
+    pretrained = params.pretrained or local_input(params.pretrained_dir)
+    if pretrained is None:
         images, _, _ = image_shards.read_images(images_dir)
         vae, holdout = train_small_vae(images, params)
     else:
-        vae = load_pretrained(params.pretrained).eval()
+        vae = load_pretrained(pretrained).eval()
         manifest = image_shards.read_manifest(images_dir)
         images, _ = image_shards.read_shard(images_dir, manifest["shards"][0], manifest["image_size"])
         held = holdout_split(len(images), min(params.holdout, len(images) - 1), params.seed, "vae.holdout")[1]
         holdout = images[held]
     reconstructions = reconstruct(vae, holdout, params.batch_size)
     latent = encode_images(vae, torch.from_numpy(holdout[:1]).permute(0, 3, 1, 2))[0]
-    save_snapshot(vae, out_dir)
+    save_snapshot(vae, out_dir, source_record(params))
     metrics = {
         "psnr_db": round(psnr_db(reconstructions, torch.from_numpy(holdout)), 3),
         "holdout_images": len(holdout),
-        "train_steps": 0 if params.pretrained is not None else params.train_steps,
+        "train_steps": 0 if pretrained is not None else params.train_steps,
         "latent_shape": list(latent.shape[1:]),
         "scaling_factor": vae.config.scaling_factor,
         "seconds": round(time.perf_counter() - start, 1),

@@ -11,6 +11,7 @@ import json
 from pipeline.config import load_section
 from pipeline.curve import CurveParams, run_curve, write_outputs
 from pipeline.metrics import EvaluateParams
+from pipeline.provenance import local_input
 from pipeline.tracking import Tracker, TrackingParams
 from pipeline.train import TrainParams
 
@@ -29,7 +30,8 @@ def main() -> None:
     evaluation = load_section(EvaluateParams, "evaluate", args.params)
     train = load_section(TrainParams, "train", args.params)
     tracking = load_section(TrackingParams, "tracking", args.params)
-    record = run_curve(params, evaluation, args.checkpoints, args.reference, args.vae, train.official_checkpoint)
+    record = run_curve(params, evaluation, args.checkpoints, args.reference, args.vae,
+                       local_input(train.official_checkpoint))
     write_outputs(record, args.metrics, args.plots)
     if record["steps"] and record["mlflow_run_id"]:  # the side channel: the curve in the training's MLflow run
         tracker = Tracker(tracking, record["mlflow_run_id"])

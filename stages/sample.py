@@ -26,11 +26,13 @@ def main() -> None:
     ap.add_argument("--vae", required=True, help="models/vae: the diffusers VAE snapshot")
     ap.add_argument("--out", required=True, help="data/samples")
     ap.add_argument("--metrics", required=True, help="metrics/sample.json")
+    ap.add_argument("--resume-across-versions", action="store_true",
+                    help="keep finished shards made by other pipeline code or package versions")
     args = ap.parse_args()
 
     params = load_section(SampleParams, "sample", args.params)
     tracking = load_section(TrackingParams, "tracking", args.params)
-    metrics = run_sample(params, read_model_card(args.dit), args.vae, args.out)
+    metrics = run_sample(params, read_model_card(args.dit), args.vae, args.out, args.resume_across_versions)
     atomic_write_json(args.metrics, metrics)
     grid = np.asarray(Image.open(Path(args.out) / "grid.png").convert("RGB"))
     log_to_training_run(tracking, args.dit, metrics, "sample", images={"sample_grid": grid},

@@ -25,13 +25,17 @@ def main() -> None:
     parser.add_argument("--restart-on-mismatch", action="store_true",
                         help="delete checkpoints of another run (other params, model or latents) and train from "
                              "scratch, instead of stopping with an error")
+    parser.add_argument("--resume-across-versions", action="store_true",
+                        help="resume a checkpoint made by other pipeline code or package versions (by default they "
+                             "count as another run)")
     args = parser.parse_args()
 
     params = load_section(TrainParams, "train", args.params)
     tracking = load_section(TrackingParams, "tracking", args.params)
     metrics = train(params, tracking, latents_dir=args.latents, checkpoints_dir=args.checkpoints, out_dir=args.out,
                     metrics_path=args.metrics, plots_path=args.plots, vae_dir=args.vae,
-                    restart_on_mismatch=args.restart_on_mismatch)
+                    restart_on_mismatch=args.restart_on_mismatch,
+                    resume_across_versions=args.resume_across_versions)
     print(json.dumps(metrics, indent=2))
 
 

@@ -16,13 +16,14 @@ from pipeline import data, synthetic
 from pipeline.formats import images as image_shards
 from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.config import ParamsError, from_dict, load_section
+from pipeline.provenance import NO_INPUT
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
     "source": "synthetic", "image_size": 16, "shard_size": 16, "max_bad_fraction": 0.01, "min_image_side": 8,
     "num_workers": 0,
     "synthetic": {"num_images": 40, "num_classes": 10, "seed": 0},
-    "hf": {"path": "unused", "name": None, "split": "train", "revision": None, "image_column": "img",
+    "hf": {"path": "unused", "local_dir": NO_INPUT, "name": None, "split": "train", "revision": None, "image_column": "img",
            "label_column": "label", "streaming": False, "max_images": None},
     "imagefolder": {"root": "unused"},
 }
@@ -301,8 +302,9 @@ def hf_dir(tmp_path, monkeypatch):
 
 
 def hf_params(path, **changes):
-    return make_params(source="hf", max_bad_fraction=0.2, **{"hf.path": str(path)},
-                       **{f"hf.{k}": v for k, v in changes.items()})
+    """A hub id (a string), or a local dataset directory (a Path), which goes in `local_dir`: DVC sees it there."""
+    where = {"hf.path": None, "hf.local_dir": str(path)} if isinstance(path, Path) else {"hf.path": path}
+    return make_params(source="hf", max_bad_fraction=0.2, **where, **{f"hf.{k}": v for k, v in changes.items()})
 
 
 def test_hf_local_parquet_streaming_and_map_style_agree(tmp_path, hf_dir):
@@ -315,7 +317,8 @@ def test_hf_local_parquet_streaming_and_map_style_agree(tmp_path, hf_dir):
     manifest = image_shards.read_manifest(tmp_path / "map")
     assert manifest["class_names"] == ["ant", "bee"]
     assert manifest["source"]["kind"] == "hf" and manifest["source"]["split"] == "train"
-    assert manifest["source"]["resolved_revision"] is None  # a local directory has no hub commit
+    assert manifest["source"]["resolved_revision"] is None  # a local directory has no hub commit: dvc.lock pins it
+    assert manifest["source"]["local_dir"] == str(hf_dir) and manifest["source"]["path"] is None
     assert [r["label"] for r in rows(tmp_path / "map")] == [i % 2 for i in range(10)]
 
     assert data.ingest(hf_params(hf_dir, max_images=5), tmp_path / "five")["count"] == 5
@@ -329,6 +332,17 @@ def test_hf_errors_are_clear(tmp_path, hf_dir):
     # Offline (conftest sets HF_HUB_OFFLINE=1) and not cached: a message that says what to fix.
     with pytest.raises(data.IngestError, match="could not load.*HF_TOKEN"):
         data.ingest(hf_params("nobody-here/no-such-dataset"), tmp_path / "c")
+    with pytest.raises(data.IngestError, match="DVC cannot see"):  # a local directory must be a dvc.yaml dep
+        data.ingest(hf_params(str(hf_dir)), tmp_path / "d")
+    with pytest.raises(ParamsError, match="exactly one of 'ingest.hf.path'"):  # both, then neither
+        make_params(**{"hf.path": "org/data", "hf.local_dir": str(hf_dir)})
+    with pytest.raises(ParamsError, match="exactly one of 'ingest.hf.path'"):
+        make_params(**{"hf.path": None, "hf.local_dir": NO_INPUT})
+
+
+def test_imagefolder_root_none_names_the_fix(tmp_path):
+    with pytest.raises(data.IngestError, match="dvc add inputs/<name>"):
+        data.ingest(make_params(source="imagefolder", **{"imagefolder.root": NO_INPUT}), tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------- stage

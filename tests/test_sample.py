@@ -155,7 +155,7 @@ def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         S.run_sample(p, card, vae_dir, out)
     (shard_dir,) = (out / "shards").iterdir()
-    assert sorted(f.name for f in shard_dir.iterdir()) == ["shard-00000.npz"]
+    assert sorted(f.name for f in shard_dir.iterdir()) == ["provenance.json", "shard-00000.npz"]
     first_mtime = (shard_dir / "shard-00000.npz").stat().st_mtime_ns
     assert not (out / "samples.npz").exists()
 
@@ -172,6 +172,21 @@ def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
     S.run_sample(dataclasses.replace(p, seed=1), card, vae_dir, out)  # other pixels: a fresh key, old shards go
     assert calls == [0, 1, 2] and [d.name for d in (out / "shards").iterdir()] != [shard_dir.name]
     assert not shard_dir.exists()
+
+
+def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(dirs, tmp_path, monkeypatch, capsys):
+    dit_dir, vae_dir = dirs
+    card, p, out = S.read_model_card(dit_dir), params(), tmp_path / "out"
+    S.run_sample(p, card, vae_dir, out)
+    original, calls = S.ShardWorker.generate, []
+    monkeypatch.setattr(S.ShardWorker, "generate", lambda self, k: (calls.append(k), original(self, k))[1])
+    now = S.stamp("pipeline.sample")
+    monkeypatch.setattr(S, "stamp", lambda module: {**now, "code": {**now["code"], "pipeline/diffusion.py": "x"}})
+    S.run_sample(p, card, vae_dir, out, resume_across_versions=True)
+    assert calls == [] and "across versions" in capsys.readouterr().out
+    monkeypatch.setattr(S, "stamp", lambda module: now)
+    S.run_sample(p, card, vae_dir, out)  # the shards now carry the edited stamp: regenerated, saying why
+    assert calls == [0, 1, 2] and "code changed: pipeline/diffusion.py" in capsys.readouterr().out
 
 
 def test_more_samples_extend_a_finished_run(dirs, tmp_path, monkeypatch):

@@ -279,6 +279,31 @@ def test_restart_on_mismatch_trains_from_scratch(tmp_path, latents):
     assert C.load_checkpoint(C.list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["train_params"]["lr"] == 2e-3
 
 
+def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_versions(tmp_path, latents, capsys,
+                                                                                       monkeypatch):
+    run(tmp_path, latents, base_params(train_steps=10))
+    made = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"]
+    assert made == T.stamp("pipeline.train") and "pipeline/diffusion.py" in made["code"]
+    upgraded = {**made, "packages": {**made["packages"], "torch": "99.0"}}
+    monkeypatch.setattr(T, "stamp", lambda module: upgraded)  # as after `pip install torch==99.0`
+
+    with pytest.raises(ArtifactError, match=r"torch .* -> 99\.0.*--resume-across-versions"):
+        run(tmp_path, latents, base_params(train_steps=20))
+    T.train(base_params(train_steps=20), OFF, latents, tmp_path / "checkpoints", tmp_path / "dit",
+            tmp_path / "metrics.json", tmp_path / "train.csv", model_overrides=TINY, resume_across_versions=True)
+    assert C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"] == made  # resumed
+    assert C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000020.pt")["provenance"] == upgraded
+
+    capsys.readouterr()
+    edited = {**upgraded, "code": {**made["code"], "pipeline/diffusion.py": "edited"}}
+    monkeypatch.setattr(T, "stamp", lambda module: edited)
+    T.train(base_params(train_steps=20), OFF, latents, tmp_path / "checkpoints", tmp_path / "dit",
+            tmp_path / "metrics.json", tmp_path / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
+    assert "(code changed: pipeline/diffusion.py)" in capsys.readouterr().out  # the stage says why it restarts
+    rewritten = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"]
+    assert rewritten == edited  # trained afresh from step 0
+
+
 # --- safety -------------------------------------------------------------------------------------------------------
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, latents, monkeypatch):

@@ -15,6 +15,7 @@ from pipeline.artifacts import sha256_dir
 from pipeline.config import ParamsError, load_section
 from pipeline.determinism import holdout_split
 from pipeline.formats.images import read_images
+from pipeline.provenance import NO_INPUT, hub_revision
 from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, to_uint8
 from synthetic import blob_images, write_images_dir
 
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # 16x16 images, downsample 2 -> 8x8 latents. 500 steps (~15 s of CPU) is about where this VAE leaves the flat-colour
 # plateau (measured: ~17 dB at 300 steps, ~22.7 dB at 500); 512 images so that it generalises rather than memorises.
-TINY = VAEParams(pretrained=None, block_out_channels=(8, 16), latent_channels=4, layers_per_block=1,
+TINY = VAEParams(pretrained=None, pretrained_dir=NO_INPUT, block_out_channels=(8, 16), latent_channels=4,
+                 layers_per_block=1,
                  norm_num_groups=4, train_steps=500, batch_size=16, lr=2e-3, kl_weight=1e-6, init_logvar=-6.0,
                  holdout=32, seed=0)
 
@@ -106,7 +108,7 @@ def test_encode_accepts_uint8_or_pixels_in_minus_one_one(tiny_vae):
 def test_pretrained_local_directory_is_snapshotted_unchanged(images_dir, tmp_path, tiny_vae):
     source = tmp_path / "my-vae"
     tiny_vae(scaling_factor=0.18215, seed=1).save_pretrained(source)
-    params = dataclasses.replace(TINY, pretrained=str(source))
+    params = dataclasses.replace(TINY, pretrained_dir=str(source))
     metrics = run_vae(params, images_dir, tmp_path / "vae", tmp_path / "vae.json")
     original, snapshot = load_vae(source), load_vae(tmp_path / "vae")
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # not _name_or_path
@@ -115,6 +117,23 @@ def test_pretrained_local_directory_is_snapshotted_unchanged(images_dir, tmp_pat
     for (name, a), (_, b) in zip(original.state_dict().items(), snapshot.state_dict().items()):
         assert torch.equal(a, b), name
     assert metrics["train_steps"] == 0 and metrics["latent_shape"] == [4, 8, 8]
+    assert json.loads((tmp_path / "vae" / "source.json").read_text()) == {"kind": "local", "path": str(source)}
+    with pytest.raises(ParamsError, match="not both"):  # a hub id and a local snapshot at once
+        dataclasses.replace(TINY, pretrained="org/vae", pretrained_dir=str(source))
+    with pytest.raises(ParamsError, match="DVC cannot see"):  # a local path must be a dvc.yaml dep
+        run_vae(dataclasses.replace(TINY, pretrained=str(source)), images_dir, tmp_path / "v2", tmp_path / "v2.json")
+
+
+def test_hub_revision_is_the_snapshot_commit(tmp_path, tiny_vae):
+    """A hub VAE is pinned by the commit its snapshot resolved to: the hub cache's layout, built here offline."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--org--tiny-vae"
+    tiny_vae(scaling_factor=0.5, seed=0).save_pretrained(repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    assert hub_revision("org/tiny-vae", cache_dir=tmp_path) == sha
+    assert hub_revision("org/tiny-vae", revision=sha, cache_dir=tmp_path) == sha
+    assert hub_revision("org/other-vae", cache_dir=tmp_path) is None
 
 
 def test_unreachable_pretrained_fails_fast_with_the_fix(images_dir, tmp_path):

@@ -1,0 +1,143 @@
+"""Provenance: what an artifact was made from, in the terms DVC and our own persisted caches can check.
+
+Local inputs. A params key that names a local input (ingest.imagefolder.root, ingest.hf.local_dir,
+vae.pretrained_dir, reference.inception_weights, train.official_checkpoint) is also a dep in dvc.yaml
+(`${ingest.imagefolder.root}`), so that changing one image reruns the stage. DVC fails on a missing dep, so these
+keys always name an existing path: `NO_INPUT` (inputs/none/, a placeholder committed to git) means "no local input".
+Real inputs go under inputs/ and are tracked with `dvc add` (see inputs/none/README.md).
+
+Hub inputs (a dataset or VAE id) are pinned by the commit sha they resolved to, recorded in the artifact.
+
+Persisted caches (train checkpoints, sample shards) outlive a stage run, so params alone do not key them: a
+`stamp` records the sha256 of every source file in the producing module's import closure inside `pipeline/` (lazy
+imports included: the code that can run, not the whole package, so editing report.py does not discard a training
+run) and the versions of the packages that change its numbers. A cache whose stamp differs is started afresh.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+NO_INPUT = "inputs/none"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Packages whose version changes the numbers of a checkpoint or a sample shard (kernels, samplers, the VAE);
+# torch's version names its CUDA build (e.g. 2.5.1+cu124). A change discards a persisted cache.
+KEY_PACKAGES = ("torch", "numpy", "diffusers")
+# Recorded in every manifest and MLflow run: also those that change the numbers of other stages (image decoding and
+# resizing, parquet, FID's matrix square root, the Inception port, the dataset loader).
+RECORD_PACKAGES = KEY_PACKAGES + ("pillow", "pyarrow", "scipy", "clean-fid", "datasets", "safetensors")
+STAMP_FILE = "provenance.json"
+
+
+# --- local and hub inputs ----------------------------------------------------------------------------------------
+
+def local_input(path: str | None) -> str | None:
+    """The value of a local-input key, or None when it names no input (`NO_INPUT`)."""
+    if path is None or Path(path) == Path(NO_INPUT):
+        return None
+    return path
+
+
+def hub_revision(repo_id: str, revision: str | None = None, repo_type: str = "model",
+                 cache_dir: str | Path | None = None) -> str | None:
+    """The commit sha that `repo_id`@`revision` resolved to in the local hub cache (which a `from_pretrained` fills),
+    or None when the cache does not hold it. Snapshot folders are named by commit: `.../snapshots/<sha>/`."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision, repo_type=repo_type,
+                                   cache_dir=cache_dir)
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+# --- code and environment ----------------------------------------------------------------------------------------
+
+def package_versions(names: tuple[str, ...] = RECORD_PACKAGES) -> dict[str, str | None]:
+    """Python's and each installed distribution's version (None when not installed); no imports needed."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _module_file(name: str) -> Path | None:
+    """pipeline/a/b.py or pipeline/a/b/__init__.py for "pipeline.a.b"; None for names that are not modules."""
+    base = PACKAGE_DIR.joinpath(*name.split(".")[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_names(tree: ast.AST) -> list[str]:
+    names = []
+    for node in ast.walk(tree):  # every level, so imports inside functions count too
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return [n for n in names if n == "pipeline" or n.startswith("pipeline.")]
+
+
+def import_closure(module: str) -> list[Path]:
+    """The source files of `module` (e.g. "pipeline.train") and of every pipeline module it imports, transitively,
+    read from the source (no import is executed), sorted."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or (path := _module_file(name)) is None:
+            continue
+        seen[name] = path
+        todo += _imported_names(ast.parse(path.read_text(), filename=str(path)))
+    if module not in seen:
+        raise ValueError(f"{module} is not a module of {PACKAGE_DIR}")
+    return sorted(seen.values())
+
+
+def stamp(module: str) -> dict:
+    """What a persisted cache made by `module` depends on besides its params and inputs: the sha256 of each file of
+    its import closure (named relative to the repository) and the versions of `KEY_PACKAGES`."""
+    root = PACKAGE_DIR.parent
+    code = {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in import_closure(module)}
+    return {"code": code, "packages": package_versions(KEY_PACKAGES)}
+
+
+def stamp_mismatch(old: dict | None, new: dict) -> list[str]:
+    """Why a cache stamped `old` was not made by the code and packages of `new` (empty when it was)."""
+    if not old:
+        return ["it records no code hash or package versions (it predates them)"]
+    why = []
+    changed = sorted(f for f in old["code"].keys() | new["code"].keys() if old["code"].get(f) != new["code"].get(f))
+    if changed:
+        why.append("code changed: " + ", ".join(changed))
+    why += [f"{name} {old['packages'].get(name)} -> {version}" for name, version in new["packages"].items()
+            if old["packages"].get(name) != version]
+    return why
+
+
+def reuse_or_clear(cache_dir: str | Path, new: dict, across_versions: bool, label: str) -> None:
+    """Keep the files of `cache_dir` only when its stamp matches `new`, or when the user asked to resume across
+    versions (`across_versions`); otherwise delete them, saying why. Then stamp the directory with `new`."""
+    cache_dir = Path(cache_dir)
+    record = cache_dir / STAMP_FILE
+    files = [f for f in cache_dir.iterdir() if f.is_file() and f != record]
+    why = stamp_mismatch(json.loads(record.read_text()) if record.exists() else None, new) if files else []
+    if why and across_versions:
+        print(f"[{label}] resuming {len(files)} files in {cache_dir} across versions, as asked ({'; '.join(why)})")
+    elif why:
+        print(f"[{label}] starting afresh: {cache_dir} was made by other code or packages ({'; '.join(why)}); "
+              "pass --resume-across-versions to keep it")
+        for f in files:
+            f.unlink()
+    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, record)

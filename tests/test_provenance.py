@@ -1,0 +1,64 @@
+"""Provenance: import closures, the code and package stamp of persisted caches, and local-input placeholders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import provenance as P
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def names(module: str) -> set[str]:
+    return {path.relative_to(REPO).as_posix() for path in P.import_closure(module)}
+
+
+def test_import_closure_follows_every_pipeline_import():
+    train = names("pipeline.train")
+    assert {"pipeline/train.py", "pipeline/checkpoints.py", "pipeline/diffusion.py", "pipeline/model.py",
+            "pipeline/provenance.py"} <= train
+    assert "pipeline/report.py" not in train and "pipeline/registry.py" not in train  # not run by training
+    assert "pipeline/synthetic.py" in names("pipeline.data")  # `from pipeline import artifacts, synthetic`
+    assert "pipeline/provenance.py" in names("pipeline.artifacts")  # imported inside write_manifest (lazily)
+    with pytest.raises(ValueError, match="not a module"):
+        P.import_closure("pipeline.no_such_module")
+
+
+def test_stamp_names_what_changed():
+    now = P.stamp("pipeline.sample")
+    assert "pipeline/sample.py" in now["code"] and set(now["packages"]) == {"python", *P.KEY_PACKAGES}
+    assert P.stamp_mismatch(now, P.stamp("pipeline.sample")) == []  # deterministic
+    edited = {**now, "code": {**now["code"], "pipeline/diffusion.py": "0" * 64}}
+    assert P.stamp_mismatch(edited, now) == ["code changed: pipeline/diffusion.py"]
+    upgraded = {**now, "packages": {**now["packages"], "torch": "1.0"}}
+    assert P.stamp_mismatch(upgraded, now) == [f"torch 1.0 -> {now['packages']['torch']}"]
+    assert "predates" in P.stamp_mismatch(None, now)[0]
+
+
+def test_a_cache_of_other_code_is_cleared_unless_resumed_across_versions(tmp_path, capsys):
+    cache, now = tmp_path / "cache", P.stamp("pipeline.sample")
+    cache.mkdir()
+    old = {**now, "packages": {**now["packages"], "numpy": "0.1"}}
+    P.reuse_or_clear(cache, old, across_versions=False, label="t")
+    (cache / "shard-00000.npz").write_bytes(b"made by numpy 0.1")
+
+    P.reuse_or_clear(cache, now, across_versions=True, label="t")  # the user's explicit choice: kept
+    assert (cache / "shard-00000.npz").exists() and "across versions" in capsys.readouterr().out
+    (cache / P.STAMP_FILE).write_text(json.dumps(old))
+
+    P.reuse_or_clear(cache, now, across_versions=False, label="t")
+    assert not (cache / "shard-00000.npz").exists()
+    assert f"numpy 0.1 -> {now['packages']['numpy']}" in capsys.readouterr().out
+    assert json.loads((cache / P.STAMP_FILE).read_text()) == now
+
+    (cache / "shard-00000.npz").write_bytes(b"made now")
+    P.reuse_or_clear(cache, now, across_versions=False, label="t")  # same stamp: resumed silently
+    assert (cache / "shard-00000.npz").exists() and capsys.readouterr().out == ""
+
+
+def test_local_input_placeholder():
+    assert P.local_input(P.NO_INPUT) is None and P.local_input("inputs/none/") is None and P.local_input(None) is None
+    assert P.local_input("inputs/faces") == "inputs/faces"
+    assert (REPO / P.NO_INPUT).is_dir()  # committed, so the dvc.yaml deps that name it exist in every checkout

@@ -7,6 +7,8 @@ checkpoint) beside the numbers, because an FID means nothing without them.
 CLI (any ADM-format npz, arr_0 uint8 (N, H, W, 3), against any reference):
     python -m pipeline.metrics SAMPLES.npz --reference data/reference [--out metrics.json]
     python -m pipeline.metrics SAMPLES.npz --reference REAL.npz --mode legacy_tensorflow [--inception-weights F]
+An ADM reference batch (VIRTUAL_imagenet256_labeled.npz) as REAL.npz gives ADM's protocol: FID against the stored
+whole-dataset mu/sigma, sFID against the stored mu_s/sigma_s, KID and precision/recall against arr_0's features.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from cleanfid import fid as cleanfid
 from scipy.special import log_softmax
 
+from pipeline.adm_batch import read_adm_batch, stores_statistics
 from pipeline.artifacts import ArtifactError, atomic_write_json, read_manifest, require_file, sha256_file
 from pipeline.config import load_section
 from pipeline.features import (Extracted, Extractor, InceptionExtractor, load_extractor, resolve_inception_weights,
@@ -159,6 +162,8 @@ class Reference:
     image_size: int
     num_classes: int | None
     description: dict  # what the protocol records about it
+    spatial_mu: np.ndarray | None = None  # (S,) float64: sFID's statistics, where the reference stores them
+    spatial_sigma: np.ndarray | None = None  # (S, S)
 
 
 def load_reference(directory: str | Path) -> Reference:
@@ -169,10 +174,14 @@ def load_reference(directory: str | Path) -> Reference:
         raise ArtifactError(f"{path} does not match its manifest's sha256; run `dvc repro reference`")
     with np.load(path) as stats:
         mu, sigma, features = stats["mu"], stats["sigma"], stats["features"]
+        spatial = (stats["spatial_mu"], stats["spatial_sigma"]) if "spatial_mu" in stats else (None, None)
     description = {"extractor": manifest["extractor"], "extractor_mode": manifest["mode"],
                    "feature_dim": manifest["feature_dim"], "reference_count": manifest["count"],
                    "reference_features": manifest["features_kept"], "reference_stats_sha256": stats_sha256}
-    return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description)
+    if manifest.get("adm_batch_sha256"):  # imported from an ADM reference batch (`reference.adm_batch`)
+        description.update(reference_stats="stored mu/sigma of ADM reference batch",
+                            adm_batch_sha256=manifest["adm_batch_sha256"])
+    return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description, *spatial)
 
 
 def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Reference, extractor_name: str,
@@ -220,8 +229,15 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Re
     k = reference.num_classes
     if labels is not None and k is not None and not 0 <= labels.min() <= labels.max() < k:
         raise ValueError(f"sample labels span [{labels.min()}, {labels.max()}], outside [0, {k})")
-    fake = extractor.extract(images, params.batch_size)
+    sfid_blocker = None if reference.spatial_mu is None else extractor.spatial_unavailable()
+    fake = extractor.extract(images, params.batch_size,
+                             spatial=reference.spatial_mu is not None and sfid_blocker is None)
     metrics = evaluate_features(fake, labels, reference, extractor.name, params, extractor.device)
+    if reference.spatial_mu is not None:  # sFID where the reference stores spatial statistics (ADM batches)
+        metrics["sfid"] = None if fake.spatial is None else fid_from_features(
+            fake.spatial, reference.spatial_mu, reference.spatial_sigma)
+        if sfid_blocker:
+            metrics["notes"]["sfid"] = f"not computed: {sfid_blocker}"
     kid_subset_size = min(params.kid_subset_size, len(images), len(reference.features))  # as KID uses it
     protocol = {**reference.description, "num_samples": len(images), "pr_k": params.pr_k,
                 "kid_subsets": params.kid_subsets, "kid_subset_size": kid_subset_size, "kid_seed": params.seed,
@@ -264,21 +280,27 @@ def evaluate_stage(samples_dir: str | Path, reference_dir: str | Path, model_dir
 # CLI
 
 
-def reference_from_images(path: Path, extractor: Extractor, batch_size: int) -> Reference:
-    """A reference made on the fly from another ADM-format npz of real images."""
-    images, _ = read_samples(path)
-    features = extractor.extract(images, batch_size).features
+def reference_from_adm_batch(path: Path, extractor: Extractor, batch_size: int) -> Reference:
+    """A reference from an ADM-format npz: FID against the whole-dataset `mu`/`sigma` the file stores (ADM's
+    reference batches), or, for a plain npz of images, against the statistics of its `arr_0`; KID and
+    precision/recall always use the features of `arr_0`, as ADM's evaluator does; sFID the stored `mu_s`/`sigma_s`."""
+    batch = read_adm_batch(path)
+    features = extractor.extract(batch.images, batch_size).features
+    stored = batch.mu is not None
+    mu, sigma = (batch.mu, batch.sigma) if stored else (features.mean(axis=0), np.cov(features, rowvar=False))
     description = {"extractor": extractor.name, "extractor_mode": extractor.mode, "feature_dim": features.shape[1],
-                   "reference_count": len(features), "reference_features": len(features),
-                   "reference_npz_sha256": sha256_file(path)}
-    return Reference(features.mean(axis=0), np.cov(features, rowvar=False), features.astype(np.float32),
-                     images.shape[1], None, description)
+                   "reference_count": None if stored else len(features), "reference_features": len(features),
+                   "reference_stats": "stored mu/sigma of ADM reference batch" if stored else "features of arr_0",
+                   "reference_npz_sha256": batch.sha256}
+    return Reference(mu, sigma, features.astype(np.float32), batch.images.shape[1], None, description,
+                     batch.spatial_mu, batch.spatial_sigma)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m pipeline.metrics", description=__doc__.split("\n\n")[0])
     p.add_argument("samples", type=Path, help="ADM-format npz: arr_0 uint8 (N, H, W, 3) [+ labels]")
-    p.add_argument("--reference", type=Path, required=True, help="a reference stage directory, or an npz of images")
+    p.add_argument("--reference", type=Path, required=True,
+                   help="a reference stage directory, or an ADM reference batch / npz of images")
     p.add_argument("--params", default="params.yaml", help="params file with the `evaluate` section")
     p.add_argument("--out", type=Path, help="write the metrics JSON here (default: print it)")
     p.add_argument("--mode", choices=["clean", "legacy_tensorflow"], help="Inception mode for an npz reference")
@@ -292,8 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.mode is None:
             p.error("an npz reference needs --mode (its features are computed here with Inception)")
+        if args.mode != "legacy_tensorflow" and stores_statistics(args.reference):
+            p.error("the npz stores ADM's mu/sigma, which are TF Inception features of TF's resize: "
+                    "use --mode legacy_tensorflow")
         extractor = InceptionExtractor(resolve_inception_weights(args.inception_weights), args.mode, device)
-        reference = reference_from_images(args.reference, extractor, params.batch_size)
+        reference = reference_from_adm_batch(args.reference, extractor, params.batch_size)
     images, labels = read_samples(args.samples)
     result = evaluate_images(images, labels, reference, extractor, params)
     result["protocol"]["samples_npz_sha256"] = sha256_file(args.samples)

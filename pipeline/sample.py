@@ -48,9 +48,10 @@ from tqdm import tqdm
 
 from pipeline.artifacts import (ArtifactError, atomic_write, require_file, sha256_dir, sha256_file,
                                 write_manifest)
-from pipeline.config import from_dict, read_yaml
+from pipeline.config import ParamsError, from_dict, read_yaml
 from pipeline.diffusion import sample as diffusion_sample
 from pipeline.model import DiT, DiT_models
+from pipeline.precision import Precision, autocast, check_precision, float32_mode
 from pipeline.vae import decode_latents, load_vae
 
 FORMAT, VERSION = "dit-samples", 1
@@ -70,7 +71,7 @@ class SampleParams:
     labels: Literal["balanced", "uniform"]
     batch_size: int  # images per sampler loop, rounded up to whole micro-batches; does not change pixels
     micro_batch: int  # images per network/VAE call (2x rows with guidance); fixes the pixels, see the docstring
-    precision: Literal["fp32", "bf16"]  # the DiT under bf16 autocast (GPUs); the VAE always decodes in fp32
+    precision: Precision  # fp32 | tf32 (the official sampler) | bf16 autocast of the DiT; the VAE decodes in float32
     compile: bool  # torch.compile the DiT's forward (one shape per run, thanks to the fixed micro-batch)
     num_workers: int  # Ray CPU actors; 0 = in-process (with use_gpu, one actor per GPU of the cluster)
     use_gpu: bool
@@ -78,16 +79,20 @@ class SampleParams:
     seed: int
     grid_per_class: int
 
+    def __post_init__(self):
+        check_params(self)
+
 
 def check_params(p: SampleParams) -> None:
     for name in ("num_fid_samples", "steps", "batch_size", "micro_batch", "shard_size", "grid_per_class"):
         if getattr(p, name) < 1:
-            raise ValueError(f"sample.{name} must be >= 1, got {getattr(p, name)}")
+            raise ParamsError(f"'sample.{name}' must be >= 1, got {getattr(p, name)}")
     if p.num_workers < 0:
-        raise ValueError(f"sample.num_workers must be >= 0 (0 = in-process), got {p.num_workers}")
+        raise ParamsError(f"'sample.num_workers' must be >= 0 (0 = in-process), got {p.num_workers}")
     if p.shard_size % p.micro_batch:
-        raise ValueError(f"sample.shard_size={p.shard_size} must be a multiple of sample.micro_batch="
-                         f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
+        raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
+                          f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
+    check_precision("sample", p.precision, p.use_gpu)
 
 
 # --- seeds and labels -------------------------------------------------------------------------------------------
@@ -224,9 +229,8 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
     for start in tqdm(range(0, len(blocks), per_loop), desc="batches", disable=not progress):
         rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
         y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
-        bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with torch.inference_mode():
-            with bf16:
+        with torch.inference_mode(), float32_mode(precision):
+            with autocast(precision, device):
                 z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
                                      cfg_scale=cfg_scale, cfg_channels=cfg_channels,
                                      generators=generators(seed, rows, "noise"), num_classes=num_classes,
@@ -406,7 +410,6 @@ def write_outputs(out_dir: Path, images: np.ndarray, labels: np.ndarray, card: d
 
 def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | Path) -> dict:
     """Generate (or finish) the samples of `card` into `out_dir`; returns the throughput metrics."""
-    check_params(p)
     out_dir, vae_dir = Path(out_dir), str(vae_dir)
     vae_sha256 = sha256_dir(require_file(vae_dir, "vae"))
     shard_dir = open_shard_dir(out_dir, settings_key(card, vae_sha256, p))

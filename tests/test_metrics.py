@@ -25,7 +25,8 @@ EVAL = EvaluateParams(pr_k=3, kid_subsets=4, kid_subset_size=40, is_splits=2, ba
 EVAL_YAML = ("evaluate:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in vars(EVAL).items())
              + "tracking:\n  enabled: false\n  experiment: test\n")
 REF = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=60,
-           classifier_batch_size=32, classifier_lr=2e-3, holdout=20, max_features=None, batch_size=64, use_gpu=False, seed=0)
+           classifier_batch_size=32, classifier_lr=2e-3, holdout=20, max_features=None, batch_size=64, use_gpu=False, seed=0,
+           adm_batch=None)
 
 
 def gaussian_stats(rng, d):

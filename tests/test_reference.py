@@ -14,7 +14,8 @@ from pipeline.reference import Moments, ReferenceParams, build_reference, holdou
 from synthetic import make_shapes, write_images_dir
 
 PARAMS = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=20,
-              classifier_batch_size=16, classifier_lr=2e-3, holdout=10, max_features=None, batch_size=16, use_gpu=False, seed=0)
+              classifier_batch_size=16, classifier_lr=2e-3, holdout=10, max_features=None, batch_size=16, use_gpu=False, seed=0,
+              adm_batch=None)
 
 
 @pytest.fixture(scope="module")

@@ -128,8 +128,8 @@ class _Mixed(nn.Module):
 class _InceptionLike(nn.Module):
     """A small net with the TorchScript Inception's names and interface: `layers` holds conv, conv_1, conv_2, pool0,
     conv_3, conv_4, pool1, mixed, mixed_1 ... mixed_10, pool2 in order, the 17 x 17 grid from pool1 to mixed_7
-    (mixed_6 has a `conv` branch of 12 channels), pool3 of 2048 from the whole grid; `forward` resizes to 299 inside, as TF1's
-    resize_bilinear (written here as an affine grid: x_src = x_dst * W / 299) or, with `half_pixel`, with
+    (mixed_6 has a `conv` branch of 12 channels), pool3 of 2048 from the whole grid; `forward` resizes to 299
+    inside, as TF1's resize_bilinear (written here as an affine grid: x_src = x_dst * W / 299) or, with `half_pixel`, with
     F.interpolate's half-pixel centres (a wrong replay target), then normalizes (x - 128) / 128."""
 
     def __init__(self, half_pixel: bool):

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))))
         return
     try:
-        printed = overrides(args.name, args.params)
+        printed = overrides(args.name, args.params, PROFILE_DIR)
     except ParamsError as e:  # a user's fix, not a bug: one line, and `make exp` stops before `dvc exp run`
         sys.exit(f"error: {e}")
     print(" ".join(f"-S {o}" for o in printed))

@@ -5,6 +5,10 @@ Both map uint8 images (N, H, W, 3) to float64 features (N, D) and, where they ha
   and resizer, in mode `clean` (PIL bicubic to 299 outside the net) or `legacy_tensorflow` (the TF-style bilinear
   resize inside the net, the protocol of the paper's ADM evaluator). Features: 2048-d pool3. Logits: the net's
   1008-way `output` layer without its bias, as the original Inception Score code computes them.
+  With `extract(..., spatial=True)` it also gives sFID's spatial features: the first 7 channels of mixed_6/conv
+  (`layers.mixed_6.conv` in the port), 17 x 17 x 7 flattened in TF's NHWC order as ADM's evaluator does. The port
+  has no hook for them, so the input path (TF resize, normalization) is replayed and the layers run one by one;
+  each batch checks that the replay's pool3 equals the net's own.
 - `classifier`: a small CNN trained by the reference stage on the ingested images (the offline default, where
   Inception weights cannot be fetched). Features: its 128-d penultimate layer. Logits: its class head.
 

@@ -56,6 +56,10 @@ class WeightsUnavailable(RuntimeError):
     """The Inception weights are neither on disk nor downloadable."""
 
 
+class SpatialReplayMismatch(RuntimeError):
+    """The replayed Inception input path does not reproduce the net's own features: its taps are not sFID's."""
+
+
 @dataclass(frozen=True)
 class Extracted:
     features: np.ndarray  # (N, D) float64
@@ -298,9 +302,10 @@ class InceptionExtractor(Extractor):
             h = layer(h)
         replayed = h.reshape(f.shape)
         if not torch.allclose(replayed, f, rtol=REPLAY_TOLERANCE, atol=REPLAY_TOLERANCE):
-            raise RuntimeError(f"sFID: the replayed input path of {self.weights.name} in mode {self.mode} gives pool3 "
-                               f"features {float((replayed - f).abs().max()):.3g} away from the net's own; "
-                               f"its mixed_6/conv taps would not be the net's features")
+            raise SpatialReplayMismatch(
+                f"the replayed input path of {self.weights.name} in mode {self.mode} gives pool3 features "
+                f"{float((replayed - f).abs().max()):.3g} away from the net's own; its mixed_6/conv taps would not "
+                f"be the net's features")
         # ADM flattens TF's NHWC tensor: channel fastest, then width, then height; the stored sigma_s is in that order.
         return f, logits, tap[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
 

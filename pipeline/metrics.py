@@ -26,8 +26,8 @@ from scipy.special import log_softmax
 from pipeline.adm_batch import read_adm_batch, stores_statistics
 from pipeline.artifacts import ArtifactError, atomic_write_json, read_manifest, require_file, sha256_file
 from pipeline.config import load_section
-from pipeline.features import (Extracted, Extractor, InceptionExtractor, load_extractor, resolve_inception_weights,
-                               select_device)
+from pipeline.features import (Extracted, Extractor, InceptionExtractor, SpatialReplayMismatch, load_extractor,
+                               resolve_inception_weights, select_device)
 from pipeline.reference import REFERENCE_FORMAT, REFERENCE_VERSION, STATS_FILE
 
 SAMPLES_FORMAT, SAMPLES_VERSION = "dit-samples", 1
@@ -35,6 +35,7 @@ SAMPLES_FILE = "samples.npz"
 # What evaluate copies from the sample stage's manifest into the protocol.
 SAMPLE_PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "seed",
                         "checkpoint_sha256")
+SFID_PROTOCOL = "mixed_6/conv, first 7 channels, NHWC as ADM; against the stored mu_s/sigma_s"
 PR_CHUNK_ELEMENTS = 1 << 26  # distance-matrix block: 64M float32 = 256 MB, so 50K x 50K runs in pieces
 
 
@@ -180,6 +181,7 @@ def load_reference(directory: str | Path) -> Reference:
                    "reference_features": manifest["features_kept"], "reference_stats_sha256": stats_sha256}
     if manifest.get("adm_batch_sha256"):  # imported from an ADM reference batch (`reference.adm_batch`)
         description.update(reference_stats="stored mu/sigma of ADM reference batch",
+                            reference_features_from="arr_0 (KID, precision/recall)",
                             adm_batch_sha256=manifest["adm_batch_sha256"])
     return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description, *spatial)
 
@@ -221,6 +223,22 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
+def extract_for_reference(images: np.ndarray, reference: Reference, extractor: Extractor,
+                          batch_size: int) -> tuple[Extracted, str | None]:
+    """The samples' features, with sFID's spatial ones where the reference stores spatial statistics; and why sFID
+    cannot be computed, if it cannot (the extractor lacks the layer, or replaying its input path fails the check):
+    then the other metrics still come, and the reason goes into the notes."""
+    if reference.spatial_mu is None:
+        return extractor.extract(images, batch_size), None
+    blocker = extractor.spatial_unavailable()
+    if blocker is None:
+        try:
+            return extractor.extract(images, batch_size, spatial=True), None
+        except SpatialReplayMismatch as e:
+            blocker = str(e)
+    return extractor.extract(images, batch_size), blocker
+
+
 def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Reference, extractor: Extractor,
                     params: EvaluateParams) -> dict:
     if images.shape[1:3] != (reference.image_size, reference.image_size):
@@ -229,9 +247,7 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Re
     k = reference.num_classes
     if labels is not None and k is not None and not 0 <= labels.min() <= labels.max() < k:
         raise ValueError(f"sample labels span [{labels.min()}, {labels.max()}], outside [0, {k})")
-    sfid_blocker = None if reference.spatial_mu is None else extractor.spatial_unavailable()
-    fake = extractor.extract(images, params.batch_size,
-                             spatial=reference.spatial_mu is not None and sfid_blocker is None)
+    fake, sfid_blocker = extract_for_reference(images, reference, extractor, params.batch_size)
     metrics = evaluate_features(fake, labels, reference, extractor.name, params, extractor.device)
     if reference.spatial_mu is not None:  # sFID where the reference stores spatial statistics (ADM batches)
         metrics["sfid"] = None if fake.spatial is None else fid_from_features(
@@ -239,7 +255,8 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Re
         if sfid_blocker:
             metrics["notes"]["sfid"] = f"not computed: {sfid_blocker}"
     kid_subset_size = min(params.kid_subset_size, len(images), len(reference.features))  # as KID uses it
-    protocol = {**reference.description, "num_samples": len(images), "pr_k": params.pr_k,
+    sfid = {} if reference.spatial_mu is None else {"sfid_features": SFID_PROTOCOL}
+    protocol = {**reference.description, **sfid, "num_samples": len(images), "pr_k": params.pr_k,
                 "kid_subsets": params.kid_subsets, "kid_subset_size": kid_subset_size, "kid_seed": params.seed,
                 "is_splits": params.is_splits if metrics["inception_score"] is not None else None}
     return {**metrics, "protocol": protocol}
@@ -291,7 +308,7 @@ def reference_from_adm_batch(path: Path, extractor: Extractor, batch_size: int) 
     description = {"extractor": extractor.name, "extractor_mode": extractor.mode, "feature_dim": features.shape[1],
                    "reference_count": None if stored else len(features), "reference_features": len(features),
                    "reference_stats": "stored mu/sigma of ADM reference batch" if stored else "features of arr_0",
-                   "reference_npz_sha256": batch.sha256}
+                   "reference_features_from": "arr_0 (KID, precision/recall)", "reference_npz_sha256": batch.sha256}
     return Reference(mu, sigma, features.astype(np.float32), batch.images.shape[1], None, description,
                      batch.spatial_mu, batch.spatial_sigma)
 

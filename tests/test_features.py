@@ -202,7 +202,7 @@ def test_spatial_replay_that_misses_the_nets_resize_is_an_error(tmp_path):
     """A net that resizes with half-pixel centres: replaying TF's resize would tap other features, and says so."""
     extractor = InceptionExtractor(save_inception_like(tmp_path / INCEPTION_FILE, 0, half_pixel=True),
                                    "legacy_tensorflow", CPU)
-    with pytest.raises(RuntimeError, match="replayed input path"):
+    with pytest.raises(features.SpatialReplayMismatch, match="replayed input path"):
         extractor.extract(make_shapes(2, 4, 32, seed=3)[0], 2, spatial=True)
 
 

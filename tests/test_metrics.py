@@ -14,7 +14,8 @@ from scipy.spatial.distance import cdist
 
 from pipeline.adm_batch import read_adm_batch
 from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
-from pipeline.features import INCEPTION_FILE, ClassifierExtractor, Extracted, load_extractor
+from pipeline.features import (INCEPTION_FILE, ClassifierExtractor, Extracted, SpatialReplayMismatch,
+                               load_extractor)
 from pipeline.metrics import (EvaluateParams, Reference, class_consistency, evaluate_features, evaluate_images,
                               evaluate_stage, fid_from_features, frechet_distance, inception_score,
                               kernel_inception_distance, load_reference, main, precision_recall,
@@ -305,7 +306,8 @@ def test_fid_against_an_adm_batch_uses_its_stored_statistics(adm_batch):
     protocol = result["protocol"]
     assert protocol["reference_stats"] == "stored mu/sigma of ADM reference batch"
     assert protocol["reference_count"] is None and protocol["reference_features"] == 80
-    assert protocol["reference_npz_sha256"] == sha256_file(path)
+    assert protocol["reference_npz_sha256"] == sha256_file(path) and "arr_0" in protocol["reference_features_from"]
+    assert "mixed_6/conv" in protocol["sfid_features"]
 
 
 def test_sfid_is_null_with_the_reason_when_the_extractor_has_no_spatial_features(adm_batch, data):
@@ -315,6 +317,23 @@ def test_sfid_is_null_with_the_reason_when_the_extractor_has_no_spatial_features
                              plain, EVAL)
     assert result["sfid"] is None and "mixed_6/conv" in result["notes"]["sfid"]
     assert np.isfinite(result["fid"])
+
+
+class MisreplayedClassifier(SpatialClassifier):
+    """An extractor whose replay check fails, as InceptionExtractor's would if the port's input path changed."""
+
+    def _batch_spatial(self, x):
+        raise SpatialReplayMismatch("the replayed input path gives other pool3 features")
+
+
+def test_sfid_is_null_with_the_reason_when_the_replay_check_fails(adm_batch):
+    path, spatial, _, _ = adm_batch
+    extractor = MisreplayedClassifier(spatial.net, spatial.arch, CPU)
+    samples = make_shapes(30, 4, 16, seed=8)[0]
+    result = evaluate_images(samples, None, reference_from_adm_batch(path, extractor, 64), extractor, EVAL)
+    assert result["sfid"] is None and "replayed input path" in result["notes"]["sfid"]
+    assert result["fid"] == pytest.approx(evaluate_images(samples, None, reference_from_adm_batch(path, spatial, 64),
+                                                          spatial, EVAL)["fid"])
 
 
 def test_adm_batch_format_errors(tmp_path):

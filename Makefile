@@ -15,8 +15,8 @@ repro: $(STAMP)
 # A profile of profiles/ as a DVC experiment: make exp PROFILE=cifar10 [EXP_ARGS=--queue]
 exp: $(STAMP)
 	test -n "$(PROFILE)" || (echo "usage: make exp PROFILE=<$$(ls profiles | sed 's/.yaml//' | tr '\n' ' ')>" && false)
-	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token \
-		dvc exp run -n $(PROFILE) $(EXP_ARGS) $$($(BIN)/python -m pipeline.profiles $(PROFILE))
+	overrides="$$($(BIN)/python -m pipeline.profiles $(PROFILE))" && \
+		PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc exp run -n $(PROFILE) $(EXP_ARGS) $$overrides
 
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)

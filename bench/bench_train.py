@@ -38,7 +38,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=None, help="cuda default 256, cpu default: params.yaml")
     parser.add_argument("--latent-size", type=int, default=None, help="cuda default 32, cpu default: params.yaml")
     parser.add_argument("--num-classes", type=int, default=None, help="cuda default 1000, cpu default: params.yaml")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="cuda default bf16")
+    parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None, help="cuda default bf16")
     parser.add_argument("--compile-mode", nargs="+", default=None,
                         help="torch.compile modes to compare, or 'none' (cuda default: default; cpu: none)")
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -95,7 +95,7 @@ def main():
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
     if cuda:
-        T.configure_torch(torch.device("cuda", 0))
+        T.configure_torch(torch.device("cuda", 0), args.precision or "bf16")
     base = load_section(T.TrainParams, "train", args.params)
     offline = offline_defaults(args.params)
     latent = args.latent_size or (32 if cuda else offline["latent_size"])

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_write, atomic_write_json, sha256_dir
 from pipeline.checkpoints import RESUME_KEYS, list_checkpoints, load_checkpoint
+from pipeline.config import ParamsError
 from pipeline.features import load_extractor, select_device
 from pipeline.flops import build_on_meta, count_gflops_latent
 from pipeline.formats.model_card import read_diffusion
@@ -34,6 +35,7 @@ from pipeline.formats.reference_stats import load_reference
 from pipeline.generate import build_dit, generate_images, make_labels
 from pipeline.metrics import EvaluateParams, evaluate_images
 from pipeline.model import DiT
+from pipeline.precision import Precision, check_precision
 from pipeline.vae import load_vae
 
 LABELS = "balanced"  # label of sample i = i % num_classes: every class equally often at every point
@@ -53,17 +55,21 @@ class CurveParams:
     cfg_channels: int | None
     batch_size: int  # images per sampler loop: throughput only
     micro_batch: int  # images per network call: fixes the pixels (see pipeline.sample)
-    precision: Literal["fp32", "bf16"]
+    precision: Precision
     use_gpu: bool
     seed: int
+
+    def __post_init__(self):
+        check_params(self)
 
 
 def check_params(p: CurveParams) -> None:
     for name in ("num_samples", "steps", "batch_size", "micro_batch"):
         if getattr(p, name) < 1:
-            raise ValueError(f"curve.{name} must be >= 1, got {getattr(p, name)}")
+            raise ParamsError(f"'curve.{name}' must be >= 1, got {getattr(p, name)}")
     if p.num_samples < 2:
-        raise ValueError(f"curve.num_samples must be >= 2 for a covariance, got {p.num_samples}")
+        raise ParamsError(f"'curve.num_samples' must be >= 2 for a covariance, got {p.num_samples}")
+    check_precision("curve", p.precision, p.use_gpu)
 
 
 # --- the run's description --------------------------------------------------------------------------------------
@@ -127,7 +133,6 @@ def run_curve(p: CurveParams, eval_params: EvaluateParams, checkpoints_dir: str 
               vae_dir: str | Path, official_checkpoint: str | None) -> dict:
     """The curve of the run in `checkpoints_dir` (the metrics/curve.json record). With `official_checkpoint` (the
     train stage imported weights instead of training) there are no checkpoints, and the record says so."""
-    check_params(p)
     paths = list_checkpoints(checkpoints_dir)
     if official_checkpoint is not None:
         return skipped_record(f"train.official_checkpoint {official_checkpoint} was imported, not trained: "

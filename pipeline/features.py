@@ -5,6 +5,10 @@ Both map uint8 images (N, H, W, 3) to float64 features (N, D) and, where they ha
   and resizer, in mode `clean` (PIL bicubic to 299 outside the net) or `legacy_tensorflow` (the TF-style bilinear
   resize inside the net, the protocol of the paper's ADM evaluator). Features: 2048-d pool3. Logits: the net's
   1008-way `output` layer without its bias, as the original Inception Score code computes them.
+  With `extract(..., spatial=True)` it also gives sFID's spatial features: the first 7 channels of mixed_6/conv
+  (`layers.mixed_6.conv` in the port), 17 x 17 x 7 flattened in TF's NHWC order as ADM's evaluator does. The port
+  has no hook for them, so the input path (TF resize, normalization) is replayed and the layers run one by one;
+  each batch checks that the replay's pool3 equals the net's own.
 - `classifier`: a small CNN trained by the reference stage on the ingested images (the offline default, where
   Inception weights cannot be fetched). Features: its 128-d penultimate layer. Logits: its class head.
 
@@ -37,6 +41,12 @@ CLASSIFIER_FILE = "classifier.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"  # InceptionV3W loads this exact name from the directory it is given
 INCEPTION_URL = inception_url
 INCEPTION_DIM = 2048
+INCEPTION_SIZE = 299  # the net's input resolution
+# sFID (Nash et al. 2021, as ADM's evaluator computes it): the first 7 of the 192 channels of mixed_6/conv, whose
+# 17 x 17 x 7 = 2023 values are about as many as pool3's 2048. In the TorchScript port the layer is
+# `layers.mixed_6.conv`.
+SFID_BLOCK, SFID_LAYER, SFID_CHANNELS = "mixed_6", "conv", 7
+REPLAY_TOLERANCE = 1e-3  # rtol = atol between pool3 of the replayed input path and of the net's own forward
 DOWNLOAD_TIMEOUT_S = 30  # fail fast on an offline machine instead of hanging in a socket read
 # The classifier extractor's architecture: a fixed design, recorded in extractor.json with the weights.
 CLASSIFIER_CHANNELS = (32, 64, 128, 256)
@@ -47,10 +57,15 @@ class WeightsUnavailable(RuntimeError):
     """The Inception weights are neither on disk nor downloadable."""
 
 
+class SpatialReplayMismatch(RuntimeError):
+    """The replayed Inception input path does not reproduce the net's own features: its taps are not sFID's."""
+
+
 @dataclass(frozen=True)
 class Extracted:
     features: np.ndarray  # (N, D) float64
     logits: np.ndarray | None  # (N, K) float32, or None for an extractor without a class head
+    spatial: np.ndarray | None = None  # (N, S) float64, sFID's features, when asked for
 
 
 class Extractor:
@@ -68,17 +83,30 @@ class Extractor:
     def config(self) -> dict:
         raise NotImplementedError
 
+    def spatial_unavailable(self) -> str | None:
+        """Why this extractor cannot give sFID's spatial features, or None when it can."""
+        return f"sFID is defined on Inception-V3's mixed_6/conv features; the {self.name} extractor has none"
+
+    def _batch_spatial(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        raise NotImplementedError
+
     @torch.no_grad()
-    def extract(self, images: np.ndarray, batch_size: int, pbar: tqdm | None = None) -> Extracted:
-        """uint8 (N, H, W, 3) -> features and logits; `pbar` lets a caller show one bar over several calls."""
+    def extract(self, images: np.ndarray, batch_size: int, pbar: tqdm | None = None,
+                spatial: bool = False) -> Extracted:
+        """uint8 (N, H, W, 3) -> features and logits (and sFID's spatial features with `spatial`, which
+        `spatial_unavailable` must allow); `pbar` lets a caller show one bar over several calls."""
         _check_images(images)
+        if spatial and self.spatial_unavailable():
+            raise ValueError(self.spatial_unavailable())
         bar = pbar if pbar is not None else tqdm(total=len(images), desc=f"{self.name} features", unit="img")
-        features, logits = [], []
+        features, logits, spatials = [], [], []
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            f, l = self._batch(self._to_tensor(batch))
+            x = self._to_tensor(batch)
+            f, l, *s = self._batch_spatial(x) if spatial else self._batch(x)
             features.append(f.double().cpu().numpy())
             logits.append(None if l is None else l.float().cpu().numpy())
+            spatials += [s[0].double().cpu().numpy()] if spatial else []
             bar.update(len(batch))
         if pbar is None:
             bar.close()
@@ -86,6 +114,7 @@ class Extractor:
         return Extracted(
             features=np.concatenate(features) if features else np.zeros((0, self.feature_dim)),
             logits=np.concatenate(logits) if has_logits else None,
+            spatial=np.concatenate(spatials) if spatials else None,
         )
 
     def features(self, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -250,6 +279,52 @@ class InceptionExtractor(Extractor):
     def config(self) -> dict:
         return {"extractor": self.name, "mode": self.mode, "feature_dim": self.feature_dim,
                 "weights_sha256": sha256_file(self.weights)}
+
+    def spatial_unavailable(self) -> str | None:
+        block = dict(self.model.layers.named_children()).get(SFID_BLOCK)
+        if block is None or SFID_LAYER not in dict(block.named_children()):
+            return (f"{self.weights} has no layers.{SFID_BLOCK}.{SFID_LAYER}, the TorchScript Inception's "
+                    f"mixed_6/conv whose spatial features sFID compares")
+        return None
+
+    def _net_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What `layers` receives from InceptionV3W (clean: x is resized already) or from the TorchScript forward
+        (legacy_tensorflow: TF's resize inside the net), for x (B, 3, H, W) float in [0, 255]."""
+        if self.mode == "legacy_tensorflow":
+            x = tf_legacy_resize(x, INCEPTION_SIZE)
+        return (x - 128) / 128
+
+    def _batch_spatial(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features and logits as `_batch`, and sFID's features (B, 2023): the layers run one by one on the
+        replayed input path, tapping mixed_6/conv; the replay's pool3 must equal the net's own, else the taps would
+        not be the net's features and this raises."""
+        f, logits = self._batch(x)
+        h, tap = self._net_input(x), None
+        for name, layer in self.model.layers.named_children():
+            if name == SFID_BLOCK:
+                tap = getattr(layer, SFID_LAYER)(h)  # (B, 192, 17, 17) in the real net
+            h = layer(h)
+        replayed = h.reshape(f.shape)
+        if not torch.allclose(replayed, f, rtol=REPLAY_TOLERANCE, atol=REPLAY_TOLERANCE):
+            raise SpatialReplayMismatch(
+                f"the replayed input path of {self.weights.name} in mode {self.mode} gives pool3 features "
+                f"{float((replayed - f).abs().max()):.3g} away from the net's own; its mixed_6/conv taps would not "
+                f"be the net's features")
+        # ADM flattens TF's NHWC tensor: channel fastest, then width, then height; the stored sigma_s is in that order.
+        return f, logits, tap[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
+
+
+def tf_legacy_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size) by TF1's resize_bilinear(align_corners=False), the resize inside ADM's
+    evaluator graph: output pixel i reads the input at i * H / size (no half-pixel offset), neighbours clamped at
+    the border. grid_sample(align_corners=False) reads normalized u at pixel (u + 1) * H / 2 - 0.5, so
+    u = (2 * src + 1) / H - 1 puts the read at src."""
+    b, _, h, w = x.shape
+    src_y = torch.arange(size, device=x.device, dtype=x.dtype) * (h / size)
+    src_x = torch.arange(size, device=x.device, dtype=x.dtype) * (w / size)
+    gy, gx = torch.meshgrid((2 * src_y + 1) / h - 1, (2 * src_x + 1) / w - 1, indexing="ij")
+    grid = torch.stack([gx, gy], dim=-1).expand(b, size, size, 2)  # grid_sample takes (x, y)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

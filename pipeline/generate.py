@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline.artifacts import ArtifactError
 from pipeline.diffusion import sample as diffusion_sample
 from pipeline.model import DiT
+from pipeline.precision import autocast, float32_mode
 from pipeline.vae import decode_latents, load_vae
 
 GRID_MAX_CLASSES = 32  # display only: 1000 rows of 256 px images would make a 256k-pixel-tall PNG
@@ -124,9 +125,8 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
     for start in tqdm(range(0, len(blocks), per_loop), desc="batches", disable=not progress):
         rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
         y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
-        bf16 = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        with torch.inference_mode():
-            with bf16:
+        with torch.inference_mode(), float32_mode(precision):
+            with autocast(precision, device):
                 z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
                                      cfg_scale=cfg_scale, cfg_channels=cfg_channels,
                                      generators=generators(seed, rows, "noise"), num_classes=num_classes,

@@ -7,6 +7,8 @@ checkpoint) beside the numbers, because an FID means nothing without them.
 CLI (any ADM-format npz, arr_0 uint8 (N, H, W, 3), against any reference):
     python -m pipeline.metrics SAMPLES.npz --reference data/reference [--out metrics.json]
     python -m pipeline.metrics SAMPLES.npz --reference REAL.npz --mode legacy_tensorflow [--inception-weights F]
+An ADM reference batch (VIRTUAL_imagenet256_labeled.npz) as REAL.npz gives ADM's protocol: FID against the stored
+whole-dataset mu/sigma, sFID against the stored mu_s/sigma_s, KID and precision/recall against arr_0's features.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import torch
 from cleanfid import fid as cleanfid
 from scipy.special import log_softmax
 
+from pipeline.adm_batch import read_adm_batch, stores_statistics
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file
 from pipeline.config import load_section
-from pipeline.features import (Extracted, Extractor, InceptionExtractor, load_extractor, resolve_inception_weights,
-                               select_device)
+from pipeline.features import (Extracted, Extractor, InceptionExtractor, SpatialReplayMismatch, load_extractor,
+                               resolve_inception_weights, select_device)
 from pipeline.formats.model_card import read_model_json
 from pipeline.formats.reference_stats import Reference, load_reference
 from pipeline.formats.samples import SAMPLES_FILE, read_samples, read_samples_manifest
@@ -32,6 +35,7 @@ from pipeline.formats.samples import SAMPLES_FILE, read_samples, read_samples_ma
 # What evaluate copies from the sample stage's manifest into the protocol.
 SAMPLE_PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "seed",
                         "checkpoint_sha256")
+SFID_PROTOCOL = "mixed_6/conv, first 7 channels, NHWC as ADM; against the stored mu_s/sigma_s"
 PR_CHUNK_ELEMENTS = 1 << 26  # distance-matrix block: 64M float32 = 256 MB, so 50K x 50K runs in pieces
 
 
@@ -174,6 +178,22 @@ def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Ref
             "precision": precision, "recall": recall, "class_consistency": consistency, "notes": notes}
 
 
+def extract_for_reference(images: np.ndarray, reference: Reference, extractor: Extractor,
+                          batch_size: int) -> tuple[Extracted, str | None]:
+    """The samples' features, with sFID's spatial ones where the reference stores spatial statistics; and why sFID
+    cannot be computed, if it cannot (the extractor lacks the layer, or replaying its input path fails the check):
+    then the other metrics still come, and the reason goes into the notes."""
+    if reference.spatial_mu is None:
+        return extractor.extract(images, batch_size), None
+    blocker = extractor.spatial_unavailable()
+    if blocker is None:
+        try:
+            return extractor.extract(images, batch_size, spatial=True), None
+        except SpatialReplayMismatch as e:
+            blocker = str(e)
+    return extractor.extract(images, batch_size), blocker
+
+
 def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Reference, extractor: Extractor,
                     params: EvaluateParams) -> dict:
     if images.shape[1:3] != (reference.image_size, reference.image_size):
@@ -182,10 +202,16 @@ def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Re
     k = reference.num_classes
     if labels is not None and k is not None and not 0 <= labels.min() <= labels.max() < k:
         raise ValueError(f"sample labels span [{labels.min()}, {labels.max()}], outside [0, {k})")
-    fake = extractor.extract(images, params.batch_size)
+    fake, sfid_blocker = extract_for_reference(images, reference, extractor, params.batch_size)
     metrics = evaluate_features(fake, labels, reference, extractor.name, params, extractor.device)
+    if reference.spatial_mu is not None:  # sFID where the reference stores spatial statistics (ADM batches)
+        metrics["sfid"] = None if fake.spatial is None else fid_from_features(
+            fake.spatial, reference.spatial_mu, reference.spatial_sigma)
+        if sfid_blocker:
+            metrics["notes"]["sfid"] = f"not computed: {sfid_blocker}"
     kid_subset_size = min(params.kid_subset_size, len(images), len(reference.features))  # as KID uses it
-    protocol = {**reference.description, "num_samples": len(images), "pr_k": params.pr_k,
+    sfid = {} if reference.spatial_mu is None else {"sfid_features": SFID_PROTOCOL}
+    protocol = {**reference.description, **sfid, "num_samples": len(images), "pr_k": params.pr_k,
                 "kid_subsets": params.kid_subsets, "kid_subset_size": kid_subset_size, "kid_seed": params.seed,
                 "is_splits": params.is_splits if metrics["inception_score"] is not None else None}
     return {**metrics, "protocol": protocol}
@@ -226,21 +252,27 @@ def evaluate_stage(samples_dir: str | Path, reference_dir: str | Path, model_dir
 # CLI
 
 
-def reference_from_images(path: Path, extractor: Extractor, batch_size: int) -> Reference:
-    """A reference made on the fly from another ADM-format npz of real images."""
-    images, _ = read_samples(path)
-    features = extractor.extract(images, batch_size).features
+def reference_from_adm_batch(path: Path, extractor: Extractor, batch_size: int) -> Reference:
+    """A reference from an ADM-format npz: FID against the whole-dataset `mu`/`sigma` the file stores (ADM's
+    reference batches), or, for a plain npz of images, against the statistics of its `arr_0`; KID and
+    precision/recall always use the features of `arr_0`, as ADM's evaluator does; sFID the stored `mu_s`/`sigma_s`."""
+    batch = read_adm_batch(path)
+    features = extractor.extract(batch.images, batch_size).features
+    stored = batch.mu is not None
+    mu, sigma = (batch.mu, batch.sigma) if stored else (features.mean(axis=0), np.cov(features, rowvar=False))
     description = {"extractor": extractor.name, "extractor_mode": extractor.mode, "feature_dim": features.shape[1],
-                   "reference_count": len(features), "reference_features": len(features),
-                   "reference_npz_sha256": sha256_file(path)}
-    return Reference(features.mean(axis=0), np.cov(features, rowvar=False), features.astype(np.float32),
-                     images.shape[1], None, description)
+                   "reference_count": None if stored else len(features), "reference_features": len(features),
+                   "reference_stats": "stored mu/sigma of ADM reference batch" if stored else "features of arr_0",
+                   "reference_features_from": "arr_0 (KID, precision/recall)", "reference_npz_sha256": batch.sha256}
+    return Reference(mu, sigma, features.astype(np.float32), batch.images.shape[1], None, description,
+                     batch.spatial_mu, batch.spatial_sigma)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m pipeline.metrics", description=__doc__.split("\n\n")[0])
     p.add_argument("samples", type=Path, help="ADM-format npz: arr_0 uint8 (N, H, W, 3) [+ labels]")
-    p.add_argument("--reference", type=Path, required=True, help="a reference stage directory, or an npz of images")
+    p.add_argument("--reference", type=Path, required=True,
+                   help="a reference stage directory, or an ADM reference batch / npz of images")
     p.add_argument("--params", default="params.yaml", help="params file with the `evaluate` section")
     p.add_argument("--out", type=Path, help="write the metrics JSON here (default: print it)")
     p.add_argument("--mode", choices=["clean", "legacy_tensorflow"], help="Inception mode for an npz reference")
@@ -254,8 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if args.mode is None:
             p.error("an npz reference needs --mode (its features are computed here with Inception)")
+        if args.mode != "legacy_tensorflow" and stores_statistics(args.reference):
+            p.error("the npz stores ADM's mu/sigma, which are TF Inception features of TF's resize: "
+                    "use --mode legacy_tensorflow")
         extractor = InceptionExtractor(resolve_inception_weights(args.inception_weights), args.mode, device)
-        reference = reference_from_images(args.reference, extractor, params.batch_size)
+        reference = reference_from_adm_batch(args.reference, extractor, params.batch_size)
     images, labels = read_samples(args.samples)
     result = evaluate_images(images, labels, reference, extractor, params)
     result["protocol"]["samples_npz_sha256"] = sha256_file(args.samples)

@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.adm_batch import read_adm_batch
 from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.config import ParamsError
 from pipeline.determinism import holdout_split, torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.reference_stats import STATS_FILE, write_npz, write_reference_manifest
+from pipeline.provenance import local_input
 from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtractor, build_classifier,
                                classifier_arch, resolve_inception_weights, save_extractor,
                                select_device)
@@ -40,6 +43,14 @@ class ReferenceParams:
     batch_size: int  # feature extraction batch
     use_gpu: bool  # feature extraction device; the classifier always trains on CPU
     seed: int
+    # An ADM reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz): its stored whole-dataset mu/sigma (and
+    # mu_s/sigma_s for sFID) are the statistics, its arr_0 the features kept; the ingested images give none.
+    adm_batch: str  # a local .npz tracked with `dvc add` (a dvc.yaml dep); NO_INPUT = none
+
+    def __post_init__(self):
+        if local_input(self.adm_batch) is not None and (self.extractor, self.mode) != ("inception", "legacy_tensorflow"):
+            raise ParamsError("'reference.adm_batch' stores TF Inception statistics of TF's resize: it needs "
+                              "reference.extractor: inception and reference.mode: legacy_tensorflow")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,11 +151,43 @@ def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, para
     return mu, sigma, np.concatenate(features), np.concatenate(labels)
 
 
+def import_adm_batch(images_dir: Path, out_dir: Path, params: ReferenceParams, device: torch.device) -> dict:
+    """`reference.adm_batch`: write `out_dir` from ADM's reference batch. FID then compares against the whole-dataset
+    mu/sigma the file stores (not the statistics of its arr_0), sFID against its mu_s/sigma_s, and KID and
+    precision/recall against the features of arr_0 (a seeded subset of max_features), as ADM's evaluator does."""
+    start = time.time()
+    manifest = image_shards.read_manifest(images_dir)  # the classes and resolution the samples will have
+    batch = read_adm_batch(local_input(params.adm_batch))
+    if batch.mu is None:
+        raise ArtifactError(f"reference.adm_batch {params.adm_batch} stores no mu/sigma: not an ADM reference batch")
+    if batch.images.shape[1:3] != (manifest["image_size"],) * 2:
+        raise ArtifactError(f"reference.adm_batch {params.adm_batch} holds {batch.images.shape[1]} px images, the "
+                            f"ingested ones are {manifest['image_size']} px: FID compares one resolution")
+    extractor, _ = build_extractor(None, None, manifest["num_classes"], params, device)
+    keep = kept_rows(len(batch.images), params.max_features, params.seed)
+    features = extractor.extract(batch.images[keep], params.batch_size).features.astype(np.float32)
+    spatial = {} if batch.spatial_mu is None else dict(spatial_mu=batch.spatial_mu, spatial_sigma=batch.spatial_sigma)
+    stats_path = write_npz(out_dir / STATS_FILE, mu=batch.mu, sigma=batch.sigma, features=features,
+                           labels=np.full(len(features), -1, np.int64), **spatial)  # the batch has no labels
+    config = save_extractor(out_dir, extractor, params.inception_weights)
+    write_reference_manifest(
+        out_dir, extractor=extractor.name, mode=extractor.mode, count=None, feature_dim=len(batch.mu),
+        features_kept=len(features), image_size=manifest["image_size"], num_classes=manifest["num_classes"],
+        class_names=manifest["class_names"], classifier_holdout=None, classifier_accuracy=None,
+        images_manifest_sha256=sha256_file(images_dir / "manifest.json"), classifier_sha256=None,
+        inception_sha256=config["weights_sha256"], stats_sha256=sha256_file(stats_path),
+        adm_batch=params.adm_batch, adm_batch_sha256=batch.sha256, spatial_stats=bool(spatial),
+    )
+    return {"classifier_accuracy": None, "count": len(features), "seconds": round(time.time() - start, 2)}
+
+
 def build_reference(images_dir: str | Path, out_dir: str | Path, params: ReferenceParams) -> dict:
     """Run the stage: write `out_dir` (dit-reference v1) and return the stage metrics."""
     start = time.time()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     device = select_device(params.use_gpu, "reference")
+    if local_input(params.adm_batch) is not None:
+        return import_adm_batch(images_dir, out_dir, params, device)
     if params.extractor == "classifier":
         images, labels, manifest = image_shards.read_images(images_dir)
     else:  # Inception needs no training data in memory: the features are extracted shard by shard below

@@ -48,12 +48,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write, require_file, sha256_dir, sha256_file
-from pipeline.config import from_dict, read_yaml
+from pipeline.config import ParamsError, from_dict, read_yaml
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.samples import save_npz, write_samples
 from pipeline.generate import generate_images, load_models, make_grid, make_labels
 from pipeline.model import DiT_models
+from pipeline.precision import Precision, check_precision
 from pipeline.provenance import reuse_or_clear, stamp
 
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
@@ -70,7 +71,7 @@ class SampleParams:
     labels: Literal["balanced", "uniform"]
     batch_size: int  # images per sampler loop, rounded up to whole micro-batches; does not change pixels
     micro_batch: int  # images per network/VAE call (2x rows with guidance); fixes the pixels, see the docstring
-    precision: Literal["fp32", "bf16"]  # the DiT under bf16 autocast (GPUs); the VAE always decodes in fp32
+    precision: Precision  # fp32 | tf32 (the official sampler) | bf16 autocast of the DiT; the VAE decodes in float32
     compile: bool  # torch.compile the DiT's forward (one shape per run, thanks to the fixed micro-batch)
     num_workers: int  # Ray CPU actors; 0 = in-process (with use_gpu, one actor per GPU of the cluster)
     use_gpu: bool
@@ -78,16 +79,20 @@ class SampleParams:
     seed: int
     grid_per_class: int
 
+    def __post_init__(self):
+        check_params(self)
+
 
 def check_params(p: SampleParams) -> None:
     for name in ("num_fid_samples", "steps", "batch_size", "micro_batch", "shard_size", "grid_per_class"):
         if getattr(p, name) < 1:
-            raise ValueError(f"sample.{name} must be >= 1, got {getattr(p, name)}")
+            raise ParamsError(f"'sample.{name}' must be >= 1, got {getattr(p, name)}")
     if p.num_workers < 0:
-        raise ValueError(f"sample.num_workers must be >= 0 (0 = in-process), got {p.num_workers}")
+        raise ParamsError(f"'sample.num_workers' must be >= 0 (0 = in-process), got {p.num_workers}")
     if p.shard_size % p.micro_batch:
-        raise ValueError(f"sample.shard_size={p.shard_size} must be a multiple of sample.micro_batch="
-                         f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
+        raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
+                          f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
+    check_precision("sample", p.precision, p.use_gpu)
 
 
 # --- the checkpoint ---------------------------------------------------------------------------------------------
@@ -262,7 +267,6 @@ def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | 
                resume_across_versions: bool = False) -> dict:
     """Generate (or finish) the samples of `card` into `out_dir`; returns the throughput metrics. Finished shards of
     other pipeline code or package versions are regenerated, unless `resume_across_versions`."""
-    check_params(p)
     out_dir, vae_dir = Path(out_dir), str(vae_dir)
     vae_sha256 = sha256_dir(require_file(vae_dir, "vae"))
     shard_dir = open_shard_dir(out_dir, settings_key(card, vae_sha256, p))

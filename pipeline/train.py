@@ -35,11 +35,12 @@ from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
     restore_rng, resume_mismatch, save_checkpoint,
 )
-from pipeline.config import from_dict, to_dict
+from pipeline.config import ParamsError, from_dict, to_dict
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import load_latents, read_latents_manifest
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
+from pipeline.precision import Precision, check_precision, set_float32_mode
 from pipeline.provenance import local_input, stamp
 from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
@@ -59,7 +60,7 @@ class TrainParams:
     ema_decay: float
     class_dropout_prob: float
     grad_clip: float | None  # max global grad norm; None = off (the paper)
-    precision: Literal["fp32", "bf16"]  # bf16 = autocast; weights, optimiser and EMA stay fp32
+    precision: Precision  # fp32 | tf32 (the official scripts) | bf16 autocast; weights, optimiser and EMA stay fp32
     compile: bool
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
     activation_checkpointing: bool
@@ -73,22 +74,33 @@ class TrainParams:
     # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
     official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
 
+    def __post_init__(self):
+        check_params(self)
 
-def check_params(p: TrainParams, num_examples: int) -> None:
+
+def check_params(p: TrainParams) -> None:
+    """Every rule on the section alone; `check_batch_fits` adds the one that needs the latents."""
     if p.model not in DiT_models:
-        raise ValueError(f"train.model {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
+        raise ParamsError(f"'train.model' {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
     world = max(p.num_workers, 1)
     if p.global_batch_size % world:
-        raise ValueError(f"train.global_batch_size {p.global_batch_size} is not divisible by train.num_workers "
-                         f"{world}: every worker needs the same batch")
-    if num_examples < p.global_batch_size:
-        raise ValueError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
-                         f"{p.global_batch_size}: lower the batch or encode more images")
-    for key in ("train_steps", "ckpt_every", "keep_checkpoints", "log_every", "sample_every"):
+        raise ParamsError(f"'train.global_batch_size' {p.global_batch_size} is not divisible by train.num_workers "
+                          f"{world}: every worker needs the same batch")
+    for key in ("global_batch_size", "train_steps", "ckpt_every", "keep_checkpoints", "log_every", "sample_every"):
         if getattr(p, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(p, key)}")
+            raise ParamsError(f"'train.{key}' must be >= 1, got {getattr(p, key)}")
+    if p.warmup_steps < 0 or p.num_workers < 0:
+        raise ParamsError(f"'train.warmup_steps' and 'train.num_workers' must be >= 0, got {p.warmup_steps} and "
+                          f"{p.num_workers}")
     if not 0 <= p.ema_decay < 1:
-        raise ValueError(f"train.ema_decay must be in [0, 1), got {p.ema_decay}")
+        raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
+    check_precision("train", p.precision, p.use_gpu)
+
+
+def check_batch_fits(p: TrainParams, num_examples: int) -> None:
+    if num_examples < p.global_batch_size:
+        raise ParamsError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
+                          f"{p.global_batch_size}: lower the batch or encode more images")
 
 
 # --- randomness ---------------------------------------------------------------------------------------------------
@@ -262,11 +274,10 @@ def worker_context(distributed: bool, use_gpu: bool) -> tuple[int, int, torch.de
     return 0, 1, torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
 
 
-def configure_torch(device: torch.device) -> None:
+def configure_torch(device: torch.device, precision: str) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 parts (and fp32 runs) use TF32 tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        set_float32_mode(precision)  # a training worker runs one precision for its whole life
 
 
 class Loop:
@@ -354,7 +365,7 @@ def train_loop_per_worker(config: dict) -> None:
     values only: the train and tracking params as dicts, absolute paths, the MLflow tags and model overrides."""
     p = from_dict(TrainParams, config["train"], "train")
     rank, world, device = worker_context(config["distributed"], p.use_gpu)
-    configure_torch(device)
+    configure_torch(device, p.precision)
     if config["tracking_uri"]:
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # a Ray worker may run in another directory
     data, manifest = load_latent_batches(config["latents"], p.seed, device)
@@ -410,7 +421,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
     other code or packages count as another run, unless `resume_across_versions`."""
     started = time.time()
     manifest = read_latents_manifest(latents_dir)
-    check_params(p, manifest["count"])
+    check_batch_fits(p, manifest["count"])
     _check_vae(vae_dir, manifest)
     Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
     if local_input(p.official_checkpoint):

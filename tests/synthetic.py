@@ -114,3 +114,76 @@ def save_tiny_inception(path: Path, seed: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.script(_TinyInception()).save(str(path))
     return path
+
+
+class _Unit(nn.Module):
+    """A conv + ReLU, standing in for the port's conv/BN/ReLU units."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, k, padding=k // 2)
+        nn.init.kaiming_normal_(self.conv.weight, nonlinearity="relu")  # keeps the image's signal through depth
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+class _Mixed(nn.Module):
+    """An inception block: branches `conv` and `tower` on one input, concatenated along channels."""
+
+    def __init__(self, c_in: int, c_conv: int, c_tower: int):
+        super().__init__()
+        self.conv = _Unit(c_in, c_conv)
+        self.tower = _Unit(c_in, c_tower, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(x), self.tower(x)], 1)
+
+
+class _InceptionLike(nn.Module):
+    """A small net with the TorchScript Inception's names and interface: `layers` holds conv, conv_1, conv_2, pool0,
+    conv_3, conv_4, pool1, mixed, mixed_1 ... mixed_10, pool2 in order, the 17 x 17 grid from pool1 to mixed_7
+    (mixed_6 has a `conv` branch of 12 channels), pool3 of 2048 from the whole grid; `forward` resizes to 299
+    inside, as TF1's resize_bilinear (written here as an affine grid: x_src = x_dst * W / 299) or, with `half_pixel`, with
+    F.interpolate's half-pixel centres (a wrong replay target), then normalizes (x - 128) / 128."""
+
+    def __init__(self, half_pixel: bool):
+        super().__init__()
+        from collections import OrderedDict
+        units = [("conv", _Unit(3, 8)), ("conv_1", _Unit(8, 8)), ("conv_2", _Unit(8, 8)),
+                 ("pool0", nn.AvgPool2d(4)), ("conv_3", _Unit(8, 16, 3)), ("conv_4", _Unit(16, 16)),
+                 ("pool1", nn.AdaptiveAvgPool2d(17))]
+        units += [("mixed" + ("" if i == 0 else f"_{i}"), _Mixed(16, 8, 8)) for i in range(6)]
+        units += [("mixed_6", _Mixed(16, 12, 4)), ("mixed_7", _Mixed(16, 8, 8)), ("pool_7", nn.AvgPool2d(2))]
+        # mixed_10 sees the whole 8 x 8 grid at once, so that pool3, like the real one, depends on where things are
+        units += [(f"mixed_{i}", _Mixed(16, 8, 8)) for i in (8, 9)] + [("mixed_10", nn.Conv2d(16, 2048, 8))]
+        units += [("pool2", nn.AdaptiveAvgPool2d(1))]
+        self.layers = nn.Sequential(OrderedDict(units))
+        self.output = nn.Linear(2048, 1008)
+        self.half_pixel = half_pixel
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        x = img.to(torch.float32)
+        b, c, h, w = x.shape
+        if self.half_pixel:
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        else:
+            theta = torch.tensor([[1.0, 0.0, 1.0 / w - 1.0 / 299], [0.0, 1.0, 1.0 / h - 1.0 / 299]],
+                                 device=x.device).unsqueeze(0).repeat(b, 1, 1)
+            grid = F.affine_grid(theta, [b, c, 299, 299], align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        feats = self.layers((x - 128.0) / 128.0).reshape(-1, 2048)
+        if return_features:
+            return feats
+        logits = F.linear(feats, self.output.weight) if no_output_bias else self.output(feats)
+        return F.softmax(logits, 1)
+
+
+def save_inception_like(path: Path, seed: int, half_pixel: bool = False) -> Path:
+    """Script and save a net with the real port's layer names where inception-2015-12-05.pt would go."""
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.script(_InceptionLike(half_pixel)).save(str(path))
+    return path

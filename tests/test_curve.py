@@ -26,9 +26,9 @@ from synthetic import make_shapes, write_images_dir
 from test_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
 
 MODEL = "DiT-Ti/4"  # a preset, so that pipeline.flops can count its Gflops; 4 tokens on 8x8 latents
-REFERENCE = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=20,
+REFERENCE = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,
                  classifier_batch_size=16, classifier_lr=2e-3, holdout=8, max_features=None, batch_size=16,
-                 use_gpu=False, seed=0)
+                 use_gpu=False, seed=0, adm_batch="inputs/none")
 CURVE = CV.CurveParams(num_samples=16, sampler="dpm-solver++", steps=3, cfg_scale=1.0, cfg_channels=None,
                        batch_size=16, micro_batch=8, precision="fp32", use_gpu=False, seed=0)
 EVAL = EvaluateParams(pr_k=3, kid_subsets=2, kid_subset_size=8, is_splits=2, batch_size=16, use_gpu=False, seed=0)

@@ -12,18 +12,19 @@ from PIL import Image
 
 from pipeline import features
 from pipeline.artifacts import ArtifactError
-from pipeline.features import (INCEPTION_FILE, InceptionExtractor, WeightsUnavailable, load_extractor,
-                               resolve_inception_weights, save_extractor)
+from pipeline.features import (INCEPTION_FILE, SFID_CHANNELS, InceptionExtractor, WeightsUnavailable, load_extractor,
+                               resolve_inception_weights, save_extractor, tf_legacy_resize)
 from pipeline.metrics import fid_from_features
 from pipeline.reference import ReferenceParams, build_extractor, train_classifier
-from synthetic import make_shapes, save_tiny_inception
+from synthetic import make_shapes, save_inception_like, save_tiny_inception
 
 CPU = torch.device("cpu")
 
 
 def params(**overrides) -> ReferenceParams:
-    base = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=150,
-                classifier_batch_size=32, classifier_lr=2e-3, holdout=100, max_features=None, batch_size=64, use_gpu=False, seed=0)
+    base = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=150,
+                classifier_batch_size=32, classifier_lr=2e-3, holdout=100, max_features=None, batch_size=64, use_gpu=False, seed=0,
+                adm_batch="inputs/none")
     return ReferenceParams(**{**base, **overrides})
 
 
@@ -160,3 +161,53 @@ def test_inception_extractor_round_trip_checks_the_weights(tiny_inception, tmp_p
     other = save_tiny_inception(tmp_path / "other" / INCEPTION_FILE, seed=1)
     with pytest.raises(ArtifactError, match="sha256"):
         load_extractor(tmp_path / "ref", CPU, inception_weights=str(other))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sFID's spatial features: the tap of layers.mixed_6.conv, on a net with the TorchScript port's layer names
+
+
+def test_tf_legacy_resize_reads_the_input_at_dst_times_scale():
+    """TF1's resize_bilinear(align_corners=False): output i reads the input at i * H / size, clamped at the border."""
+    x = torch.arange(4.0).reshape(1, 1, 1, 4).expand(1, 1, 4, 4)  # column index as value
+    out = tf_legacy_resize(x, 6)[0, 0, 0]  # reads at 0, 2/3, 4/3, 2, 8/3, 10/3 -> clamped to 3 at the border
+    np.testing.assert_allclose(out.numpy(), [0, 2 / 3, 4 / 3, 2, 8 / 3, 3], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["legacy_tensorflow", "clean"])
+def test_spatial_features_are_mixed_6_conv_first_7_channels_in_nhwc_order(tmp_path, mode):
+    weights = save_inception_like(tmp_path / INCEPTION_FILE, seed=0)
+    extractor = InceptionExtractor(weights, mode, CPU)
+    assert extractor.spatial_unavailable() is None
+    images = make_shapes(3, 4, 32, seed=3)[0]
+    out = extractor.extract(images, 2, spatial=True)
+    np.testing.assert_array_equal(out.features, extractor.extract(images, 2).features)  # the pool3 path is untouched
+    layers = torch.jit.load(str(weights)).layers
+    x = extractor._to_tensor(images)
+    h = tf_legacy_resize(x, 299) if mode == "legacy_tensorflow" else x
+    h = (h - 128) / 128
+    for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
+                 "mixed_3", "mixed_4", "mixed_5"):
+        h = getattr(layers, name)(h)
+    with torch.no_grad():
+        tap = layers.mixed_6.conv(h).double().numpy()  # (N, 12, 17, 17)
+    assert out.spatial.shape == (3, 17 * 17 * SFID_CHANNELS)
+    n, c, y, x_ = 1, 5, 3, 11  # ADM flattens NHWC: index (y * 17 + x) * 7 + c
+    assert out.spatial[n, (y * 17 + x_) * SFID_CHANNELS + c] == pytest.approx(tap[n, c, y, x_], rel=1e-4, abs=1e-5)
+    np.testing.assert_allclose(out.spatial, tap[:, :SFID_CHANNELS].transpose(0, 2, 3, 1).reshape(3, -1),
+                               rtol=1e-4, atol=1e-5)  # batches of 2 vs 3: float sums differ
+
+
+def test_spatial_replay_that_misses_the_nets_resize_is_an_error(tmp_path):
+    """A net that resizes with half-pixel centres: replaying TF's resize would tap other features, and says so."""
+    extractor = InceptionExtractor(save_inception_like(tmp_path / INCEPTION_FILE, 0, half_pixel=True),
+                                   "legacy_tensorflow", CPU)
+    with pytest.raises(features.SpatialReplayMismatch, match="replayed input path"):
+        extractor.extract(make_shapes(2, 4, 32, seed=3)[0], 2, spatial=True)
+
+
+def test_spatial_features_unavailable_say_why(tiny_inception, trained):
+    assert "no layers.mixed_6.conv" in InceptionExtractor(tiny_inception, "clean", CPU).spatial_unavailable()
+    assert "classifier extractor has none" in trained[0].spatial_unavailable()
+    with pytest.raises(ValueError, match="has none"):
+        trained[0].extract(make_shapes(2, 4, 16, seed=0)[0], 2, spatial=True)

@@ -12,11 +12,14 @@ from cleanfid import fid as cleanfid
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
+from pipeline.adm_batch import read_adm_batch
 from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
-from pipeline.features import INCEPTION_FILE, Extracted, load_extractor
-from pipeline.metrics import (EvaluateParams, Reference, class_consistency, evaluate_features, evaluate_stage,
-                              fid_from_features, frechet_distance, inception_score, kernel_inception_distance,
-                              load_reference, main, precision_recall, reference_from_images)
+from pipeline.features import (INCEPTION_FILE, ClassifierExtractor, Extracted, SpatialReplayMismatch,
+                               load_extractor)
+from pipeline.metrics import (EvaluateParams, Reference, class_consistency, evaluate_features, evaluate_images,
+                              evaluate_stage, fid_from_features, frechet_distance, inception_score,
+                              kernel_inception_distance, load_reference, main, precision_recall,
+                              reference_from_adm_batch)
 from pipeline.reference import ReferenceParams, build_reference
 from synthetic import make_shapes, save_tiny_inception, write_images_dir
 
@@ -24,8 +27,9 @@ CPU = torch.device("cpu")
 EVAL = EvaluateParams(pr_k=3, kid_subsets=4, kid_subset_size=40, is_splits=2, batch_size=32, use_gpu=False, seed=0)
 EVAL_YAML = ("evaluate:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in vars(EVAL).items())
              + "tracking:\n  enabled: false\n  experiment: test\n")
-REF = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=60,
-           classifier_batch_size=32, classifier_lr=2e-3, holdout=20, max_features=None, batch_size=64, use_gpu=False, seed=0)
+REF = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=60,
+           classifier_batch_size=32, classifier_lr=2e-3, holdout=20, max_features=None, batch_size=64, use_gpu=False, seed=0,
+           adm_batch="inputs/none")
 
 
 def gaussian_stats(rng, d):
@@ -228,9 +232,10 @@ def test_inception_reference_and_npz_reference(tmp_path):
     extractor = load_extractor(tmp_path / "ref", CPU)
     reference = load_reference(tmp_path / "ref")
     np.savez(tmp_path / "real.npz", images[:8])
-    from_npz = reference_from_images(tmp_path / "real.npz", extractor, batch_size=4)
+    from_npz = reference_from_adm_batch(tmp_path / "real.npz", extractor, batch_size=4)
     np.testing.assert_allclose(from_npz.features, reference.features[:8], rtol=1e-5, atol=1e-5)
     assert from_npz.description["reference_count"] == 8 and from_npz.description["extractor_mode"] == "clean"
+    assert from_npz.description["reference_stats"] == "features of arr_0"  # a plain npz of images stores no mu/sigma
     with pytest.raises(SystemExit):  # an npz reference needs the Inception mode
         main([str(tmp_path / "real.npz"), "--reference", str(tmp_path / "real.npz")])
 
@@ -244,3 +249,97 @@ def test_inception_features_report_is_not_class_consistency():
     assert (m["inception_score"], m["inception_score_std"]) == inception_score(fake.logits, EVAL.is_splits)
     assert m["class_consistency"] is None and "classifier" in m["notes"]["class_consistency"]
     assert m["fid"] == pytest.approx(fid_from_features(fake.features, reference.mu, reference.sigma))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ADM reference batches: FID against the stored whole-dataset statistics, sFID against the stored spatial ones
+
+
+class SpatialClassifier(ClassifierExtractor):
+    """The classifier extractor with its first conv's activations (2 channels of 8 x 8 on 16-px images, NHWC) as
+    spatial features: a 128-d stand-in for Inception's 2023-d mixed_6/conv taps, whose Frechet distance needs
+    minutes of sqrtm on this CPU."""
+
+    def spatial_unavailable(self):
+        return None
+
+    def _batch_spatial(self, x):
+        f, logits = self._batch(x)
+        first = self.net.body[:3](x / 127.5 - 1.0)  # (B, 32, 8, 8)
+        return f, logits, first[:, :2].permute(0, 2, 3, 1).reshape(len(x), -1)
+
+
+def stats(x):
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+@pytest.fixture(scope="module")
+def adm_batch(data, tmp_path_factory):
+    """An ADM-style batch whose stored mu/sigma (and mu_s/sigma_s) are NOT the statistics of its arr_0: as
+    VIRTUAL_imagenet256_labeled.npz, whose mu/sigma cover all of ImageNet's train set and arr_0 10K of its images."""
+    extractor = load_extractor(data / "reference", CPU)
+    spatial = SpatialClassifier(extractor.net, extractor.arch, CPU)
+    images = make_shapes(80, 4, 16, seed=5)[0]
+    whole = make_shapes(300, 4, 16, seed=6)[0]  # "the whole dataset", of which arr_0 is not a fair sample
+    whole = np.clip(whole.astype(int) + 40, 0, 255).astype(np.uint8)
+    out = spatial.extract(whole, 64, spatial=True)
+    (mu, sigma), (mu_s, sigma_s) = stats(out.features), stats(out.spatial)
+    path = tmp_path_factory.mktemp("adm") / "VIRTUAL_test.npz"
+    np.savez(path, images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)  # ADM's layout: positional arr_0
+    return path, spatial, (mu, sigma, mu_s, sigma_s), images
+
+
+def test_fid_against_an_adm_batch_uses_its_stored_statistics(adm_batch):
+    path, extractor, (mu, sigma, mu_s, sigma_s), images = adm_batch
+    reference = reference_from_adm_batch(path, extractor, 64)
+    samples, labels = make_shapes(60, 4, 16, seed=7)
+    result = evaluate_images(samples, labels, reference, extractor, EVAL)
+    fake = extractor.extract(samples, 64, spatial=True)
+    stored_fid = cleanfid.frechet_distance(*stats(fake.features), mu, sigma)
+    arr_0_fid = cleanfid.frechet_distance(*stats(fake.features), *stats(extractor.extract(images, 64).features))
+    assert result["fid"] == pytest.approx(stored_fid, rel=1e-9)
+    assert abs(stored_fid - arr_0_fid) > 0.1 * stored_fid  # the construction makes the two answers differ
+    assert result["sfid"] == pytest.approx(cleanfid.frechet_distance(*stats(fake.spatial), mu_s, sigma_s), rel=1e-9)
+    # KID and precision/recall need real features: those of arr_0, as ADM's evaluator
+    np.testing.assert_allclose(reference.features, extractor.extract(images, 64).features, rtol=1e-6)
+    protocol = result["protocol"]
+    assert protocol["reference_stats"] == "stored mu/sigma of ADM reference batch"
+    assert protocol["reference_count"] is None and protocol["reference_features"] == 80
+    assert protocol["reference_npz_sha256"] == sha256_file(path) and "arr_0" in protocol["reference_features_from"]
+    assert "mixed_6/conv" in protocol["sfid_features"]
+
+
+def test_sfid_is_null_with_the_reason_when_the_extractor_has_no_spatial_features(adm_batch, data):
+    path, _, _, _ = adm_batch
+    plain = load_extractor(data / "reference", CPU)  # the classifier: no mixed_6/conv
+    result = evaluate_images(make_shapes(30, 4, 16, seed=8)[0], None, reference_from_adm_batch(path, plain, 64),
+                             plain, EVAL)
+    assert result["sfid"] is None and "mixed_6/conv" in result["notes"]["sfid"]
+    assert np.isfinite(result["fid"])
+
+
+class MisreplayedClassifier(SpatialClassifier):
+    """An extractor whose replay check fails, as InceptionExtractor's would if the port's input path changed."""
+
+    def _batch_spatial(self, x):
+        raise SpatialReplayMismatch("the replayed input path gives other pool3 features")
+
+
+def test_sfid_is_null_with_the_reason_when_the_replay_check_fails(adm_batch):
+    path, spatial, _, _ = adm_batch
+    extractor = MisreplayedClassifier(spatial.net, spatial.arch, CPU)
+    samples = make_shapes(30, 4, 16, seed=8)[0]
+    result = evaluate_images(samples, None, reference_from_adm_batch(path, extractor, 64), extractor, EVAL)
+    assert result["sfid"] is None and "replayed input path" in result["notes"]["sfid"]
+    assert result["fid"] == pytest.approx(evaluate_images(samples, None, reference_from_adm_batch(path, spatial, 64),
+                                                          spatial, EVAL)["fid"])
+
+
+def test_adm_batch_format_errors(tmp_path):
+    images = np.zeros((4, 16, 16, 3), np.uint8)
+    np.savez(tmp_path / "half.npz", images, mu=np.zeros(3))
+    with pytest.raises(ArtifactError, match="has mu but not sigma"):
+        read_adm_batch(tmp_path / "half.npz")
+    np.savez(tmp_path / "stats.npz", images, mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(SystemExit):  # stored TF-Inception statistics compared with clean-mode features
+        main([str(tmp_path / "stats.npz"), "--reference", str(tmp_path / "stats.npz"), "--mode", "clean"])

@@ -10,12 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.config import ParamsError
+from pipeline.features import INCEPTION_FILE
+from pipeline.formats.reference_stats import load_reference
 from pipeline.determinism import holdout_split
 from pipeline.reference import Moments, ReferenceParams, build_reference, kept_rows
-from synthetic import make_shapes, write_images_dir
+from synthetic import make_shapes, save_inception_like, write_images_dir
 
-PARAMS = dict(extractor="classifier", mode="clean", inception_weights=None, classifier_steps=20,
-              classifier_batch_size=16, classifier_lr=2e-3, holdout=10, max_features=None, batch_size=16, use_gpu=False, seed=0)
+PARAMS = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,
+              classifier_batch_size=16, classifier_lr=2e-3, holdout=10, max_features=None, batch_size=16, use_gpu=False, seed=0,
+              adm_batch="inputs/none")
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +108,33 @@ def test_holdout_split():
     np.testing.assert_array_equal(held, holdout_split(50, 10, seed=0, param="reference.holdout")[1])
     with pytest.raises(ValueError, match="holdout"):
         holdout_split(10, 10, seed=0, param="reference.holdout")
+
+
+def test_adm_batch_import_keeps_the_stored_statistics(images_dir, tmp_path):
+    """`reference.adm_batch`: stats.npz carries the file's mu/sigma and mu_s/sigma_s as they are, and the features
+    of a seeded subset of its arr_0; the ingested images only give the classes and the resolution."""
+    rng = np.random.default_rng(0)
+    mu, mu_s = rng.normal(size=2048), rng.normal(size=2023)
+    sigma, sigma_s = np.diag(rng.uniform(1, 2, 2048)), np.diag(rng.uniform(1, 2, 2023))
+    np.savez(tmp_path / "batch.npz", make_shapes(12, 4, 16, seed=1)[0], mu=mu, sigma=sigma, mu_s=mu_s,
+             sigma_s=sigma_s)
+    weights = save_inception_like(tmp_path / "w" / INCEPTION_FILE, seed=0)
+    adm = {**PARAMS, "extractor": "inception", "mode": "legacy_tensorflow", "inception_weights": str(weights),
+           "adm_batch": str(tmp_path / "batch.npz"), "max_features": 5}
+    metrics = build_reference(images_dir, tmp_path / "ref", ReferenceParams(**adm))
+    manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
+    assert metrics["count"] == 5 and manifest["count"] is None and manifest["features_kept"] == 5
+    assert manifest["adm_batch_sha256"] == sha256_file(tmp_path / "batch.npz") and manifest["spatial_stats"]
+    reference = load_reference(tmp_path / "ref")
+    np.testing.assert_array_equal(reference.mu, mu)
+    np.testing.assert_array_equal(reference.sigma, sigma)
+    np.testing.assert_array_equal(reference.spatial_mu, mu_s)
+    np.testing.assert_array_equal(reference.spatial_sigma, sigma_s)
+    assert reference.features.shape == (5, 2048)
+    assert reference.description["reference_stats"] == "stored mu/sigma of ADM reference batch"
+    with pytest.raises(ParamsError, match="reference.adm_batch.*legacy_tensorflow"):
+        ReferenceParams(**{**adm, "mode": "clean"})
+    np.savez(tmp_path / "plain.npz", make_shapes(4, 4, 16, seed=1)[0])
+    with pytest.raises(ArtifactError, match="stores no mu/sigma"):
+        build_reference(images_dir, tmp_path / "ref2",
+                        ReferenceParams(**{**adm, "adm_batch": str(tmp_path / "plain.npz")}))

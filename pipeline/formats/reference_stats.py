@@ -1,5 +1,6 @@
 """`data/reference/`, format `dit-reference` v1: the real images' feature statistics, `stats.npz` (`mu`, `sigma`
-float64 over all N images for FID; `features` (M, D) float32 and `labels` (M,) for KID and precision/recall) and a
+float64 over all N images for FID; `features` (M, D) float32 and `labels` (M,) for KID and precision/recall;
+`spatial_mu`, `spatial_sigma` for sFID when imported from an ADM reference batch) and a
 manifest describing the extractor and the data. The extractor itself (`extractor.json`, `classifier.pt`) is
 saved and loaded by `pipeline.features`.
 
@@ -43,6 +44,8 @@ class Reference:
     image_size: int
     num_classes: int | None
     description: dict  # what the protocol records about it
+    spatial_mu: np.ndarray | None = None  # (S,) float64: sFID's statistics, where the reference stores them
+    spatial_sigma: np.ndarray | None = None  # (S, S)
 
 
 def load_reference(directory: str | Path) -> Reference:
@@ -53,7 +56,12 @@ def load_reference(directory: str | Path) -> Reference:
         raise ArtifactError(f"{path} does not match its manifest's sha256; run `dvc repro {STAGE}`")
     with np.load(path) as stats:
         mu, sigma, features = stats["mu"], stats["sigma"], stats["features"]
+        spatial = (stats["spatial_mu"], stats["spatial_sigma"]) if "spatial_mu" in stats else (None, None)
     description = {"extractor": manifest["extractor"], "extractor_mode": manifest["mode"],
                    "feature_dim": manifest["feature_dim"], "reference_count": manifest["count"],
                    "reference_features": manifest["features_kept"], "reference_stats_sha256": stats_sha256}
-    return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description)
+    if manifest.get("adm_batch_sha256"):  # imported from an ADM reference batch (`reference.adm_batch`)
+        description.update(reference_stats="stored mu/sigma of ADM reference batch",
+                           reference_features_from="arr_0 (KID, precision/recall)",
+                           adm_batch_sha256=manifest["adm_batch_sha256"])
+    return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description, *spatial)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from pipeline import artifacts, synthetic
 from pipeline.config import ParamsError
+from pipeline.errors import UserError
 
 FORMAT, VERSION, STAGE = "dit-images", 1, "ingest"
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
@@ -96,7 +97,7 @@ class IngestParams:
             raise ParamsError(f"'ingest.num_workers' must be >= 0 (0 = in-process), got {self.num_workers}")
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """The source cannot be read, or too many of its inputs are unusable."""
 
 
@@ -401,7 +402,7 @@ def ingest(params: IngestParams, out_dir: str | Path) -> dict:
         class_names=source.class_names, source=source.info, shards=writer.shards,
         skipped={"count": len(skipped), "by_reason": by_reason})
     print(f"ingest: {count} images in {len(writer.shards)} shards -> {out}; skipped {len(skipped)} {by_reason}")
-    return {"count": count, "skipped": len(skipped), "num_classes": len(source.class_names)}
+    return {"count": count, "skipped": len(skipped)}  # the metrics; the rest is in the manifest
 
 
 def _remove_stale_shards(out: Path, keep: set[str]) -> None:

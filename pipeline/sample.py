@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from pipeline.artifacts import (ArtifactError, atomic_write, require_file, sha256_dir, sha256_file,
                                 write_manifest)
-from pipeline.config import from_dict, read_yaml
+from pipeline.config import ParamsError, from_dict, read_yaml
 from pipeline.diffusion import sample as diffusion_sample
 from pipeline.model import DiT, DiT_models
 from pipeline.vae import decode_latents, load_vae
@@ -82,12 +82,12 @@ class SampleParams:
 def check_params(p: SampleParams) -> None:
     for name in ("num_fid_samples", "steps", "batch_size", "micro_batch", "shard_size", "grid_per_class"):
         if getattr(p, name) < 1:
-            raise ValueError(f"sample.{name} must be >= 1, got {getattr(p, name)}")
+            raise ParamsError(f"sample.{name} must be >= 1, got {getattr(p, name)}")
     if p.num_workers < 0:
-        raise ValueError(f"sample.num_workers must be >= 0 (0 = in-process), got {p.num_workers}")
+        raise ParamsError(f"sample.num_workers must be >= 0 (0 = in-process), got {p.num_workers}")
     if p.shard_size % p.micro_batch:
-        raise ValueError(f"sample.shard_size={p.shard_size} must be a multiple of sample.micro_batch="
-                         f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
+        raise ParamsError(f"sample.shard_size={p.shard_size} must be a multiple of sample.micro_batch="
+                           f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
 
 
 # --- seeds and labels -------------------------------------------------------------------------------------------
@@ -337,13 +337,13 @@ def actor_plan(p: SampleParams, num_shards: int, resources: dict) -> tuple[int, 
     if p.use_gpu:
         gpus = int(resources.get("GPU", 0))
         if gpus == 0:
-            raise RuntimeError("sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu: false "
-                               "or point RAY_ADDRESS at a cluster with GPUs")
+            raise ParamsError("sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu: false "
+                              "or point RAY_ADDRESS at a cluster with GPUs")
         return min(gpus, num_shards), {"num_gpus": 1, "num_cpus": 1}
     cpus = int(resources.get("CPU", 0))
     if p.num_workers > cpus:
-        raise RuntimeError(f"sample.num_workers={p.num_workers} CPU actors need as many CPUs; the Ray cluster has "
-                           f"{cpus}. Lower sample.num_workers")
+        raise ParamsError(f"sample.num_workers={p.num_workers} CPU actors need as many CPUs; the Ray cluster has "
+                          f"{cpus}. Lower sample.num_workers")
     return min(p.num_workers, num_shards), {"num_cpus": 1}
 
 
@@ -467,4 +467,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_main
+
+    run_main(main)

@@ -38,7 +38,7 @@ from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint,
     restore_rng, resume_mismatch, save_checkpoint,
 )
-from pipeline.config import from_dict, to_dict
+from pipeline.config import ParamsError, from_dict, to_dict
 from pipeline.diffusion import create_diffusion, sample
 from pipeline.encode import LATENTS_FORMAT, load_latents
 from pipeline.model import DiT, DiT_models
@@ -82,19 +82,19 @@ class TrainParams:
 
 def check_params(p: TrainParams, num_examples: int) -> None:
     if p.model not in DiT_models:
-        raise ValueError(f"train.model {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
+        raise ParamsError(f"train.model {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
     world = max(p.num_workers, 1)
     if p.global_batch_size % world:
-        raise ValueError(f"train.global_batch_size {p.global_batch_size} is not divisible by train.num_workers "
-                         f"{world}: every worker needs the same batch")
+        raise ParamsError(f"train.global_batch_size {p.global_batch_size} is not divisible by train.num_workers "
+                           f"{world}: every worker needs the same batch")
     if num_examples < p.global_batch_size:
-        raise ValueError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
-                         f"{p.global_batch_size}: lower the batch or encode more images")
+        raise ParamsError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
+                           f"{p.global_batch_size}: lower the batch or encode more images")
     for key in ("train_steps", "ckpt_every", "keep_checkpoints", "log_every", "sample_every"):
         if getattr(p, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(p, key)}")
+            raise ParamsError(f"train.{key} must be >= 1, got {getattr(p, key)}")
     if not 0 <= p.ema_decay < 1:
-        raise ValueError(f"train.ema_decay must be in [0, 1), got {p.ema_decay}")
+        raise ParamsError(f"train.ema_decay must be in [0, 1), got {p.ema_decay}")
 
 
 # --- randomness ---------------------------------------------------------------------------------------------------
@@ -567,12 +567,12 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
                             f"{manifest['num_classes']} classes; set train.model to its preset") from e
     write_model(out_dir, model.state_dict(), p.model, model.config, manifest, train_steps=0)
     tracker = Tracker(tracking)
-    tracker.start(f"official {p.model}", {"train": to_dict(p)}, run_tags(official_checkpoint=Path(path).name),
-                  system_metrics=False)
+    tracker.start(f"official {p.model}", {"train": to_dict(p)}, run_tags(
+        official_checkpoint=Path(path).name, official_checkpoint_sha256=sha256_file(path)), system_metrics=False)
     tracker.end()
     write_tracking_record(out_dir, tracker)
     atomic_write(plots_path, lambda tmp: tmp.write_text(_csv_text([], header=True)))
-    metrics = {"steps": 0, "official_checkpoint_sha256": sha256_file(path)}
+    metrics = {"steps": 0}  # the checkpoint's hash is a tag of the MLflow run, not a number to compare
     atomic_write_json(metrics_path, metrics)
     return metrics
 
@@ -580,7 +580,8 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
 def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams, out_dir, metrics_path,
            wall_s: float) -> dict:
     """The stage outputs from the final checkpoint: the EMA in the official flat layout, its description, the
-    MLflow run id and the metrics (loss = mean of the last log interval)."""
+    MLflow run id and the metrics (loss = mean of the last log interval; its mse and vb terms are in the CSV log
+    and MLflow). Returns the metrics with those terms and the seconds spent in training steps."""
     out_dir = Path(out_dir)
     write_model(out_dir, ckpt["ema"], p.model, ckpt["model_config"], manifest, ckpt["step"])
     tracker = Tracker(tracking, ckpt["mlflow_run_id"] if tracking.enabled else None)
@@ -588,8 +589,8 @@ def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams,
     last = ckpt["log"][-1]
     metrics = {"loss": last["loss"], "mse": last["mse"], "vb": last["vb"], "steps": ckpt["step"],
                "img_per_s": ckpt["step"] * p.global_batch_size / ckpt["timing"]["train_s"],
-               "train_s": ckpt["timing"]["train_s"], "wall_s": wall_s}
-    atomic_write_json(metrics_path, metrics)
+               "train_s": ckpt["timing"]["train_s"], "seconds": wall_s}
+    atomic_write_json(metrics_path, {k: metrics[k] for k in ("loss", "steps", "img_per_s", "seconds")})
     tracker.resume()
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=ckpt["step"])
     tracker.log_artifact(out_dir / "model.json")

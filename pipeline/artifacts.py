@@ -15,12 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.errors import UserError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """An upstream artifact is missing, incomplete or of an incompatible version."""
 
 

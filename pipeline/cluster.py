@@ -46,5 +46,19 @@ def init_ray(num_cpus: int | None = None) -> None:
     # `dvc exp run`, rather than whichever checkout an editable install points at.
     checkout = str(Path(pipeline.__file__).resolve().parents[1])
     python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": python_path}},
-             **quiet)
+    # One local node is never drained, so Ray Train's preemption watcher has nothing to watch; it is created with
+    # max_restarts=-1 and object-store arguments, which makes Ray core log an error that "the actor restart will
+    # fail" (ray-project/ray#53727). The driver passes this flag on to the Train controller.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet, runtime_env={
+        "env_vars": {"PYTHONPATH": python_path}, "worker_process_setup_hook": _quiet_local_noise})
+
+
+def _quiet_local_noise() -> None:
+    """Run in every local Ray worker. Ray Train's PlacementGroupCleaner (ray/train/v2/_internal/execution/
+    controller/placement_group_cleaner.py) polls the State API every second to see whether the Train controller
+    died; that API is served by the dashboard, which a local run does not start (it needs ray[default]), so each
+    poll logs "Failed to query Ray Train Controller actor state ... Continuing to monitor": 368 times in one
+    default training. Its only job, freeing the placement group of a crashed controller, ends with the local
+    cluster anyway. Its real errors (level ERROR) still print."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

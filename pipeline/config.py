@@ -14,11 +14,13 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from pipeline.errors import UserError
+
 T = TypeVar("T")
 DEFAULT_PARAMS = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml does not match the schema of a section."""
 
 

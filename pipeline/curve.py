@@ -9,9 +9,10 @@ of every experiment sees the same noise and labels: differences between points a
 The protocol is cheaper than the headline sample + evaluate stages (fewer samples and steps; no guidance, as the
 paper's training curves), so its FIDs compare with one another at one protocol, not with metrics/eval.json.
 
-Outputs: metrics/curve.json (one entry per checkpoint in `steps`, `fid`, `class_consistency`, `kid`, `precision`,
-`recall`; the final values; the model's name, conditioning, patch size, forward Gflops per image (pipeline.flops)
-and parameters; the protocol) and plots/curve.csv (step, fid, class_consistency, kid).
+Outputs: reports/curve.json, the record (one entry per checkpoint in `steps`, `fid`, `class_consistency`, `kid`,
+`precision`, `recall`; the final values; the model's name, conditioning, patch size, forward Gflops per image
+(pipeline.flops) and parameters; the protocol); metrics/curve.json, the numbers to compare across experiments (the
+last checkpoint's step and metrics, Gflops, parameters); and plots/curve.csv (step, fid, class_consistency, kid).
 """
 from __future__ import annotations
 
@@ -177,9 +178,19 @@ def skipped_record(reason: str, p: CurveParams) -> dict:
             "checkpoints": [], "protocol": sampling_protocol(p), "notes": {"curve": reason}}
 
 
-def write_outputs(record: dict, metrics_path: str | Path, plots_path: str | Path) -> None:
-    """metrics/curve.json, and plots/curve.csv with one row per checkpoint (empty cells for null metrics)."""
-    atomic_write_json(metrics_path, record)
+def curve_metrics(record: dict) -> dict:
+    """The numbers of metrics/curve.json: the last checkpoint's step and metrics, the model's Gflops and parameters
+    (millions). Absent, not null, where there is no value (no checkpoint; class consistency with Inception)."""
+    last = {k: record[k][-1] for k in POINT_METRICS} if record["steps"] else {}
+    numbers = {"steps": record["final_step"], **last, "gflops": record["gflops"], "params_M": record["params_M"]}
+    return {k: v for k, v in numbers.items() if v is not None}
+
+
+def write_outputs(record: dict, metrics_path: str | Path, report_path: str | Path, plots_path: str | Path) -> None:
+    """metrics/curve.json (curve_metrics), reports/curve.json (the whole record), and plots/curve.csv with one row
+    per checkpoint (empty cells for null metrics)."""
+    atomic_write_json(metrics_path, curve_metrics(record))
+    atomic_write_json(report_path, record)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from pipeline import artifacts, synthetic
 from pipeline.config import ParamsError
+from pipeline.errors import UserError
 from pipeline.formats.images import ShardWriter, encode_png, write_images_manifest
 from pipeline.provenance import NO_INPUT, local_input
 
@@ -99,7 +100,7 @@ class IngestParams:
             raise ParamsError(f"'ingest.num_workers' must be >= 0 (0 = in-process), got {self.num_workers}")
 
 
-class IngestError(RuntimeError):
+class IngestError(UserError, RuntimeError):
     """The source cannot be read, or too many of its inputs are unusable."""
 
 
@@ -377,7 +378,7 @@ def ingest(params: IngestParams, out_dir: str | Path) -> dict:
                           source=source.info, shards=writer.shards,
                           skipped={"count": len(skipped), "by_reason": by_reason})
     print(f"ingest: {count} images in {len(writer.shards)} shards -> {out}; skipped {len(skipped)} {by_reason}")
-    return {"count": count, "skipped": len(skipped), "num_classes": len(source.class_names)}
+    return {"count": count, "skipped": len(skipped)}  # the metrics; the rest is in the manifest
 
 
 def _remove_stale_shards(out: Path, keep: set[str]) -> None:

@@ -234,6 +234,10 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
         compute=ray.data.ActorPoolStrategy(size=params.num_actors),
         batch_size=params.batch_size, batch_format="numpy",
         num_gpus=1 if params.use_gpu else 0, num_cpus=CPU_THREADS,
+        # Ray Data restarts pool actors forever by default, and passes them its own plan through the object store,
+        # so Ray core logs an error for each actor that "the actor restart will fail" (ray-project/ray#57733,
+        # #53727). A dead encoder means a bug or out-of-memory, which a restart repeats: fail, `dvc repro` reruns.
+        max_restarts=0,
     )
 
     def indexed(batches):
@@ -251,17 +255,18 @@ def check_resources(params: EncodeParams) -> None:
     have = ray.cluster_resources()
     need_cpus = params.num_actors * CPU_THREADS + 1
     if have.get("CPU", 0) < need_cpus:
-        raise RuntimeError(f"encode.num_actors={params.num_actors} needs {need_cpus} CPUs in the Ray cluster "
+        raise ParamsError(f"encode.num_actors={params.num_actors} needs {need_cpus} CPUs in the Ray cluster "
                            f"({CPU_THREADS} per actor + 1 for reading and PNG decoding), it has {have.get('CPU', 0)}; "
                            "lower encode.num_actors or join a larger cluster with RAY_ADDRESS")
     if params.use_gpu and have.get("GPU", 0) < params.num_actors:
-        raise RuntimeError(f"encode.use_gpu with num_actors={params.num_actors} needs one GPU per actor, the Ray "
+        raise ParamsError(f"encode.use_gpu with num_actors={params.num_actors} needs one GPU per actor, the Ray "
                            f"cluster has {have.get('GPU', 0)}; lower encode.num_actors or set encode.use_gpu: false")
 
 
 def run_encode(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
                metrics_path: str | Path) -> dict:
-    """The stage: encode with Ray, print the throughput, write `metrics_path`."""
+    """The stage: encode with Ray, print the throughput, write `metrics_path` (seconds, img/s); returns them with
+    the count and the number of actors."""
     start = time.perf_counter()
     manifest = encode_ray(params, images_dir, vae_dir, out_dir)
     seconds = time.perf_counter() - start
@@ -269,5 +274,5 @@ def run_encode(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
                "img_per_s": round(manifest["count"] / seconds, 1), "num_actors": params.num_actors}
     print(f"encoded {metrics['count']} images in {metrics['seconds']} s: {metrics['img_per_s']} img/s "
           f"with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} actor(s)")
-    atomic_write_json(metrics_path, metrics)
+    atomic_write_json(metrics_path, {k: metrics[k] for k in ("seconds", "img_per_s")})
     return metrics

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, sha256_file
+from pipeline.config import ParamsError
 from pipeline.provenance import NO_INPUT, local_input
 
 EXTRACTOR_FILE = "extractor.json"
@@ -134,7 +135,7 @@ def _check_images(images: np.ndarray) -> None:
 
 def select_device(use_gpu: bool, section: str) -> torch.device:
     if use_gpu and not torch.cuda.is_available():
-        raise RuntimeError(f"{section}.use_gpu is true but torch sees no CUDA device; set it to false to use the CPU")
+        raise ParamsError(f"{section}.use_gpu is true but torch sees no CUDA device; set it to false to use the CPU")
     return torch.device("cuda" if use_gpu else "cpu")
 
 

@@ -1,8 +1,9 @@
 """The `evaluate` stage: FID, KID, Inception Score, precision/recall and class consistency of the samples.
 
-The math is pure functions of feature arrays; I/O lives at the bottom. `metrics/eval.json` records the protocol
-(sampler, steps, cfg, number of samples, extractor and mode, hashes of the reference statistics and of the
-checkpoint) beside the numbers, because an FID means nothing without them.
+The math is pure functions of feature arrays; I/O lives at the bottom. The stage writes the numbers that people
+compare to `metrics/eval.json` and, beside them in `reports/eval.json`, the protocol (sampler, steps, cfg, number
+of samples, extractor and mode, hashes of the reference statistics and of the checkpoint) and the reason for each
+metric left out, because an FID means nothing without them.
 
 CLI (any ADM-format npz, arr_0 uint8 (N, H, W, 3), against any reference):
     python -m pipeline.metrics SAMPLES.npz --reference data/reference [--out metrics.json]
@@ -248,6 +249,13 @@ def evaluate_stage(samples_dir: str | Path, reference_dir: str | Path, model_dir
     return {**result, "protocol": {**sampling, "samples_sha256": samples_sha256, **evaluation}}
 
 
+def split_evaluation(result: dict) -> tuple[dict, dict]:
+    """(numbers, report): the metrics people compare (a metric that was not computed is absent, not null), and the
+    protocol and notes that say what they mean."""
+    numbers = {k: v for k, v in result.items() if k not in ("protocol", "notes") and v is not None}
+    return numbers, {"protocol": result["protocol"], "notes": result["notes"]}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -303,4 +311,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_main
+
+    run_main(main)

@@ -155,4 +155,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_main
+
+    run_main(main)

@@ -11,8 +11,9 @@ Each registration points `challenger` at its version; every promotion is appende
 `champion_history` tag, so `rollback` can step back. Re-registering the same checkpoint with the same evaluation
 returns the existing version (the stage is idempotent even when DVC reruns it).
 
-With `tracking.enabled: false` the stage registers nothing and says so in its metrics file (`registered: false`
-and the reason), so that the rest of the pipeline still runs without MLflow.
+The stage's record of what it did is reports/register.json (version, decision, reason): a record, not a metric.
+With `tracking.enabled: false` the stage registers nothing and says so there (`registered: false` and the reason),
+so that the rest of the pipeline still runs without MLflow.
 
     python -m pipeline.registry show
     python -m pipeline.registry promote VERSION
@@ -21,6 +22,7 @@ and the reason), so that the rest of the pipeline still runs without MLflow.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -28,11 +30,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
+from pipeline.errors import UserError
 from pipeline.tracking import TrackingParams, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
-# The facts of metrics/eval.json's protocol that must be equal for two scores to be comparable. Not the checkpoint
+# The facts of the evaluation protocol (reports/eval.json) that must be equal for two scores to be comparable. Not the checkpoint
 # (that is what is compared), not the sampling seed (another draw of the same protocol).
 PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "extractor",
                  "extractor_mode", "reference_stats_sha256")
@@ -79,7 +82,7 @@ def decide(new: Candidate, champion: Candidate | None, metric: str) -> Decision:
 # ---- the evaluation facts a version is tagged with ----
 
 def protocol_of(protocol: dict, metric: str) -> dict[str, Any]:
-    """The part of an evaluation protocol (metrics/eval.json's `protocol`) that must match for two scores of
+    """The part of an evaluation protocol (reports/eval.json's `protocol`) that must match for two scores of
     `metric` to be comparable; absent facts are None, so they differ from present ones."""
     return {k: protocol.get(k) for k in PROTOCOL_KEYS + METRIC_PROTOCOL_KEYS[metric]}
 
@@ -95,24 +98,31 @@ def candidate_from_tags(version: str, tags: dict[str, str], metric: str) -> Cand
     return Candidate(str(version), score, protocol_of(protocol, metric))
 
 
-def read_evaluation(eval_path: str | Path, checkpoint_sha256: str) -> dict:
-    """metrics/eval.json, checked to be the evaluation of this checkpoint."""
+def read_evaluation(eval_path: str | Path, report_path: str | Path, checkpoint_sha256: str) -> dict:
+    """The evaluate stage's numbers (metrics/eval.json) with their `protocol` (from reports/eval.json), checked to
+    be the evaluation of this checkpoint."""
     evaluation = json.loads(require_file(eval_path, "evaluate").read_text())
-    protocol = evaluation.get("protocol")
+    protocol = json.loads(require_file(report_path, "evaluate").read_text()).get("protocol")
     if not isinstance(protocol, dict):
-        raise ArtifactError(f"{eval_path} has no 'protocol' mapping; run `dvc repro evaluate`")
+        raise ArtifactError(f"{report_path} has no 'protocol' mapping; run `dvc repro evaluate`")
     if protocol.get("checkpoint_sha256") != checkpoint_sha256:
-        raise ArtifactError(f"{eval_path} evaluates checkpoint {str(protocol.get('checkpoint_sha256'))[:12]}, not "
-                            f"{checkpoint_sha256[:12]} (models/dit/ema.pt); run `dvc repro sample evaluate`")
-    return evaluation
+        raise ArtifactError(f"{report_path} evaluates checkpoint {str(protocol.get('checkpoint_sha256'))[:12]}, "
+                            f"not {checkpoint_sha256[:12]} (models/dit/ema.pt); run `dvc repro sample evaluate`")
+    return {**evaluation, "protocol": protocol}
 
 
-def version_tags(checkpoint_sha256: str, evaluation: dict, eval_path, images_dir, latents_dir) -> dict[str, str]:
+def evaluation_sha256(eval_path: str | Path, report_path: str | Path) -> str:
+    """One hash of the evaluation: its numbers and its protocol."""
+    return hashlib.sha256((sha256_file(eval_path) + sha256_file(report_path)).encode()).hexdigest()
+
+
+def version_tags(checkpoint_sha256: str, evaluation: dict, eval_sha256: str, images_dir, latents_dir
+                 ) -> dict[str, str]:
     """FID, KID, the evaluation protocol, the data/latents/checkpoint/evaluation hashes, git commit, DVC experiment."""
     tags = {
         "fid": score_of(evaluation.get("fid")), "kid": score_of(evaluation.get("kid")),
         "protocol": json.dumps(evaluation["protocol"], sort_keys=True),
-        "checkpoint_sha256": checkpoint_sha256, "eval_sha256": sha256_file(eval_path),
+        "checkpoint_sha256": checkpoint_sha256, "eval_sha256": eval_sha256,
         "dataset_sha256": sha256_file(require_file(Path(images_dir) / "manifest.json", "ingest")),
         "latents_sha256": sha256_file(require_file(Path(latents_dir) / "manifest.json", "encode")),
         **run_tags(),
@@ -125,8 +135,9 @@ def version_tags(checkpoint_sha256: str, evaluation: dict, eval_path, images_dir
 def _client():
     import mlflow
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking import check_reachable, tracking_uri
 
+    check_reachable(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
 
@@ -152,7 +163,7 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 def _history(client, name: str) -> list[str]:
     model = _registered(client, name)
     if model is None:
-        raise SystemExit(f"no registered model named '{name}' at {client.tracking_uri}")
+        raise UserError(f"no registered model named '{name}' at {client.tracking_uri}")
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
@@ -163,7 +174,7 @@ def _candidate(client, name: str, version: str, metric: str) -> Candidate:
         tags = client.get_model_version(name, version).tags
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise SystemExit(f"'{name}' has no version {version!r} at {client.tracking_uri}") from e
+            raise UserError(f"'{name}' has no version {version!r} at {client.tracking_uri}") from e
         raise
     return candidate_from_tags(version, tags, metric)
 
@@ -180,10 +191,10 @@ def rollback(client, name: str) -> str:
     history = _history(client, name)
     current = _alias_version(client, name, CHAMPION)
     if history and current != history[-1]:
-        raise SystemExit(f"'{name}'@{CHAMPION} is v{current}, but the champion history ends with v{history[-1]}: the "
+        raise UserError(f"'{name}'@{CHAMPION} is v{current}, but the champion history ends with v{history[-1]}: the "
                          f"alias was moved outside this tool; use `promote VERSION` to choose the champion")
     if len(history) < 2:
-        raise SystemExit(f"'{name}' has no previous champion to roll back to (champion history: {history})")
+        raise UserError(f"'{name}' has no previous champion to roll back to (champion history: {history})")
     client.set_registered_model_alias(name, CHAMPION, history[-2])
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
     return history[-2]
@@ -192,7 +203,7 @@ def rollback(client, name: str) -> str:
 def promote(client, name: str, version: str, metric: str) -> None:
     """Manual promotion: allowed for any evaluated version, whatever its score or protocol."""
     if _candidate(client, name, version, metric).score is None:
-        raise SystemExit(f"version {version} of '{name}' has no {metric}: evaluate it before promoting")
+        raise UserError(f"version {version} of '{name}' has no {metric}: evaluate it before promoting")
     set_champion(client, name, version)
 
 
@@ -236,21 +247,22 @@ def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_default
 
 
 def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Path, vae_dir: str | Path,
-             eval_path: str | Path, images_dir: str | Path, latents_dir: str | Path, sampler_defaults: dict,
-             out_metrics: str | Path) -> dict:
-    """Register the evaluated model as a version (or find it), set `challenger`, maybe move `champion`, and write
-    the decision to `out_metrics`."""
+             eval_path: str | Path, eval_report: str | Path, images_dir: str | Path, latents_dir: str | Path,
+             sampler_defaults: dict, out_report: str | Path) -> dict:
+    """Register the evaluated model (`eval_path`: its numbers, `eval_report`: their protocol) as a version (or find
+    it), set `challenger`, maybe move `champion`, and write the decision to `out_report`."""
     from pipeline.formats.model_card import read_model_card
 
     if not tracking.enabled:
         result = {"registered": False, "model_name": params.model_name, "reason": "tracking.enabled is false: "
                   "the MLflow registry is off, nothing was registered; set it to true and run `dvc repro register`"}
-        atomic_write_json(out_metrics, result)
+        atomic_write_json(out_report, result)
         print(f"[register] {result['reason']}")
         return result
     checkpoint_sha256 = read_model_card(dit_dir)["checkpoint_sha256"]  # verifies ema.pt against model.json
-    evaluation = read_evaluation(eval_path, checkpoint_sha256)
-    tags = version_tags(checkpoint_sha256, evaluation, eval_path, images_dir, latents_dir)
+    evaluation = read_evaluation(eval_path, eval_report, checkpoint_sha256)
+    tags = version_tags(checkpoint_sha256, evaluation, evaluation_sha256(eval_path, eval_report), images_dir,
+                        latents_dir)
     name, metric = params.model_name, params.metric
     client = _client()
     version = _existing_version(client, name, tags)
@@ -274,7 +286,7 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
         metric: score_of(evaluation.get(metric)), "promoted": decision.promote,
         "champion_version": int(champion) if champion else None, "reason": decision.reason,
     }
-    atomic_write_json(out_metrics, result)
+    atomic_write_json(out_report, result)
     print(f"[register] {name} v{version}: {decision.reason}")
     return result
 
@@ -282,7 +294,7 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
 def show(client, name: str, metric: str) -> None:
     model = _registered(client, name)
     if model is None:
-        raise SystemExit(f"no registered model named '{name}' at {client.tracking_uri}")
+        raise UserError(f"no registered model named '{name}' at {client.tracking_uri}")
     print(f"{name}: {' '.join(f'{a}=v{v}' for a, v in sorted(model.aliases.items()))} "
           f"champion_history={_history(client, name)}")
     for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):
@@ -317,4 +329,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_main
+
+    run_main(main)

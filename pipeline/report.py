@@ -1,9 +1,10 @@
 """`python -m pipeline.report`: the sweep's curves as the paper's figures and a table in docs/results.md.
 
 Collect. `dvc exp show --json` lists the workspace, the baseline commit and its experiments with their params and
-*scalar* metrics: DVC drops the lists of metrics/curve.json from that table, so each row's whole curve.json is read
-from the row's git commit (`git show <rev>:metrics/curve.json`; the workspace's from disk). Rows without the file,
-failed or queued experiments and skipped curves (an imported official checkpoint) are left out.
+metrics (metrics/curve.json: the last point only). Each row's whole curve, every point and its protocol, is the
+curve stage's record reports/curve.json, read from the row's git commit (`git show <rev>:reports/curve.json`; the
+workspace's from disk). Rows without the metrics, failed or queued experiments and skipped curves (an imported
+official checkpoint) are left out.
 
 Compare. FIDs compare only under one protocol (curve samples, sampler, guidance, reference statistics, training
 steps): the largest group of runs sharing one is reported, the others are listed as excluded. The studies come
@@ -34,8 +35,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from pipeline.artifacts import atomic_write
+from pipeline.errors import UserError
 
-CURVE_METRICS = "metrics/curve.json"  # the curve stage's output, as dvc.yaml names it
+CURVE_METRICS = "metrics/curve.json"  # the curve stage's outputs, as dvc.yaml names them: its numbers,
+CURVE_REPORT = "reports/curve.json"  # and its record (every point, the model, the protocol)
 PARAMS_FILE = "params.yaml"
 # The curve.json fields that define a comparable FID: samples and their sampler, guidance, the reference
 # statistics and extractor, and the training length of the final point.
@@ -45,7 +48,7 @@ PROTOCOL_KEYS = ("num_samples", "sampler", "sampling_steps", "cfg_scale", "cfg_c
 
 @dataclass(frozen=True)
 class Run:
-    """One experiment's curve: `curve` is its metrics/curve.json."""
+    """One experiment's curve: `curve` is its reports/curve.json."""
     name: str  # the DVC experiment name, "workspace", or the baseline's branch
     rev: str
     curve: dict
@@ -109,12 +112,12 @@ def has_curve(data: dict) -> bool:
 
 
 def read_curve(repo: Path, rev: str) -> dict:
-    """metrics/curve.json of a commit (or of the workspace): the whole file, lists included."""
+    """reports/curve.json of a commit (or of the workspace): the curve stage's whole record."""
     if rev == "workspace":
-        return json.loads((repo / CURVE_METRICS).read_text())
-    result = subprocess.run(["git", "show", f"{rev}:{CURVE_METRICS}"], cwd=repo, capture_output=True, text=True)
+        return json.loads((repo / CURVE_REPORT).read_text())
+    result = subprocess.run(["git", "show", f"{rev}:{CURVE_REPORT}"], cwd=repo, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"cannot read {CURVE_METRICS} of {rev}: {result.stderr.strip()}")
+        raise RuntimeError(f"cannot read {CURVE_REPORT} of {rev}: {result.stderr.strip()}")
     return json.loads(result.stdout)
 
 
@@ -378,9 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
         excluded = [(name, why) for name, why in excluded if name in args.exp]
         missing = sorted(set(args.exp) - {r.name for r in runs} - {name for name, _ in excluded})
         if missing:
-            raise SystemExit(f"no finished curve for {missing}; `dvc exp show` lists the experiments")
+            raise UserError(f"no finished curve for {missing}; `dvc exp show` lists the experiments")
     if not runs:
-        raise SystemExit(f"no experiment has a {CURVE_METRICS} with points: run the sweep (sweeps/offline.sh) "
+        raise UserError(f"no experiment has a {CURVE_METRICS} with points: run the sweep (sweeps/offline.sh) "
                          "or `dvc repro curve` first")
     result = render(runs, excluded, args.out, args.figures)
     print(f"wrote {args.out} and {len(result['figures'])} figures in {args.figures}")
@@ -390,4 +393,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_main
+
+    run_main(main)

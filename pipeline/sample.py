@@ -209,13 +209,13 @@ def actor_plan(p: SampleParams, num_shards: int, resources: dict) -> tuple[int, 
     if p.use_gpu:
         gpus = int(resources.get("GPU", 0))
         if gpus == 0:
-            raise RuntimeError("sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu: false "
-                               "or point RAY_ADDRESS at a cluster with GPUs")
+            raise ParamsError("sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu: false "
+                              "or point RAY_ADDRESS at a cluster with GPUs")
         return min(gpus, num_shards), {"num_gpus": 1, "num_cpus": 1}
     cpus = int(resources.get("CPU", 0))
     if p.num_workers > cpus:
-        raise RuntimeError(f"sample.num_workers={p.num_workers} CPU actors need as many CPUs; the Ray cluster has "
-                           f"{cpus}. Lower sample.num_workers")
+        raise ParamsError(f"sample.num_workers={p.num_workers} CPU actors need as many CPUs; the Ray cluster has "
+                          f"{cpus}. Lower sample.num_workers")
     return min(p.num_workers, num_shards), {"num_cpus": 1}
 
 
@@ -328,4 +328,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from pipeline.errors import run_main
+
+    run_main(main)

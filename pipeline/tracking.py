@@ -2,7 +2,7 @@
 
 Tracking is on by default with a sqlite store in the repository root (`mlflow.db`, artifacts in `mlartifacts/`).
 `MLFLOW_TRACKING_URI` points it at a server instead, and `tracking.enabled: false` turns it off: then every call here
-is a no-op by request, not by accident.
+is a no-op by request, not by accident. A server that does not answer fails the stage at its start, in seconds.
 
 `dvc exp run --queue` runs each experiment in a copy under `<repo>/.dvc/tmp/exps/tmpXXXX`; the store is resolved to
 the enclosing repository so those runs land in the same database as `dvc repro`.
@@ -10,21 +10,31 @@ the enclosing repository so those runs land in the same database as `dvc repro`.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.config import load_section
+from pipeline.errors import UserError
+
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
+CONNECT_TIMEOUT_S = 5.0  # a server that does not accept a TCP connection in this time is reported as down
 
 
 @dataclass(frozen=True)
 class TrackingParams:
     enabled: bool
     experiment: str
+
+
+class TrackingError(UserError):
+    """The MLflow tracking server named by MLFLOW_TRACKING_URI cannot be reached."""
 
 
 def repo_root(start: str | Path | None = None) -> Path:
@@ -46,6 +56,31 @@ def local_store_uri(root: str | Path | None = None) -> str:
 
 def tracking_uri(root: str | Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
+
+
+def check_reachable(uri: str) -> None:
+    """Fail now when `uri` is an HTTP(S) server that accepts no connection. MLflow's client would retry each request
+    with exponential backoff (MLFLOW_HTTP_REQUEST_MAX_RETRIES = 7) and fail only after minutes."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return  # a sqlite or file store, or a hosted scheme MLflow resolves itself
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    server = f"{parts.scheme}://{parts.hostname}:{port}"  # without any credentials the URI may carry
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server {server} ({e.strerror or type(e).__name__}): start it "
+            "(`mlflow server ...`), point MLFLOW_TRACKING_URI at a running one, unset MLFLOW_TRACKING_URI to use "
+            "the local store (mlflow.db), or set tracking.enabled: false") from e
+
+
+def load_tracking(params_path: str | Path) -> TrackingParams:
+    """The `tracking` section of the params file; when tracking is on, its server is checked before any work."""
+    params = load_section(TrackingParams, "tracking", params_path)
+    if params.enabled:
+        check_reachable(tracking_uri())
+    return params
 
 
 def artifact_location(uri: str) -> str | None:
@@ -84,6 +119,7 @@ class Tracker:
 
             self._mlflow = mlflow
             self.uri = tracking_uri()
+            check_reachable(self.uri)
             mlflow.set_tracking_uri(self.uri)  # note: this also exports MLFLOW_TRACKING_URI to child processes
             self._ensure_experiment()
 

@@ -508,12 +508,12 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
                             f"{manifest['num_classes']} classes; set train.model to its preset") from e
     write_model(out_dir, model.state_dict(), p.model, model.config, manifest, train_steps=0)
     tracker = Tracker(tracking)
-    tracker.start(f"official {p.model}", {"train": to_dict(p)}, run_tags(official_checkpoint=Path(path).name),
-                  system_metrics=False)
+    tracker.start(f"official {p.model}", {"train": to_dict(p)}, run_tags(
+        official_checkpoint=Path(path).name, official_checkpoint_sha256=sha256_file(path)), system_metrics=False)
     tracker.end()
     write_tracking_record(out_dir, tracker)
     atomic_write(plots_path, lambda tmp: tmp.write_text(csv_text([], header=True)))
-    metrics = {"steps": 0, "official_checkpoint_sha256": sha256_file(path)}
+    metrics = {"steps": 0}  # the checkpoint's hash is a tag of the MLflow run, not a number to compare
     atomic_write_json(metrics_path, metrics)
     return metrics
 
@@ -521,7 +521,8 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
 def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams, out_dir, metrics_path,
            wall_s: float) -> dict:
     """The stage outputs from the final checkpoint: the EMA in the official flat layout, its description, the
-    MLflow run id and the metrics (loss = mean of the last log interval)."""
+    MLflow run id and the metrics (loss = mean of the last log interval; its mse and vb terms are in the CSV log
+    and MLflow). Returns the metrics with those terms and the seconds spent in training steps."""
     out_dir = Path(out_dir)
     write_model(out_dir, ckpt["ema"], p.model, ckpt["model_config"], manifest, ckpt["step"])
     tracker = Tracker(tracking, ckpt["mlflow_run_id"] if tracking.enabled else None)
@@ -529,8 +530,8 @@ def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams,
     last = ckpt["log"][-1]
     metrics = {"loss": last["loss"], "mse": last["mse"], "vb": last["vb"], "steps": ckpt["step"],
                "img_per_s": ckpt["step"] * p.global_batch_size / ckpt["timing"]["train_s"],
-               "train_s": ckpt["timing"]["train_s"], "wall_s": wall_s}
-    atomic_write_json(metrics_path, metrics)
+               "train_s": ckpt["timing"]["train_s"], "seconds": wall_s}
+    atomic_write_json(metrics_path, {k: metrics[k] for k in ("loss", "steps", "img_per_s", "seconds")})
     tracker.resume()
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=ckpt["step"])
     tracker.log_artifact(out_dir / "model.json")

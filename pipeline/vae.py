@@ -81,7 +81,7 @@ def load_pretrained(name_or_path: str) -> AutoencoderKL:
     try:
         vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     except (OSError, HFValidationError) as e:
-        raise RuntimeError(
+        raise ParamsError(
             f"vae.pretrained={name_or_path!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Either allow hub downloads once (network access and HF_HUB_OFFLINE=0) so it lands in the HF cache, or "
             "put a directory written by AutoencoderKL.save_pretrained (config.json + weights) under inputs/, "
@@ -231,7 +231,8 @@ def train_small_vae(images: np.ndarray, params: VAEParams) -> tuple[AutoencoderK
 # --- the stage ---------------------------------------------------------------------------------------------------
 
 def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
-    """Write the VAE snapshot to `out_dir` and its metrics (holdout PSNR, latent shape, scale) to `metrics_path`.
+    """Write the VAE snapshot to `out_dir` and its metrics (holdout PSNR, seconds) to `metrics_path`; return them
+    with the facts of the snapshot (latent shape, scale, steps), which its config and the encode stage record.
 
     The pretrained path measures PSNR on a seeded subset of the first image shard only, so that it never decodes a
     whole ImageNet-sized dataset to pick a few hundred images."""
@@ -260,5 +261,5 @@ def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metr
         "scaling_factor": vae.config.scaling_factor,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    atomic_write_json(metrics_path, metrics)
+    atomic_write_json(metrics_path, {k: metrics[k] for k in ("psnr_db", "seconds")})
     return metrics

@@ -1,7 +1,7 @@
 """DVC stage `curve`: FID (and class consistency) of every kept training checkpoint, for FID-vs-steps curves.
 
     python -m stages.curve --params params.yaml --checkpoints models/checkpoints --reference data/reference \
-        --vae models/vae --metrics metrics/curve.json --plots plots/curve.csv
+        --vae models/vae --metrics metrics/curve.json --report reports/curve.json --plots plots/curve.csv
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import json
 
 from pipeline.config import load_section
 from pipeline.curve import CurveParams, run_curve, write_outputs
+from pipeline.errors import run_main
 from pipeline.metrics import EvaluateParams
 from pipeline.provenance import local_input
-from pipeline.tracking import Tracker, TrackingParams
+from pipeline.tracking import Tracker, load_tracking
 from pipeline.train import TrainParams
 
 
@@ -22,17 +23,18 @@ def main() -> None:
     p.add_argument("--checkpoints", required=True, help="the train stage's checkpoint directory")
     p.add_argument("--reference", required=True, help="reference stage output (dit-reference v1)")
     p.add_argument("--vae", required=True, help="the VAE snapshot that decodes the latents")
-    p.add_argument("--metrics", required=True, help="metrics JSON: the curve, the model's Gflops, the protocol")
+    p.add_argument("--metrics", required=True, help="metrics JSON: the last point, the model's Gflops and size")
+    p.add_argument("--report", required=True, help="JSON: every point, the model, the protocol")
     p.add_argument("--plots", required=True, help="CSV: step, fid, class_consistency, kid")
     args = p.parse_args()
 
     params = load_section(CurveParams, "curve", args.params)
     evaluation = load_section(EvaluateParams, "evaluate", args.params)
     train = load_section(TrainParams, "train", args.params)
-    tracking = load_section(TrackingParams, "tracking", args.params)
+    tracking = load_tracking(args.params)
     record = run_curve(params, evaluation, args.checkpoints, args.reference, args.vae,
                        local_input(train.official_checkpoint))
-    write_outputs(record, args.metrics, args.plots)
+    write_outputs(record, args.metrics, args.report, args.plots)
     if record["steps"] and record["mlflow_run_id"]:  # the side channel: the curve in the training's MLflow run
         tracker = Tracker(tracking, record["mlflow_run_id"])
         tracker.resume()
@@ -44,4 +46,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,6 +5,7 @@ import argparse
 
 from pipeline.config import load_section
 from pipeline.encode import EncodeParams, run_encode
+from pipeline.errors import run_main
 
 
 def main() -> None:
@@ -21,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,6 +9,7 @@ import argparse
 from pipeline import data
 from pipeline.artifacts import atomic_write_json
 from pipeline.config import load_section
+from pipeline.errors import run_main
 
 
 def main() -> None:
@@ -24,4 +25,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,6 +5,7 @@ import argparse
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.config import load_section
+from pipeline.errors import run_main
 from pipeline.reference import ReferenceParams, build_reference
 
 
@@ -23,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

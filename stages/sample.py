@@ -14,9 +14,10 @@ from PIL import Image
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.config import load_section
+from pipeline.errors import run_main
 from pipeline.formats.model_card import read_model_card
 from pipeline.sample import SampleParams, run_sample
-from pipeline.tracking import TrackingParams, log_to_training_run
+from pipeline.tracking import load_tracking, log_to_training_run
 
 
 def main() -> None:
@@ -31,9 +32,10 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_section(SampleParams, "sample", args.params)
-    tracking = load_section(TrackingParams, "tracking", args.params)
+    tracking = load_tracking(args.params)
     metrics = run_sample(params, read_model_card(args.dit), args.vae, args.out, args.resume_across_versions)
-    atomic_write_json(args.metrics, metrics)
+    throughput = ("seconds", "img_per_s", "img_steps_per_s")  # the counts are in the manifest and the log below
+    atomic_write_json(args.metrics, {k: metrics[k] for k in throughput if metrics[k] is not None})
     grid = np.asarray(Image.open(Path(args.out) / "grid.png").convert("RGB"))
     log_to_training_run(tracking, args.dit, metrics, "sample", images={"sample_grid": grid},
                         artifacts={str(Path(args.out) / "manifest.json"): "samples"})
@@ -41,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,7 +9,8 @@ import argparse
 import json
 
 from pipeline.config import load_section
-from pipeline.tracking import TrackingParams
+from pipeline.errors import run_main
+from pipeline.tracking import load_tracking
 from pipeline.train import TrainParams, train
 
 
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_section(TrainParams, "train", args.params)
-    tracking = load_section(TrackingParams, "tracking", args.params)
+    tracking = load_tracking(args.params)
     metrics = train(params, tracking, latents_dir=args.latents, checkpoints_dir=args.checkpoints, out_dir=args.out,
                     metrics_path=args.metrics, plots_path=args.plots, vae_dir=args.vae,
                     restart_on_mismatch=args.restart_on_mismatch,
@@ -40,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,6 +5,7 @@ import argparse
 import json
 
 from pipeline.config import load_section
+from pipeline.errors import run_main
 from pipeline.vae import VAEParams, run_vae
 
 
@@ -22,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -106,8 +106,12 @@ def test_keep_checkpoints_decides_the_points(setup, tmp_path):
 
 
 def test_outputs(record, tmp_path):
-    CV.write_outputs(record, tmp_path / "metrics" / "curve.json", tmp_path / "plots" / "curve.csv")
-    assert json.loads((tmp_path / "metrics" / "curve.json").read_text()) == json.loads(json.dumps(record))
+    CV.write_outputs(record, tmp_path / "metrics" / "curve.json", tmp_path / "reports" / "curve.json",
+                     tmp_path / "plots" / "curve.csv")
+    assert json.loads((tmp_path / "reports" / "curve.json").read_text()) == json.loads(json.dumps(record))
+    numbers = json.loads((tmp_path / "metrics" / "curve.json").read_text())  # the last point, scalars only
+    assert numbers == {"steps": record["steps"][-1], **{k: record[k][-1] for k in CV.POINT_METRICS},
+                       "gflops": record["gflops"], "params_M": record["params_M"]}
     with open(tmp_path / "plots" / "curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == record["steps"]
@@ -137,6 +141,7 @@ def test_no_checkpoints(setup, tmp_path):
         curve(setup, ckpts=tmp_path)
     skipped = curve(setup, ckpts=tmp_path, official="models/official/DiT-XL-2-256x256.pt")
     assert skipped["steps"] == [] and skipped["final_fid"] is None and "imported" in skipped["notes"]["curve"]
+    assert CV.curve_metrics(skipped) == {}  # no number to compare; the record says why
 
 
 def test_bad_params():
@@ -150,12 +155,15 @@ def test_stage_script(setup, tmp_path, monkeypatch):
     params["evaluate"].update(kid_subset_size=8, kid_subsets=2)
     params["tracking"]["enabled"] = False
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = {"metrics": tmp_path / "metrics" / "curve.json", "plots": tmp_path / "plots" / "curve.csv"}
+    out = {"metrics": tmp_path / "metrics" / "curve.json", "report": tmp_path / "reports" / "curve.json",
+           "plots": tmp_path / "plots" / "curve.csv"}
     monkeypatch.setattr(sys, "argv", ["curve.py", "--params", str(tmp_path / "params.yaml"), "--checkpoints",
                                       str(setup["ckpts"]), "--reference", str(setup["reference"]), "--vae",
-                                      str(setup["vae"]), "--metrics", str(out["metrics"]), "--plots",
-                                      str(out["plots"])])
+                                      str(setup["vae"]), "--metrics", str(out["metrics"]), "--report",
+                                      str(out["report"]), "--plots", str(out["plots"])])
     runpy.run_path(str(REPO / "stages" / "curve.py"), run_name="__main__")
-    written = json.loads(out["metrics"].read_text())
+    written = json.loads(out["report"].read_text())
     assert written["steps"] == [5, 10, 15, 20] and written["protocol"]["sampling_steps"] == 2
+    numbers = json.loads(out["metrics"].read_text())
+    assert numbers["steps"] == 20 and numbers["fid"] == written["fid"][-1] and "protocol" not in numbers
     assert len(out["plots"].read_text().splitlines()) == 5

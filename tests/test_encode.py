@@ -119,7 +119,7 @@ def test_ray_with_two_actors_equals_single_process_bit_for_bit(inputs, tmp_path,
     assert shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
     assert load_latents(tmp_path / "ray")[0] == reference
     assert metrics["count"] == 20 and metrics["num_actors"] == 2 and metrics["img_per_s"] > 0
-    assert json.loads((tmp_path / "encode.json").read_text()) == metrics
+    assert json.loads((tmp_path / "encode.json").read_text()) == {k: metrics[k] for k in ("seconds", "img_per_s")}
 
 
 def test_load_latents_names_the_stage_to_run(tmp_path):

@@ -158,17 +158,19 @@ def test_evaluate_stage_records_protocol_and_ranks_samples(data, tmp_path, monke
     ema_sha256 = write_dit_card(tmp_path / "dit")
     good, labels = make_shapes(100, 4, 16, seed=1)  # fresh draws of the real distribution
     write_samples(tmp_path / "good", good, labels, checkpoint=ema_sha256)
-    metrics = tmp_path / "metrics" / "eval.json"
+    metrics, report = tmp_path / "metrics" / "eval.json", tmp_path / "reports" / "eval.json"
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--params", str(data / "params.yaml"), "--samples",
                                       str(tmp_path / "good"), "--reference", str(data / "reference"), "--model",
-                                      str(tmp_path / "dit"), "--metrics", str(metrics)])
+                                      str(tmp_path / "dit"), "--metrics", str(metrics), "--report", str(report)])
     runpy.run_path("stages/evaluate.py", run_name="__main__")
-    result = json.loads(metrics.read_text())
+    numbers = json.loads(metrics.read_text())
+    assert set(numbers) == {"fid", "kid", "kid_std", "precision", "recall", "class_consistency"}  # no IS: no nulls
+    result = {**numbers, **json.loads(report.read_text())}
     protocol = result["protocol"]
     assert protocol["sampler"] == "ddpm" and protocol["steps"] == 250 and protocol["cfg_channels"] == 3
     assert protocol["extractor"] == "classifier" and protocol["num_samples"] == 100
     assert protocol["checkpoint_sha256"] == ema_sha256 and protocol["reference_stats_sha256"]
-    assert result["inception_score"] is None and "inception_score" in result["notes"]
+    assert "inception_score" in result["notes"]
     assert result["class_consistency"] > 0.9 and result["precision"] > 0.5 and result["recall"] > 0.5
 
     noise = np.random.default_rng(0).integers(0, 256, good.shape, dtype=np.uint8)
@@ -226,7 +228,7 @@ def test_inception_reference_and_npz_reference(tmp_path):
     params = ReferenceParams(**{**REF, "extractor": "inception", "inception_weights": str(weights)})
     metrics = build_reference(tmp_path / "images", tmp_path / "ref", params)
     manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
-    assert metrics["classifier_accuracy"] is None and manifest["classifier_sha256"] is None
+    assert "classifier_accuracy" not in metrics and manifest["classifier_sha256"] is None
     assert (manifest["extractor"], manifest["mode"], manifest["feature_dim"]) == ("inception", "clean", 2048)
     assert manifest["inception_sha256"] == sha256_file(weights)
     extractor = load_extractor(tmp_path / "ref", CPU)

@@ -144,6 +144,8 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     first = _run(["dvc", "repro"], repo, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first, first[-3000:]
+    # Ray's known noise stays quiet (pipeline.cluster, pipeline.encode): before, 139 and 2 lines in this run.
+    assert "Failed to query Ray Train Controller" not in first and "the actor restart will fail" not in first
 
     images = json.loads((repo / "data/images/manifest.json").read_text())
     assert images["count"] == 240 and images["num_classes"] == 10
@@ -157,9 +159,10 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
         assert samples["arr_0"].shape == (48, 32, 32, 3) and samples["arr_0"].dtype == np.uint8
     assert (repo / "data/samples/grid.png").stat().st_size > 0
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
-    assert np.isfinite(evaluation["fid"]) and evaluation["protocol"]["num_samples"] == 48
+    assert np.isfinite(evaluation["fid"]) and "protocol" not in evaluation
+    assert json.loads((repo / "reports/eval.json").read_text())["protocol"]["num_samples"] == 48
     assert len((repo / "plots/train.csv").read_text().splitlines()) > 2
-    registered = json.loads((repo / "metrics/register.json").read_text())
+    registered = json.loads((repo / "reports/register.json").read_text())
     assert registered["promoted"] is True
 
     import mlflow
@@ -169,8 +172,14 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     assert int(champion.version) == registered["version"]
     assert champion.tags["checkpoint_sha256"] == model["ema_sha256"]
 
-    curve = json.loads((repo / "metrics/curve.json").read_text())
+    curve = json.loads((repo / "reports/curve.json").read_text())
     assert curve["steps"] == [10, 20] and all(np.isfinite(curve["fid"])) and curve["gflops"] > 0
+    assert json.loads((repo / "metrics/curve.json").read_text())["fid"] == curve["fid"][-1]
+
+    # DVC's own view stays readable: metrics files hold numbers only (72 columns before the records moved out).
+    header = _run(["dvc", "metrics", "show", "--md"], repo, env).splitlines()[0]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[0] == "Path" and len(columns) < 20, columns
 
     second = _run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second, second[-3000:]

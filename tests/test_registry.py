@@ -1,6 +1,7 @@
 """The register stage and the registry CLI against real MLflow stores: a sqlite file per test, a real
 `mlflow server`, and `mlflow models serve` for the pyfunc model. Tiny DiT (depth 1, 8x8 latents, 3 classes) and a
-tiny KL-VAE (16 px images), exported as the train and vae stages write them; CPU only, loopback only."""
+tiny KL-VAE (16 px images), exported as the train and vae stages write them, sampled by the sample stage and scored
+by the evaluate stage against a reference stage output of real images; CPU only, loopback only."""
 import json
 import os
 import runpy
@@ -23,9 +24,14 @@ import yaml
 from pipeline import registry as R
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file, write_manifest
 from pipeline.config import load_section, read_yaml
+from pipeline.errors import UserError
+from pipeline.metrics import EvaluateParams, evaluate_stage, split_evaluation
 from pipeline.model import DiT
+from pipeline.reference import ReferenceParams, build_reference
+from pipeline.sample import SampleParams, read_model_card, run_sample
 from pipeline.tracking import TrackingParams
 from pipeline.train import TrainParams, export
+from synthetic import make_shapes, write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -35,12 +41,7 @@ SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "
            "micro_batch": 4, "precision": "fp32"}
 PARAMS = R.RegisterParams(model_name=NAME, metric="fid")
 TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
-# metrics/eval.json's protocol exactly as pipeline.metrics.evaluate_stage writes it (sample settings, reference
-# description, evaluation settings); checkpoint_sha256 is filled in per model.
-PROTOCOL = {"num_samples": 1000, "sampler": "dpm-solver++", "steps": 25, "cfg_scale": 1.5, "cfg_channels": None,
-            "labels": "balanced", "sample_seed": 0, "extractor": "classifier", "extractor_mode": "clean",
-            "feature_dim": 64, "reference_count": 2000, "reference_stats_sha256": "ab" * 32, "pr_k": 3,
-            "kid_subsets": 10, "kid_subset_size": 500, "kid_seed": 0, "is_splits": None}
+NUM_SAMPLES = 24
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -80,9 +81,9 @@ def tiny(tmp_path_factory, tiny_vae, perturb):
     model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                         num_classes=NUM_CLASSES), seed=1)
     tiny_vae(SCALE, seed=1, norm_num_groups=8).save_pretrained(root / "vae")
-    write_manifest(root / "images", "dit-images", 1, count=6, image_size=IMAGE, num_classes=NUM_CLASSES,
-                   shards=[{"file": "shard-00000.parquet", "count": 6, "sha256": "11" * 32}])
-    write_manifest(root / "latents", "dit-latents", 1, count=6, latent_shape=LATENT, scaling_factor=SCALE,
+    images, labels = make_shapes(60, NUM_CLASSES, IMAGE, seed=0)
+    write_images_dir(root / "images", images, labels, NUM_CLASSES, shard_size=30)
+    write_manifest(root / "latents", "dit-latents", 1, count=60, latent_shape=LATENT, scaling_factor=SCALE,
                    num_classes=NUM_CLASSES, class_names=["a", "b", "c"], image_size=IMAGE)
     return {"root": root, "ema": model.state_dict(), "config": model.config, "vae": root / "vae",
             "images": root / "images", "latents": root / "latents"}
@@ -108,16 +109,39 @@ def export_dit(tiny, out_dir: Path, run_id: str | None) -> Path:
     return out_dir
 
 
-def write_eval(path: Path, dit_dir: Path, fid=10.0, kid=0.01, **protocol) -> Path:
-    """metrics/eval.json in pipeline.metrics' layout; fid=None drops the metric."""
-    checkpoint = json.loads((dit_dir / "model.json").read_text())["ema_sha256"]
-    result = {"fid": fid, "kid": kid, "kid_std": 0.001, "inception_score": None, "inception_score_std": None,
-              "precision": 0.5, "recall": 0.5, "class_consistency": 0.9, "notes": {},
-              "protocol": {**PROTOCOL, "checkpoint_sha256": checkpoint, **protocol}}
-    if fid is None:
-        del result["fid"]
-    atomic_write_json(path, result)
-    return path
+@pytest.fixture(scope="module")
+def evaluation(tiny, tmp_path_factory) -> dict:
+    """What the evaluate stage writes for the tiny DiT: `numbers` (metrics/eval.json) and `report`
+    (reports/eval.json), from its samples by the sample stage, against a reference stage output of the images."""
+    root = tmp_path_factory.mktemp("evaluated")
+    build_reference(tiny["images"], root / "reference", ReferenceParams(
+        extractor="classifier", mode="clean", inception_weights=None, classifier_steps=10, classifier_batch_size=16,
+        classifier_lr=2e-3, holdout=12, max_features=None, batch_size=32, use_gpu=False, seed=0))
+    dit_dir = export_dit(tiny, root / "dit", run_id=None)
+    run_sample(SampleParams(num_fid_samples=NUM_SAMPLES, sampler="dpm-solver++", steps=3, cfg_scale=1.5,
+                            cfg_channels=None, labels="balanced", batch_size=8, micro_batch=4, precision="fp32",
+                            compile=False, num_workers=0, use_gpu=False, shard_size=8, seed=0, grid_per_class=2),
+               read_model_card(dit_dir), tiny["vae"], root / "samples")
+    result = evaluate_stage(root / "samples", root / "reference", dit_dir, EvaluateParams(
+        pr_k=3, kid_subsets=2, kid_subset_size=12, is_splits=2, batch_size=32, use_gpu=False, seed=0))
+    numbers, report = split_evaluation(result)
+    return {"numbers": numbers, "report": report}
+
+
+def write_eval(path: Path, dit_dir: Path, evaluation: dict, **changes) -> tuple[Path, Path]:
+    """The evaluate stage's two files (metrics `path`, and its report beside it) with `changes`: fid or kid
+    replace a number (None drops it), any other key replaces a fact of the protocol."""
+    numbers, protocol = dict(evaluation["numbers"]), dict(evaluation["report"]["protocol"])
+    assert protocol["checkpoint_sha256"] == json.loads((dit_dir / "model.json").read_text())["ema_sha256"]
+    for key, value in changes.items():
+        target = numbers if key in ("fid", "kid") else protocol
+        assert key in target, f"{key} is not in the evaluate stage's output"
+        target[key] = value
+    numbers = {k: v for k, v in numbers.items() if v is not None}
+    report = path.with_name(path.stem + ".report.json")
+    atomic_write_json(path, numbers)
+    atomic_write_json(report, {**evaluation["report"], "protocol": protocol})
+    return path, report
 
 
 @pytest.fixture
@@ -125,8 +149,9 @@ def dit(tiny, tmp_path) -> Path:
     return export_dit(tiny, tmp_path / "dit", training_run())
 
 
-def register(tiny, dit_dir, eval_path, out="register.json", params=PARAMS, tracking=TRACKING) -> dict:
-    return R.register(params, tracking, dit_dir, tiny["vae"], eval_path, tiny["images"], tiny["latents"], SAMPLER,
+def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", params=PARAMS, tracking=TRACKING
+             ) -> dict:
+    return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
                       Path(out))
 
 
@@ -136,15 +161,16 @@ def aliases() -> dict[str, str]:
 
 # --- promotion rules, end to end through the registry -----------------------------------------------------------
 
-def test_promotion_rules(tiny, dit, tmp_path, monkeypatch):
+def test_promotion_rules(tiny, dit, evaluation, tmp_path, monkeypatch):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["init", "-q"], check=True)  # the working directory (tmp_path) as a git checkout
     subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
 
-    def step(name, **evaluation):
-        return register(tiny, dit, write_eval(tmp_path / f"eval-{name}.json", dit, **evaluation), f"{name}.json")
+    def step(name, **changes):
+        return register(tiny, dit, write_eval(tmp_path / f"eval-{name}.json", dit, evaluation, **changes),
+                        f"{name}.json")
 
     missing = step("missing", fid=None)
     assert missing["registered"] and not missing["promoted"] and missing["champion_version"] is None
@@ -156,7 +182,7 @@ def test_promotion_rules(tiny, dit, tmp_path, monkeypatch):
     equal = step("equal", fid=10.0, kid=0.02)  # kid differs: another evaluation (an identical file is deduplicated)
     assert not equal["promoted"] and "does not beat" in equal["reason"]
     steps = step("steps", fid=1.0, steps=250)
-    assert not steps["promoted"] and "protocol differs" in steps["reason"] and "steps: 25 -> 250" in steps["reason"]
+    assert not steps["promoted"] and "protocol differs" in steps["reason"] and "steps: 3 -> 250" in steps["reason"]
     reference = step("reference", fid=1.0, reference_stats_sha256="cd" * 32)
     assert not reference["promoted"] and "reference_stats_sha256" in reference["reason"]
     assert aliases() == {R.CHAMPION: "2", R.CHALLENGER: "6"}
@@ -168,34 +194,38 @@ def test_promotion_rules(tiny, dit, tmp_path, monkeypatch):
     client = mlflow.MlflowClient()
     mv = client.get_model_version(NAME, "6")
     assert mv.run_id == json.loads((dit / "tracking.json").read_text())["mlflow_run_id"]  # linked to training
-    assert mv.tags["fid"] == "1.0" and mv.tags["kid"] == "0.01" and "protocol differs" in mv.tags["promotion"]
+    assert mv.tags["fid"] == "1.0" and mv.tags["kid"] == str(evaluation["numbers"]["kid"])
+    assert "protocol differs" in mv.tags["promotion"]
     assert json.loads(mv.tags["protocol"])["reference_stats_sha256"] == "cd" * 32
     assert mv.tags["git_commit"] == commit and mv.tags["dvc_experiment"] == "exp-test"
     assert mv.tags["checkpoint_sha256"] == json.loads((dit / "model.json").read_text())["ema_sha256"]
     assert mv.tags["latents_sha256"] == sha256_file(tiny["latents"] / "manifest.json")
     assert mv.tags["dataset_sha256"] == sha256_file(tiny["images"] / "manifest.json")
-    assert mv.tags["eval_sha256"] == sha256_file(tmp_path / "eval-reference.json")
+    assert mv.tags["eval_sha256"] == R.evaluation_sha256(tmp_path / "eval-reference.json",
+                                                         tmp_path / "eval-reference.report.json")
     assert "fid" not in client.get_model_version(NAME, "1").tags
     assert json.loads(client.get_registered_model(NAME).tags[R.HISTORY_TAG]) == ["2", "7"]
 
 
-def test_kid_protocol_includes_its_subsets():
-    base = R.protocol_of(PROTOCOL, "kid")
-    assert base["kid_subset_size"] == 500 and "kid_subsets" not in R.protocol_of(PROTOCOL, "fid")
-    assert set(R.PROTOCOL_KEYS) <= set(PROTOCOL)  # every compared fact is one the evaluate stage writes
+def test_kid_protocol_includes_its_subsets(evaluation):
+    protocol = evaluation["report"]["protocol"]
+    base = R.protocol_of(protocol, "kid")
+    assert base["kid_subset_size"] == 12 and "kid_subsets" not in R.protocol_of(protocol, "fid")
+    assert set(R.PROTOCOL_KEYS) <= set(protocol)  # every compared fact is one the evaluate stage writes
+    assert protocol["num_samples"] == NUM_SAMPLES and protocol["steps"] == 3 and protocol["extractor"] == "classifier"
 
 
-def test_evaluation_of_another_checkpoint_is_refused(tiny, dit, tmp_path):
-    eval_path = write_eval(tmp_path / "eval.json", dit, checkpoint_sha256="00" * 32)
+def test_evaluation_of_another_checkpoint_is_refused(tiny, dit, evaluation, tmp_path):
+    eval_path = write_eval(tmp_path / "eval.json", dit, evaluation, checkpoint_sha256="00" * 32)
     with pytest.raises(ArtifactError, match="dvc repro sample evaluate"):
         register(tiny, dit, eval_path)
 
 
-def test_training_run_missing_from_the_store_is_a_clear_error(tiny, empty_db, tmp_path, monkeypatch):
+def test_training_run_missing_from_the_store_is_a_clear_error(tiny, evaluation, empty_db, tmp_path, monkeypatch):
     dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
     monkeypatch.setenv("MLFLOW_TRACKING_URI", new_store(empty_db, tmp_path / "other.db"))
     with pytest.raises(ArtifactError, match="not in the tracking store"):
-        register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir))
+        register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation))
 
 
 # --- idempotence, the stage script and tracking off -------------------------------------------------------------
@@ -207,19 +237,19 @@ def write_params(path: Path, enabled: bool) -> Path:
     return path
 
 
-def run_stage(tiny, params: Path, dit_dir: Path, eval_path: Path, out: Path, monkeypatch) -> dict:
+def run_stage(tiny, params: Path, dit_dir: Path, evaluated: tuple[Path, Path], out: Path, monkeypatch) -> dict:
     monkeypatch.setattr(sys, "argv", [
         "stages/register.py", "--params", str(params), "--dit", str(dit_dir), "--vae", str(tiny["vae"]),
-        "--eval", str(eval_path), "--images", str(tiny["images"]), "--latents", str(tiny["latents"]),
-        "--metrics", str(out)])
+        "--eval", str(evaluated[0]), "--eval-report", str(evaluated[1]), "--images", str(tiny["images"]),
+        "--latents", str(tiny["latents"]), "--report", str(out)])
     runpy.run_path(str(REPO / "stages" / "register.py"), run_name="__main__")
     return json.loads(out.read_text())
 
 
-def test_unchanged_inputs_register_no_duplicate(tiny, dit, tmp_path, monkeypatch):
-    eval_path = write_eval(tmp_path / "eval.json", dit)
+def test_unchanged_inputs_register_no_duplicate(tiny, dit, evaluation, tmp_path, monkeypatch):
+    eval_path = write_eval(tmp_path / "eval.json", dit, evaluation)
     params = write_params(tmp_path / "params.yaml", enabled=True)
-    first = run_stage(tiny, params, dit, eval_path, tmp_path / "metrics" / "register.json", monkeypatch)
+    first = run_stage(tiny, params, dit, eval_path, tmp_path / "reports" / "register.json", monkeypatch)
     assert first["version"] == 1 and first["new_version"] and first["promoted"]
     again = register(tiny, dit, eval_path)
     assert again["version"] == 1 and not again["new_version"] and not again["promoted"]
@@ -227,30 +257,30 @@ def test_unchanged_inputs_register_no_duplicate(tiny, dit, tmp_path, monkeypatch
     assert [mv.version for mv in mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")] == [1]
     assert len(mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name(EXPERIMENT)
                                                            .experiment_id], output_format="list")) == 1
-    other = register(tiny, dit, write_eval(tmp_path / "eval2.json", dit, fid=9.0))  # a new evaluation: a version
+    other = register(tiny, dit, write_eval(tmp_path / "eval2.json", dit, evaluation, fid=9.0))  # a new evaluation
     assert other["version"] == 2 and other["new_version"]
 
 
-def test_tracking_off_registers_nothing_and_says_why(tiny, tmp_path, monkeypatch):
+def test_tracking_off_registers_nothing_and_says_why(tiny, evaluation, tmp_path, monkeypatch):
     dit_dir = export_dit(tiny, tmp_path / "dit", run_id=None)
     params = write_params(tmp_path / "params.yaml", enabled=False)
-    result = run_stage(tiny, params, dit_dir, write_eval(tmp_path / "eval.json", dit_dir),
+    result = run_stage(tiny, params, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation),
                        tmp_path / "register.json", monkeypatch)
     assert result["registered"] is False and "tracking.enabled is false" in result["reason"]
     assert mlflow.MlflowClient().search_experiments(filter_string=f"name = '{EXPERIMENT}'") == []
 
 
-def test_no_training_run_logs_into_a_register_run(tiny, tmp_path):
+def test_no_training_run_logs_into_a_register_run(tiny, evaluation, tmp_path):
     dit_dir = export_dit(tiny, tmp_path / "dit", run_id=None)  # train ran with tracking off
     training_run()  # creates the experiment in tmp_path
-    result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir))
+    result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation))
     assert result["promoted"] and mlflow.get_run(result["run_id"]).info.run_name == "register"
 
 
 # --- the pyfunc model -------------------------------------------------------------------------------------------
 
-def test_pyfunc_round_trip(tiny, dit, tmp_path):
-    register(tiny, dit, write_eval(tmp_path / "eval.json", dit))
+def test_pyfunc_round_trip(tiny, dit, evaluation, tmp_path):
+    register(tiny, dit, write_eval(tmp_path / "eval.json", dit, evaluation))
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
     labels = np.array([0, 2])
     a = model.predict(labels, params={"seed": 1})
@@ -278,28 +308,28 @@ def cli(tmp_path, *args):
     R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True)), *args])
 
 
-def test_promote_and_rollback(tiny, dit, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="no registered model"):
+def test_promote_and_rollback(tiny, dit, evaluation, tmp_path, capsys):
+    with pytest.raises(UserError, match="no registered model"):
         cli(tmp_path, "rollback")
-    register(tiny, dit, write_eval(tmp_path / "e1.json", dit, fid=10.0))
-    with pytest.raises(SystemExit, match="no previous champion"):
+    register(tiny, dit, write_eval(tmp_path / "e1.json", dit, evaluation, fid=10.0))
+    with pytest.raises(UserError, match="no previous champion"):
         cli(tmp_path, "rollback")
-    assert register(tiny, dit, write_eval(tmp_path / "e2.json", dit, fid=8.0))["promoted"]
-    assert register(tiny, dit, write_eval(tmp_path / "e3.json", dit, fid=9.0, steps=50))["version"] == 3
+    assert register(tiny, dit, write_eval(tmp_path / "e2.json", dit, evaluation, fid=8.0))["promoted"]
+    assert register(tiny, dit, write_eval(tmp_path / "e3.json", dit, evaluation, fid=9.0, steps=50))["version"] == 3
     cli(tmp_path, "rollback")
     assert aliases()[R.CHAMPION] == "1"
     cli(tmp_path, "promote", "3")  # manual promotion ignores protocol and score
     assert aliases()[R.CHAMPION] == "3"
     cli(tmp_path, "rollback")
     assert aliases()[R.CHAMPION] == "1"
-    with pytest.raises(SystemExit, match="no version '9'"):
+    with pytest.raises(UserError, match="no version '9'"):
         cli(tmp_path, "promote", "9")
     capsys.readouterr()
     cli(tmp_path, "show")
     out = capsys.readouterr().out
     assert f"{NAME}: challenger=v3 champion=v1 champion_history=['1']" in out and "v2: fid=8.0" in out
     mlflow.MlflowClient().set_registered_model_alias(NAME, R.CHAMPION, "2")  # moved by hand, e.g. in the UI
-    with pytest.raises(SystemExit, match="moved outside this tool"):
+    with pytest.raises(UserError, match="moved outside this tool"):
         cli(tmp_path, "rollback")
 
 
@@ -343,7 +373,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_register_and_promote_through_a_tracking_server(tiny, empty_db, tmp_path, monkeypatch):
+def test_register_and_promote_through_a_tracking_server(tiny, evaluation, empty_db, tmp_path, monkeypatch):
     port = free_port()
     server = start([str(MLFLOW), "server", "--backend-store-uri", new_store(empty_db, tmp_path / "server.db"),
                     "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
@@ -354,10 +384,11 @@ def test_register_and_promote_through_a_tracking_server(tiny, empty_db, tmp_path
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
-        first = register(tiny, dit_dir, write_eval(tmp_path / "e1.json", dit_dir, fid=10.0))
-        better = register(tiny, dit_dir, write_eval(tmp_path / "e2.json", dit_dir, fid=9.0))
+        first = register(tiny, dit_dir, write_eval(tmp_path / "e1.json", dit_dir, evaluation, fid=10.0))
+        e2 = write_eval(tmp_path / "e2.json", dit_dir, evaluation, fid=9.0)
+        better = register(tiny, dit_dir, e2)
         assert first["promoted"] and better["promoted"] and aliases()[R.CHAMPION] == "2"
-        assert register(tiny, dit_dir, tmp_path / "e2.json")["version"] == 2  # dedup through the REST search
+        assert register(tiny, dit_dir, e2)["version"] == 2  # dedup through the REST search
         R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True)), "rollback"])
         assert aliases()[R.CHAMPION] == "1"
         assert list((tmp_path / "server-artifacts").rglob("ema.pt")), "artifacts must go to the server's store"
@@ -368,8 +399,8 @@ def test_register_and_promote_through_a_tracking_server(tiny, empty_db, tmp_path
 
 
 @pytest.mark.slow
-def test_models_serve_answers_invocations(tiny, dit, tmp_path, store):
-    register(tiny, dit, write_eval(tmp_path / "eval.json", dit))
+def test_models_serve_answers_invocations(tiny, dit, evaluation, tmp_path, store):
+    register(tiny, dit, write_eval(tmp_path / "eval.json", dit, evaluation))
     port = free_port()
     # `mlflow models serve` execs a bare `uvicorn`: the venv's bin must be on PATH (an activated venv)
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1",

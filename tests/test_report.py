@@ -1,7 +1,8 @@
 """The sweep report: parsing `dvc exp show --json`, grouping into studies, the findings logic, figures and markdown.
 
 tests/data/dvc_exp_show.json is the real output of DVC 3.67.1 for a scratch repository whose one stage writes a
-metrics/curve.json of the curve stage's layout: a baseline (DiT-Ti/4 adaLN-Zero), two finished experiments
+metrics/curve.json (the curve stage's whole record, as it was before the record moved to reports/curve.json; the
+parsing reads only the rows and their params): a baseline (DiT-Ti/4 adaLN-Zero), two finished experiments
 (`cond-adaLN`, `size-S4`), one failed (`patch-Ti8-incontext`), one still queued (`queued-Ti2`), and a workspace
 with an edited params.yaml. `test_report_on_a_real_dvc_repository` builds such a repository for real.
 """
@@ -183,9 +184,11 @@ STAND_IN = '''import json, os, yaml
 t = yaml.safe_load(open("params.yaml"))["train"]
 fid, (gflops, params) = {fids!r}[t["model"] + " " + t["conditioning"]], {shape!r}[t["model"]]
 os.makedirs("metrics", exist_ok=True)
+os.makedirs("reports", exist_ok=True)
 json.dump({curve!r} | {{"model": t["model"], "conditioning": t["conditioning"], "patch_size": int(t["model"][-1]),
            "fid": [2 * fid, 1.5 * fid, 1.2 * fid, fid], "final_fid": fid, "gflops": gflops, "params_M": params}},
-          open("metrics/curve.json", "w"))
+          open("reports/curve.json", "w"))
+json.dump({{"steps": 20, "fid": fid, "gflops": gflops, "params_M": params}}, open("metrics/curve.json", "w"))
 '''
 
 
@@ -200,7 +203,8 @@ def test_report_on_a_real_dvc_repository(tmp_path):
     (tmp_path / "stage.py").write_text(STAND_IN.format(fids=fids, shape=SHAPE, curve=curve("DiT-Ti/4", "adaLN-Zero", 1.0)))
     (tmp_path / "params.yaml").write_text("train:\n  model: DiT-Ti/4\n  conditioning: adaLN-Zero\n")
     (tmp_path / "dvc.yaml").write_text("stages:\n  curve:\n    cmd: python stage.py\n    deps: [stage.py]\n"
-                                       "    params: [train]\n    metrics:\n      - metrics/curve.json:\n"
+                                       "    params: [train]\n    outs:\n      - reports/curve.json:\n"
+                                       "          cache: false\n    metrics:\n      - metrics/curve.json:\n"
                                        "          cache: false\n")
     sh("git", "init", "-q", "-b", "main")
     sh("dvc", "init", "-q")

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline import generate as G
 from pipeline import sample as S
 from pipeline.artifacts import ArtifactError, read_manifest, sha256_file
-from pipeline.config import load_section
+from pipeline.config import ParamsError, load_section
 from pipeline.formats.model_card import read_model_card, write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.tracking import TrackingParams
@@ -342,9 +342,9 @@ def test_actor_plan():
     assert S.actor_plan(params(num_workers=2), 1, {"CPU": 2.0}) == (1, {"num_cpus": 1})
     assert S.actor_plan(params(use_gpu=True, num_workers=1), 9, {"CPU": 16, "GPU": 4.0}) == (
         4, {"num_gpus": 1, "num_cpus": 1})
-    with pytest.raises(RuntimeError, match="no GPU"):
+    with pytest.raises(ParamsError, match="no GPU"):
         S.actor_plan(params(use_gpu=True), 9, {"CPU": 16})
-    with pytest.raises(RuntimeError, match="num_workers"):
+    with pytest.raises(ParamsError, match="num_workers"):
         S.actor_plan(params(num_workers=3), 9, {"CPU": 2})
 
 

@@ -104,7 +104,7 @@ def test_overfits_64_latents(tmp_path, latents):
     losses = [float(row["loss"]) for row in read_log(tmp_path / "train.csv")]
     assert losses[0] > 0.8  # the adaLN-Zero model starts at eps = 0: MSE = E[eps^2] = 1
     assert metrics["loss"] == losses[-1] < 0.25, losses  # measured: 0.17 after 400 steps
-    assert metrics["steps"] == 400 and metrics["img_per_s"] > 0 and metrics["wall_s"] > 0
+    assert metrics["steps"] == 400 and metrics["img_per_s"] > 0 and metrics["seconds"] > 0
 
 
 def test_update_ema_is_the_official_formula():
@@ -363,7 +363,7 @@ def test_outputs_and_mlflow_run(tmp_path, latents, monkeypatch, tiny_vae):
     assert json.loads((tmp_path / "dit" / "tracking.json").read_text())["mlflow_run_id"] == run_id
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6]
     assert [int(r["step"]) for r in read_log(tmp_path / "train.csv")] == [2, 4, 6]
-    assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"loss", "steps", "img_per_s", "wall_s"}
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) == {"loss", "steps", "img_per_s", "seconds"}
 
 
 def test_stage_script_end_to_end(tmp_path, latents):
@@ -398,9 +398,7 @@ def test_ray_two_cpu_workers_resume(tmp_path, latents):
         run(tmp_path / "resumed", latents, p)
     finally:
         ray.shutdown()
-    a, b = load_ema(tmp_path / "uninterrupted"), load_ema(tmp_path / "resumed")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+    assert_bitwise_equal(load_ema(tmp_path / "resumed"), load_ema(tmp_path / "uninterrupted"))
     log = read_log(tmp_path / "resumed" / "train.csv")
     assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first session's last row, then no duplicates
 

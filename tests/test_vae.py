@@ -140,7 +140,7 @@ def test_unreachable_pretrained_fails_fast_with_the_fix(images_dir, tmp_path):
     assert huggingface_hub.constants.HF_HUB_OFFLINE  # set by conftest before huggingface_hub was imported
     params = dataclasses.replace(TINY, pretrained="no-such-org/no-such-vae")
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match="vae.pretrained='no-such-org/no-such-vae'") as info:
+    with pytest.raises(ParamsError, match="vae.pretrained='no-such-org/no-such-vae'") as info:
         run_vae(params, images_dir, tmp_path / "vae", tmp_path / "vae.json")
     assert time.perf_counter() - start < 10.0  # offline: no download retries
     assert "HF_HUB_OFFLINE=0" in str(info.value) and "save_pretrained" in str(info.value)

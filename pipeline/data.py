@@ -350,7 +350,7 @@ def _ordered_map(work: Callable, chunks: Iterable[list], num_workers: int) -> It
 
 
 def ingest(params: IngestParams, out_dir: str | Path) -> dict:
-    """Run the ingest stage into `out_dir` (owned by the stage). Returns the metrics: count, skipped, num_classes."""
+    """Run the ingest stage into `out_dir` (owned by the stage). Returns the metrics: count, skipped."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # until the new one is written, the directory is not valid

@@ -16,7 +16,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="params file holding the `ingest` section")
     parser.add_argument("--out", required=True, help="output directory (owned by this stage)")
-    parser.add_argument("--metrics", required=True, help="metrics JSON: count, skipped, num_classes")
+    parser.add_argument("--metrics", required=True, help="metrics JSON: count, skipped")
     args = parser.parse_args()
 
     params = load_section(data.IngestParams, "ingest", args.params)

@@ -91,7 +91,7 @@ def test_synthetic_is_deterministic_balanced_and_independent_of_workers(tmp_path
     data.ingest(make_params(num_workers=2), tmp_path / "workers")
     assert shard_hashes(tmp_path / "workers") == shard_hashes(tmp_path / "a")
 
-    assert m1 == {"count": 40, "skipped": 0, "num_classes": 10}
+    assert m1 == {"count": 40, "skipped": 0}
     _, labels, _ = image_shards.read_images(tmp_path / "a")
     assert np.bincount(labels).tolist() == [4] * 10
     manifest = image_shards.read_manifest(tmp_path / "a")
@@ -233,7 +233,7 @@ def test_imagefolder_bad_inputs_are_reported_and_valid_ones_kept(tmp_path):
     out = tmp_path / "images"
     metrics = data.ingest(make_params(source="imagefolder", max_bad_fraction=0.4, **{"imagefolder.root": str(root)}),
                           out)
-    assert metrics == {"count": len(valid), "skipped": len(bad), "num_classes": 3}
+    assert metrics == {"count": len(valid), "skipped": len(bad)}
     table = rows(out)
     assert {r["key"] for r in table} == valid
     names = ["cat", "dog", "emu"]
@@ -310,7 +310,7 @@ def hf_params(path, **changes):
 def test_hf_local_parquet_streaming_and_map_style_agree(tmp_path, hf_dir):
     metrics = data.ingest(hf_params(hf_dir), tmp_path / "map")
     data.ingest(hf_params(hf_dir, streaming=True), tmp_path / "stream")
-    assert metrics == {"count": 10, "skipped": 2, "num_classes": 2}
+    assert metrics == {"count": 10, "skipped": 2}
     assert shard_hashes(tmp_path / "map") == shard_hashes(tmp_path / "stream")
     report = json.loads((tmp_path / "map/skipped.json").read_text())
     assert [(e["key"], e["reason"]) for e in report] == [("train/10", "unknown_label"), ("train/11", "unknown_label")]
@@ -353,5 +353,5 @@ def test_stage_script_end_to_end(tmp_path):
     out, metrics = tmp_path / "data/images", tmp_path / "metrics/ingest.json"
     subprocess.run([sys.executable, str(REPO / "stages/ingest.py"), "--params", str(tmp_path / "params.yaml"),
                     "--out", str(out), "--metrics", str(metrics)], check=True, cwd=tmp_path)
-    assert json.loads(metrics.read_text()) == {"count": 40, "skipped": 0, "num_classes": 10}
+    assert json.loads(metrics.read_text()) == {"count": 40, "skipped": 0}
     assert image_shards.read_manifest(out)["count"] == 40

@@ -58,10 +58,10 @@ def _copy_repo(dest: Path) -> None:
 TIMED = {
     "metrics/vae.json": {"seconds"},
     "metrics/encode.json": {"seconds", "img_per_s"},
-    "metrics/train.json": {"img_per_s", "train_s", "wall_s"},
+    "metrics/train.json": {"img_per_s", "seconds"},
     "metrics/reference.json": {"seconds"},
     "metrics/sample.json": {"seconds", "img_per_s", "img_steps_per_s"},
-    "metrics/curve.json": {"mlflow_run_id"},
+    "reports/curve.json": {"mlflow_run_id"},
     "plots/train.csv": {"img_per_s"},
 }
 RUN_RECORDS = {"models/dit": {"tracking.json"}}  # the training's MLflow run id (and the store's absolute path)

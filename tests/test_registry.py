@@ -115,8 +115,8 @@ def evaluation(tiny, tmp_path_factory) -> dict:
     (reports/eval.json), from its samples by the sample stage, against a reference stage output of the images."""
     root = tmp_path_factory.mktemp("evaluated")
     build_reference(tiny["images"], root / "reference", ReferenceParams(
-        extractor="classifier", mode="clean", inception_weights=None, classifier_steps=10, classifier_batch_size=16,
-        classifier_lr=2e-3, holdout=12, max_features=None, batch_size=32, use_gpu=False, seed=0))
+        extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=10, classifier_batch_size=16,
+        classifier_lr=2e-3, holdout=12, max_features=None, batch_size=32, use_gpu=False, seed=0, adm_batch="inputs/none"))
     dit_dir = export_dit(tiny, root / "dit", run_id=None)
     run_sample(SampleParams(num_fid_samples=NUM_SAMPLES, sampler="dpm-solver++", steps=3, cfg_scale=1.5,
                             cfg_channels=None, labels="balanced", batch_size=8, micro_batch=4, precision="fp32",

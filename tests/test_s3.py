@@ -14,7 +14,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from pipeline import registry as R
-from test_registry import (IMAGE, NAME, export_dit, free_port, register, start, stop, tiny,  # noqa: F401 (fixture)
+from test_registry import (IMAGE, NAME, evaluation, export_dit, free_port, register, start, stop, tiny,  # noqa: F401
                            training_run, wait_http, write_eval)
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_dvc_remote_on_s3_push_clone_pull(s3, tmp_path):
     assert "in sync" in sh(["dvc", "status", "--cloud"], clone, env)
 
 
-def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, tmp_path, monkeypatch):  # noqa: F811
+def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, evaluation, tmp_path, monkeypatch):  # noqa: F811
     endpoint, env = s3
     port = free_port()
     # Only the server holds the S3 credentials; clients upload and download through it (mlflow-artifacts:/).
@@ -118,7 +118,7 @@ def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, t
         monkeypatch.chdir(tmp_path)
         mlflow.set_tracking_uri(uri)
         dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
-        result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir))
+        result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation))
         assert result["promoted"] and result["version"] == 1
         stored = keys(endpoint, "mlflow/")
         assert any(k.endswith("artifacts/dit/ema.pt") for k in stored), stored[:20]

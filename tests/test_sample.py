@@ -389,4 +389,4 @@ def test_stage_script(dirs, tmp_path, monkeypatch):
                                       "--metrics", str(tmp_path / "metrics" / "sample.json")])
     runpy.run_path(str(Path(__file__).parents[1] / "stages" / "sample.py"), run_name="__main__")
     metrics = json.loads((tmp_path / "metrics" / "sample.json").read_text())
-    assert metrics["num_samples"] == 8 and load_samples(tmp_path / "samples")[0].shape == (8, IMAGE, IMAGE, 3)
+    assert metrics["img_per_s"] > 0 and load_samples(tmp_path / "samples")[0].shape == (8, IMAGE, IMAGE, 3)

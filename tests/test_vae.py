@@ -60,7 +60,7 @@ def test_small_vae_reconstructs_held_out_images(images_dir, trained):
     baseline_db = psnr_db(torch.from_numpy(flat), torch.from_numpy(holdout))
     assert metrics["psnr_db"] > 20.0 and metrics["psnr_db"] > baseline_db + 3.0, (metrics, baseline_db)
     assert metrics["latent_shape"] == [4, 8, 8] and metrics["train_steps"] == TINY.train_steps
-    assert json.loads((out.parent / "metrics" / "vae.json").read_text()) == metrics
+    assert json.loads((out.parent / "metrics" / "vae.json").read_text()) == {k: metrics[k] for k in ("psnr_db", "seconds")}
 
 
 @pytest.mark.slow

@@ -1,11 +1,21 @@
 """Helpers that keep results the same bytes on every machine: a fixed torch thread count and seeded row splits."""
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
 import torch
+
+
+def seed_everything(seed: int) -> None:
+    """torch's, numpy's and Python's global generators seeded alike. The loop draws only from torch, but a
+    checkpoint records all three, so an unseeded one (a Ray worker starts from OS entropy) would make two runs of
+    the same params write different checkpoints."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from pipeline.checkpoints import (
     restore_rng, resume_mismatch, save_checkpoint,
 )
 from pipeline.config import ParamsError, from_dict, to_dict
+from pipeline.determinism import seed_everything
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import load_latents, read_latents_manifest
 from pipeline.formats.model_card import write_model_card
@@ -369,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
     if config["tracking_uri"]:
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # a Ray worker may run in another directory
     data, manifest = load_latent_batches(config["latents"], p.seed, device)
-    torch.manual_seed(p.seed)  # the same initial weights on every rank
+    seed_everything(p.seed)  # the same initial weights on every rank
     model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
     ckpt, path = latest_checkpoint(config["checkpoints"])
     if ckpt is not None:

@@ -6,11 +6,8 @@ import json
 import os
 import runpy
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,30 +15,17 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from pipeline import registry as R
-from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file, write_manifest
-from pipeline.config import load_section, read_yaml
+from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.config import read_yaml
 from pipeline.errors import UserError
-from pipeline.metrics import EvaluateParams, evaluate_stage, split_evaluation
-from pipeline.model import DiT
-from pipeline.reference import ReferenceParams, build_reference
-from pipeline.sample import SampleParams, read_model_card, run_sample
-from pipeline.tracking import TrackingParams
-from pipeline.train import TrainParams, export
-from synthetic import make_shapes, write_images_dir
+from conftest import (EXPERIMENT, IMAGE, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register, start, stop,
+                      training_run, wait_http, write_eval)
 
-REPO = Path(__file__).resolve().parents[1]
 MLFLOW = Path(sys.executable).parent / "mlflow"
-NAME, EXPERIMENT = "dit-test", "registry-test"
-NUM_CLASSES, LATENT, IMAGE, SCALE = 3, [4, 8, 8], 16, 0.5
-SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "cfg_channels": None, "batch_size": 8,
-           "micro_batch": 4, "precision": "fp32"}
 PARAMS = R.RegisterParams(model_name=NAME, metric="fid")
-TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
-NUM_SAMPLES = 24
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -73,86 +57,9 @@ def store(empty_db, tmp_path, monkeypatch):
         mlflow.end_run()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_vae, perturb):
-    """The upstream artifacts shared by all tests: DiT EMA weights, a VAE snapshot, image and latent manifests."""
-    root = tmp_path_factory.mktemp("upstream")
-    torch.manual_seed(0)
-    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
-                        num_classes=NUM_CLASSES), seed=1)
-    tiny_vae(SCALE, seed=1, norm_num_groups=8).save_pretrained(root / "vae")
-    images, labels = make_shapes(60, NUM_CLASSES, IMAGE, seed=0)
-    write_images_dir(root / "images", images, labels, NUM_CLASSES, shard_size=30)
-    write_manifest(root / "latents", "dit-latents", 1, count=60, latent_shape=LATENT, scaling_factor=SCALE,
-                   num_classes=NUM_CLASSES, class_names=["a", "b", "c"], image_size=IMAGE)
-    return {"root": root, "ema": model.state_dict(), "config": model.config, "vae": root / "vae",
-            "images": root / "images", "latents": root / "latents"}
-
-
-def training_run() -> str:
-    """A finished run in the current store, standing for the train stage's run."""
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=(Path.cwd() / "artifacts").as_uri()
-                                 if mlflow.get_tracking_uri().startswith("sqlite") else None)
-    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
-        return run.info.run_id
-
-
-def export_dit(tiny, out_dir: Path, run_id: str | None) -> Path:
-    """models/dit (ema.pt, model.json, tracking.json) written by the train stage's own export."""
-    ckpt = {"ema": tiny["ema"], "model_config": tiny["config"], "step": 10, "mlflow_run_id": run_id,
-            "log": [{"step": 10, "loss": 0.5, "mse": 0.4, "vb": 0.1}], "timing": {"train_s": 1.0}}
-    manifest = json.loads((tiny["latents"] / "manifest.json").read_text())
-    train_params = load_section(TrainParams, "train", REPO / "params.yaml")
-    tracking = TRACKING if run_id else TrackingParams(enabled=False, experiment=EXPERIMENT)
-    export(ckpt, manifest, train_params, tracking, out_dir, out_dir.parent / "train.json", wall_s=1.0)
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def evaluation(tiny, tmp_path_factory) -> dict:
-    """What the evaluate stage writes for the tiny DiT: `numbers` (metrics/eval.json) and `report`
-    (reports/eval.json), from its samples by the sample stage, against a reference stage output of the images."""
-    root = tmp_path_factory.mktemp("evaluated")
-    build_reference(tiny["images"], root / "reference", ReferenceParams(
-        extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=10, classifier_batch_size=16,
-        classifier_lr=2e-3, holdout=12, max_features=None, batch_size=32, use_gpu=False, seed=0, adm_batch="inputs/none"))
-    dit_dir = export_dit(tiny, root / "dit", run_id=None)
-    run_sample(SampleParams(num_fid_samples=NUM_SAMPLES, sampler="dpm-solver++", steps=3, cfg_scale=1.5,
-                            cfg_channels=None, labels="balanced", batch_size=8, micro_batch=4, precision="fp32",
-                            compile=False, num_workers=0, use_gpu=False, shard_size=8, seed=0, grid_per_class=2),
-               read_model_card(dit_dir), tiny["vae"], root / "samples")
-    result = evaluate_stage(root / "samples", root / "reference", dit_dir, EvaluateParams(
-        pr_k=3, kid_subsets=2, kid_subset_size=12, is_splits=2, batch_size=32, use_gpu=False, seed=0))
-    numbers, report = split_evaluation(result)
-    return {"numbers": numbers, "report": report}
-
-
-def write_eval(path: Path, dit_dir: Path, evaluation: dict, **changes) -> tuple[Path, Path]:
-    """The evaluate stage's two files (metrics `path`, and its report beside it) with `changes`: fid or kid
-    replace a number (None drops it), any other key replaces a fact of the protocol."""
-    numbers, protocol = dict(evaluation["numbers"]), dict(evaluation["report"]["protocol"])
-    assert protocol["checkpoint_sha256"] == json.loads((dit_dir / "model.json").read_text())["ema_sha256"]
-    for key, value in changes.items():
-        target = numbers if key in ("fid", "kid") else protocol
-        assert key in target, f"{key} is not in the evaluate stage's output"
-        target[key] = value
-    numbers = {k: v for k, v in numbers.items() if v is not None}
-    report = path.with_name(path.stem + ".report.json")
-    atomic_write_json(path, numbers)
-    atomic_write_json(report, {**evaluation["report"], "protocol": protocol})
-    return path, report
-
-
 @pytest.fixture
 def dit(tiny, tmp_path) -> Path:
     return export_dit(tiny, tmp_path / "dit", training_run())
-
-
-def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", params=PARAMS, tracking=TRACKING
-             ) -> dict:
-    return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
-                      Path(out))
 
 
 def aliases() -> dict[str, str]:
@@ -334,43 +241,6 @@ def test_promote_and_rollback(tiny, dit, evaluation, tmp_path, capsys):
 
 
 # --- real servers -----------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-
-
-def start(args: list[str], env: dict) -> subprocess.Popen:
-    # Its own process group: both servers fork workers, which must end with them.
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    proc.stdout.close()
-
 
 @pytest.mark.slow
 def test_register_and_promote_through_a_tracking_server(tiny, evaluation, empty_db, tmp_path, monkeypatch):

@@ -14,8 +14,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from pipeline import registry as R
-from test_registry import (IMAGE, NAME, evaluation, export_dit, free_port, register, start, stop, tiny,  # noqa: F401
-                           training_run, wait_http, write_eval)
+from conftest import IMAGE, NAME, export_dit, free_port, register, start, stop, training_run, wait_http, write_eval
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +101,7 @@ def test_dvc_remote_on_s3_push_clone_pull(s3, tmp_path):
     assert "in sync" in sh(["dvc", "status", "--cloud"], clone, env)
 
 
-def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, evaluation, tmp_path, monkeypatch):  # noqa: F811
+def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, evaluation, tmp_path, monkeypatch):
     endpoint, env = s3
     port = free_port()
     # Only the server holds the S3 credentials; clients upload and download through it (mlflow-artifacts:/).

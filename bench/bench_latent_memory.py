@@ -11,8 +11,9 @@ with other processes, such as the page cache's pages of a mapped file, count onc
           its size while concatenating), with 1 worker (--copy-workers 2 needs ~17 GB more).
 
 Prints the peak PSS of each worker and of the node (the sum over workers at one instant), the node's ratio at 2
-workers to 1 (goal <= 1.2), the mean time of a step's batch (draw, gather, posterior sample, scale) of each loader
-and their ratio, and checks that both loaders give the same batches (sha256 over every step's x and y).
+workers to 1 (goal <= 1.2) and the mean time of a step's batch (draw, gather, posterior sample, scale) in each run;
+then the median batch time of both loaders in one process, alternating step by step (a fair ratio on a shared
+machine), and checks that both loaders give the same batches (sha256 over every step's x and y, and equality).
 
     df -h /tmp && python bench/bench_latent_memory.py          # ~4.2 GB under /tmp, deleted at the end
     python bench/bench_latent_memory.py --images 12800          # a quick look at 1/100 scale
@@ -98,6 +99,24 @@ def worker(latents_dir: str, loader: str, rank: int, world: int, steps: int, glo
     sys.stdin.readline()  # stay alive (and mapped) until the parent has sampled the final PSS
 
 
+def time_both(latents_dir: str, steps: int, global_batch: int) -> None:
+    """Step time of both loaders in one process, alternating step by step, so that the load of a shared machine
+    falls on both alike: prints their median batch time in ms and whether every batch was the same."""
+    torch.set_num_threads(1)
+    loaders = {"mmap": T.LatentBatches(open_latents(latents_dir)[1], SCALING_FACTOR, 0, torch.device("cpu")),
+               "copy": T.LatentBatches(load_copy(latents_dir), SCALING_FACTOR, 0, torch.device("cpu"))}
+    times, same = {name: [] for name in loaders}, True
+    for step in range(steps):
+        out = {}
+        for name, data in (loaders.items() if step % 2 else reversed(loaders.items())):
+            torch.manual_seed(T.step_seed(0, step, 0))
+            t0 = time.perf_counter()
+            out[name] = data.batch(step, 0, 1, global_batch)
+            times[name].append(time.perf_counter() - t0)
+        same &= all(torch.equal(a, b) for a, b in zip(out["mmap"], out["copy"]))
+    print(json.dumps({**{name: 1e3 * float(np.median(t)) for name, t in times.items()}, "same": same}), flush=True)
+
+
 def pss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         if line.startswith("Pss:"):
@@ -140,7 +159,10 @@ def main() -> None:
     args = parse_args()
     if args.worker:
         loader, rank, world, steps = args.worker
-        worker(args.latents, loader, int(rank), int(world), int(steps), args.global_batch)
+        if loader == "both":
+            time_both(args.latents, int(steps), args.global_batch)
+        else:
+            worker(args.latents, loader, int(rank), int(world), int(steps), args.global_batch)
         return
     steps = args.steps or args.images // args.global_batch
     tmp = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="latent-memory-"))
@@ -165,12 +187,19 @@ def main() -> None:
         if args.copy_workers:
             copy1 = runs[2]
             same = copy1["reports"][0]["sha256"] == mmap1["reports"][0]["sha256"]
-            print(f"batch time, mmap / copy (1 worker): "
-                  f"{mmap1['reports'][0]['batch_ms'] / copy1['reports'][0]['batch_ms']:.3f}; "
-                  f"node PSS, copy / mmap (1 worker): {copy1['peak_node_gib'] / mmap1['peak_node_gib']:.2f}; "
+            print(f"node PSS, copy / mmap (1 worker): {copy1['peak_node_gib'] / mmap1['peak_node_gib']:.2f}; "
                   f"same batches: {same}")
             if not same:
                 raise SystemExit("the two loaders gave different batches")
+        both = subprocess.run([sys.executable, __file__, "--latents", str(latents_dir), "--worker", "both", "0", "1",
+                               str(steps), "--global-batch", str(args.global_batch)],
+                              capture_output=True, text=True, check=True)
+        timing = json.loads(both.stdout.strip().splitlines()[-1])
+        print(f"batch time, one process alternating loaders for {steps} steps (median): mmap {timing['mmap']:.2f} ms, "
+              f"copy {timing['copy']:.2f} ms, ratio mmap / copy {timing['mmap'] / timing['copy']:.3f}; "
+              f"same batches: {timing['same']}")
+        if not timing["same"]:
+            raise SystemExit("the two loaders gave different batches")
     finally:
         if not args.dir:
             shutil.rmtree(tmp, ignore_errors=True)

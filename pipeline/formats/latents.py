@@ -75,6 +75,10 @@ def map_shard(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # itemsize -> an integer dtype of that width
+_TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 class LatentSet:
     """The rows of all shards in manifest order, without concatenating them: global row i is row i - starts[s] of
     shard s. Shards are memory-mapped files (`open_latents`) or tensors already in memory (one shard: tests,
@@ -106,14 +110,20 @@ class LatentSet:
         if len(self.shards) == 1:
             t = self.shards[0][key]
             return t[idx] if flip is None else t[idx, flip]
-        shard_of = np.searchsorted(self.starts, idx.numpy(), side="right") - 1  # (b,)
+        # Gathered in numpy, whose fancy indexing costs a few microseconds a call against torch's tens: this loop
+        # runs once per shard that the batch touches. Integer views of the same width carry any dtype's bits.
+        idx_np = idx.numpy()
+        shard_of = np.searchsorted(self.starts, idx_np, side="right") - 1  # (b,)
+        local, order = idx_np - self.starts[shard_of], np.argsort(shard_of, kind="stable")
+        cuts = np.searchsorted(shard_of[order], np.arange(len(self.shards) + 1))  # shard s: order[cuts[s]:cuts[s+1]]
         first = self.shards[0][key]
-        out = torch.empty((len(idx), *first.shape[1 if flip is None else 2:]), dtype=first.dtype)
-        for s in np.unique(shard_of).tolist():
-            rows = torch.from_numpy(np.flatnonzero(shard_of == s))
-            local = idx[rows] - int(self.starts[s])
-            out[rows] = self.shards[s][key][local] if flip is None else self.shards[s][key][local, flip[rows]]
-        return out
+        out = np.empty((len(idx), *first.shape[1 if flip is None else 2:]), dtype=_BITS[first.dtype.itemsize])
+        flip_np = None if flip is None else flip.numpy()
+        for s in np.flatnonzero(np.diff(cuts)).tolist():
+            rows = order[cuts[s]:cuts[s + 1]]
+            src = self.shards[s][key].view(_TORCH_BITS[first.dtype.itemsize]).numpy()
+            out[rows] = src[local[rows]] if flip is None else src[local[rows], flip_np[rows]]
+        return torch.from_numpy(out).view(first.dtype)
 
     def to(self, device: torch.device) -> "LatentSet":
         """The whole set as one shard of contiguous tensors on `device`, filled shard by shard (no second copy)."""

@@ -11,8 +11,10 @@ What the official train.py lacks and this loop adds:
 
 `train_loop_per_worker(config)` is the loop: Ray Train's TorchTrainer runs it on `num_workers` workers, or it runs
 in-process (num_workers 0). Checkpoints go to a directory every worker can read (a local disk on one machine, a
-shared file system on a cluster: the latents must be readable there too, as in the official script). Only rank 0
-writes checkpoints, the CSV log, MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
+shared file system on a cluster: the latents must be readable there too, as in the official script). Each worker
+memory-maps the latents, so a node holds one copy of them in its page cache whatever its number of workers. A lost
+worker makes Ray Train restart the group from the latest checkpoint. Only rank 0 writes checkpoints, the CSV log,
+MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
 """
 from __future__ import annotations
 
@@ -47,6 +49,10 @@ from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
 
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
+# A lost worker (its process or node died) makes Ray Train restart the whole group, which resumes from the latest
+# checkpoint with the same bytes as an uninterrupted run. An error of the loop itself (a NaN loss, a checkpoint of
+# another run) is retried as well, since Ray cannot tell them apart, and fails again each time: a bounded cost.
+WORKER_GROUP_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -401,7 +407,7 @@ def train_loop_per_worker(config: dict) -> None:
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 def fit_with_ray(config: dict, p: TrainParams) -> None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import init_ray
@@ -414,7 +420,8 @@ def fit_with_ray(config: dict, p: TrainParams) -> None:
     per_worker = None if p.use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)) // p.num_workers)}
     scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker)
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
-                           run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+                           run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                                failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)))
     trainer.fit()
 
 

@@ -198,8 +198,9 @@ def generate_shards(todo: list[int], card: dict, vae_dir: str, p: SampleParams) 
     n, options = actor_plan(p, len(todo), ray.cluster_resources())
     # A lost actor (its process or node died) is restarted and its shard redone: a shard is written by the driver
     # only when it arrives whole, so no index goes missing or is written twice, and its pixels do not depend on
-    # which actor drew it.
-    actor = ray.remote(ShardWorker).options(**options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+    # which actor drew it. The actors spread over the nodes: one per node first.
+    actor = ray.remote(ShardWorker).options(**options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+                                            scheduling_strategy="SPREAD")
     actors = [actor.remote(card, vae_dir, p, device) for _ in range(n)]
     try:
         yield from ActorPool(actors).map_unordered(lambda a, k: a.generate.remote(k), todo)

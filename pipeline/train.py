@@ -418,7 +418,10 @@ def fit_with_ray(config: dict, p: TrainParams) -> None:
     # CPU workers share the cluster's CPUs (Ray sizes each worker's torch thread pool from this); GPU workers
     # keep Ray's default of one CPU each beside their GPU.
     per_worker = None if p.use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)) // p.num_workers)}
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker)
+    # GPU workers pack onto as few nodes as hold them (DDP within a node is cheapest); CPU workers spread, one per
+    # node first, since each takes a share of its node's cores.
+    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker,
+                            placement_strategy="PACK" if p.use_gpu else "SPREAD")
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
                            run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                                                 failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)))

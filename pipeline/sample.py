@@ -57,6 +57,7 @@ from pipeline.model import DiT_models
 from pipeline.precision import Precision, check_precision
 from pipeline.provenance import reuse_or_clear, stamp
 
+ACTOR_RESTARTS = 3  # restarts of each sampling actor, and retries of the shard it was drawing, after it is lost
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
 
@@ -195,7 +196,11 @@ def generate_shards(todo: list[int], card: dict, vae_dir: str, p: SampleParams) 
 
     init_ray()
     n, options = actor_plan(p, len(todo), ray.cluster_resources())
-    actor = ray.remote(ShardWorker).options(**options)
+    # A lost actor (its process or node died) is restarted and its shard redone: a shard is written by the driver
+    # only when it arrives whole, so no index goes missing or is written twice, and its pixels do not depend on
+    # which actor drew it. The actors spread over the nodes: one per node first.
+    actor = ray.remote(ShardWorker).options(**options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
+                                            scheduling_strategy="SPREAD")
     actors = [actor.remote(card, vae_dir, p, device) for _ in range(n)]
     try:
         yield from ActorPool(actors).map_unordered(lambda a, k: a.generate.remote(k), todo)

@@ -11,8 +11,10 @@ What the official train.py lacks and this loop adds:
 
 `train_loop_per_worker(config)` is the loop: Ray Train's TorchTrainer runs it on `num_workers` workers, or it runs
 in-process (num_workers 0). Checkpoints go to a directory every worker can read (a local disk on one machine, a
-shared file system on a cluster: the latents must be readable there too, as in the official script). Only rank 0
-writes checkpoints, the CSV log, MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
+shared file system on a cluster: the latents must be readable there too, as in the official script). Each worker
+memory-maps the latents, so a node holds one copy of them in its page cache whatever its number of workers. A lost
+worker makes Ray Train restart the group from the latest checkpoint. Only rank 0 writes checkpoints, the CSV log,
+MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from pipeline.checkpoints import (
 from pipeline.config import ParamsError, from_dict, to_dict
 from pipeline.determinism import seed_everything
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
-from pipeline.formats.latents import load_latents, read_latents_manifest
+from pipeline.formats.latents import LatentSet, open_latents, read_latents_manifest
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.precision import Precision, check_precision, set_float32_mode
@@ -47,6 +49,10 @@ from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
 
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
+# A lost worker (its process or node died) makes Ray Train restart the whole group, which resumes from the latest
+# checkpoint with the same bytes as an uninterrupted run. An error of the loop itself (a NaN loss, a checkpoint of
+# another run) is retried as well, since Ray cannot tell them apart, and fails again each time: a bounded cost.
+WORKER_GROUP_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -120,15 +126,21 @@ class LatentBatches:
     batch is dropped, as the official DataLoader's drop_last), and rank r takes the r-th of its `world` equal parts,
     so the workers' examples are disjoint. Each step picks a random flip of every example and, for a stored
     posterior, samples it: x = (mean + std * eps) * scaling_factor; both from the step's seeded RNG.
+
+    `latents` is the memory-mapped set (`open_latents`): each step reads its rows from the page cache, which the
+    workers of a node share, so host memory does not grow with the workers. On a GPU with room the set is copied
+    there once. A dict of tensors in memory (tests, benchmarks) counts as one shard.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], scaling_factor: float, seed: int, device: torch.device):
-        keep_on_device = device.type == "cuda" and _fits_on_gpu(tensors, device)
-        store = device if keep_on_device else torch.device("cpu")
-        self.tensors = {k: v.to(store) for k, v in tensors.items()}  # label (N,); mean+std or sample (N, F, C, h, w)
-        self.posterior = "mean" in tensors
-        self.count, self.flips = len(tensors["label"]), tensors["mean" if self.posterior else "sample"].shape[1]
-        self.scaling_factor, self.seed, self.device, self.store = scaling_factor, seed, device, store
+    def __init__(self, latents: LatentSet | dict[str, torch.Tensor], scaling_factor: float, seed: int,
+                 device: torch.device):
+        latents = LatentSet([latents]) if isinstance(latents, dict) else latents
+        keep_on_device = device.type == "cuda" and _fits_on_gpu(latents.nbytes(), device)
+        self.store = device if keep_on_device else torch.device("cpu")
+        self.latents = latents.to(device) if keep_on_device else latents
+        self.posterior = "mean" in latents.keys
+        self.count, self.flips = latents.count, latents.shape("mean" if self.posterior else "sample")[1]
+        self.scaling_factor, self.seed, self.device = scaling_factor, seed, device
         self.epoch, self.order = -1, None
 
     def permutation(self, epoch: int) -> torch.Tensor:
@@ -147,8 +159,8 @@ class LatentBatches:
         epoch, start = self.position(step, global_batch)
         idx = self.permutation(epoch)[start + rank * b: start + (rank + 1) * b]  # (b,)
         flip = torch.randint(0, self.flips, (b,), device=self.store)  # index 0 = original, 1 = flipped
-        parts = [self.tensors["label"][idx]]
-        parts += [self.tensors[k][idx, flip] for k in (("mean", "std") if self.posterior else ("sample",))]
+        parts = [self.latents.take("label", idx)]
+        parts += [self.latents.take(k, idx, flip) for k in (("mean", "std") if self.posterior else ("sample",))]
         if self.store != self.device:
             parts = [p.pin_memory().to(self.device, non_blocking=True) for p in parts]
         y, z = parts[0], parts[1].float()  # z: (b, C, h, w) the posterior mean, or the stored sample
@@ -157,14 +169,14 @@ class LatentBatches:
         return z * self.scaling_factor, y
 
 
-def _fits_on_gpu(tensors: dict[str, torch.Tensor], device: torch.device) -> bool:
+def _fits_on_gpu(nbytes: int, device: torch.device) -> bool:
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    return sum(t.numel() * t.element_size() for t in tensors.values()) <= LATENTS_GPU_FRACTION * free_bytes
+    return nbytes <= LATENTS_GPU_FRACTION * free_bytes
 
 
 def load_latent_batches(latents_dir: str | Path, seed: int, device: torch.device) -> tuple[LatentBatches, dict]:
-    manifest, tensors = load_latents(latents_dir)
-    return LatentBatches(tensors, float(manifest["scaling_factor"]), seed, device), manifest
+    manifest, latents = open_latents(latents_dir)
+    return LatentBatches(latents, float(manifest["scaling_factor"]), seed, device), manifest
 
 
 # --- model, EMA, optimiser and the step ---------------------------------------------------------------------------
@@ -395,7 +407,7 @@ def train_loop_per_worker(config: dict) -> None:
 # --- the driver ---------------------------------------------------------------------------------------------------
 
 def fit_with_ray(config: dict, p: TrainParams) -> None:
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import init_ray
@@ -406,9 +418,13 @@ def fit_with_ray(config: dict, p: TrainParams) -> None:
     # CPU workers share the cluster's CPUs (Ray sizes each worker's torch thread pool from this); GPU workers
     # keep Ray's default of one CPU each beside their GPU.
     per_worker = None if p.use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)) // p.num_workers)}
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker)
+    # GPU workers pack onto as few nodes as hold them (DDP within a node is cheapest); CPU workers spread, one per
+    # node first, since each takes a share of its node's cores.
+    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker,
+                            placement_strategy="PACK" if p.use_gpu else "SPREAD")
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
-                           run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"))
+                           run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                                                failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)))
     trainer.fit()
 
 

@@ -1,7 +1,8 @@
 """A real two-node Ray cluster on this machine, locked with a token, started with the commands of the README's
 "From a laptop to a cluster": `ray start --head` plus `ray start --address=...`, each node with its own CPU and
 temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
-`encode` stage's actors spread over both nodes with the same bytes as a single process."""
+`encode` stage's actors, `train`'s DDP workers and `sample`'s actors spread one per node, with the bytes of a single
+process (encode) or of a local one-node Ray (train, sample)."""
 import dataclasses
 import json
 import os
@@ -175,3 +176,55 @@ def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, in
     assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
     assert shard_hashes(tmp_path / "cluster") == shard_hashes(tmp_path / "local")
     assert (tmp_path / "cluster" / "manifest.json").read_bytes() == (tmp_path / "local" / "manifest.json").read_bytes()
+
+
+# The train and sample stages' library calls (tiny DiT, 6 steps; 16 samples) on whichever Ray RAY_ADDRESS names, or a
+# local one without it; then the nodes their Ray Train workers and sampling actors ran on.
+TRAIN_AND_SAMPLE = """
+import json, sys
+from pathlib import Path
+import ray
+from ray._private.state import actors
+from pipeline import sample as S
+from pipeline.cluster import init_ray
+from pipeline.formats.model_card import read_model_card
+from test_sample import params
+from test_train import base_params, run
+
+root, latents, vae_dir = map(Path, sys.argv[1:4])
+init_ray()
+run(root / "train", latents, base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3))
+S.run_sample(params(num_workers=2, num_fid_samples=16, shard_size=8), read_model_card(root / "train" / "dit"),
+             vae_dir, root / "sample")
+nodes = lambda name: [a["Address"]["NodeID"] for a in actors().values() if name in a["ActorClassName"]]
+print(json.dumps({"train": nodes("RayTrainWorker"), "sample": nodes("ShardWorker"),
+                  "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
+"""
+
+
+def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster, tmp_path, tiny_vae):
+    """Train with 2 DDP workers over gloo and sample with 2 actors, on the cluster and on a local one-node Ray."""
+    import numpy as np
+    import torch
+
+    from test_train import write_latents
+
+    address, env = cluster
+    latents = write_latents(tmp_path / "latents")
+    tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")  # 16 px <-> 4x8x8, as the latents
+    env = {**env, "PYTHONPATH": os.pathsep.join([env["PYTHONPATH"], str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    reports = {}
+    for where, extra in (("cluster", {"RAY_ADDRESS": address}), ("local", {})):
+        done = subprocess.run([sys.executable, "-c", TRAIN_AND_SAMPLE, str(tmp_path / where), str(latents),
+                               str(tmp_path / "vae")], cwd=REPO, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports[where] = json.loads(done.stdout.strip().splitlines()[-1])
+    placed = reports["cluster"]
+    assert len(set(placed["alive"])) == 2
+    assert sorted(placed["train"]) == sorted(placed["alive"])  # one DDP worker per node
+    assert sorted(placed["sample"]) == sorted(placed["alive"])  # one sampling actor per node
+    ema = [torch.load(tmp_path / w / "train" / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    samples = [np.load(tmp_path / w / "sample" / "samples.npz") for w in ("cluster", "local")]
+    np.testing.assert_array_equal(samples[0]["arr_0"], samples[1]["arr_0"])

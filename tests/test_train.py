@@ -219,7 +219,9 @@ T.train(base_params(), TrackingParams(enabled=False, experiment="x"), latents, r
 def test_resume_after_sigkill_is_bit_exact(tmp_path, latents, reference):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    # The child imports this checkout's `pipeline` (not whichever an editable install names), or its code stamp
+    # would differ from the resuming parent's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)]), "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "child.log", "w")
     child = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(latents)], env=env,
                              stdout=log, stderr=subprocess.STDOUT)

@@ -2,15 +2,18 @@
 with the image shards' row split, and a manifest with the scaling factor.
 
 Written by the encode stage (`pipeline.encode` places rows and calls `write_shard` / `write_latents_manifest`); read
-by train through `load_latents`, which imports nothing of Ray or the VAE.
+by train through `open_latents`, which memory-maps the shards: a worker reads the rows it indexes from the page
+cache, which every process on a node shares, so N workers on a node hold one copy of the set, not N (ImageNet-256's
+fp16 mean and std with flips take ~42 GB). Imports nothing of Ray or the VAE.
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline.artifacts import ArtifactError, atomic_write, read_manifest, sha256_file, write_manifest
@@ -39,18 +42,120 @@ def read_latents_manifest(latents_dir: str | Path) -> dict:
     return read_manifest(latents_dir, *LATENTS_FORMAT, stage=STAGE)
 
 
-def load_latents(latents_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The manifest and all shards concatenated: `label` int64 (N,), and `mean` + `std` or `sample` (N, F, C, h, w),
-    unscaled, in the stored dtype. Holds the whole set in memory (fine for the latents of ~1M 256px images in fp16
-    on a training node: ImageNet's fp16 means with flips take about 21 GB)."""
+# safetensors' dtype names (its format spec) -> torch; encode writes float16/float32 latents and int64 labels
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+
+
+def map_shard(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file as views of its pages, mapped copy-on-write (never written back): nothing
+    is read until a row is indexed, no file descriptor stays open, and a page read once serves every process on the
+    node. The layout is safetensors' spec: an 8-byte little-endian header size, a JSON header with each tensor's
+    dtype, shape and [begin, end) byte offsets, then the data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if header_size > size - 8:
+            raise ArtifactError(f"{path} is not a safetensors file (header of {header_size} bytes in {size})")
+        header = json.loads(f.read(header_size))
+    raw = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)  # (size,) MAP_PRIVATE
+    data_start = 8 + header_size
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ArtifactError(f"{path}: tensor {key!r} has dtype {info['dtype']}, not one of "
+                                f"{sorted(SAFETENSORS_DTYPES)}; run `dvc repro {STAGE}`")
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        begin, end = (data_start + o for o in info["data_offsets"])
+        itemsize = dtype.itemsize
+        if end - begin != math.prod(info["shape"]) * itemsize or end > size or begin % itemsize:
+            raise ArtifactError(f"{path}: tensor {key!r} has a corrupt or misaligned extent; run `dvc repro {STAGE}`")
+        tensors[key] = raw[begin:end].view(dtype).view(info["shape"])
+    return tensors
+
+
+_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}  # itemsize -> an integer dtype of that width
+_TORCH_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class LatentSet:
+    """The rows of all shards in manifest order, without concatenating them: global row i is row i - starts[s] of
+    shard s. Shards are memory-mapped files (`open_latents`) or tensors already in memory (one shard: tests,
+    benchmarks, or the set copied onto a GPU by `to`)."""
+
+    def __init__(self, shards: list[dict[str, torch.Tensor]]):
+        if not shards:
+            raise ArtifactError("a latent set needs at least one shard")
+        self.shards = shards
+        self.keys = sorted(shards[0])
+        for i, shard in enumerate(shards):
+            if sorted(shard) != self.keys or any(len(shard[k]) != len(shard["label"]) for k in self.keys) or any(
+                    shard[k].shape[1:] != shards[0][k].shape[1:] or shard[k].dtype != shards[0][k].dtype
+                    for k in self.keys):
+                raise ArtifactError(f"latent shard {i} does not match the first in keys, rows, shapes or dtypes; "
+                                    f"run `dvc repro {STAGE}`")
+        self.starts = np.cumsum([0] + [len(s["label"]) for s in shards])  # (S + 1,) first global row of each shard
+        self.count = int(self.starts[-1])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return (self.count, *self.shards[0][key].shape[1:])
+
+    def nbytes(self) -> int:
+        return sum(math.prod(self.shape(k)) * self.shards[0][k].dtype.itemsize for k in self.keys)
+
+    def take(self, key: str, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows `idx` (b,) of `key`, and of those the flips `flip` (b,) when given: a new (b, ...) tensor in the
+        stored dtype, on the shards' device. Reads only those rows."""
+        if len(self.shards) == 1:
+            t = self.shards[0][key]
+            return t[idx] if flip is None else t[idx, flip]
+        # Gathered in numpy, whose fancy indexing costs a few microseconds a call against torch's tens: this loop
+        # runs once per shard that the batch touches. Integer views of the same width carry any dtype's bits.
+        idx_np = idx.numpy()
+        shard_of = np.searchsorted(self.starts, idx_np, side="right") - 1  # (b,)
+        local, order = idx_np - self.starts[shard_of], np.argsort(shard_of, kind="stable")
+        cuts = np.searchsorted(shard_of[order], np.arange(len(self.shards) + 1))  # shard s: order[cuts[s]:cuts[s+1]]
+        first = self.shards[0][key]
+        out = np.empty((len(idx), *first.shape[1 if flip is None else 2:]), dtype=_BITS[first.dtype.itemsize])
+        flip_np = None if flip is None else flip.numpy()
+        for s in np.flatnonzero(np.diff(cuts)).tolist():
+            rows = order[cuts[s]:cuts[s + 1]]
+            src = self.shards[s][key].view(_TORCH_BITS[first.dtype.itemsize]).numpy()
+            out[rows] = src[local[rows]] if flip is None else src[local[rows], flip_np[rows]]
+        return torch.from_numpy(out).view(first.dtype)
+
+    def to(self, device: torch.device) -> "LatentSet":
+        """The whole set as one shard of contiguous tensors on `device`, filled shard by shard (no second copy)."""
+        if len(self.shards) == 1 and all(t.device == device for t in self.shards[0].values()):
+            return self
+        tensors = {}
+        for key in self.keys:
+            tensors[key] = torch.empty(self.shape(key), dtype=self.shards[0][key].dtype, device=device)
+            for s, shard in enumerate(self.shards):
+                tensors[key][self.starts[s]:self.starts[s + 1]] = shard[key]
+        return LatentSet([tensors])
+
+
+def open_latents(latents_dir: str | Path) -> tuple[dict, LatentSet]:
+    """The manifest and its shards, memory-mapped: `label` int64 (N,), and `mean` + `std` or `sample`
+    (N, F, C, h, w), unscaled, in the stored dtype."""
     manifest = read_latents_manifest(latents_dir)
-    parts: dict[str, list[torch.Tensor]] = {}
-    for shard in manifest["shards"]:
-        with safe_open(str(Path(latents_dir) / shard["file"]), "pt") as f:
-            for key in f.keys():
-                parts.setdefault(key, []).append(f.get_tensor(key))
-    tensors = {key: torch.cat(values) for key, values in parts.items()}
-    if len(tensors["label"]) != manifest["count"]:
-        raise ArtifactError(f"{latents_dir} holds {len(tensors['label'])} rows, its manifest says "
+    shards = []
+    for entry in manifest["shards"]:
+        path = Path(latents_dir) / entry["file"]
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing; run `dvc pull` or `dvc repro {STAGE}`")
+        shards.append(map_shard(path))
+    latents = LatentSet(shards)
+    if latents.count != manifest["count"]:
+        raise ArtifactError(f"{latents_dir} holds {latents.count} rows, its manifest says "
                             f"{manifest['count']}; run `dvc repro {STAGE}`")
-    return manifest, tensors
+    return manifest, latents
+
+
+def load_latents(latents_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest and the whole set as contiguous tensors in memory (a private copy: for tests and tools; train
+    uses `open_latents`)."""
+    manifest, latents = open_latents(latents_dir)
+    return manifest, latents.to(torch.device("cpu")).shards[0]

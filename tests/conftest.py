@@ -30,13 +30,16 @@ import mlflow  # noqa: E402
 
 from pipeline.artifacts import atomic_write_json, write_manifest
 from pipeline.config import load_section
+from pipeline.formats.model_card import write_model_card
 from pipeline.metrics import EvaluateParams, evaluate_stage, split_evaluation
 from pipeline.model import DiT
 from pipeline.reference import ReferenceParams, build_reference
 from pipeline.sample import SampleParams, read_model_card, run_sample
 from pipeline.tracking import TrackingParams
 from pipeline.train import TrainParams, export
-from synthetic import make_shapes, write_images_dir
+from synthetic import blob_images, make_shapes, write_images_dir
+from tiny_sample import DIFFUSION, IMAGE as SAMPLE_IMAGE, LATENT as SAMPLE_LATENT, NUM_CLASSES as SAMPLE_CLASSES, SCALE as SAMPLE_SCALE
+from tiny_train import write_latents
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +232,37 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     proc.stdout.close()
+
+
+# --- the train and encode tests' inputs, shared with the curve, failure and cluster tests --------------------------
+
+@pytest.fixture(scope="session")
+def latents(tmp_path_factory) -> Path:
+    """tests/tiny_train.py's 64-example latents artifact."""
+    return write_latents(tmp_path_factory.mktemp("latents") / "latents")
+
+
+@pytest.fixture(scope="session")
+def encode_inputs(tmp_path_factory, tiny_vae) -> dict:
+    root = tmp_path_factory.mktemp("encode")
+    images, labels = blob_images(20, 16, seed=1)
+    images_dir = write_images_dir(root / "images", images, labels, 3, shard_size=8)  # shards of 8, 8 and 4 rows
+    vae_dir = root / "vae"
+    tiny_vae(scaling_factor=0.7).save_pretrained(vae_dir)
+    return {"images_dir": images_dir, "vae_dir": vae_dir, "images": images, "labels": labels}
+
+
+@pytest.fixture(scope="session")
+def sample_dirs(tmp_path_factory, tiny_vae, perturb):
+    """A models/dit (ema.pt + model.json + tracking.json) and a models/vae snapshot, as train and vae write them."""
+    root = tmp_path_factory.mktemp("models")
+    dit_dir, vae_dir = root / "dit", root / "vae"
+    dit_dir.mkdir()
+    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                        num_classes=SAMPLE_CLASSES), seed=2).eval()
+    latents = {"latent_shape": list(SAMPLE_LATENT), "scaling_factor": SAMPLE_SCALE, "image_size": SAMPLE_IMAGE,
+               "num_classes": SAMPLE_CLASSES, "class_names": ["zero", "one", "two", "three"]}
+    write_model_card(dit_dir, model.state_dict(), "tiny", model.config, DIFFUSION, latents, train_steps=0)
+    (dit_dir / "tracking.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None}))
+    tiny_vae(SAMPLE_SCALE, seed=1, norm_num_groups=8).save_pretrained(vae_dir)
+    return dit_dir, vae_dir

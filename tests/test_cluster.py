@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.encode import encode_local
-from test_encode import PARAMS as ENCODE_PARAMS
-from test_encode import inputs, shard_hashes  # noqa: F401 (fixture)
+from tiny_encode import PARAMS as ENCODE_PARAMS
+from tiny_encode import shard_hashes
 
 pytestmark = pytest.mark.slow
 
@@ -164,11 +164,11 @@ print(json.dumps({"nodes": nodes, "alive": [n["NodeID"] for n in ray.nodes() if 
 """
 
 
-def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, inputs, tmp_path):
+def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, encode_inputs, tmp_path):
     address, env = cluster
     params = dataclasses.replace(ENCODE_PARAMS, store="sample", num_actors=2, batch_size=3)
-    encode_local(params, inputs["images_dir"], inputs["vae_dir"], tmp_path / "local")
-    args = [dataclasses.asdict(params), str(inputs["images_dir"]), str(inputs["vae_dir"]), str(tmp_path / "cluster")]
+    encode_local(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "local")
+    args = [dataclasses.asdict(params), str(encode_inputs["images_dir"]), str(encode_inputs["vae_dir"]), str(tmp_path / "cluster")]
     done = subprocess.run([sys.executable, "-c", ENCODE, json.dumps(args)], cwd=REPO,
                           env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -188,8 +188,8 @@ from ray._private.state import actors
 from pipeline import sample as S
 from pipeline.cluster import init_ray
 from pipeline.formats.model_card import read_model_card
-from test_sample import params
-from test_train import base_params, run
+from tiny_sample import params
+from tiny_train import base_params, run
 
 root, latents, vae_dir = map(Path, sys.argv[1:4])
 init_ray()
@@ -207,7 +207,7 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     import numpy as np
     import torch
 
-    from test_train import write_latents
+    from tiny_train import write_latents
 
     address, env = cluster
     latents = write_latents(tmp_path / "latents")

@@ -23,7 +23,7 @@ from pipeline.metrics import EvaluateParams
 from pipeline.model import DiT, DiT_models
 from pipeline.reference import ReferenceParams, build_reference
 from synthetic import make_shapes, write_images_dir
-from test_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
+from tiny_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
 
 MODEL = "DiT-Ti/4"  # a preset, so that pipeline.flops can count its Gflops; 4 tokens on 8x8 latents
 REFERENCE = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,

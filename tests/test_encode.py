@@ -17,54 +17,37 @@ from pipeline.config import load_section
 from pipeline.encode import EncodeParams, encode_local, run_encode
 from pipeline.formats.latents import load_latents
 from pipeline.vae import encode_images, load_vae
-from synthetic import blob_images, write_images_dir
+from tiny_encode import PARAMS, shard_hashes
 
 REPO = Path(__file__).resolve().parents[1]
-# micro_batch 4 against batch sizes 1, 3, 5, 7: every batch boundary falls somewhere else, every last chunk is padded.
-PARAMS = EncodeParams(flip=True, store="posterior", dtype="float32", batch_size=5, micro_batch=4, num_actors=1,
-                      use_gpu=False, seed=0)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_vae) -> dict:
-    root = tmp_path_factory.mktemp("encode")
-    images, labels = blob_images(20, 16, seed=1)
-    images_dir = write_images_dir(root / "images", images, labels, 3, shard_size=8)  # shards of 8, 8 and 4 rows
-    vae_dir = root / "vae"
-    tiny_vae(scaling_factor=0.7).save_pretrained(vae_dir)
-    return {"images_dir": images_dir, "vae_dir": vae_dir, "images": images, "labels": labels}
-
-
-def encode(inputs: dict, out: Path, **changes) -> tuple[dict, dict[str, torch.Tensor]]:
-    encode_local(dataclasses.replace(PARAMS, **changes), inputs["images_dir"], inputs["vae_dir"], out)
+def encode(encode_inputs: dict, out: Path, **changes) -> tuple[dict, dict[str, torch.Tensor]]:
+    encode_local(dataclasses.replace(PARAMS, **changes), encode_inputs["images_dir"], encode_inputs["vae_dir"], out)
     return load_latents(out)
-
-
-def shard_hashes(directory: Path) -> list[str]:
-    return [sha256_file(p) for p in sorted(directory.glob("latents-*.safetensors"))]
 
 
 def test_params_yaml_encode_section_loads():
     assert load_section(EncodeParams, "encode", REPO / "params.yaml").micro_batch >= 1
 
 
-def test_latents_are_the_vae_posterior_of_each_image_and_its_flip(inputs, tmp_path):
-    manifest, latents = encode(inputs, tmp_path / "latents")
-    vae = load_vae(inputs["vae_dir"])
-    x = torch.from_numpy(inputs["images"]).permute(0, 3, 1, 2)  # (20, 3, 16, 16) uint8
+def test_latents_are_the_vae_posterior_of_each_image_and_its_flip(encode_inputs, tmp_path):
+    manifest, latents = encode(encode_inputs, tmp_path / "latents")
+    vae = load_vae(encode_inputs["vae_dir"])
+    x = torch.from_numpy(encode_inputs["images"]).permute(0, 3, 1, 2)  # (20, 3, 16, 16) uint8
     for view, images in enumerate([x, x.flip(-1)]):
         mean, std = encode_images(vae, images)  # one batch of 20: other kernels, so equal only to rounding
         torch.testing.assert_close(latents["mean"][:, view], mean, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(latents["std"][:, view], std, rtol=1e-4, atol=1e-5)
     assert latents["mean"].shape == latents["std"].shape == (20, 2, 4, 8, 8)
-    assert torch.equal(latents["label"], torch.from_numpy(inputs["labels"]))
-    images_manifest = json.loads((inputs["images_dir"] / "manifest.json").read_text())
+    assert torch.equal(latents["label"], torch.from_numpy(encode_inputs["labels"]))
+    images_manifest = json.loads((encode_inputs["images_dir"] / "manifest.json").read_text())
     assert {k: manifest[k] for k in ("format", "version", "count", "latent_shape", "dtype", "flip", "store")} == {
         "format": "dit-latents", "version": 1, "count": 20, "latent_shape": [4, 8, 8], "dtype": "float32",
         "flip": True, "store": "posterior"}
     assert manifest["scaling_factor"] == 0.7  # copied from the VAE config; the latents themselves are unscaled
-    assert manifest["vae_sha256"] == sha256_dir(inputs["vae_dir"])
-    assert manifest["images_manifest_sha256"] == sha256_file(inputs["images_dir"] / "manifest.json")
+    assert manifest["vae_sha256"] == sha256_dir(encode_inputs["vae_dir"])
+    assert manifest["images_manifest_sha256"] == sha256_file(encode_inputs["images_dir"] / "manifest.json")
     assert (manifest["num_classes"], manifest["class_names"], manifest["image_size"]) == (
         images_manifest["num_classes"], images_manifest["class_names"], 16)
     assert [(s["file"], s["count"]) for s in manifest["shards"]] == [
@@ -73,8 +56,8 @@ def test_latents_are_the_vae_posterior_of_each_image_and_its_flip(inputs, tmp_pa
 
 
 @pytest.mark.parametrize("store", ["posterior", "sample"])
-def test_bytes_do_not_depend_on_the_batch_size(inputs, tmp_path, store):
-    runs = [encode(inputs, tmp_path / f"b{b}", store=store, batch_size=b)[0] for b in (1, 7)]
+def test_bytes_do_not_depend_on_the_batch_size(encode_inputs, tmp_path, store):
+    runs = [encode(encode_inputs, tmp_path / f"b{b}", store=store, batch_size=b)[0] for b in (1, 7)]
     assert shard_hashes(tmp_path / "b1") == shard_hashes(tmp_path / "b7")
     assert runs[0] == runs[1]
 
@@ -82,8 +65,8 @@ def test_bytes_do_not_depend_on_the_batch_size(inputs, tmp_path, store):
 @pytest.mark.parametrize("flip, store, dtype", [
     (False, "posterior", "float16"), (False, "sample", "float16"), (True, "sample", "float32"),
 ])
-def test_options_give_the_documented_tensors(inputs, tmp_path, flip, store, dtype):
-    manifest, latents = encode(inputs, tmp_path / "latents", flip=flip, store=store, dtype=dtype)
+def test_options_give_the_documented_tensors(encode_inputs, tmp_path, flip, store, dtype):
+    manifest, latents = encode(encode_inputs, tmp_path / "latents", flip=flip, store=store, dtype=dtype)
     keys = {"posterior": {"label", "mean", "std"}, "sample": {"label", "sample"}}[store]
     assert set(latents) == keys and (manifest["flip"], manifest["store"], manifest["dtype"]) == (flip, store, dtype)
     for key in keys - {"label"}:
@@ -91,10 +74,10 @@ def test_options_give_the_documented_tensors(inputs, tmp_path, flip, store, dtyp
         assert latents[key].dtype == getattr(torch, dtype)
 
 
-def test_sample_is_one_draw_seeded_by_the_image_index(inputs, tmp_path):
-    _, posterior = encode(inputs, tmp_path / "posterior")
-    _, sample = encode(inputs, tmp_path / "sample", store="sample")
-    _, reseeded = encode(inputs, tmp_path / "reseeded", store="sample", seed=1)
+def test_sample_is_one_draw_seeded_by_the_image_index(encode_inputs, tmp_path):
+    _, posterior = encode(encode_inputs, tmp_path / "posterior")
+    _, sample = encode(encode_inputs, tmp_path / "sample", store="sample")
+    _, reseeded = encode(encode_inputs, tmp_path / "reseeded", store="sample", seed=1)
     for i in (0, 13):  # image i's noise comes from (seed, i) alone
         eps = np.random.Generator(np.random.PCG64(np.random.SeedSequence([PARAMS.seed, i]))).standard_normal(
             (2, 4, 8, 8), dtype=np.float32)
@@ -112,10 +95,10 @@ def local_ray():
 
 
 @pytest.mark.slow
-def test_ray_with_two_actors_equals_single_process_bit_for_bit(inputs, tmp_path, local_ray):
-    reference, _ = encode(inputs, tmp_path / "local", store="sample")
+def test_ray_with_two_actors_equals_single_process_bit_for_bit(encode_inputs, tmp_path, local_ray):
+    reference, _ = encode(encode_inputs, tmp_path / "local", store="sample")
     params = dataclasses.replace(PARAMS, store="sample", num_actors=2, batch_size=3)
-    metrics = run_encode(params, inputs["images_dir"], inputs["vae_dir"], tmp_path / "ray", tmp_path / "encode.json")
+    metrics = run_encode(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray", tmp_path / "encode.json")
     assert shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
     assert load_latents(tmp_path / "ray")[0] == reference
     assert metrics["count"] == 20 and metrics["num_actors"] == 2 and metrics["img_per_s"] > 0

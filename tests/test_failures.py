@@ -19,8 +19,8 @@ import pipeline.checkpoints as C
 from pipeline import sample as S
 from pipeline.formats.model_card import read_model_card
 from slow_workers import PID_DIR
-from test_sample import dirs, load_samples, params  # noqa: F401 (fixture)
-from test_train import assert_bitwise_equal, base_params, latents, load_ema, read_log, run  # noqa: F401 (fixture)
+from tiny_sample import load_samples, params
+from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +88,8 @@ def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray
     assert steps == sorted(set(steps)) and steps[-1] == p.train_steps  # resumed, not restarted from scratch
 
 
-def test_a_killed_sampling_actor_is_replaced_and_its_shard_redone(local_ray, dirs, tmp_path):  # noqa: F811
-    dit_dir, vae_dir = dirs
+def test_a_killed_sampling_actor_is_replaced_and_its_shard_redone(local_ray, sample_dirs, tmp_path):
+    dit_dir, vae_dir = sample_dirs
     card = read_model_card(dit_dir)
     p = params(num_fid_samples=48, shard_size=8, num_workers=2)  # 6 shards over 2 actors
     S.run_sample(p, card, vae_dir, tmp_path / "uninterrupted")

@@ -17,48 +17,21 @@ from pipeline import generate as G
 from pipeline import sample as S
 from pipeline.artifacts import ArtifactError, read_manifest, sha256_file
 from pipeline.config import ParamsError, load_section
-from pipeline.formats.model_card import read_model_card, write_model_card
-from pipeline.model import DiT, DiT_models
+from pipeline.formats.model_card import read_model_card
+from pipeline.model import DiT_models
 from pipeline.tracking import TrackingParams
-
-NUM_CLASSES, LATENT, IMAGE = 4, (4, 8, 8), 16
-MICRO = 8  # sample.micro_batch in these tests
-SCALE = 0.5
-DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}  # as train records it
+from tiny_sample import DIFFUSION, IMAGE, LATENT, MICRO, NUM_CLASSES, load_samples, params
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, tiny_vae, perturb):
-    """A models/dit (ema.pt + model.json + tracking.json) and a models/vae snapshot, as train and vae write them."""
-    root = tmp_path_factory.mktemp("models")
-    dit_dir, vae_dir = root / "dit", root / "vae"
-    dit_dir.mkdir()
-    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                        num_classes=NUM_CLASSES), seed=2).eval()
-    latents = {"latent_shape": list(LATENT), "scaling_factor": SCALE, "image_size": IMAGE,
-               "num_classes": NUM_CLASSES, "class_names": ["zero", "one", "two", "three"]}
-    write_model_card(dit_dir, model.state_dict(), "tiny", model.config, DIFFUSION, latents, train_steps=0)
-    (dit_dir / "tracking.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None}))
-    tiny_vae(SCALE, seed=1, norm_num_groups=8).save_pretrained(vae_dir)
-    return dit_dir, vae_dir
-
-
-@pytest.fixture(scope="module")
-def models(dirs):
-    dit_dir, vae_dir = dirs
+def models(sample_dirs):
+    dit_dir, vae_dir = sample_dirs
     card = read_model_card(dit_dir)
     model, vae = G.load_models(card, vae_dir, "cpu")
     return card, model, vae
-
-
-def params(**overrides) -> S.SampleParams:
-    base = dict(num_fid_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                labels="balanced", batch_size=8, micro_batch=MICRO, precision="fp32", compile=False, num_workers=0, use_gpu=False, shard_size=8, seed=0,
-                grid_per_class=3)
-    return S.SampleParams(**{**base, **overrides})
 
 
 def generate(models, indices, labels, batch_size, seed=0, **kw):
@@ -69,9 +42,7 @@ def generate(models, indices, labels, batch_size, seed=0, **kw):
     return G.generate_images(model, vae, labels, indices, **{**settings, **kw})
 
 
-def load_samples(out_dir):
-    with np.load(out_dir / "samples.npz") as f:
-        return f["arr_0"], f["labels"]
+
 
 
 # --- determinism ------------------------------------------------------------------------------------------------
@@ -114,8 +85,8 @@ def test_label_changes_only_its_own_sample(models):
     assert changed == [3]
 
 
-def test_shard_size_does_not_change_pixels(dirs, tmp_path):
-    dit_dir, vae_dir = dirs
+def test_shard_size_does_not_change_pixels(sample_dirs, tmp_path):
+    dit_dir, vae_dir = sample_dirs
     card = read_model_card(dit_dir)
     S.run_sample(params(shard_size=8, batch_size=3), card, vae_dir, tmp_path / "a")
     S.run_sample(params(shard_size=16, batch_size=16), card, vae_dir, tmp_path / "b")
@@ -123,9 +94,9 @@ def test_shard_size_does_not_change_pixels(dirs, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_workers_do_not_change_pixels(dirs, tmp_path):
+def test_ray_workers_do_not_change_pixels(sample_dirs, tmp_path):
     ray = pytest.importorskip("ray")
-    dit_dir, vae_dir = dirs
+    dit_dir, vae_dir = sample_dirs
     card = read_model_card(dit_dir)
     try:
         S.run_sample(params(num_workers=1), card, vae_dir, tmp_path / "one")
@@ -140,8 +111,8 @@ def test_ray_workers_do_not_change_pixels(dirs, tmp_path):
 
 # --- resume -----------------------------------------------------------------------------------------------------
 
-def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
-    dit_dir, vae_dir = dirs
+def test_resume_after_kill_reuses_finished_shards(sample_dirs, tmp_path, monkeypatch):
+    dit_dir, vae_dir = sample_dirs
     card, p, out = read_model_card(dit_dir), params(), tmp_path / "out"
     original, calls = S.ShardWorker.generate, []
 
@@ -174,8 +145,8 @@ def test_resume_after_kill_reuses_finished_shards(dirs, tmp_path, monkeypatch):
     assert not shard_dir.exists()
 
 
-def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(dirs, tmp_path, monkeypatch, capsys):
-    dit_dir, vae_dir = dirs
+def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(sample_dirs, tmp_path, monkeypatch, capsys):
+    dit_dir, vae_dir = sample_dirs
     card, p, out = S.read_model_card(dit_dir), params(), tmp_path / "out"
     S.run_sample(p, card, vae_dir, out)
     original, calls = S.ShardWorker.generate, []
@@ -189,8 +160,8 @@ def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(dir
     assert calls == [0, 1, 2] and "code changed: pipeline/diffusion.py" in capsys.readouterr().out
 
 
-def test_more_samples_extend_a_finished_run(dirs, tmp_path, monkeypatch):
-    dit_dir, vae_dir = dirs
+def test_more_samples_extend_a_finished_run(sample_dirs, tmp_path, monkeypatch):
+    dit_dir, vae_dir = sample_dirs
     card, out = read_model_card(dit_dir), tmp_path / "out"
     S.run_sample(params(num_fid_samples=20), card, vae_dir, out)  # shards 0, 1 full, shard 2 holds 4
     original, calls = S.ShardWorker.generate, []
@@ -203,8 +174,8 @@ def test_more_samples_extend_a_finished_run(dirs, tmp_path, monkeypatch):
 
 # --- outputs ----------------------------------------------------------------------------------------------------
 
-def test_outputs_in_adm_layout_with_manifest(dirs, tmp_path):
-    dit_dir, vae_dir = dirs
+def test_outputs_in_adm_layout_with_manifest(sample_dirs, tmp_path):
+    dit_dir, vae_dir = sample_dirs
     card = read_model_card(dit_dir)
     metrics = S.run_sample(params(), card, vae_dir, tmp_path)
     with np.load(tmp_path / "samples.npz") as f:  # how ADM's evaluator opens it: no pickle, arr_0 NHWC uint8
@@ -223,8 +194,8 @@ def test_outputs_in_adm_layout_with_manifest(dirs, tmp_path):
     assert metrics["img_per_s"] > 0 and metrics["img_steps_per_s"] == pytest.approx(4 * metrics["img_per_s"])
 
 
-def test_grid_one_row_per_class(dirs, tmp_path):
-    dit_dir, vae_dir = dirs
+def test_grid_one_row_per_class(sample_dirs, tmp_path):
+    dit_dir, vae_dir = sample_dirs
     S.run_sample(params(grid_per_class=3), read_model_card(dit_dir), vae_dir, tmp_path)
     images, labels = load_samples(tmp_path)
     grid = G.make_grid(images, labels, NUM_CLASSES, 3)
@@ -268,9 +239,9 @@ def test_seeds_are_distinct_per_index_and_stream():
 
 # --- checkpoints and params -------------------------------------------------------------------------------------
 
-def test_official_checkpoint_command(dirs, tmp_path, perturb):
+def test_official_checkpoint_command(sample_dirs, tmp_path, perturb):
     """The Table 2 command path: a flat state_dict with no config, model and image size given."""
-    _, vae_dir = dirs
+    _, vae_dir = sample_dirs
     torch.manual_seed(0)
     model = perturb(DiT_models["DiT-Ti/8"](input_size=8, num_classes=1000), seed=2).eval()  # latent 8 = 16 px / 2
     torch.save(model.state_dict(), tmp_path / "DiT-Ti-8-16x16.pt")
@@ -297,14 +268,14 @@ def test_official_checkpoint_command(dirs, tmp_path, perturb):
                 "16", "--vae", str(vae_dir), "--out", str(tmp_path / "bad"), "--params", str(tmp_path / "params.yaml")])
 
 
-def test_sampling_uses_the_diffusion_the_model_card_records(models, dirs, tmp_path):
+def test_sampling_uses_the_diffusion_the_model_card_records(models, sample_dirs, tmp_path):
     """The diffusion is read back from model.json, not taken from defaults: another schedule gives other pixels, and
     a card without it names the stage to rerun."""
     indices = np.arange(4)
     cosine = {**DIFFUSION, "noise_schedule": "squaredcos_cap_v2"}
     linear_images = generate(models, indices, indices % NUM_CLASSES, 4)
     assert not np.array_equal(linear_images, generate(models, indices, indices % NUM_CLASSES, 4, diffusion=cosine))
-    dit_dir, _ = dirs
+    dit_dir, _ = sample_dirs
     card = json.loads((dit_dir / "model.json").read_text())
     assert card["diffusion"] == DIFFUSION and read_model_card(dit_dir)["diffusion"] == DIFFUSION
     old = tmp_path / "dit"
@@ -316,8 +287,8 @@ def test_sampling_uses_the_diffusion_the_model_card_records(models, dirs, tmp_pa
         read_model_card(old)
 
 
-def test_stale_or_mismatched_checkpoints_are_rejected(dirs, tmp_path):
-    dit_dir, vae_dir = dirs
+def test_stale_or_mismatched_checkpoints_are_rejected(sample_dirs, tmp_path):
+    dit_dir, vae_dir = sample_dirs
     card = json.loads((dit_dir / "model.json").read_text())
     bad = tmp_path / "dit"
     bad.mkdir()
@@ -350,9 +321,9 @@ def test_actor_plan():
 
 # --- the stage and its MLflow side channel ----------------------------------------------------------------------
 
-def test_grid_is_logged_into_the_training_run(dirs, tmp_path, monkeypatch):
+def test_grid_is_logged_into_the_training_run(sample_dirs, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
-    dit_dir, vae_dir = dirs
+    dit_dir, vae_dir = sample_dirs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     mlflow.create_experiment("sample-test", artifact_location=(tmp_path / "artifacts").as_uri())
@@ -379,8 +350,8 @@ def test_grid_is_logged_into_the_training_run(dirs, tmp_path, monkeypatch):
     assert log_to_training_run(tracking, dit_dir, metrics, "sample") is None  # no run id: no-op
 
 
-def test_stage_script(dirs, tmp_path, monkeypatch):
-    dit_dir, vae_dir = dirs
+def test_stage_script(sample_dirs, tmp_path, monkeypatch):
+    dit_dir, vae_dir = sample_dirs
     settings = {"sample": dataclasses.asdict(params(num_fid_samples=8)),
                 "tracking": {"enabled": False, "experiment": "unused"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))

@@ -24,10 +24,11 @@ from typing import Any
 import yaml
 
 from pipeline.config import ParamsError, from_dict, read_yaml
+from pipeline.model import CPU_SIZES
 from pipeline.provenance import local_input
 
 PROFILE_DIR = Path("profiles")
-CPU_MODEL_SIZES = ("DiT-Ti/",)  # the presets sized for a CPU; anything bigger makes a GPU profile
+CPU_MODEL_SIZES = tuple(f"DiT-{size}/" for size in CPU_SIZES)  # sized for a CPU; anything bigger makes a GPU profile
 # Sections with a use_gpu switch, and the train settings under which a stage does no GPU work: with an official
 # checkpoint, `train` only copies weights and `curve` has no checkpoints to score.
 GPU_SECTIONS = ("encode", "train", "reference", "sample", "evaluate", "curve")

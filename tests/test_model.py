@@ -67,7 +67,8 @@ def test_cpu_presets_are_one_depth_width_family():
     with torch.device("meta"):
         for name, depth in (("DiT-4x128/2", 4), ("DiT-Ti/2", 6), ("DiT-8x256/2", 8)):
             m = DiT_models[name](input_size=8, num_classes=10)
-            assert (len(m.blocks), m.config["hidden_size"], m.blocks[0].attn.num_heads) == (depth, 32 * depth, depth // 2)
+            shape = (len(m.blocks), m.config["hidden_size"], m.blocks[0].attn.num_heads)
+            assert shape == (depth, 32 * depth, depth // 2)
             assert m.blocks[0].mlp.fc1.out_features == 4 * 32 * depth
         assert {p: DiT_models[f"DiT-Ti/{p}"](input_size=8, num_classes=10).pos_embed.shape[1]
                 for p in (1, 2, 4)} == {1: 64, 2: 16, 4: 4}

@@ -14,8 +14,8 @@ A training run is `dvc exp run --queue -n NAME curve evaluate -S ...` from HEAD,
 --jobs 1`. A sampling run (only sample.* keys differ) must not train again, and DVC's run cache cannot spare it:
 `train` (models/checkpoints) and `sample` (data/samples/shards) have persistent outputs, which DVC never puts in
 the run cache. So its training run is applied to the workspace (`dvc exp apply`: its dvc.lock and params), the
-sampling runs are queued from there (the queued copy checks out the trained model from the cache and finds `train`
-unchanged), and the workspace files that apply wrote are put back as they were. The record says whether `train`
+sampling runs are queued and run from there (the queued copy gets the lock, checks out the trained model from the
+cache and finds `train` unchanged), and then the workspace files that apply wrote are put back as they were. The record says whether `train`
 ran again (`train_rerun`), from the two runs' metrics/train.json. A sampling run whose training run is not in this
 session's experiments (it finished in an earlier session) first trains it again, under its own name.
 
@@ -92,9 +92,12 @@ def clear(name: str) -> None:
 
 
 def queue(run: PlannedRun, plan: dict) -> None:
-    """Queue from the workspace as it is (HEAD, or a training run applied): only keys that differ are passed."""
+    """Queue from the workspace as it is (HEAD, or a training run applied): only keys that differ are passed. A
+    sampling run also carries the applied dvc.lock (`--copy-paths`, copied from the workspace when the run starts):
+    the queue's stash holds tracked changes only, and HEAD has no dvc.lock."""
     clear(run.name)
-    dvc("exp", "run", "--queue", "-n", run.name, *run.targets, *run.set_args(plan, read_yaml("params.yaml")))
+    copy = ["--copy-paths", "dvc.lock"] if run.kind == "sampling" else []
+    dvc("exp", "run", "--queue", "-n", run.name, *copy, *run.targets, *run.set_args(plan, read_yaml("params.yaml")))
 
 
 @contextmanager
@@ -218,7 +221,11 @@ def execute(batch: list[PlannedRun], plan: dict, commit: str) -> tuple[float, li
     """Queue and run one batch, write the records of the runs that finished; (wall seconds, failed names)."""
     base = batch[0].base
     base_train = None
-    if base is not None:
+    if base is None:
+        for run in batch:
+            queue(run, plan)
+        wall, failed = run_queue(batch)
+    else:
         if base not in experiments():  # trained in an earlier session: train it again (deterministic) to apply it
             ref = next(r for r in expand(plan) if r.name == base)
             queue(ref, plan)
@@ -227,15 +234,12 @@ def execute(batch: list[PlannedRun], plan: dict, commit: str) -> tuple[float, li
                 return 0.0, [f"{r.name}: its training run {base} failed again:\n{failed[base]}" for r in batch]
         base_train = read_json(METRICS["train"], experiments()[base]["rev"])
         try:
-            with applied(base):
+            with applied(base):  # kept while the batch runs: the queue copies the applied dvc.lock when it starts
                 for run in batch:
                     queue(run, plan)
+                wall, failed = run_queue(batch)
         except UserError as e:
-            return 0.0, [f"{r.name}: could not queue it on {base}'s lock: {e}" for r in batch]
-    else:
-        for run in batch:
-            queue(run, plan)
-    wall, failed = run_queue(batch)
+            return 0.0, [f"{r.name}: could not run it on {base}'s lock: {e}" for r in batch]
     rows = experiments()
     for run in batch:
         if run.name not in failed:

@@ -42,6 +42,7 @@ RUNS_DIR = Path("docs/results/runs")
 PLAN_DOC = "docs/study-plan.md"
 # Git-tracked files `dvc exp apply` rewrites (params, the lock, the cache: false outputs of dvc.yaml); put back after.
 APPLIED_GLOBS = ("params.yaml", "dvc.lock", "metrics/*.json", "reports/*.json", "plots/*.csv")
+APPLIED_COPY = ("dvc.lock", "metrics", "reports", "plots")  # what a sampling run's queued copy needs of them
 METRICS = {"train": "metrics/train.json", "sample": "metrics/sample.json", "eval": "metrics/eval.json"}
 EVAL_REPORT, CURVE_REPORT = "reports/eval.json", "reports/curve.json"
 
@@ -93,10 +94,11 @@ def clear(name: str) -> None:
 
 def queue(run: PlannedRun, plan: dict) -> None:
     """Queue from the workspace as it is (HEAD, or a training run applied): only keys that differ are passed. A
-    sampling run also carries the applied dvc.lock (`--copy-paths`, copied from the workspace when the run starts):
-    the queue's stash holds tracked changes only, and HEAD has no dvc.lock."""
+    sampling run also carries the applied dvc.lock and the cache: false outputs (`--copy-paths`, copied from the
+    workspace when the run starts): the queue's stash holds tracked changes only, HEAD has none of them, and without
+    metrics/train.json and plots/train.csv DVC would find `train` changed and run it again."""
     clear(run.name)
-    copy = ["--copy-paths", "dvc.lock"] if run.kind == "sampling" else []
+    copy = [a for p in APPLIED_COPY if Path(p).exists() for a in ("--copy-paths", p)] if run.kind == "sampling" else []
     dvc("exp", "run", "--queue", "-n", run.name, *copy, *run.targets, *run.set_args(plan, read_yaml("params.yaml")))
 
 

@@ -41,6 +41,8 @@ def parse_args():
     parser.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default=None, help="cuda default bf16")
     parser.add_argument("--compile-mode", nargs="+", default=None,
                         help="torch.compile modes to compare, or 'none' (cuda default: default; cpu: none)")
+    parser.add_argument("--conditioning", nargs="+", default=None,
+                        help="conditionings to compare (default: params.yaml's train.conditioning)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, 15 when compiled)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -76,15 +78,16 @@ def bench_one(p: T.TrainParams, latent_shape, num_classes: int, device: str, war
     synchronize(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step in range(warmup, warmup + steps):
         stats = T.run_step(state, data, step, 0, 1)
     synchronize(device)
     seconds = (time.perf_counter() - start) / steps
+    cpu_seconds = (time.process_time() - cpu_start) / steps  # this process's CPU time: steadier on a shared machine
     loss = stats[0].item()
     img_per_s = p.global_batch_size / seconds
     flops_per_img = 3 * 2 * count_gflops_latent(p.model, latent_shape[-1], p.conditioning) * 1e9
-    return {"img_per_s": img_per_s, "ms_per_step": seconds * 1e3, "loss": loss,
+    return {"img_per_s": img_per_s, "ms_per_step": seconds * 1e3, "cpu_ms_per_step": cpu_seconds * 1e3, "loss": loss,
             "tflops": img_per_s * flops_per_img / 1e12,
             "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")}
 
@@ -104,17 +107,20 @@ def main():
     modes = args.compile_mode or (["default"] if cuda else ["none"])
     print(f"device={args.device} latent={latent_shape} classes={num_classes} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}" + (f" gpu={torch.cuda.get_device_name()}" if cuda else ""))
-    for name in args.model or (GPU_MODELS if cuda else [base.model]):
+    variants = [(m, c) for m in args.model or (GPU_MODELS if cuda else [base.model])
+                for c in args.conditioning or [base.conditioning]]
+    for name, conditioning in variants:
         for mode in modes:
-            p = replace(base, model=name, num_workers=0, use_gpu=cuda,
+            p = replace(base, model=name, conditioning=conditioning, num_workers=0, use_gpu=cuda,
                         global_batch_size=args.batch_size or (256 if cuda else base.global_batch_size),
                         precision=args.precision or ("bf16" if cuda else base.precision),
                         compile=mode != "none", compile_mode=mode if mode != "none" else base.compile_mode,
                         activation_checkpointing=args.activation_checkpointing)
             warmup = args.warmup if args.warmup is not None else (15 if p.compile else 3)
             r = bench_one(p, latent_shape, num_classes, args.device, warmup, args.steps)
-            print(f"{name:9s} batch={p.global_batch_size} {p.precision} compile={mode:27s} "
+            print(f"{name:11s} {conditioning:15s} batch={p.global_batch_size} {p.precision} compile={mode:27s} "
                   f"{r['img_per_s']:9.1f} img/s  {r['ms_per_step']:8.1f} ms/step  "
+                  + ("" if cuda else f"{r['cpu_ms_per_step']:8.1f} CPU-ms/step  ")
                   + (f"MFU={r['tflops'] / args.peak_tflops:6.1%} ({r['tflops']:.0f} TFLOP/s)  "
                      f"peak={r['peak_gb']:.1f} GiB  " if cuda else "") + f"loss={r['loss']:.4f}", flush=True)
             torch._dynamo.reset()  # drop the compiled graphs of this model before building the next

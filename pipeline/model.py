@@ -412,7 +412,12 @@ SIZES = {  # name: (depth, hidden_size, num_heads)
     "B": (12, 768, 12),
     "S": (12, 384, 6),
     "Ti": (6, 192, 3),  # NOT in the paper: a CPU-sized model for the offline default on 8x8 latents
+    # NOT in the paper either: CPU-sized points of one depth/width family with Ti (width = 32 x depth, heads =
+    # depth / 2, mlp ratio 4), for the offline sweep's model-size study (docs/study-plan.md). Named by depth x width.
+    "4x128": (4, 128, 2),
+    "8x256": (8, 256, 4),
 }
+CPU_SIZES = ("Ti", "4x128", "8x256")  # the sizes a CPU trains in minutes on 8x8 latents
 
 
 def preset(depth, hidden_size, num_heads, patch_size):
@@ -427,3 +432,6 @@ def preset(depth, hidden_size, num_heads, patch_size):
 DiT_models = {
     f"DiT-{size}/{patch_size}": preset(*SIZES[size], patch_size) for size in SIZES for patch_size in (2, 4, 8)
 }
+# Patch 1 only for Ti: its 64 tokens on the offline default's 8x8 latents are the patch study's smallest patch
+# (paper Fig. 6 stops at /2 on 32x32 latents, i.e. 256 tokens; a CPU cannot afford that many).
+DiT_models["DiT-Ti/1"] = preset(*SIZES["Ti"], 1)

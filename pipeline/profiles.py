@@ -24,10 +24,11 @@ from typing import Any
 import yaml
 
 from pipeline.config import ParamsError, from_dict, read_yaml
+from pipeline.model import CPU_SIZES
 from pipeline.provenance import local_input
 
 PROFILE_DIR = Path("profiles")
-CPU_MODEL_SIZES = ("DiT-Ti/",)  # the presets sized for a CPU; anything bigger makes a GPU profile
+CPU_MODEL_SIZES = tuple(f"DiT-{size}/" for size in CPU_SIZES)  # sized for a CPU; anything bigger makes a GPU profile
 # Sections with a use_gpu switch, and the train settings under which a stage does no GPU work: with an official
 # checkpoint, `train` only copies weights and `curve` has no checkpoints to score.
 GPU_SECTIONS = ("encode", "train", "reference", "sample", "evaluate", "curve")
@@ -61,11 +62,25 @@ def format_value(value: Any) -> str:
     """A value in the override grammar DVC's `-S` parses (Hydra's): null, true, 1.0e-4, [16,32], DiT-XL/2."""
     if value is None:
         return "null"
-    if isinstance(value, (bool, int, float, list)):
-        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, float):
+        return _yaml_float(value)
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, (bool, int)):
+        return json.dumps(value)
     text = str(value)
     if any(c.isspace() for c in text):
         raise ParamsError(f"profile value {text!r} contains whitespace, which `dvc exp run -S` cannot carry")
+    return text
+
+
+def _yaml_float(value: float) -> str:
+    """A float that YAML 1.1 (PyYAML, which reads params.yaml) reads back as a float: 1e-06 is a string there, so
+    the mantissa gets a dot (1.0e-06), as params.yaml writes its small numbers."""
+    text = repr(value)
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        return f"{mantissa}.0e{exponent}"
     return text
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU sweep: profiles/sweep-gpu.yaml (CIFAR-10 at 128 px, sd-vae-ft-ema, 16x16x4 latents, 50K steps of batch 256,
-# bf16 + compile, FID of 10K samples with 250 DDPM steps and Inception at every 10K steps), then docs/results.md.
+# bf16 + compile, FID of 10K samples with 250 DDPM steps and Inception at every 10K steps); results in `dvc exp show`.
 # The paper's DiT-S and DiT-B at patches 8, 4 and 2 (the size study at each patch, the patch study of each size), and
 # the conditioning study at DiT-B/2 (paper: XL/2): 9 runs.
 #

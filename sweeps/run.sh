@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Queue the DiT paper's three studies as DVC experiments on one profile, run them, and write docs/results.md.
+# Queue the DiT paper's three studies as DVC experiments on one profile and run them: the GPU sweep (sweeps/gpu.sh)
+# and the machinery check (sweep-smoke). The offline study has its own plan and runner (sweeps/offline.sh,
+# python -m pipeline.sweep); this script's results are read with `dvc exp show` (pipeline.report renders the
+# offline plan's records only).
 #
 #   sweeps/run.sh PROFILE COND_MODEL MODEL...
 #
 # Experiments (each `dvc exp run --queue -n <name> curve <profile overrides> -S train.model=.. -S train.conditioning=..`,
 # which runs the DAG up to the curve stage only: no sample/evaluate/register for sweep runs):
 #   - every MODEL with adaLN-Zero: the model-size study (sizes at one patch) and the patch-size study (patches of
-#     one size); pipeline.report finds both in the params;
+#     one size);
 #   - COND_MODEL with adaLN, cross-attention and in-context (its adaLN-Zero run must be among the MODELs): Fig. 5.
 # Names are <profile without "sweep-">-<size><patch>-<conditioning>, e.g. offline-Ti4-adaLN-Zero.
-# Then `dvc exp run --run-all --jobs 1` (this runs *every* queued experiment, also ones queued before) and
-# `python -m pipeline.report --all-commits --exp <these names>`. Data stages (ingest, vae, encode, reference) run in the first
-# experiment only; the others restore them from DVC's run cache.
+# Then `dvc exp run --run-all --jobs 1` (this runs *every* queued experiment, also ones queued before). Data stages
+# (ingest, vae, encode, reference) run in the first experiment only; the others restore them from DVC's run cache.
 #
 # Commit your changes first: a queued experiment runs a copy of the last commit plus the tracked files' changes.
 # Environment: DRY_RUN=1 prints the commands instead of running them; QUEUE_ONLY=1 stops after queueing;
@@ -55,4 +57,4 @@ for i in "${!variants[@]}"; do
 done
 [ "${QUEUE_ONLY:-0}" = 1 ] && { echo "queued ${names[*]}; run: dvc exp run --run-all --jobs 1"; exit 0; }
 run dvc exp run --run-all --jobs 1
-run python -m pipeline.report --all-commits --exp "${names[@]}"  # --all-commits: the baseline may have moved on
+run dvc exp show --drop '.*' --keep 'Experiment|train\.(model|conditioning)|metrics/curve\.json:(fid|class_consistency|gflops)'

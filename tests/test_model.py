@@ -50,14 +50,28 @@ def test_xl2_layout_matches_the_official_state_dict():
 
 
 def test_presets():
-    names = [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S", "Ti") for p in (2, 4, 8)]
-    assert list(DiT_models) == names
+    names = [f"DiT-{s}/{p}" for s in ("XL", "L", "B", "S", "Ti", "4x128", "8x256") for p in (2, 4, 8)]
+    assert list(DiT_models) == names + ["DiT-Ti/1"]
     with torch.device("meta"):
         b4 = DiT_models["DiT-B/4"](input_size=32, num_classes=1000)
     assert (len(b4.blocks), b4.pos_embed.shape) == (12, (1, 64, 768))
     assert b4.blocks[0].attn.num_heads == 12
     with pytest.raises(ValueError, match="fixed by the preset"):
         DiT_models["DiT-S/2"](depth=3)
+
+
+
+def test_cpu_presets_are_one_depth_width_family():
+    """The offline sweep's model sizes (docs/study-plan.md): width = 32 x depth, heads = depth / 2, mlp ratio 4,
+    so each is a point on one line; Ti/1 gives 64 tokens on the default's 8x8 latents."""
+    with torch.device("meta"):
+        for name, depth in (("DiT-4x128/2", 4), ("DiT-Ti/2", 6), ("DiT-8x256/2", 8)):
+            m = DiT_models[name](input_size=8, num_classes=10)
+            shape = (len(m.blocks), m.config["hidden_size"], m.blocks[0].attn.num_heads)
+            assert shape == (depth, 32 * depth, depth // 2)
+            assert m.blocks[0].mlp.fc1.out_features == 4 * 32 * depth
+        assert {p: DiT_models[f"DiT-Ti/{p}"](input_size=8, num_classes=10).pos_embed.shape[1]
+                for p in (1, 2, 4)} == {1: 64, 2: 16, 4: 4}
 
 
 def test_state_dict_round_trip_loads_strict(tmp_path, perturb):

@@ -1,223 +1,200 @@
-"""The sweep report: parsing `dvc exp show --json`, grouping into studies, the findings logic, figures and markdown.
-
-tests/data/dvc_exp_show.json is the real output of DVC 3.67.1 for a scratch repository whose one stage writes a
-metrics/curve.json (the curve stage's whole record, as it was before the record moved to reports/curve.json; the
-parsing reads only the rows and their params): a baseline (DiT-Ti/4 adaLN-Zero), two finished experiments
-(`cond-adaLN`, `size-S4`), one failed (`patch-Ti8-incontext`), one still queued (`queued-Ti2`), and a workspace
-with an edited params.yaml. `test_report_on_a_real_dvc_repository` builds such a repository for real.
-"""
+"""The report: the decision rule, the claims from constructed records of the committed plan, pending studies, and
+rendering docs/results.md + figures from record files alone. `tests/test_sweep.py` writes real records from real
+`dvc exp` experiments."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
+from scipy import stats
 
 import pipeline.report as R
+import pipeline.verdicts as V
+from pipeline.study_plan import expand
 
-DATA = Path(__file__).parent / "data"
-STEPS = [5, 10, 15, 20]
-PROTOCOL = {"num_samples": 16, "sampler": "dpm-solver++", "sampling_steps": 3, "cfg_scale": 1.0, "cfg_channels": None,
-            "labels": "balanced", "sample_seed": 0, "extractor": "classifier", "extractor_mode": None,
-            "feature_dim": 128, "reference_count": 48, "reference_stats_sha256": "a" * 64}
-# Forward Gflops (pipeline.flops, 16x16 latents) and parameters (M) of the presets used below.
-SHAPE = {"DiT-Ti/8": (0.012, 4.50), "DiT-Ti/4": (0.046, 4.39), "DiT-Ti/2": (0.18, 4.37), "DiT-S/4": (0.35, 32.9)}
-
-
-def curve(model: str, conditioning: str, final_fid: float, protocol: dict | None = None) -> dict:
-    fid = [final_fid * f for f in (2.0, 1.5, 1.2, 1.0)]
-    gflops, params = SHAPE[model]
-    return {"steps": STEPS, "fid": fid, "class_consistency": [0.3, 0.5, 0.6, 0.7], "kid": [0.1] * 4,
-            "precision": [0.5] * 4, "recall": [0.5] * 4, "final_step": 20, "final_fid": fid[-1],
-            "final_class_consistency": 0.7, "model": model, "conditioning": conditioning,
-            "patch_size": int(model.split("/")[1]), "gflops": gflops, "params_M": params,
-            "protocol": {**PROTOCOL, **(protocol or {})}, "notes": {}}
+REPO = Path(__file__).resolve().parents[1]
+PLAN = yaml.safe_load((REPO / "sweeps/study-plan.yaml").read_text())
+# forward Gflops and parameters (M) on 8x8x4 latents, as pipeline.flops counts them (test_flops checks the counter)
+SHAPE = {("DiT-Ti/2", "adaLN-Zero"): (0.04473, 4.364), ("DiT-4x128/2", "adaLN-Zero"): (0.01344, 1.406),
+         ("DiT-8x256/2", "adaLN-Zero"): (0.10539, 10.004), ("DiT-Ti/4", "adaLN-Zero"): (0.01230, 4.389),
+         ("DiT-Ti/1", "adaLN-Zero"): (0.18110, 4.366), ("DiT-Ti/2", "adaLN"): (0.04429, 3.919),
+         ("DiT-Ti/2", "cross-attention"): (0.05139, 3.852), ("DiT-Ti/2", "in-context"): (0.04880, 2.961)}
+# paper-like final FIDs (lower = better): adaLN-Zero best; bigger and finer better
+FID = {("DiT-Ti/2", "adaLN-Zero"): 40.0, ("DiT-4x128/2", "adaLN-Zero"): 60.0, ("DiT-8x256/2", "adaLN-Zero"): 30.0,
+       ("DiT-Ti/4", "adaLN-Zero"): 80.0, ("DiT-Ti/1", "adaLN-Zero"): 25.0, ("DiT-Ti/2", "adaLN"): 50.0,
+       ("DiT-Ti/2", "cross-attention"): 45.0, ("DiT-Ti/2", "in-context"): 48.0}
 
 
-def runs(fids: dict[tuple[str, str], float]) -> list[R.Run]:
-    return [R.Run(f"{m}-{c}", "0" * 40, curve(m, c, fid)) for (m, c), fid in fids.items()]
+def record(run, plan=PLAN, fid=None, seed_noise=0.5) -> dict:
+    gflops, params = SHAPE[(run.model, run.conditioning)]
+    base_fid = FID[(run.model, run.conditioning)] + seed_noise * run.seed
+    sample = {"sampler": "dpm-solver++", "steps": 20, "cfg_scale": 1.0, "num_fid_samples": 1000, **run.sampling}
+    if run.kind == "sampling" and sample["sampler"] == "ddpm":
+        base_fid *= 1 + 5 / sample["steps"]  # more steps, lower FID
+    cfg = float(sample["cfg_scale"])
+    if cfg != 1.0:
+        base_fid *= {1.5: 0.7, 2.0: 0.9, 3.0: 1.3, 4.0: 1.6}[cfg]
+    cc = min(0.3 + 0.15 * cfg, 0.99)
+    rec = {"name": run.name, "kind": run.kind, "base": run.base, "studies": list(run.studies), "model": run.model,
+           "conditioning": run.conditioning, "seed": run.seed, "patch": int(run.model.split("/")[1]),
+           "size": run.model[4:].split("/")[0], "gflops": gflops, "params_M": params,
+           "plan": {"name": plan["name"], "commit": "c" * 40, "sha256": "s" * 64},
+           "params": {"train": {"global_batch_size": 32, "train_steps": 3000}, "sample": sample},
+           "eval": {"fid": fid if fid is not None else base_fid, "class_consistency": cc},
+           "wall_s": {"experiment": 100.0, "train": 80.0, "sample": 10.0}}
+    if run.kind == "train":
+        f = rec["eval"]["fid"]
+        rec["curve"] = {"steps": [750, 1500, 2250, 3000], "fid": [f * 1.3, f * 1.2, f * 1.15, f * 1.1],
+                        "class_consistency": [0.1, 0.2, 0.3, 0.4]}
+    return rec
 
 
-# The paper's orderings: adaLN-Zero best; bigger model better; smaller patch better; Gflops predict FID.
-PAPER_LIKE = {("DiT-Ti/4", "adaLN-Zero"): 30.0, ("DiT-Ti/4", "adaLN"): 35.0, ("DiT-Ti/4", "cross-attention"): 40.0,
-              ("DiT-Ti/4", "in-context"): 50.0, ("DiT-S/4", "adaLN-Zero"): 20.0, ("DiT-Ti/8", "adaLN-Zero"): 45.0,
-              ("DiT-Ti/2", "adaLN-Zero"): 22.0}
+def all_records(**kw) -> list[dict]:
+    return [record(r, **kw) for r in expand(PLAN)]
 
 
-# --- dvc exp show --json --------------------------------------------------------------------------------------------
+# --- the decision rule --------------------------------------------------------------------------------------------
 
-def test_table_rows_of_real_dvc_output():
-    show = json.loads((DATA / "dvc_exp_show.json").read_text())
-    rows = R.table_rows(show)
-    # experiments first, then the baseline, then the workspace; the failed and the queued one are left out
-    assert [name for name, _, _ in rows] == ["size-S4", "cond-adaLN", "master", "workspace"]
-    assert all(len(rev) == 40 for _, rev, _ in rows[:3]) and rows[3][1] == "workspace"
-    assert rows[0][2]["params"]["params.yaml"]["data"]["train"]["model"] == "DiT-S/4"
+def test_rule_ordering_in_every_seed():
+    p = V.Pair("A", "B", "FID", {0: 10.0, 1: 20.0, 2: 30.0}, {0: 10.5, 1: 20.5, 2: 30.5})
+    assert p.every_seed and p.reproduced  # the gap (0.5) is far below 2 pooled std (10): the ordering decides
 
 
-def test_rows_whose_commit_lacks_the_curve_are_left_out():
-    # DVC lists every declared metrics file of a row; a baseline commit made before any run has an `error` entry
-    show = json.loads((DATA / "dvc_exp_show.json").read_text())
-    missing = {"error": {"type": "FileNotFoundError", "msg": "No such file or directory: 'metrics/curve.json'"}}
-    for row in show:
-        if row["rev"] != "workspace":
-            row["data"]["metrics"]["metrics/curve.json"] = missing
-    assert "master" not in [name for name, _, _ in R.table_rows(show)]
+def test_rule_mean_gap_over_twice_the_pooled_std():
+    a, b = {0: 10.0, 1: 12.0, 2: 11.0}, {0: 14.0, 1: 11.95, 2: 14.0}  # seed 1 inverted
+    p = V.Pair("A", "B", "FID", a, b)
+    assert not p.every_seed
+    pooled = math.sqrt((np.var(list(a.values()), ddof=1) + np.var(list(b.values()), ddof=1)) / 2)
+    assert p.pooled_std == pytest.approx(pooled)
+    # the same pooled std as the two-sample t statistic's with equal n (scipy): t = gap / (pooled * sqrt(2/n))
+    t = stats.ttest_ind(list(b.values()), list(a.values())).statistic
+    assert p.gap / (p.pooled_std * math.sqrt(2 / 3)) == pytest.approx(t)
+    assert p.gap == pytest.approx(2.3167, abs=1e-3) and p.gap > 2 * p.pooled_std and p.reproduced
 
 
-def test_collect_reads_whole_curves_and_drops_duplicates_and_stale_rows():
-    show = json.loads((DATA / "dvc_exp_show.json").read_text())
-    trained = {rev: data["params"]["params.yaml"]["data"]["train"] for _, rev, data in R.table_rows(show)}
-    trained["workspace"] = trained[next(rev for name, rev, _ in R.table_rows(show) if name == "master")]
-    asked = []
-
-    def load(rev):  # what git show would return: the curve of the model the row trained
-        asked.append(rev)
-        return curve(trained[rev]["model"], trained[rev]["conditioning"], 30.0)
-
-    found, excluded = R.collect(show, load)
-    assert [r.name for r in found] == ["size-S4", "cond-adaLN", "master"] and found[0].curve["fid"][0] == 60.0
-    assert excluded == [("workspace", "same curve as master")]
-    assert len(asked) == 4
-
-    stale, excluded = R.collect(show, lambda rev: curve("DiT-Ti/2", "adaLN-Zero", 30.0))
-    assert stale == [] and all("stale" in why for _, why in excluded)
+def test_rule_neither_is_not_reproduced():
+    p = V.Pair("A", "B", "FID", {0: 10.0, 1: 14.0, 2: 12.0}, {0: 13.0, 1: 11.0, 2: 13.0})
+    assert not p.every_seed and p.gap <= 2 * p.pooled_std and not p.reproduced
+    assert "not reproduced" in p.line()
+    # higher-is-better quantities (class consistency) flip the direction
+    q = V.Pair("A", "B", "cc", {0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.6}, lower=False)
+    assert q.every_seed and q.reproduced
+    assert V.verdict([p, q], complete=True) == "not reproduced" and V.verdict([q], complete=True) == "reproduced"
 
 
-# --- studies and findings -------------------------------------------------------------------------------------------
-
-def test_studies_group_by_params():
-    panels = R.studies(runs(PAPER_LIKE))
-    assert list(panels["conditioning"]) == ["DiT-Ti/4"]
-    assert [r.conditioning for r in panels["conditioning"]["DiT-Ti/4"]] == \
-        ["adaLN-Zero", "adaLN", "cross-attention", "in-context"]  # by final FID
-    assert list(panels["size"]) == ["patch 4"]
-    assert [r.model for r in panels["size"]["patch 4"]] == ["DiT-Ti/4", "DiT-S/4"]  # growing size
-    assert list(panels["patch"]) == ["DiT-Ti"]
-    assert [r.model for r in panels["patch"]["DiT-Ti"]] == ["DiT-Ti/8", "DiT-Ti/4", "DiT-Ti/2"]  # shrinking patch
-    assert len(R.scaling_set(runs(PAPER_LIKE))) == 4  # the adaLN-Zero runs
+def test_rule_wrong_direction_gap_never_counts():
+    p = V.Pair("A", "B", "FID", {0: 20.0, 1: 21.0}, {0: 10.0, 1: 10.5})
+    assert p.gap < 0 and not p.reproduced
 
 
-def test_findings_reproduce_the_paper_on_paper_like_numbers():
-    claims = R.evaluate_claims(runs(PAPER_LIKE))
-    assert {k: v["verdict"] for k, v in claims.items()} == {k: "reproduced" for k in R.CLAIMS}
-    assert "at 4 of 4 common checkpoints" in claims["conditioning"]["lines"][0]
-    scaling = R.scaling_set(runs(PAPER_LIKE))
-    assert [r.model for r in scaling] == ["DiT-Ti/4", "DiT-S/4", "DiT-Ti/8", "DiT-Ti/2"]
-    expected = np.corrcoef(np.log([SHAPE[r.model][0] for r in scaling]),
-                           np.log([r.curve["final_fid"] for r in scaling]))[0, 1]
-    assert claims["gflops"]["r_gflops"] == pytest.approx(expected) and expected < -0.9
-    assert abs(claims["gflops"]["r_params"]) < abs(expected)
+# --- claims -------------------------------------------------------------------------------------------------------
+
+def test_paper_like_records_reproduce_every_claim():
+    claims = R.claims(all_records(), PLAN)
+    assert [c.verdict for c in claims] == ["reproduced"] * 7, [(c.number, c.lines) for c in claims]
+    assert len(claims[0].lines) == 3 and len(claims[1].lines) == 2 and len(claims[2].lines) == 2
 
 
-def test_findings_detect_departures():
-    fids = {**PAPER_LIKE, ("DiT-Ti/4", "adaLN"): 25.0, ("DiT-S/4", "adaLN-Zero"): 33.0}  # adaLN wins; S/4 worse
-    claims = R.evaluate_claims(runs(fids))
-    assert claims["conditioning"]["verdict"] == "not reproduced"
-    assert "adaLN-Zero lowest at the final step: no" in claims["conditioning"]["lines"][0]
-    assert claims["scaling"]["verdict"] == "partly reproduced"  # size fails, patch holds
-    lines = claims["scaling"]["lines"]
-    assert "larger model: no" in lines[0] and "smaller patch: yes" in lines[1]
+def test_departures_are_not_reproduced():
+    recs = all_records()
+    for r in recs:  # in-context beats adaLN-Zero in every seed; 8x256 no better than Ti in one seed
+        if (r["model"], r["conditioning"], r["kind"]) == ("DiT-Ti/2", "in-context", "train"):
+            r["eval"]["fid"] = 35.0 + r["seed"]
+        if (r["model"], r["kind"], r["seed"]) == ("DiT-8x256/2", "train", 2):
+            r["eval"]["fid"] = 45.0
+    verdicts = {c.number: c.verdict for c in R.claims(recs, PLAN)}
+    assert verdicts[1] == "not reproduced"
+    assert verdicts[3] == "reproduced"
+    # 8x256 vs Ti: 30, 30.5, 45 against 40, 40.5, 41: not in every seed; gap 5.33 vs pooled std 8.5
+    assert verdicts[2] == "not reproduced"
 
 
-def test_claims_without_runs_are_not_tested():
-    claims = R.evaluate_claims(runs({("DiT-Ti/4", "adaLN"): 30.0, ("DiT-Ti/4", "in-context"): 40.0}))
-    assert claims["conditioning"]["verdict"].startswith("not tested")
-    assert claims["scaling"]["verdict"].startswith("not tested") and claims["gflops"]["r_gflops"] is None
+def test_studies_with_missing_runs_are_pending():
+    recs = [r for r in all_records() if not (r["model"] == "DiT-Ti/1" and r["seed"] == 2)]
+    verdicts = {c.number: c.verdict for c in R.claims(recs, PLAN)}
+    assert verdicts[3] == "pending" and verdicts[4] == "pending"
+    assert verdicts[1] == verdicts[2] == verdicts[7] == "reproduced"
+    assert {c.number: c.verdict for c in R.claims([], PLAN)} == dict.fromkeys(range(1, 8), "pending")
 
 
-def test_pearson_log():
-    x, y = [1.0, 2.0, 4.0, 8.0], [9.0, 7.0, 4.0, 1.5]
-    assert R.pearson_log(x, y) == pytest.approx(np.corrcoef(np.log(x), np.log(y))[0, 1])
-    assert R.pearson_log(x[:2], y[:2]) is None and R.pearson_log([3.0] * 4, y) is None
+def test_gflops_correlation_matches_scipy():
+    recs = all_records()
+    _, corr = V.gflops_pair(recs, PLAN["seeds"])
+    zero = [r for r in recs if r["kind"] == "train" and r["conditioning"] == "adaLN-Zero"]
+    x, y = np.log([r["gflops"] for r in zero]), np.log([r["eval"]["fid"] for r in zero])
+    assert corr["all"]["pearson_gflops"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    assert corr["all"]["pearson_gflops"] < -0.9 and abs(corr["all"]["pearson_params_M"]) < 0.9
 
 
-def test_only_one_protocol_and_one_run_per_variant_are_compared():
-    found = runs(PAPER_LIKE)
-    other = R.Run("other-n", "1" * 40, curve("DiT-Ti/2", "adaLN-Zero", 10.0, {"num_samples": 64}))
-    twin = R.Run("twin", "2" * 40, curve("DiT-Ti/4", "adaLN", 36.0))
-    kept, excluded = R.comparable(found + [other, twin])
-    assert [r.name for r in kept] == [r.name for r in found]
-    assert excluded == [("other-n", "another protocol: num_samples=64"),
-                        ("twin", "a second run of DiT-Ti/4 adaLN (kept DiT-Ti/4-adaLN)")]
+def test_fid_at_compute_interpolates_in_log_compute():
+    rec = record(next(r for r in expand(PLAN) if r.kind == "train"))
+    rec["curve"] = {"steps": [750, 1500], "fid": [100.0, 50.0]}
+    c750, c1500 = V.training_compute(rec, 750), V.training_compute(rec, 1500)
+    assert c750 == pytest.approx(0.04473 * 32 * 750 * 3)
+    assert V.fid_at_compute(rec, math.sqrt(c750 * c1500)) == pytest.approx(75.0)
+    assert V.fid_at_compute(rec, c750 / 2) is None and V.fid_at_compute(rec, c1500) == pytest.approx(50.0)
 
 
-# --- rendering ------------------------------------------------------------------------------------------------------
-
-def test_render_writes_figures_and_markdown(tmp_path):
-    out, figures = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results"
-    result = R.render(runs(PAPER_LIKE), [("old", "failed")], out, figures)
-    names = sorted(p.name for p in figures.iterdir())
-    assert names == ["fid_vs_gflops.png", "fid_vs_steps_conditioning.png", "fid_vs_steps_patch.png",
-                     "fid_vs_steps_size.png"]
-    for name in names:
-        with Image.open(figures / name) as image:
-            assert image.format == "PNG" and image.width > 300 and image.height > 200
-    text = out.read_text()
-    for i, claim in enumerate(R.CLAIMS.values(), 1):
-        assert f"{i}. **{claim}: reproduced.**" in text
-    for name in names:
-        assert f"(results/{name})" in text
-    assert "| variant | model | conditioning | patch | params (M) | Gflops | steps | final FID | class consistency " \
-           "| FID @ 5 | FID @ 10 | FID @ 15 | FID @ 20 |" in text
-    assert "| DiT-S/4-adaLN-Zero | DiT-S/4 | adaLN-Zero | 4 | 32.90 | 0.350 | 20 | 20.00 | 0.700 | 40.00 | 30.00 " \
-           "| 24.00 | 20.00 |" in text
-    assert "- `old`: failed" in text and "16 samples" in text and "48 real images" in text
-    assert result["runs"] == [r.name for r in runs(PAPER_LIKE)]
+def test_compute_efficiency_compares_at_the_smaller_models_final_compute():
+    recs = all_records()
+    pairs = V.compute_pairs(recs, PLAN["studies"]["size"]["models"])
+    # 4x128's final compute (0.01344 x 3000) lies after Ti's 750-step point; Ti's (0.04473 x 3000) after 8x256's
+    assert [len(p.seeds) for p in pairs] == [3, 3]
+    ti = next(r for r in recs if r["model"] == "DiT-Ti/2" and r["seed"] == 0 and r["kind"] == "train")
+    small = next(r for r in recs if r["model"] == "DiT-4x128/2" and r["seed"] == 0 and r["kind"] == "train")
+    at = V.training_compute(small, 3000)
+    assert pairs[0].a_by_seed[0] == pytest.approx(V.fid_at_compute(ti, at))
+    assert pairs[0].b_by_seed[0] == small["curve"]["fid"][-1]
 
 
-def test_render_with_the_conditioning_study_only(tmp_path):
-    only = {k: v for k, v in PAPER_LIKE.items() if k[0] == "DiT-Ti/4"}
-    result = R.render(runs(only), [], tmp_path / "results.md", tmp_path / "fig")
-    assert sorted(p.name for p in result["figures"]) == ["fid_vs_gflops.png", "fid_vs_steps_conditioning.png"]
-    assert "not tested" in (tmp_path / "results.md").read_text()
+def test_regime_check():
+    check = V.regime(all_records(), PLAN)
+    assert check["cc"] == pytest.approx({0: 0.525, 1: 0.525, 2: 0.525}) and check["met"] and check["bar"] == 0.5
+    assert V.regime([], PLAN)["met"] is None
 
 
-# --- for real: a scratch DVC repository with queued experiments -----------------------------------------------------
+# --- rendering ----------------------------------------------------------------------------------------------------
 
-STAND_IN = '''import json, os, yaml
-t = yaml.safe_load(open("params.yaml"))["train"]
-fid, (gflops, params) = {fids!r}[t["model"] + " " + t["conditioning"]], {shape!r}[t["model"]]
-os.makedirs("metrics", exist_ok=True)
-os.makedirs("reports", exist_ok=True)
-json.dump({curve!r} | {{"model": t["model"], "conditioning": t["conditioning"], "patch_size": int(t["model"][-1]),
-           "fid": [2 * fid, 1.5 * fid, 1.2 * fid, fid], "final_fid": fid, "gflops": gflops, "params_M": params}},
-          open("reports/curve.json", "w"))
-json.dump({{"steps": 20, "fid": fid, "gflops": gflops, "params_M": params}}, open("metrics/curve.json", "w"))
-'''
+def write_records(recs, runs_dir: Path) -> None:
+    runs_dir.mkdir(parents=True)
+    for r in recs:
+        (runs_dir / f"{r['name']}.json").write_text(json.dumps(r))
 
 
-@pytest.mark.slow
-def test_report_on_a_real_dvc_repository(tmp_path):
-    """`dvc exp run --queue` x3 + `--run-all`, then `python -m pipeline.report` reads the experiments' curves."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    sh = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True)  # noqa: E731
-    fids = {"DiT-Ti/4 adaLN-Zero": 30.0, "DiT-Ti/4 in-context": 50.0, "DiT-S/4 adaLN-Zero": 20.0,
-            "DiT-Ti/2 adaLN-Zero": 22.0}
-    (tmp_path / "stage.py").write_text(STAND_IN.format(fids=fids, shape=SHAPE, curve=curve("DiT-Ti/4", "adaLN-Zero", 1.0)))
-    (tmp_path / "params.yaml").write_text("train:\n  model: DiT-Ti/4\n  conditioning: adaLN-Zero\n")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  curve:\n    cmd: python stage.py\n    deps: [stage.py]\n"
-                                       "    params: [train]\n    outs:\n      - reports/curve.json:\n"
-                                       "          cache: false\n    metrics:\n      - metrics/curve.json:\n"
-                                       "          cache: false\n")
-    sh("git", "init", "-q", "-b", "main")
-    sh("dvc", "init", "-q")
-    sh("dvc", "repro", "-q")
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "baseline")
-    for name, override in [("cond-in-context", "train.conditioning=in-context"), ("size-S4", "train.model=DiT-S/4"),
-                           ("patch-Ti2", "train.model=DiT-Ti/2")]:
-        sh("dvc", "exp", "run", "--queue", "-n", name, "-S", override)
-    sh("dvc", "exp", "run", "--run-all", "--jobs", "1")
-    out = tmp_path / "docs" / "results.md"
-    result = R.main(["--repo", str(tmp_path), "--out", str(out), "--figures", str(tmp_path / "docs" / "results")])
-    assert sorted(result["runs"]) == ["cond-in-context", "main", "patch-Ti2", "size-S4"]
-    assert result["excluded"] == [("workspace", "same curve as main")]
-    assert {k: v["verdict"] for k, v in result["claims"].items()} == {k: "reproduced" for k in R.CLAIMS}
-    assert "| size-S4 | DiT-S/4 | adaLN-Zero | 4 |" in out.read_text()
+def test_render_from_record_files(tmp_path):
+    write_records(all_records(), tmp_path / "runs")
+    out = R.render(R.load_records(tmp_path / "runs"), PLAN, tmp_path / "results.md", tmp_path / "fig")
+    md = out.read_text()
+    headers = [line for line in md.splitlines() if line.startswith("### ")]
+    assert len(headers) == 7 and all(h.endswith(": reproduced") for h in headers), headers
+    assert "Not yet run\n\n(none)" in md and "cccccccccccc" in md
+    assert "Learning regime" in md and "met (cc by seed" in md
+    pngs = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
+    assert pngs == ["fid_vs_gflops.png", "fid_vs_sampling_compute.png", "fid_vs_steps_conditioning.png",
+                    "fid_vs_steps_patch.png", "fid_vs_steps_size.png", "fid_vs_training_compute.png", "guidance.png"]
+    for p in pngs:
+        assert f"(fig/{p})" in md and Image.open(tmp_path / "fig" / p).size[0] > 500
+    assert md.count("\n| Ti-p2-adaLN-Zero-s") == 3 + 12 + 4  # training runs, cfg runs, seed 0's DDPM runs
+
+
+def test_render_of_a_partial_and_an_empty_sweep(tmp_path):
+    recs = [r for r in all_records() if r["seed"] == 0]
+    write_records(recs, tmp_path / "runs")
+    md = R.render(R.load_records(tmp_path / "runs"), PLAN, tmp_path / "a.md", tmp_path / "fig").read_text()
+    headers = [line for line in md.splitlines() if line.startswith("### ")]
+    assert "Partial sweep" in md and sum(h.endswith(": pending") for h in headers) == 6
+    assert "- Ti-p2-adaLN-Zero-s1" in md
+    assert "### 6. more sampling steps do not make a smaller model match a larger one (Fig. 10): reproduced" in md
+    md = R.render([], PLAN, tmp_path / "b.md", tmp_path / "none").read_text()
+    assert "pending: sweep not yet run" in md and md.count("): pending") == 7 and "(none yet)" in md
+
+
+def test_a_file_that_is_not_a_record_is_one_error(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"name": "y"}))
+    with pytest.raises(R.UserError, match="not a sweep record"):
+        R.load_records(tmp_path)

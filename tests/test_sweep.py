@@ -1,0 +1,113 @@
+"""The sweep runner: the plan's expansion and estimate on the committed plan, and `python -m pipeline.sweep run`
+for real in a copy of the repository with a tiny plan (a training run and two sampling runs of seconds each):
+queued `dvc exp` experiments, records read through dvc.api, the sampling runs on the training run's lock without
+training again, and a second invocation that finds everything done."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.study_plan import expand, load_plan, number_tag, parts, run_name
+from tests.test_pipeline_e2e import _copy_repo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_committed_plan_expands_as_docs_study_plan_says():
+    plan = load_plan(REPO / "sweeps/study-plan.yaml", REPO / "params.yaml")
+    runs = expand(plan)
+    train = [r for r in runs if r.kind == "train"]
+    assert (len(runs), len(train)) == (48, 24)  # docs/study-plan.md, Budget
+    assert {(r.model, r.conditioning) for r in train} == {
+        ("DiT-Ti/2", "adaLN-Zero"), ("DiT-4x128/2", "adaLN-Zero"), ("DiT-8x256/2", "adaLN-Zero"),
+        ("DiT-Ti/4", "adaLN-Zero"), ("DiT-Ti/1", "adaLN-Zero"), ("DiT-Ti/2", "adaLN"),
+        ("DiT-Ti/2", "cross-attention"), ("DiT-Ti/2", "in-context")}
+    ref = next(r for r in runs if r.name == "Ti-p2-adaLN-Zero-s0")
+    assert set(ref.studies) >= {"conditioning", "size", "patch", "gflops", "compute", "guidance"}
+    # sampling runs follow their training run and change only sample.* keys
+    for i, r in enumerate(runs):
+        if r.kind == "sampling":
+            assert runs.index(next(t for t in runs if t.name == r.base)) < i
+            diff = {k for k, v in r.overrides(plan).items() if ref.overrides(plan).get(k) != v}
+            assert {k.split(".")[0] for k in diff} <= {"sample", "train"} and not any(
+                k.startswith("train.") and k not in ("train.seed", "train.model") for k in diff)
+    chunks = parts(runs, plan, 2.0)
+    assert all(plan["estimate"]["data_stages_s"] + sum(s for _, s in c) <= 2 * 3600 for c in chunks)
+    total = sum(s for c in chunks for _, s in c) + len(chunks) * plan["estimate"]["data_stages_s"]
+    assert total <= 6 * 3600
+
+
+def test_names():
+    assert run_name("DiT-8x256/2", "cross-attention", 2) == "8x256-p2-cross-attention-s2"
+    assert (number_tag(1.5), number_tag(4.0)) == ("1p5", "4")
+
+
+# A plan of seconds: DiT-Ti/4 (4 tokens), one seed; its training run, one guidance run and one DDPM run.
+TINY = {
+    "ingest.synthetic.num_images": 240, "vae.train_steps": 40, "vae.holdout": 40,
+    "reference.classifier_steps": 30, "reference.holdout": 40, "train.train_steps": 20,
+    "train.global_batch_size": 16, "train.warmup_steps": 0, "train.ckpt_every": 10, "train.log_every": 5,
+    "train.sample_every": 10, "sample.num_fid_samples": 48, "sample.steps": 4, "sample.batch_size": 16,
+    "sample.micro_batch": 8, "sample.shard_size": 16, "evaluate.kid_subset_size": 24, "evaluate.kid_subsets": 2,
+    "curve.num_samples": 32, "curve.steps": 4, "curve.batch_size": 16, "tracking.enabled": False,
+}
+
+
+def tiny_plan() -> dict:
+    plan = yaml.safe_load((REPO / "sweeps/study-plan.yaml").read_text())
+    plan["base"].update(TINY)
+    plan["seeds"] = [0]
+    m = "DiT-Ti/4"
+    plan["studies"] = {"conditioning": {"model": m, "conditionings": ["adaLN-Zero"]}, "size": {"models": [m]},
+                       "patch": {"models": [m]},
+                       "sampling": {"models": [m], "seeds": [0], "sampler": "ddpm", "steps": [6],
+                                    "num_fid_samples": 48, "cfg_scale": 1.0},
+                       "guidance": {"model": m, "cfg_scales": [2.0], "num_fid_samples": 48}}
+    return plan
+
+
+@pytest.mark.slow
+def test_sweep_runs_and_records_real_experiments(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    (repo / "sweeps/study-plan.yaml").write_text(yaml.safe_dump(tiny_plan(), sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(repo)}
+
+    def sh(*cmd, check=True):
+        return subprocess.run(cmd, cwd=repo, env=env, check=check, capture_output=True, text=True)
+
+    sh("git", "init", "-q", "-b", "main")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "plan")
+    params_before = (repo / "params.yaml").read_bytes()
+
+    out = sh(sys.executable, "-m", "pipeline.sweep", "run", "--hours", "1", check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    names = ["Ti-p4-adaLN-Zero-s0", "Ti-p4-adaLN-Zero-s0-cfg2", "Ti-p4-adaLN-Zero-s0-ddpm6"]
+    records = {n: json.loads((repo / f"docs/results/runs/{n}.json").read_text()) for n in names}
+    train, cfg, ddpm = (records[n] for n in names)
+    commit = sh("git", "rev-parse", "HEAD").stdout.strip()
+    assert all(r["plan"]["commit"] == commit for r in records.values())
+    # the training run: its curve at every kept checkpoint, its final point unguided, its params as run
+    assert train["curve"]["steps"] == [10, 20] and len(train["curve"]["fid"]) == 2
+    assert train["params"]["train"]["model"] == "DiT-Ti/4" and train["params"]["sample"]["cfg_scale"] == 1.0
+    assert train["eval"]["fid"] > 0 and 0 <= train["eval"]["class_consistency"] <= 1
+    # the sampling runs: their own sampler settings, the same trained model, and train did not run again
+    assert cfg["params"]["sample"]["cfg_scale"] == 2.0 and cfg["eval_protocol"]["cfg_scale"] == 2.0
+    assert ddpm["params"]["sample"]["sampler"] == "ddpm" and ddpm["params"]["sample"]["steps"] == 6
+    assert cfg["train_rerun"] is False and ddpm["train_rerun"] is False
+    assert cfg["train"] == train["train"]
+    assert cfg["eval"]["fid"] != train["eval"]["fid"]
+    # the workspace is as it was: apply's files put back
+    assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "dvc.lock").exists()
+    # resumable: a second invocation finds every run done and queues nothing
+    again = sh(sys.executable, "-m", "pipeline.sweep", "run", "--hours", "1")
+    assert "running" not in again.stdout and "3 records" in again.stdout

@@ -56,6 +56,7 @@ from pipeline.generate import generate_images, load_models, make_grid, make_labe
 from pipeline.model import DiT_models
 from pipeline.precision import Precision, check_precision
 from pipeline.provenance import reuse_or_clear, stamp
+from pipeline.startup import mark_ready
 
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
@@ -170,6 +171,7 @@ class ShardWorker:
         self.diffusion = read_diffusion(card, f"the model card of {card['checkpoint']}")
 
     def generate(self, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        mark_ready()
         p, card = self.p, self.card
         indices = shard_indices(k, p)
         labels = make_labels(p.labels, indices, card["num_classes"], p.seed)

@@ -43,6 +43,7 @@ from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.precision import Precision, check_precision, set_float32_mode
 from pipeline.provenance import local_input, stamp
+from pipeline.startup import mark_ready
 from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
 
@@ -296,6 +297,7 @@ class Loop:
         self.reporter: Reporter | None = None
 
     def run(self) -> None:
+        mark_ready()
         self.clock = time.perf_counter()
         for step in range(self.start, self.p.train_steps):
             stats = run_step(self.s, self.data, step, self.rank, self.world)

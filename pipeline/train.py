@@ -31,6 +31,7 @@ import torch
 from pipeline.artifacts import (
     ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
+from pipeline.attention import AttentionBackend, attention_backend, check_attention
 from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
     restore_rng, resume_mismatch, save_checkpoint,
@@ -75,6 +76,7 @@ class TrainParams:
     seed: int
     # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
     official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
+    attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
 
     def __post_init__(self):
         check_params(self)
@@ -97,6 +99,7 @@ def check_params(p: TrainParams) -> None:
     if not 0 <= p.ema_decay < 1:
         raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
     check_precision("train", p.precision, p.use_gpu)
+    check_attention("train", p.attention, p.use_gpu)
 
 
 def check_batch_fits(p: TrainParams, num_examples: int) -> None:
@@ -237,7 +240,8 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
     if s.params.compile:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse last step's buffers
     t = torch.randint(0, s.diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"):
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"), \
+            attention_backend(s.params.attention):  # the backward runs the same kernel's gradient
         terms = s.diffusion.training_losses(s.net, x, t, model_kwargs=dict(y=y))
     loss = terms["loss"].mean()
     s.opt.zero_grad(set_to_none=True)

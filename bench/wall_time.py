@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNNING = re.compile(r"Running stage '([^']+)'")
 TIMINGS = Path("reports") / "timings"
+
+
+def set_params(repo: Path, overrides: list[str]) -> None:
+    """`--set train.train_steps=20`: edit the clone's params.yaml (a smoke run of this script; the figures of a
+    modified DAG are not the default's)."""
+    import yaml
+
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = params
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise SystemExit(f"--set {item}: params.yaml has no key {key}")
+        node[leaf] = yaml.safe_load(value)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def clone(rev: str, into: Path) -> str:
@@ -78,11 +98,13 @@ def startup_seconds(timings_file: Path) -> float | None:
     return min(ready) - min(events["start"]) if ready else None
 
 
-def one_run(rev: str, venv: Path, how: str, keep: bool) -> dict:
+def one_run(rev: str, venv: Path, how: str, keep: bool, overrides: list[str] = ()) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="wall_time-"))
     repo = tmp / "repo"
     try:
         commit = clone(rev, repo)
+        if overrides:
+            set_params(repo, overrides)
         start = time.perf_counter()
         events: list[tuple[float, str]] = []
         log = []
@@ -105,7 +127,8 @@ def one_run(rev: str, venv: Path, how: str, keep: bool) -> dict:
             path = repo / "metrics" / f"{name}.json"
             metrics[name] = json.loads(path.read_text()) if path.is_file() else None
         return {"rev": rev, "commit": commit, "total": total, "walls": walls, "startups": startups,
-                "before_first_stage": events[0][0] if events else total, "metrics": metrics}
+                "before_first_stage": events[0][0] if events else total, "metrics": metrics,
+                "overrides": list(overrides)}
     finally:
         if keep:
             print(f"kept {repo}", file=sys.stderr)
@@ -120,7 +143,8 @@ def fmt_min(seconds: float) -> str:
 def summarise(runs: list[dict]) -> str:
     """A table of the median wall time and start-up of every stage over `runs` (one revision), and the totals."""
     stages = list(dict.fromkeys(s for r in runs for s in r["walls"]))
-    lines = [f"rev {runs[0]['rev']} ({runs[0]['commit'][:10]}), {len(runs)} run(s), medians",
+    changed = f", NOT the default: --set {' '.join(runs[0]['overrides'])}" if runs[0].get("overrides") else ""
+    lines = [f"rev {runs[0]['rev']} ({runs[0]['commit'][:10]}), {len(runs)} run(s), medians{changed}",
              f"{'stage':<12}{'wall s':>9}{'start-up s':>12}{'share':>8}"]
     startup_total = 0.0
     for s in stages:
@@ -143,6 +167,7 @@ def summarise(runs: list[dict]) -> str:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed benchmark still removes its clone
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", action="append", help="revision(s) to time (repeatable; default HEAD)")
     ap.add_argument("--runs", type=int, default=1, help="fresh clones per revision; the table shows medians")
@@ -150,6 +175,8 @@ def main() -> None:
     ap.add_argument("--how", choices=["make", "dvc"], default="make", help="`make repro` (default) or `dvc repro`")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     ap.add_argument("--keep", action="store_true", help="keep the clones (their reports/timings/) for inspection")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a param in the clone (smoke runs only: then it is not the default's time)")
     args = ap.parse_args()
     revs = args.rev or ["HEAD"]
     if args.runs < 1:
@@ -160,7 +187,7 @@ def main() -> None:
     for i in range(args.runs):  # interleaved, so that a noisy minute does not land on one revision only
         for rev in revs:
             print(f"run {i + 1}/{args.runs} of {rev}", file=sys.stderr, flush=True)
-            results[rev].append(one_run(rev, args.venv.resolve(), args.how, args.keep))
+            results[rev].append(one_run(rev, args.venv.resolve(), args.how, args.keep, args.set))
     for rev in revs:
         print(summarise(results[rev]))
         print()

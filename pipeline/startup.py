@@ -24,15 +24,15 @@ _ready_marked = False
 
 
 def process_start_time() -> float:
-    """This process's launch as a Unix time (seconds): /proc/self/stat's starttime (clock ticks after boot) plus
-    the boot time, as psutil's create_time computes it on Linux; psutil elsewhere."""
+    """This process's launch as a Unix time (seconds), to a clock tick (10 ms): /proc/self/stat's starttime counts
+    ticks after boot, and the boot is placed from CLOCK_BOOTTIME now. (psutil's create_time adds /proc/stat's btime,
+    whole seconds, so it may be up to 1 s early: too coarse for a start-up of a few seconds.) psutil off Linux."""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()  # the command name (field 2) may hold spaces
-        with open("/proc/stat") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 overall; fields[0] is field 3
-    except (OSError, IndexError, StopIteration, ValueError):
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 overall; fields[0] is field 3
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (OSError, IndexError, ValueError, AttributeError):
         import psutil
 
         return psutil.Process().create_time()

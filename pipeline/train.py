@@ -40,6 +40,7 @@ from pipeline.config import ParamsError, from_dict, to_dict
 from pipeline.determinism import seed_everything
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import load_latents, read_latents_manifest
+from pipeline.fp8 import FP8Mode, check_fp8, convert_to_fp8
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.precision import Precision, check_precision, set_float32_mode
@@ -77,6 +78,7 @@ class TrainParams:
     # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
     official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
     attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
+    fp8: FP8Mode = "off"  # torchao Float8 linear layers in the blocks (pipeline/fp8.py); params.yaml always names it
 
     def __post_init__(self):
         check_params(self)
@@ -100,6 +102,7 @@ def check_params(p: TrainParams) -> None:
         raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
     check_precision("train", p.precision, p.use_gpu)
     check_attention("train", p.attention, p.use_gpu)
+    check_fp8("train", p.fp8, p.use_gpu, p.precision)
 
 
 def check_batch_fits(p: TrainParams, num_examples: int) -> None:
@@ -218,6 +221,7 @@ def make_train_state(model: DiT, p: TrainParams, device: torch.device, world: in
     restored from `ckpt` when given, then wrapped in DDP on the local device (world > 1) and compiled."""
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    convert_to_fp8(model, p.fp8)  # in place, same parameters and state_dict keys; the EMA stays plain
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay, fused=device.type == "cuda" or None)
     if ckpt is not None:

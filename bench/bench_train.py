@@ -44,6 +44,8 @@ def parse_args():
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--attention", nargs="+", default=["auto"],
                         help="SDPA kernels to time (train.attention): auto math flash efficient cudnn")
+    parser.add_argument("--fp8", nargs="+", default=["off"], choices=["off", "on", "emulate"],
+                        help="train.fp8 modes to time; same seed and data, so the final losses compare (parity)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, 15 when compiled)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -107,15 +109,15 @@ def main():
     print(f"device={args.device} latent={latent_shape} classes={num_classes} torch={torch.__version__} "
           f"threads={torch.get_num_threads()}" + (f" gpu={torch.cuda.get_device_name()}" if cuda else ""))
     for name in args.model or (GPU_MODELS if cuda else [base.model]):
-        for mode, attention in ((m, a) for m in modes for a in args.attention):
+        for mode, attention, fp8 in ((m, a, f) for m in modes for a in args.attention for f in args.fp8):
             p = replace(base, model=name, num_workers=0, use_gpu=cuda,
                         global_batch_size=args.batch_size or (256 if cuda else base.global_batch_size),
                         precision=args.precision or ("bf16" if cuda else base.precision),
                         compile=mode != "none", compile_mode=mode if mode != "none" else base.compile_mode,
-                        activation_checkpointing=args.activation_checkpointing, attention=attention)
+                        activation_checkpointing=args.activation_checkpointing, attention=attention, fp8=fp8)
             warmup = args.warmup if args.warmup is not None else (15 if p.compile else 3)
             r = bench_one(p, latent_shape, num_classes, args.device, warmup, args.steps)
-            print(f"{name:9s} batch={p.global_batch_size} {p.precision} compile={mode:17s} attention={attention:9s} "
+            print(f"{name:9s} batch={p.global_batch_size} {p.precision} compile={mode:17s} attention={attention:9s} fp8={fp8:4s} "
                   f"{r['img_per_s']:9.1f} img/s  {r['ms_per_step']:8.1f} ms/step  "
                   + (f"MFU={r['tflops'] / args.peak_tflops:6.1%} ({r['tflops']:.0f} TFLOP/s)  "
                      f"peak={r['peak_gb']:.1f} GiB  " if cuda else "") + f"loss={r['loss']:.4f}", flush=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README's benchmark table and the pipeline itself, in one run on one GPU (H100/H200 class),
 # highest priority first. Each step has its own time limit and appends to $OUT/gpu_checks.log, so a cut-short run
-# keeps what it measured; a step that would end past BUDGET seconds (default 480: a rerun still fits a 15-minute
+# keeps what it measured; a step that would end past BUDGET seconds (default 500: a rerun still fits a 15-minute
 # device lease) is skipped and logged as such.
 #
 #   OUT=/tmp/gpu bash bench/gpu_checks.sh
@@ -12,7 +12,7 @@
 # --no-deps -d .whl` here, and carry .whl). Nothing here downloads: the SD-VAE and DiT weights are random.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks}
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-500}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -46,7 +46,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$LOG"
 python3 -c "
 import importlib.util as u
-missing = [m for m in ('cleanfid', 'scipy', 'pyarrow', 'yaml', 'safetensors', 'PIL', 'tqdm') if not u.find_spec(m)]
+missing = [m for m in ('cleanfid', 'scipy', 'pyarrow', 'yaml', 'safetensors', 'PIL', 'tqdm', 'torchao')
+           if not u.find_spec(m)]
 print('pipeline modules missing:', ', '.join(missing) if missing else 'none')" | tee -a "$LOG"
 
 # Issue 16: the pipeline itself (profiles/gpu-smoke.yaml): every stage's entry point in DAG order, DiT-B/2 300 steps,
@@ -56,6 +57,9 @@ step 210 gpu_pipeline python3 bench/gpu_pipeline.py
 # (reduce-overhead) tied the default mode in the last log (2,632 vs 2,634 img/s), so they are not re-run here.
 step 120 train_b2_attention python3 bench/bench_train.py --device cuda --model DiT-B/2 --attention auto cudnn flash \
   --steps 30
+# Issue 16: FP8 training (train.fp8, torchao Float8 linear layers; needs torchao: `pip download torchao --no-deps -d
+# .whl`): speed, and loss parity with bf16 after 150 steps from the same seed and data.
+step 120 train_b2_fp8 python3 bench/bench_train.py --device cuda --model DiT-B/2 --fp8 off on --steps 150
 # Issues 2 and 16: DiT-XL/2 training step, latent 32, batch 256, bf16, compiled, cuDNN attention (goal >= 700 img/s;
 # the last log has auto: 584 img/s).
 step 110 train_xl2_cudnn python3 bench/bench_train.py --device cuda --model DiT-XL/2 --attention cudnn --steps 15

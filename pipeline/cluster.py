@@ -101,14 +101,15 @@ def _quiet_local_noise() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import sys
 
+    argv = sys.argv[1:] if argv is None else argv
+    own, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(prog="python -m pipeline.cluster",
                                  description="run a command (after --) beside one local Ray that its stages join")
     ap.add_argument("action", choices=["run"])
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    ap.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
-    args = ap.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    args = ap.parse_args(own)
     if not command:
         ap.error("give the command to run after --, e.g. python -m pipeline.cluster run -- dvc repro")
     return run_with_local_cluster(command, args.num_cpus)

@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=token
 
 .PHONY: repro test exp venv
+# One local Ray for the whole DAG, which each Ray stage joins (pipeline/cluster.py: ~9 s less start-up per Ray
+# stage on 2 cores, bench/bench_ray_start.py); a RAY_ADDRESS you set is used instead.
 repro: $(STAMP)
-	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token $(BIN)/python -m pipeline.cluster run -- dvc repro
 
 # A profile of profiles/ as a DVC experiment: make exp PROFILE=cifar10 [EXP_ARGS=--queue]
 exp: $(STAMP)

@@ -44,6 +44,10 @@ def parse_args():
     parser.add_argument("--conditioning", nargs="+", default=None,
                         help="conditionings to compare (default: params.yaml's train.conditioning)")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--attention", nargs="+", default=["auto"],
+                        help="SDPA kernels to time (train.attention): auto math flash efficient cudnn")
+    parser.add_argument("--fp8", nargs="+", default=["off"], choices=["off", "on", "emulate"],
+                        help="train.fp8 modes to time; same seed and data, so the final losses compare (parity)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, 15 when compiled)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -110,15 +114,16 @@ def main():
     variants = [(m, c) for m in args.model or (GPU_MODELS if cuda else [base.model])
                 for c in args.conditioning or [base.conditioning]]
     for name, conditioning in variants:
-        for mode in modes:
+        for mode, attention, fp8 in ((m, a, f) for m in modes for a in args.attention for f in args.fp8):
             p = replace(base, model=name, conditioning=conditioning, num_workers=0, use_gpu=cuda,
                         global_batch_size=args.batch_size or (256 if cuda else base.global_batch_size),
                         precision=args.precision or ("bf16" if cuda else base.precision),
                         compile=mode != "none", compile_mode=mode if mode != "none" else base.compile_mode,
-                        activation_checkpointing=args.activation_checkpointing)
+                        activation_checkpointing=args.activation_checkpointing, attention=attention, fp8=fp8)
             warmup = args.warmup if args.warmup is not None else (15 if p.compile else 3)
             r = bench_one(p, latent_shape, num_classes, args.device, warmup, args.steps)
-            print(f"{name:11s} {conditioning:15s} batch={p.global_batch_size} {p.precision} compile={mode:27s} "
+            print(f"{name:11s} {conditioning:15s} batch={p.global_batch_size} {p.precision} compile={mode:17s} "
+                  f"attention={attention:9s} fp8={fp8:4s} "
                   f"{r['img_per_s']:9.1f} img/s  {r['ms_per_step']:8.1f} ms/step  "
                   + ("" if cuda else f"{r['cpu_ms_per_step']:8.1f} CPU-ms/step  ")
                   + (f"MFU={r['tflops'] / args.peak_tflops:6.1%} ({r['tflops']:.0f} TFLOP/s)  "

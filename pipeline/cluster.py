@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pipeline
+from pipeline import startup
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ def lock_ray() -> None:
         log.warning("RAY_AUTH_MODE=%s: anyone who can reach this Ray can run code on it", mode)
 
 
+LOCAL_CLUSTER_ENV = "PIPELINE_LOCAL_RAY"  # set by `python -m pipeline.cluster run`: RAY_ADDRESS is a local cluster
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Connect to `RAY_ADDRESS` when set (a cluster), else start a local Ray. Idempotent."""
     import ray
@@ -36,22 +40,53 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     lock_ray()
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS") and not os.environ.get(LOCAL_CLUSTER_ENV):
         # Joining: the cluster's head owns its dashboard and resources; Ray Client (ray://) forwards any extra
         # kwarg to ray.init on the server, so pass only what concerns this driver. Its nodes run the `pipeline`
         # package installed on them.
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        env = startup.worker_env()
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet, **({"runtime_env": {"env_vars": env}} if env else {}))
         return
-    # Local workers import the very `pipeline` this driver runs, also from the temp copy of a queued
-    # `dvc exp run`, rather than whichever checkout an editable install points at.
-    checkout = str(Path(pipeline.__file__).resolve().parents[1])
-    python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
     # One local node is never drained, so Ray Train's preemption watcher has nothing to watch; it is created with
     # max_restarts=-1 and object-store arguments, which makes Ray core log an error that "the actor restart will
     # fail" (ray-project/ray#53727). The driver passes this flag on to the Train controller.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet, runtime_env={
-        "env_vars": {"PYTHONPATH": python_path}, "worker_process_setup_hook": _quiet_local_noise})
+    if os.environ.get("RAY_ADDRESS"):  # the local cluster of `python -m pipeline.cluster run`: join it
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet, runtime_env=local_runtime_env())
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet, runtime_env=local_runtime_env())
+
+
+def local_runtime_env() -> dict:
+    """Local workers import the very `pipeline` this driver runs, also from the temp copy of a queued
+    `dvc exp run`, rather than whichever checkout an editable install points at; they also record into the
+    stage's timings (pipeline/startup.py) when the benchmark asks."""
+    checkout = str(Path(pipeline.__file__).resolve().parents[1])
+    python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
+    return {"env_vars": {"PYTHONPATH": python_path, **startup.worker_env()},
+            "worker_process_setup_hook": _quiet_local_noise}
+
+
+def run_with_local_cluster(command: list[str], num_cpus: int | None = None) -> int:
+    """Run `command` (e.g. `dvc repro`) beside one local Ray that every stage joins, then stop that Ray.
+
+    Starting a local Ray costs each Ray stage seconds of its start-up (GCS, raylet, object store, a dashboard
+    agent); one cluster for the whole DAG pays that once, the way stages on a real cluster join its head. Each stage
+    still runs standalone (it starts its own Ray when RAY_ADDRESS is unset). An address the user already set wins:
+    the command then runs against that cluster unchanged."""
+    import subprocess
+
+    if os.environ.get("RAY_ADDRESS"):
+        return subprocess.call(command)
+    import ray
+
+    lock_ray()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, LOCAL_CLUSTER_ENV: "1"}
+        return subprocess.call(command, env=env)
+    finally:
+        ray.shutdown()  # stops the GCS, raylet and workers this process started, and only those
 
 
 def _quiet_local_noise() -> None:
@@ -62,3 +97,23 @@ def _quiet_local_noise() -> None:
     default training. Its only job, freeing the placement group of a crashed controller, ends with the local
     cluster anyway. Its real errors (level ERROR) still print."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    own, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.cluster",
+                                 description="run a command (after --) beside one local Ray that its stages join")
+    ap.add_argument("action", choices=["run"])
+    ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    args = ap.parse_args(own)
+    if not command:
+        ap.error("give the command to run after --, e.g. python -m pipeline.cluster run -- dvc repro")
+    return run_with_local_cluster(command, args.num_cpus)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,6 +26,7 @@ from pipeline.config import ParamsError
 from pipeline.determinism import torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.latents import shard_name, write_latents_manifest, write_shard
+from pipeline.startup import mark_ready
 from pipeline.vae import encode_images, load_vae
 
 # CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
@@ -67,6 +68,7 @@ class LatentEncoder:
         self.micro_batch = micro_batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mark_ready()
         x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
         views = [x, x.flip(-1)] if self.flip else [x]  # index 0 = original, 1 = horizontally flipped
         with torch_threads(CPU_THREADS) if self.vae.device.type == "cpu" else nullcontext():

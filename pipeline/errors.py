@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from pipeline import startup
+
 EXIT_USER_ERROR = 1
 
 
@@ -37,9 +39,12 @@ def one_line(exc: BaseException) -> str:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Call `main()`; a UserError becomes `error: <message>` on stderr and exit status 1, without a traceback."""
+    """Call `main()`; a UserError becomes `error: <message>` on stderr and exit status 1, without a traceback.
+    With PIPELINE_TIMINGS_DIR set, the stage's launch, end of imports and exit are recorded (pipeline/startup.py)."""
+    startup.begin_stage()
     try:
         main()
+        startup.end_stage()
     except Exception as exc:
         error = user_error(exc)
         if error is None:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError
+from pipeline.attention import attention_backend
 from pipeline.diffusion import sample as diffusion_sample
 from pipeline.model import DiT
 from pipeline.precision import autocast, float32_mode
@@ -105,13 +106,13 @@ class FixedShapeNet:
 def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed: int, sampler: str, steps: int,
                     cfg_scale: float, cfg_channels: int | None, num_classes: int, latent_shape: tuple, device,
                     batch_size: int, micro_batch: int, precision: str, diffusion: dict,
-                    progress: bool = False) -> np.ndarray:
+                    progress: bool = False, attention: str = "auto") -> np.ndarray:
     """uint8 (N, H, W, 3) images of global samples `indices` (N,) with classes `labels` (N,); `diffusion` is the
     model's training diffusion (model_card.read_diffusion: noise_schedule, diffusion_steps, learn_sigma).
 
     Image i depends only on (seed, indices[i], labels[i]) and the sampling settings, never on N, on batch_size
     or on which worker made it, for a given `micro_batch` (see the module docstring). `batch_size` images share
-    one sampler loop."""
+    one sampler loop. `attention` names the SDPA kernel (pipeline/attention.py)."""
     labels, indices = np.asarray(labels, dtype=np.int64), np.asarray(indices, dtype=np.int64)
     if labels.shape != indices.shape or labels.ndim != 1 or len(np.unique(indices)) != len(indices):
         raise ValueError(f"labels and indices must be 1-D of one length with distinct indices, got "
@@ -126,7 +127,7 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
         rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
         y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
         with torch.inference_mode(), float32_mode(precision):
-            with autocast(precision, device):
+            with autocast(precision, device), attention_backend(attention):
                 z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
                                      cfg_scale=cfg_scale, cfg_channels=cfg_channels,
                                      generators=generators(seed, rows, "noise"), num_classes=num_classes,

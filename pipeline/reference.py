@@ -25,6 +25,7 @@ from pipeline.determinism import holdout_split, torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.reference_stats import STATS_FILE, write_npz, write_reference_manifest
 from pipeline.provenance import local_input
+from pipeline.startup import mark_ready
 from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtractor, build_classifier,
                                classifier_arch, resolve_inception_weights, save_extractor,
                                select_device)
@@ -64,6 +65,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
     the same images and params give the same weights. Images uint8 (N, H, W, 3); labels int64 in [0, num_classes)."""
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ArtifactError(f"labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes})")
+    mark_ready()
     torch.manual_seed(params.seed)
     arch = classifier_arch(num_classes, images.shape[1])
     net = build_classifier(arch).train()

@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write, require_file, sha256_dir, sha256_file
+from pipeline.attention import AttentionBackend, check_attention
 from pipeline.config import ParamsError, from_dict, read_yaml
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.formats.model_card import read_diffusion, read_model_card
@@ -56,6 +57,7 @@ from pipeline.generate import generate_images, load_models, make_grid, make_labe
 from pipeline.model import DiT_models
 from pipeline.precision import Precision, check_precision
 from pipeline.provenance import reuse_or_clear, stamp
+from pipeline.startup import mark_ready
 
 ACTOR_RESTARTS = 3  # restarts of each sampling actor, and retries of the shard it was drawing, after it is lost
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
@@ -79,6 +81,7 @@ class SampleParams:
     shard_size: int  # images per resumable shard
     seed: int
     grid_per_class: int
+    attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
 
     def __post_init__(self):
         check_params(self)
@@ -94,6 +97,7 @@ def check_params(p: SampleParams) -> None:
         raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
                           f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
     check_precision("sample", p.precision, p.use_gpu)
+    check_attention("sample", p.attention, p.use_gpu)
 
 
 # --- the checkpoint ---------------------------------------------------------------------------------------------
@@ -124,6 +128,7 @@ def settings_key(card: dict, vae_sha256: str, p: SampleParams) -> str:
     """Hash of everything that determines the pixels of a shard (not num_fid_samples: more samples extend a run)."""
     determining = {
         "shard_version": SHARD_VERSION, "micro_batch": p.micro_batch, "precision": p.precision, "compile": p.compile,
+        "attention": p.attention,  # another kernel rounds differently
         "checkpoint_sha256": card["checkpoint_sha256"],
         "vae_sha256": vae_sha256, "latent_shape": list(card["latent_shape"]), "num_classes": card["num_classes"],
         "sampler": p.sampler, "steps": p.steps, "cfg_scale": p.cfg_scale, "cfg_channels": p.cfg_channels,
@@ -171,6 +176,7 @@ class ShardWorker:
         self.diffusion = read_diffusion(card, f"the model card of {card['checkpoint']}")
 
     def generate(self, k: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        mark_ready()
         p, card = self.p, self.card
         indices = shard_indices(k, p)
         labels = make_labels(p.labels, indices, card["num_classes"], p.seed)
@@ -178,7 +184,7 @@ class ShardWorker:
                                  steps=p.steps, cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels,
                                  num_classes=card["num_classes"], latent_shape=tuple(card["latent_shape"]),
                                  device=self.device, batch_size=p.batch_size, micro_batch=p.micro_batch,
-                                 precision=p.precision, diffusion=self.diffusion)
+                                 precision=p.precision, diffusion=self.diffusion, attention=p.attention)
         return k, images, labels, indices
 
 

@@ -33,6 +33,7 @@ import torch
 from pipeline.artifacts import (
     ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
+from pipeline.attention import AttentionBackend, attention_backend, check_attention
 from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
     restore_rng, resume_mismatch, save_checkpoint,
@@ -41,10 +42,12 @@ from pipeline.config import ParamsError, from_dict, to_dict
 from pipeline.determinism import seed_everything
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import LatentSet, open_latents, read_latents_manifest
+from pipeline.fp8 import FP8Mode, check_fp8, convert_to_fp8
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.precision import Precision, check_precision, set_float32_mode
 from pipeline.provenance import local_input, stamp
+from pipeline.startup import mark_ready
 from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
 
@@ -80,6 +83,8 @@ class TrainParams:
     seed: int
     # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
     official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
+    attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
+    fp8: FP8Mode = "off"  # torchao Float8 linear layers in the blocks (pipeline/fp8.py); params.yaml always names it
 
     def __post_init__(self):
         check_params(self)
@@ -102,6 +107,8 @@ def check_params(p: TrainParams) -> None:
     if not 0 <= p.ema_decay < 1:
         raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
     check_precision("train", p.precision, p.use_gpu)
+    check_attention("train", p.attention, p.use_gpu)
+    check_fp8("train", p.fp8, p.use_gpu, p.precision)
 
 
 def check_batch_fits(p: TrainParams, num_examples: int) -> None:
@@ -226,6 +233,7 @@ def make_train_state(model: DiT, p: TrainParams, device: torch.device, world: in
     restored from `ckpt` when given, then wrapped in DDP on the local device (world > 1) and compiled."""
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    convert_to_fp8(model, p.fp8)  # in place, same parameters and state_dict keys; the EMA stays plain
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=p.weight_decay, fused=device.type == "cuda" or None)
     if ckpt is not None:
@@ -248,7 +256,8 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
     if s.params.compile:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse last step's buffers
     t = torch.randint(0, s.diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"):
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"), \
+            attention_backend(s.params.attention):  # the backward runs the same kernel's gradient
         terms = s.diffusion.training_losses(s.net, x, t, model_kwargs=dict(y=y))
     loss = terms["loss"].mean()
     s.opt.zero_grad(set_to_none=True)
@@ -308,6 +317,7 @@ class Loop:
         self.reporter: Reporter | None = None
 
     def run(self) -> None:
+        mark_ready()
         self.clock = time.perf_counter()
         for step in range(self.start, self.p.train_steps):
             stats = run_step(self.s, self.data, step, self.rank, self.world)

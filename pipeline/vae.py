@@ -23,6 +23,7 @@ from pipeline.config import ParamsError
 from pipeline.determinism import holdout_split
 from pipeline.formats import images as image_shards
 from pipeline.provenance import NO_INPUT, hub_revision, local_input
+from pipeline.startup import mark_ready
 
 SOURCE_FILE = "source.json"  # in the snapshot: where its weights came from (`source_record`)
 
@@ -189,6 +190,7 @@ def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, g: torch.Gen
 
 def fit(vae: AutoencoderKL, train_images: np.ndarray, params: VAEParams) -> None:
     """Adam on `vae_loss` over seeded batches of `train_images` uint8 (N, H, W, 3)."""
+    mark_ready()
     opt = torch.optim.Adam(vae.parameters(), lr=params.lr)
     g = torch.Generator().manual_seed(params.seed)
     order = batch_order(len(train_images), params.batch_size, params.train_steps, params.seed)

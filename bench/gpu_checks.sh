@@ -12,11 +12,12 @@
 # --no-deps -d .whl` here, and carry .whl). Nothing here downloads: the SD-VAE and DiT weights are random.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_checks}
+PYTHON=${PYTHON:-python3}  # the interpreter with torch (a venv's python in the CPU dry run)
 BUDGET=${BUDGET:-500}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_checks.log"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
@@ -38,13 +39,13 @@ step() {  # step SECONDS NAME COMMAND...
 }
 
 if [[ "${1:-}" == "--cpu-dry-run" ]]; then
-  step 420 gpu_pipeline_dry python3 bench/gpu_pipeline.py --cpu-dry-run
+  step 420 gpu_pipeline_dry "$PYTHON" bench/gpu_pipeline.py --cpu-dry-run
   exit 0
 fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$LOG"
-python3 -c "
+"$PYTHON" -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$LOG"
+"$PYTHON" -c "
 import importlib.util as u
 missing = [m for m in ('cleanfid', 'scipy', 'pyarrow', 'yaml', 'safetensors', 'PIL', 'tqdm', 'torchao')
            if not u.find_spec(m)]
@@ -52,24 +53,24 @@ print('pipeline modules missing:', ', '.join(missing) if missing else 'none')" |
 
 # Issue 16: the pipeline itself (profiles/gpu-smoke.yaml): every stage's entry point in DAG order, DiT-B/2 300 steps,
 # each compute stage on the GPU, train >= 0.9x bench_train's img/s on the same params.
-step 210 gpu_pipeline python3 bench/gpu_pipeline.py
+step 210 gpu_pipeline "$PYTHON" bench/gpu_pipeline.py
 # Issues 4 and 16: DiT-B/2 compiled, per SDPA kernel (train.attention; goal >= 3,100 img/s). CUDA graphs
 # (reduce-overhead) tied the default mode in the last log (2,632 vs 2,634 img/s), so they are not re-run here.
-step 120 train_b2_attention python3 bench/bench_train.py --device cuda --model DiT-B/2 --attention auto cudnn flash \
+step 120 train_b2_attention "$PYTHON" bench/bench_train.py --device cuda --model DiT-B/2 --attention auto cudnn flash \
   --steps 30
 # Issue 16: FP8 training (train.fp8, torchao Float8 linear layers; needs torchao: `pip download torchao --no-deps -d
 # .whl`): speed, and loss parity with bf16 after 150 steps from the same seed and data.
-step 120 train_b2_fp8 python3 bench/bench_train.py --device cuda --model DiT-B/2 --fp8 off on --steps 150
+step 120 train_b2_fp8 "$PYTHON" bench/bench_train.py --device cuda --model DiT-B/2 --fp8 off on --steps 150
 # Issues 2 and 16: DiT-XL/2 training step, latent 32, batch 256, bf16, compiled, cuDNN attention (goal >= 700 img/s;
 # the last log has auto: 584 img/s).
-step 110 train_xl2_cudnn python3 bench/bench_train.py --device cuda --model DiT-XL/2 --attention cudnn --steps 15
+step 110 train_xl2_cudnn "$PYTHON" bench/bench_train.py --device cuda --model DiT-XL/2 --attention cudnn --steps 15
 # Issues 5 and 16: guided DiT-XL/2 sampling, bf16 + compile, cuDNN attention, batch 512 (the last log: batch 256,
 # auto, 975.5 img-steps/s = 3.56 h; goal <= 2.5 h for 50K x 250 steps).
-step 100 sampler_xl2_cudnn_b512 python3 bench/bench_sampler.py --model DiT-XL/2 --latent-size 32 --batch 512 \
+step 100 sampler_xl2_cudnn_b512 "$PYTHON" bench/bench_sampler.py --model DiT-XL/2 --latent-size 32 --batch 512 \
   --sampler ddpm --steps 30 --protocol-steps 250 --cfg-scale 1.5 --cfg-channels 3 --dtype bf16 --compile \
   --attention cudnn --device cuda --warmup-steps 5 --forward-iters 10
 # Unchanged code since the last log; re-run only when the budget allows.
-step 30 encode_sdvae python3 bench/bench_encode.py --device cuda --batch-size 64 --dtype bf16
-step 45 model_vs_diffusers python3 bench/bench_model.py --model DiT-B/2 --input-size 32 --batch-size 256 \
+step 30 encode_sdvae "$PYTHON" bench/bench_encode.py --device cuda --batch-size 64 --dtype bf16
+step 45 model_vs_diffusers "$PYTHON" bench/bench_model.py --model DiT-B/2 --input-size 32 --batch-size 256 \
   --device cuda --dtype bf16
 echo "### done in $SECONDS s" | tee -a "$LOG"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ def test_gpu_smoke_profile_validates_and_is_gpu_everywhere():
 
 @pytest.mark.slow
 def test_gpu_checks_cpu_dry_run_runs_every_stage(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path)}
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}  # `make test` leaves the venv off PATH
     done = subprocess.run(["bash", "bench/gpu_checks.sh", "--cpu-dry-run"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr

@@ -46,7 +46,7 @@ def parse_args():
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--attention", nargs="+", default=["auto"],
                         help="SDPA kernels to time (train.attention): auto math flash efficient cudnn")
-    parser.add_argument("--fp8", nargs="+", default=["off"], choices=["off", "on", "emulate"],
+    parser.add_argument("--fp8", nargs="+", default=["none"], choices=["none", "float8", "emulate"],
                         help="train.fp8 modes to time; same seed and data, so the final losses compare (parity)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3, 15 when compiled)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
@@ -123,7 +123,7 @@ def main():
             warmup = args.warmup if args.warmup is not None else (15 if p.compile else 3)
             r = bench_one(p, latent_shape, num_classes, args.device, warmup, args.steps)
             print(f"{name:11s} {conditioning:15s} batch={p.global_batch_size} {p.precision} compile={mode:17s} "
-                  f"attention={attention:9s} fp8={fp8:4s} "
+                  f"attention={attention:9s} fp8={fp8:7s} "
                   f"{r['img_per_s']:9.1f} img/s  {r['ms_per_step']:8.1f} ms/step  "
                   + ("" if cuda else f"{r['cpu_ms_per_step']:8.1f} CPU-ms/step  ")
                   + (f"MFU={r['tflops'] / args.peak_tflops:6.1%} ({r['tflops']:.0f} TFLOP/s)  "

@@ -60,7 +60,7 @@ step 120 train_b2_attention "$PYTHON" bench/bench_train.py --device cuda --model
   --steps 30
 # Issue 16: FP8 training (train.fp8, torchao Float8 linear layers; needs torchao: `pip download torchao --no-deps -d
 # .whl`): speed, and loss parity with bf16 after 150 steps from the same seed and data.
-step 120 train_b2_fp8 "$PYTHON" bench/bench_train.py --device cuda --model DiT-B/2 --fp8 off on --steps 150
+step 120 train_b2_fp8 "$PYTHON" bench/bench_train.py --device cuda --model DiT-B/2 --fp8 none float8 --steps 150
 # Issues 2 and 16: DiT-XL/2 training step, latent 32, batch 256, bf16, compiled, cuDNN attention (goal >= 700 img/s;
 # the last log has auto: 584 img/s).
 step 110 train_xl2_cudnn "$PYTHON" bench/bench_train.py --device cuda --model DiT-XL/2 --attention cudnn --steps 15

@@ -1,6 +1,6 @@
 """FP8 training (`train.fp8`): torchao's Float8 linear layers for the DiT blocks' matmuls.
 
-`on` swaps every nn.Linear inside the transformer blocks (qkv, attention output, MLP, adaLN modulation) for
+`float8` swaps every nn.Linear inside the transformer blocks (qkv, attention output, MLP, adaLN modulation) for
 torchao's `Float8Linear`: inputs, weights and output gradients are cast to float8 with dynamic per-tensor scales
 and the three GEMMs of each layer run on FP8 tensor cores (Hopper and newer); everything else stays as the
 precision param says (bf16 autocast). The weights, their gradients, the optimiser and the EMA stay float32, and the
@@ -19,14 +19,15 @@ import torch
 
 from pipeline.config import ParamsError
 
-FP8Mode = Literal["off", "on", "emulate"]
+# Not off/on: YAML 1.1 reads those as booleans, and `dvc exp run -S` writes params.yaml without quotes.
+FP8Mode = Literal["none", "float8", "emulate"]
 GEMM_MULTIPLE = 16  # torch._scaled_mm needs both dims of each float8 GEMM to be multiples of 16
 
 
 def check_fp8(section: str, mode: str, use_gpu: bool, precision: str) -> None:
-    if mode == "on" and not (use_gpu and precision == "bf16"):
-        raise ParamsError(f"'{section}.fp8' on needs {section}.use_gpu: true and {section}.precision: bf16 (float8 "
-                          "GEMMs are CUDA tensor-core kernels beside bf16 autocast); use off, or emulate for a "
+    if mode == "float8" and not (use_gpu and precision == "bf16"):
+        raise ParamsError(f"'{section}.fp8' float8 needs {section}.use_gpu: true and {section}.precision: bf16 (float8 "
+                          "GEMMs are CUDA tensor-core kernels beside bf16 autocast); use none, or emulate for a "
                           "CPU check of the numerics")
 
 
@@ -37,8 +38,8 @@ def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
 
 
 def convert_to_fp8(model: torch.nn.Module, mode: str) -> int:
-    """Swap `model`'s block Linear layers for Float8Linear in place (mode on | emulate); returns how many."""
-    if mode == "off":
+    """Swap `model`'s block Linear layers for Float8Linear in place (mode float8 | emulate); returns how many."""
+    if mode == "none":
         return 0
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training

@@ -84,7 +84,7 @@ class TrainParams:
     # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
     official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
     attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
-    fp8: FP8Mode = "off"  # torchao Float8 linear layers in the blocks (pipeline/fp8.py); params.yaml always names it
+    fp8: FP8Mode = "none"  # torchao Float8 linear layers in the blocks (pipeline/fp8.py); params.yaml always names it
 
     def __post_init__(self):
         check_params(self)

@@ -26,9 +26,9 @@ def params(**changes) -> T.TrainParams:
 
 
 def test_fp8_on_needs_cuda_and_bf16():
-    with pytest.raises(ParamsError, match="train.fp8' on needs"):
-        params(fp8="on")
-    check_fp8("train", "on", use_gpu=True, precision="bf16")
+    with pytest.raises(ParamsError, match="train.fp8' float8 needs"):
+        params(fp8="float8")
+    check_fp8("train", "float8", use_gpu=True, precision="bf16")
     check_fp8("train", "emulate", use_gpu=False, precision="fp32")
 
 
@@ -37,7 +37,7 @@ def test_emulated_fp8_swaps_the_block_linears_and_tracks_fp32_training(perturb):
     from torchao.float8.float8_linear import Float8Linear
 
     losses, states = {}, {}
-    for mode in ("off", "emulate"):
+    for mode in ("none", "emulate"):
         p = params(fp8=mode)
         torch.manual_seed(0)
         model = perturb(T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY), 0)
@@ -58,8 +58,8 @@ def test_emulated_fp8_swaps_the_block_linears_and_tracks_fp32_training(perturb):
             torch.manual_seed(step)
             curve.append(T.train_step(state, x, y, lr=p.lr)[0].item())
         losses[mode], states[mode] = curve, state
-    off, fp8 = torch.tensor(losses["off"]), torch.tensor(losses["emulate"])
+    off, fp8 = torch.tensor(losses["none"]), torch.tensor(losses["emulate"])
     assert fp8[-5:].mean() < 0.8 * fp8[:5].mean()  # it learns
     # float8 e4m3 keeps 3 mantissa bits: per-step losses within a few percent of fp32's, over the whole run
     assert ((fp8 - off).abs() / off).max() < 0.05, (off, fp8)
-    assert convert_to_fp8(torch.nn.Linear(4, 4), "off") == 0
+    assert convert_to_fp8(torch.nn.Linear(4, 4), "none") == 0

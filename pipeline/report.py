@@ -70,22 +70,22 @@ def claims(records: list[dict], plan: dict) -> list[Claim]:
     corr_lines = [f"over every adaLN-Zero run (n={n_zero}, per-seed points): Pearson r(log FID, log Gflops) = {c['pearson_gflops']:+.3f}, "
                   f"r(log FID, log params) = {c['pearson_params_M']:+.3f}; Spearman {c['spearman_gflops']:+.3f} "
                   f"vs {c['spearman_params_M']:+.3f}"] if c else []
-    return [
-        Claim(1, "adaLN-Zero beats adaLN, cross-attention and in-context conditioning (Fig. 5)", "conditioning",
-              V.verdict(cond, complete(plan, records, "conditioning")), lines(cond)),
-        Claim(2, "a deeper, wider DiT gives lower FID at a fixed patch (Fig. 6, Table 4)", "size",
-              V.verdict(size, complete(plan, records, "size")), lines(size)),
-        Claim(3, "a smaller patch gives lower FID at a fixed model (Fig. 6)", "patch",
-              V.verdict(patch, complete(plan, records, "patch")), lines(patch)),
-        Claim(4, "FID tracks forward Gflops better than parameters (Fig. 8)", "gflops",
-              V.verdict([gpair], complete(plan, records, "gflops")), corr_lines + lines([gpair])),
-        Claim(5, "larger models reach a given FID with less training compute (Fig. 9)", "size",
-              V.verdict(compute, complete(plan, records, "size")), lines(compute)),
-        Claim(6, "more sampling steps do not make a smaller model match a larger one (Fig. 10)", "sampling",
-              V.verdict(samp, complete(plan, records, "sampling")), lines(samp)),
-        Claim(7, "guidance: cfg 1.5 lowers FID and class consistency rises with cfg (Table 2, Fig. 1)", "guidance",
-              V.verdict(guid, complete(plan, records, "guidance")), lines(guid)),
+    claims = [  # (number, claim, figure's study, pairs the rule judges, the plan's study that must be complete, lines)
+        (1, "adaLN-Zero beats adaLN, cross-attention and in-context conditioning (Fig. 5)", "conditioning", cond,
+         "conditioning", lines(cond)),
+        (2, "a deeper, wider DiT gives lower FID at a fixed patch (Fig. 6, Table 4)", "size", size, "size", lines(size)),
+        (3, "a smaller patch gives lower FID at a fixed model (Fig. 6)", "patch", patch, "patch", lines(patch)),
+        (4, "FID tracks forward Gflops better than parameters (Fig. 8)", "gflops", [gpair], "gflops",
+         corr_lines + lines([gpair])),
+        (5, "larger models reach a given FID with less training compute (Fig. 9)", "size", compute, "size",
+         lines(compute)),
+        (6, "more sampling steps do not make a smaller model match a larger one (Fig. 10)", "sampling", samp,
+         "sampling", lines(samp)),
+        (7, "guidance: cfg 1.5 lowers FID and class consistency rises with cfg (Table 2, Fig. 1)", "guidance", guid,
+         "guidance", lines(guid)),
     ]
+    return [Claim(number, text, study, V.verdict(pairs, complete(plan, records, planned)), shown)
+            for number, text, study, pairs, planned, shown in claims]
 
 
 # --- figures ------------------------------------------------------------------------------------------------------

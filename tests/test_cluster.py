@@ -103,7 +103,7 @@ def cluster(tmp_path_factory):
 # Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
 # waits for both nodes, then spreads two actors and reports the node each one runs on.
 CLIENT = """
-import json, time
+import json, os, time
 import ray
 from pipeline.cluster import init_ray
 
@@ -118,12 +118,16 @@ class Where:
         return ray.get_runtime_context().get_node_id()
 
 actors = [Where.remote() for _ in range(2)]
-print(json.dumps({"alive": alive, "actors": ray.get([a.node.remote() for a in actors], timeout=120)}))
+report = {"alive": alive, "actors": ray.get([a.node.remote() for a in actors], timeout=120)}
+open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
 
 
-def client(env: dict, address: str, script: str = CLIENT) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**env, "RAY_ADDRESS": address},
+# The scripts write their report to REPORT_PATH, not stdout: Ray forwards raylet warnings to the driver's stdout
+# whenever they come, even after the script's last print (CI once parsed such a warning as the report).
+def client(env: dict, address: str, script: str = CLIENT, report: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
+                            env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(report or os.devnull)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -137,14 +141,14 @@ def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(clust
                               address, "import ray; ray.init()"),
         "no token": client({**no_token, "HOME": str(tmp_path)}, address, "import ray; ray.init()"),
     }
-    admitted = client(env, address)
+    admitted = client(env, address, report=tmp_path / "report.json")
     for name, proc in refused.items():
         out, err = proc.communicate(timeout=240)
         assert proc.returncode != 0, f"{name}: joined a token-locked cluster: {out}"
         assert "Authentication token is missing or incorrect" in err, f"{name}: {err[-2000:]}"
     out, err = admitted.communicate(timeout=240)
     assert admitted.returncode == 0, err[-3000:]
-    report = json.loads(out.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "report.json").read_text())
     assert len(set(report["alive"])) == 2
     assert sorted(report["actors"]) == sorted(report["alive"])  # one actor on each node
 
@@ -152,7 +156,7 @@ def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(clust
 # The encode stage's library call on the cluster, then the nodes its encoder actors ran on (from the GCS's actor
 # table: the state API would need the dashboard, which the head runs without).
 ENCODE = """
-import dataclasses, json, sys
+import dataclasses, json, os, sys
 import ray
 from ray._private.state import actors
 from pipeline.encode import EncodeParams, run_encode
@@ -160,7 +164,8 @@ from pipeline.encode import EncodeParams, run_encode
 params, images_dir, vae_dir, out = json.loads(sys.argv[1])
 run_encode(EncodeParams(**params), images_dir, vae_dir, out, out + ".json")
 nodes = [a["Address"]["NodeID"] for a in actors().values() if "LatentEncoder" in a["ActorClassName"]]
-print(json.dumps({"nodes": nodes, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
+report = {"nodes": nodes, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
+open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
 
 
@@ -170,9 +175,10 @@ def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, en
     encode_local(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "local")
     args = [dataclasses.asdict(params), str(encode_inputs["images_dir"]), str(encode_inputs["vae_dir"]), str(tmp_path / "cluster")]
     done = subprocess.run([sys.executable, "-c", ENCODE, json.dumps(args)], cwd=REPO,
-                          env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=400)
+                          env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(tmp_path / "report.json")},
+                          capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
     assert shard_hashes(tmp_path / "cluster") == shard_hashes(tmp_path / "local")
     assert (tmp_path / "cluster" / "manifest.json").read_bytes() == (tmp_path / "local" / "manifest.json").read_bytes()
@@ -181,7 +187,7 @@ def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, en
 # The train and sample stages' library calls (tiny DiT, 6 steps; 16 samples) on whichever Ray RAY_ADDRESS names, or a
 # local one without it; then the nodes their Ray Train workers and sampling actors ran on.
 TRAIN_AND_SAMPLE = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 import ray
 from ray._private.state import actors
@@ -197,8 +203,9 @@ run(root / "train", latents, base_params(num_workers=2, train_steps=6, log_every
 S.run_sample(params(num_workers=2, num_fid_samples=16, shard_size=8), read_model_card(root / "train" / "dit"),
              vae_dir, root / "sample")
 nodes = lambda name: [a["Address"]["NodeID"] for a in actors().values() if name in a["ActorClassName"]]
-print(json.dumps({"train": nodes("RayTrainWorker"), "sample": nodes("ShardWorker"),
-                  "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}))
+report = {"train": nodes("RayTrainWorker"), "sample": nodes("ShardWorker"),
+          "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
+open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
 
 
@@ -216,10 +223,10 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     reports = {}
     for where, extra in (("cluster", {"RAY_ADDRESS": address}), ("local", {})):
         done = subprocess.run([sys.executable, "-c", TRAIN_AND_SAMPLE, str(tmp_path / where), str(latents),
-                               str(tmp_path / "vae")], cwd=REPO, env={**env, **extra}, capture_output=True,
-                              text=True, timeout=900)
+                               str(tmp_path / "vae")], cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")})
         assert done.returncode == 0, done.stderr[-3000:]
-        reports[where] = json.loads(done.stdout.strip().splitlines()[-1])
+        reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
     placed = reports["cluster"]
     assert len(set(placed["alive"])) == 2
     assert sorted(placed["train"]) == sorted(placed["alive"])  # one DDP worker per node

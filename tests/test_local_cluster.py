@@ -29,23 +29,25 @@ def work():
     return os.getpid(), pipeline.__file__
 
 pid, worker_pipeline = ray.get(work.remote())
-print(json.dumps({"address": os.environ.get("RAY_ADDRESS"), "gcs": ray.get_runtime_context().gcs_address,
-                  "driver_pid": os.getpid(), "worker_pid": pid, "worker_pipeline": worker_pipeline,
-                  "driver_pipeline": pipeline.__file__}))
+report = {"address": os.environ.get("RAY_ADDRESS"), "gcs": ray.get_runtime_context().gcs_address,
+          "driver_pid": os.getpid(), "worker_pid": pid, "worker_pipeline": worker_pipeline,
+          "driver_pipeline": pipeline.__file__}
+open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))  # not stdout: Ray forwards raylet warnings there
 """
 
 
 @pytest.mark.slow
 def test_run_starts_one_local_ray_that_stages_join_and_stops_it(tmp_path):
     timings = tmp_path / "timings"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PIPELINE_TIMINGS_DIR": str(timings), "PIPELINE_STAGE": "probe"}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PIPELINE_TIMINGS_DIR": str(timings), "PIPELINE_STAGE": "probe",
+           "REPORT_PATH": str(tmp_path / "report.json")}
     for name in ("RAY_ADDRESS", "PIPELINE_LOCAL_RAY"):
         env.pop(name, None)
     done = subprocess.run([sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "1", "--",
                            sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = json.loads((tmp_path / "report.json").read_text())
     assert seen["address"] and seen["gcs"] == seen["address"]  # joined the run's Ray, did not start its own
     assert seen["worker_pipeline"] == seen["driver_pipeline"] == str(REPO / "pipeline" / "__init__.py")
     events = [json.loads(line) for line in (timings / "probe.jsonl").read_text().splitlines()]

@@ -59,10 +59,16 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return result
 
 
-def experiments() -> dict[str, dict]:
-    """{name: row} of this session's experiments of HEAD, as `dvc.api.exp_show` lists them."""
+def head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def experiments(baseline: str) -> dict[str, dict]:
+    """{name: row} of the experiments queued from commit `baseline`, as `dvc.api.exp_show` lists them. Always the
+    commit a run started from, not HEAD: a commit made while a batch runs would otherwise hide its experiments
+    (this happened: 8 finished sampling runs were reported failed)."""
     import dvc.api
-    rows = dvc.api.exp_show(force=True)
+    rows = dvc.api.exp_show(revs=[baseline], force=True)
     return {row["Experiment"]: row for row in rows if row.get("Experiment") and row.get("typ") != "baseline"}
 
 
@@ -72,12 +78,12 @@ def failure_log(name: str) -> str:
     return "\n".join(text[-15:]) or "(no log)"
 
 
-def run_queue(runs: list[PlannedRun]) -> tuple[float, dict[str, str]]:
+def run_queue(runs: list[PlannedRun], baseline: str) -> tuple[float, dict[str, str]]:
     """Run the queued experiments one at a time; (wall seconds, {name: error} of those that failed)."""
     start = time.perf_counter()
     dvc("exp", "run", "--run-all", "--jobs", "1", check=False)  # a failed experiment is found below, by name
     wall = time.perf_counter() - start
-    rows = experiments()
+    rows = experiments(baseline)
     failed = {}
     for run in runs:
         row = rows.get(run.name)
@@ -219,30 +225,30 @@ def batches(pending: list[PlannedRun]) -> list[list[PlannedRun]]:
     return out
 
 
-def execute(batch: list[PlannedRun], plan: dict, commit: str) -> tuple[float, list[str]]:
+def execute(batch: list[PlannedRun], plan: dict, commit: str, baseline: str) -> tuple[float, list[str]]:
     """Queue and run one batch, write the records of the runs that finished; (wall seconds, failed names)."""
     base = batch[0].base
     base_train = None
     if base is None:
         for run in batch:
             queue(run, plan)
-        wall, failed = run_queue(batch)
+        wall, failed = run_queue(batch, baseline)
     else:
-        if base not in experiments():  # trained in an earlier session: train it again (deterministic) to apply it
+        if base not in experiments(baseline):  # trained in an earlier session: train it again (deterministic) to apply it
             ref = next(r for r in expand(plan) if r.name == base)
             queue(ref, plan)
-            _, failed = run_queue([ref])
+            _, failed = run_queue([ref], baseline)
             if failed:
                 return 0.0, [f"{r.name}: its training run {base} failed again:\n{failed[base]}" for r in batch]
-        base_train = read_json(METRICS["train"], experiments()[base]["rev"])
+        base_train = read_json(METRICS["train"], experiments(baseline)[base]["rev"])
         try:
             with applied(base):  # kept while the batch runs: the queue copies the applied dvc.lock when it starts
                 for run in batch:
                     queue(run, plan)
-                wall, failed = run_queue(batch)
+                wall, failed = run_queue(batch, baseline)
         except UserError as e:
             return 0.0, [f"{r.name}: could not run it on {base}'s lock: {e}" for r in batch]
-    rows = experiments()
+    rows = experiments(baseline)
     for run in batch:
         if run.name not in failed:
             rec = record(run, plan, commit, rows[run.name], wall / len(batch), base_train)
@@ -260,7 +266,12 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
     budget, elapsed, data_s = hours * 3600, 0.0, plan["estimate"]["data_stages_s"]
     failures, failed_names = [], set()
     todo = batches(pending)
+    baseline = head()  # experiments are queued from it; a commit while the sweep runs stops it (below)
     for i, batch in enumerate(todo):
+        if head() != baseline:
+            print(f"stopping: HEAD moved from {baseline[:10]} while the sweep ran; commit the records after it "
+                  "ends, then run it again", flush=True)
+            break
         if batch[0].base in failed_names:
             failures += [f"{r.name}: skipped, its training run {r.base} failed" for r in batch]
             continue
@@ -273,7 +284,7 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
         print(f"[{elapsed / 60:.0f} min / {hours * 60:.0f} min] running {', '.join(r.name for r in batch)} "
               f"(~{estimate / 60:.0f} min; {left} runs left)", flush=True)
         start = time.perf_counter()
-        _, failed = execute(batch, plan, commit)
+        _, failed = execute(batch, plan, commit, baseline)
         elapsed += time.perf_counter() - start
         failed_names |= {f.split(":")[0] for f in failed}
         for f in failed:
@@ -284,10 +295,11 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
     return 1 if failures else 0
 
 
-def cmd_collect(plan: dict, names: list[str]) -> None:
-    """Records of finished experiments of this session (e.g. after `dvc exp run` by hand), by planned name."""
+def cmd_collect(plan: dict, names: list[str], baseline: str | None) -> None:
+    """Records of finished experiments queued from `baseline` (default HEAD; e.g. after `dvc exp run` by hand, or
+    runs the runner could not see), by planned name."""
     commit = plan_commit(Path(plan["path"]))
-    rows = experiments()
+    rows = experiments(baseline or head())
     planned = {r.name: r for r in expand(plan)}
     for name in names or [n for n in planned if n in rows]:
         if name not in planned:
@@ -310,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--only", nargs="+", help="planned run names to run (default: all not done)")
     collect = sub.add_parser("collect")
     collect.add_argument("names", nargs="*")
+    collect.add_argument("--rev", help="the commit the experiments were queued from (default HEAD)")
     args = parser.parse_args(argv)
     plan = load_plan(args.plan)
     if args.command == "plan":
@@ -317,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "run":
         sys.exit(cmd_run(plan, args.hours, args.only))
     else:
-        cmd_collect(plan, args.names)
+        cmd_collect(plan, args.names, args.rev)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import BUCKET, CREDENTIALS, keys
 from pipeline.encode import encode_local
 from tiny_encode import PARAMS as ENCODE_PARAMS
 from tiny_encode import shard_hashes
@@ -78,16 +79,17 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> No
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, s3):
     """Yields (address, env of a client holding the token). The nodes read the token from a 0600 file named by
     RAY_AUTH_TOKEN_PATH; the session's own RAY_AUTH_TOKEN (conftest) is kept away from them. The head has 2 CPUs and
     the worker 1: `encode` with 2 actors needs a third CPU for reading. Both nodes import this checkout's
-    `pipeline`, as a cluster's nodes import the package installed on them."""
+    `pipeline`, as a cluster's nodes import the package installed on them, and start with the S3 server's
+    credentials in their environment, as a cluster's nodes hold theirs (train.storage_path)."""
     token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL=s3[0], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     port = free_port()
     nodes = [start_node(env, port, head=True, num_cpus=2)]
@@ -199,7 +201,8 @@ from tiny_train import base_params, run
 
 root, latents, vae_dir = map(Path, sys.argv[1:4])
 init_ray()
-run(root / "train", latents, base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3))
+run(root / "train", latents, base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3,
+                                         storage_path=sys.argv[4]))
 S.run_sample(params(num_workers=2, num_fid_samples=16, shard_size=8), read_model_card(root / "train" / "dit"),
              vae_dir, root / "sample")
 nodes = lambda name: [a["Address"]["NodeID"] for a in actors().values() if name in a["ActorClassName"]]
@@ -210,7 +213,8 @@ open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 
 
 def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster, tmp_path, tiny_vae):
-    """Train with 2 DDP workers over gloo and sample with 2 actors, on the cluster and on a local one-node Ray."""
+    """Train with 2 DDP workers over gloo and sample with 2 actors, on the cluster and on a local one-node Ray. On
+    the cluster the checkpoints go through S3 (train.storage_path), locally straight to models/checkpoints."""
     import numpy as np
     import torch
 
@@ -221,9 +225,10 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")  # 16 px <-> 4x8x8, as the latents
     env = {**env, "PYTHONPATH": os.pathsep.join([env["PYTHONPATH"], str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
     reports = {}
+    storage = {"cluster": f"s3://{BUCKET}/cluster-train", "local": ""}
     for where, extra in (("cluster", {"RAY_ADDRESS": address}), ("local", {})):
         done = subprocess.run([sys.executable, "-c", TRAIN_AND_SAMPLE, str(tmp_path / where), str(latents),
-                               str(tmp_path / "vae")], cwd=REPO, capture_output=True, text=True, timeout=900,
+                               str(tmp_path / "vae"), storage[where]], cwd=REPO, capture_output=True, text=True, timeout=900,
                               env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")})
         assert done.returncode == 0, done.stderr[-3000:]
         reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
@@ -231,6 +236,10 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     assert len(set(placed["alive"])) == 2
     assert sorted(placed["train"]) == sorted(placed["alive"])  # one DDP worker per node
     assert sorted(placed["sample"]) == sorted(placed["alive"])  # one sampling actor per node
+    uploaded = sorted(k.rsplit("/", 1)[-1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-train/") if k.endswith(".pt"))
+    assert uploaded == ["ckpt-0000003.pt", "ckpt-0000006.pt"], uploaded
+    assert [sorted(f.name for f in (tmp_path / w / "train" / "checkpoints").glob("ckpt-*.pt"))
+            for w in ("cluster", "local")] == [uploaded, uploaded]  # filled from S3 by the driver
     ema = [torch.load(tmp_path / w / "train" / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     samples = [np.load(tmp_path / w / "sample" / "samples.npz") for w in ("cluster", "local")]

@@ -38,9 +38,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def hidden_paths() -> list[Path]:
+    """What a node without the project must not read: this checkout, the venv and the checkout holding the venv
+    (where its editable install points)."""
+    paths = {REPO}
+    if sys.prefix != sys.base_prefix:  # a venv: hide it and the checkout it lives in
+        paths |= {Path(sys.prefix), Path(sys.prefix).parent}
+    return sorted(p for p in paths if not any(q in p.parents for q in paths))  # covering a parent hides the rest
+
+
+def without_the_project(cmd: list[str], node_env: str) -> list[str]:
+    """`cmd` in a mount namespace of its own, as a node that has Python and the dependencies but not the project:
+    the venv is bound at `node_env` (the same packages, installed elsewhere), then the checkout and the venv's own
+    path are covered by empty tmpfs mounts. The node's workers get `pipeline` only through Ray's runtime_env."""
+    python = f"{node_env}/bin/python"
+    script = [f"mount --bind {sys.prefix} {node_env}"]
+    script += [f"mount -t tmpfs -o size=1m tmpfs {path}" for path in hidden_paths()]
+    script.append(" ".join(["exec", python, "-m", "ray.scripts.scripts", *cmd[1:]]))
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", " && ".join(script)]
+
+
 def start_node(env: dict, head_port: int, head: bool, num_cpus: int) -> tuple[subprocess.Popen, str]:
     """`ray start --block` in its own process group: SIGTERM to it stops this node's processes and no other Ray's
-    (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes."""
+    (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes.
+    The worker node runs without the project (`without_the_project`)."""
     temp_dir = tempfile.mkdtemp(prefix="ray-")
     cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
            "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
@@ -49,6 +70,8 @@ def start_node(env: dict, head_port: int, head: bool, num_cpus: int) -> tuple[su
         cmd += ["--head", f"--port={head_port}", "--include-dashboard=false"]
     else:
         cmd += [f"--address={JOIN_HOST}:{head_port}"]
+        Path(temp_dir, "env").mkdir()
+        cmd = without_the_project(cmd, f"{temp_dir}/env")
     log = open(f"{temp_dir}.log", "w")
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT), temp_dir
 
@@ -82,15 +105,15 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> No
 def cluster(tmp_path_factory, s3):
     """Yields (address, env of a client holding the token). The nodes read the token from a 0600 file named by
     RAY_AUTH_TOKEN_PATH; the session's own RAY_AUTH_TOKEN (conftest) is kept away from them. The head has 2 CPUs and
-    the worker 1: `encode` with 2 actors needs a third CPU for reading. Both nodes import this checkout's
-    `pipeline`, as a cluster's nodes import the package installed on them, and start with the S3 server's
-    credentials in their environment, as a cluster's nodes hold theirs (train.storage_path)."""
+    the worker 1: `encode` with 2 actors needs a third CPU for reading. The worker node cannot read the project
+    (`without_the_project`), and neither node has it on PYTHONPATH: their workers import the driver's `pipeline`
+    from Ray's runtime_env (`cluster.init_ray`). Both start with the S3 server's credentials in their environment,
+    as a cluster's nodes hold theirs (train.storage_path)."""
     token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(CREDENTIALS, AWS_ENDPOINT_URL=s3[0], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL=s3[0], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
     port = free_port()
     nodes = [start_node(env, port, head=True, num_cpus=2)]
     try:
@@ -107,7 +130,9 @@ def cluster(tmp_path_factory, s3):
 CLIENT = """
 import json, os, time
 import ray
+import pipeline
 from pipeline.cluster import init_ray
+from pipeline.provenance import stamp
 
 init_ray()
 deadline = time.monotonic() + 120
@@ -116,11 +141,17 @@ while len(alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < 2 and tim
 
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
 class Where:
-    def node(self):
-        return ray.get_runtime_context().get_node_id()
+    def node(self, checkout):
+        import pipeline
+        from pipeline.provenance import stamp
+        return {"node": ray.get_runtime_context().get_node_id(), "pipeline": pipeline.__file__,
+                "sees_checkout": os.path.exists(os.path.join(checkout, "pipeline", "__init__.py")),
+                "code": stamp("pipeline.train")["code"]}
 
+checkout = os.path.dirname(os.path.dirname(pipeline.__file__))
 actors = [Where.remote() for _ in range(2)]
-report = {"alive": alive, "actors": ray.get([a.node.remote() for a in actors], timeout=120)}
+report = {"alive": alive, "actors": ray.get([a.node.remote(checkout) for a in actors], timeout=120),
+          "checkout": checkout, "code": stamp("pipeline.train")["code"]}
 open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
 
@@ -152,7 +183,14 @@ def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(clust
     assert admitted.returncode == 0, err[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(set(report["alive"])) == 2
-    assert sorted(report["actors"]) == sorted(report["alive"])  # one actor on each node
+    actors = report["actors"]
+    assert sorted(a["node"] for a in actors) == sorted(report["alive"])  # one actor on each node
+    assert report["checkout"] == str(REPO)
+    # The worker node cannot read the project; every worker runs the driver's code, shipped by Ray's runtime_env.
+    assert sorted(a["sees_checkout"] for a in actors) == [False, True]
+    remote = next(a for a in actors if not a["sees_checkout"])
+    assert not remote["pipeline"].startswith(str(REPO)), remote["pipeline"]  # runtime_env's unpacked copy
+    assert all(a["code"] == report["code"] for a in actors)
 
 
 # The encode stage's library call on the cluster, then the nodes its encoder actors ran on (from the GCS's actor
@@ -223,7 +261,7 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     address, env = cluster
     latents = write_latents(tmp_path / "latents")
     tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")  # 16 px <-> 4x8x8, as the latents
-    env = {**env, "PYTHONPATH": os.pathsep.join([env["PYTHONPATH"], str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    env = {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
     reports = {}
     storage = {"cluster": f"s3://{BUCKET}/cluster-train", "local": ""}
     for where, extra in (("cluster", {"RAY_ADDRESS": address}), ("local", {})):

@@ -3,6 +3,7 @@
 temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
 `encode` stage's actors, `train`'s DDP workers and `sample`'s actors spread one per node, with the bytes of a single
 process (encode) or of a local one-node Ray (train, sample)."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -101,6 +102,25 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> No
     raise TimeoutError(f"the head's GCS did not listen on port {port} within {seconds} s")
 
 
+@contextlib.contextmanager
+def two_nodes(token_dir: Path, s3_endpoint: str):
+    """Yields (address, env of a client holding the token, [(head process, temp dir), (worker ...)])."""
+    token_file = token_dir / "auth_token"
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    port = free_port()
+    nodes = [start_node(env, port, head=True, num_cpus=2)]
+    try:
+        wait_for_port(port, nodes[0][0])
+        nodes.append(start_node(env, port, head=False, num_cpus=1))
+        yield f"{JOIN_HOST}:{port}", env, nodes
+    finally:
+        for proc, temp_dir in reversed(nodes):
+            stop_node(proc, temp_dir)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, s3):
     """Yields (address, env of a client holding the token). The nodes read the token from a 0600 file named by
@@ -109,20 +129,8 @@ def cluster(tmp_path_factory, s3):
     (`without_the_project`), and neither node has it on PYTHONPATH: their workers import the driver's `pipeline`
     from Ray's runtime_env (`cluster.init_ray`). Both start with the S3 server's credentials in their environment,
     as a cluster's nodes hold theirs (train.storage_path)."""
-    token_file = tmp_path_factory.mktemp("ray-token") / "auth_token"
-    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
-        f.write(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
-    env.update(CREDENTIALS, AWS_ENDPOINT_URL=s3[0], RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    port = free_port()
-    nodes = [start_node(env, port, head=True, num_cpus=2)]
-    try:
-        wait_for_port(port, nodes[0][0])
-        nodes.append(start_node(env, port, head=False, num_cpus=1))
-        yield f"{JOIN_HOST}:{port}", env
-    finally:
-        for proc, temp_dir in reversed(nodes):
-            stop_node(proc, temp_dir)
+    with two_nodes(tmp_path_factory.mktemp("ray-token"), s3[0]) as (address, env, _):
+        yield address, env
 
 
 # Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
@@ -282,3 +290,62 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     samples = [np.load(tmp_path / w / "sample" / "samples.npz") for w in ("cluster", "local")]
     np.testing.assert_array_equal(samples[0]["arr_0"], samples[1]["arr_0"])
+
+
+# Train only, 2 workers: long enough (300 tiny steps, a checkpoint every 50) that a node can be lost mid-run.
+TRAIN = """
+import json, os, sys
+from pathlib import Path
+import ray
+from ray._private.state import actors
+from pipeline.cluster import init_ray
+from tiny_train import base_params, run
+
+root, latents = map(Path, sys.argv[1:3])
+init_ray()
+run(root, latents, base_params(num_workers=2, train_steps=300, log_every=50, ckpt_every=50))
+workers = [(a["Address"]["NodeID"], a["State"]) for a in actors().values() if "RayTrainWorker" in a["ActorClassName"]]
+report = {"workers": workers, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+          "nodes": [n["NodeID"] for n in ray.nodes()]}
+open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
+"""
+
+
+def test_a_lost_node_is_replaced_by_the_remaining_one(tmp_path, s3):
+    """SIGKILL the worker node's raylet once the first checkpoint is written: its training worker dies with it,
+    Ray Train restarts the group on the head (FailureConfig), from the latest checkpoint, and the EMA ends bit for
+    bit as a run on a local one-node Ray."""
+    import psutil
+    import torch
+
+    from tiny_train import read_log, write_latents
+
+    latents = write_latents(tmp_path / "latents")
+    with two_nodes(tmp_path, s3[0]) as (address, env, nodes):
+        env = {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
+        reports = {}
+        for where, extra in (("local", {}), ("cluster", {"RAY_ADDRESS": address})):
+            driver = subprocess.Popen([sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents)], cwd=REPO,
+                                      env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if where == "cluster":
+                first = tmp_path / where / "checkpoints" / "ckpt-0000050.pt"
+                deadline = time.monotonic() + 600
+                while not first.exists() and driver.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                raylets = [c for c in psutil.Process(nodes[1][0].pid).children(recursive=True) if c.name() == "raylet"]
+                last = tmp_path / where / "checkpoints" / "ckpt-0000300.pt"
+                assert len(raylets) == 1 and first.exists() and not last.exists(), "a raylet to kill, mid-run"
+                os.kill(raylets[0].pid, signal.SIGKILL)
+            out, _ = driver.communicate(timeout=900)
+            assert driver.returncode == 0, out[-3000:]
+            reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
+        placed = reports["cluster"]
+        lost = set(placed["nodes"]) - set(placed["alive"])
+        assert len(lost) == 1  # the worker node is gone
+        assert any(node in lost for node, _ in placed["workers"])  # it ran a training worker before
+        assert len(placed["workers"]) == 4, placed["workers"]  # two worker groups: the first, and its replacement
+    ema = [torch.load(tmp_path / w / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    steps = [int(r["step"]) for r in read_log(tmp_path / "cluster" / "train.csv")]
+    assert steps == list(range(50, 301, 50))  # resumed from a checkpoint, not restarted from scratch

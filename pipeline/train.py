@@ -10,8 +10,9 @@ What the official train.py lacks and this loop adds:
   nodes), bf16 autocast, torch.compile, fused AdamW, a NaN guard that never checkpoints a diverged state.
 
 `train_loop_per_worker(config)` is the loop: Ray Train's TorchTrainer runs it on `num_workers` workers, or it runs
-in-process (num_workers 0). Checkpoints go to a directory every worker can read (a local disk on one machine, a
-shared file system on a cluster: the latents must be readable there too, as in the official script). Each worker
+in-process (num_workers 0). Checkpoints go to models/checkpoints (a local disk on one machine, a shared file system
+on a cluster), or with `train.storage_path` through Ray Train's persistent storage (S3 or a shared directory:
+pipeline/checkpoint_storage.py); the latents must still be readable at the driver's path on every node. Each worker
 memory-maps the latents, so a node holds one copy of them in its page cache whatever its number of workers. A lost
 worker makes Ray Train restart the group from the latest checkpoint. Only rank 0 writes checkpoints, the CSV log,
 MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.

@@ -3,6 +3,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pip extras of the venv; CI adds gpu (torchao) for the fp8 emulation test: make test EXTRAS=dev,gpu
+EXTRAS ?= dev
 
 # Tests never touch the network: a hub miss would otherwise cost ~23 s of retries each. Ray always runs with token
 # authentication: a local Ray keeps its token in ~/.ray/auth_token (made on first use), never in the repository.
@@ -28,5 +30,5 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $(STAMP)

@@ -42,10 +42,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     quiet = dict(logging_level=logging.WARNING, log_to_driver=True)
     if os.environ.get("RAY_ADDRESS") and not os.environ.get(LOCAL_CLUSTER_ENV):
         # Joining: the cluster's head owns its dashboard and resources; Ray Client (ray://) forwards any extra
-        # kwarg to ray.init on the server, so pass only what concerns this driver. Its nodes run the `pipeline`
-        # package installed on them.
-        env = startup.worker_env()
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet, **({"runtime_env": {"env_vars": env}} if env else {}))
+        # kwarg to ray.init on the server, so pass only what concerns this driver.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet, runtime_env=cluster_runtime_env())
         return
     # One local node is never drained, so Ray Train's preemption watcher has nothing to watch; it is created with
     # max_restarts=-1 and object-store arguments, which makes Ray core log an error that "the actor restart will
@@ -55,6 +53,15 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet, runtime_env=local_runtime_env())
         return
     ray.init(num_cpus=num_cpus, include_dashboard=False, **quiet, runtime_env=local_runtime_env())
+
+
+def cluster_runtime_env() -> dict:
+    """The driver's own `pipeline` package, shipped to every node through Ray (`py_modules`: zipped into the GCS
+    once per content hash, unpacked on each node, first on the workers' sys.path). A node needs Python and the
+    dependencies, not the repository: its workers run the code this driver runs, whatever `pipeline` the node has."""
+    env = startup.worker_env()
+    return {"py_modules": [str(Path(pipeline.__file__).resolve().parent)], "excludes": ["__pycache__"],
+            **({"env_vars": env} if env else {})}
 
 
 def local_runtime_env() -> dict:

@@ -10,8 +10,9 @@ What the official train.py lacks and this loop adds:
   nodes), bf16 autocast, torch.compile, fused AdamW, a NaN guard that never checkpoints a diverged state.
 
 `train_loop_per_worker(config)` is the loop: Ray Train's TorchTrainer runs it on `num_workers` workers, or it runs
-in-process (num_workers 0). Checkpoints go to a directory every worker can read (a local disk on one machine, a
-shared file system on a cluster: the latents must be readable there too, as in the official script). Each worker
+in-process (num_workers 0). Checkpoints go to models/checkpoints (a local disk on one machine, a shared file system
+on a cluster), or with `train.storage_path` through Ray Train's persistent storage (S3 or a shared directory:
+pipeline/checkpoint_storage.py); the latents must still be readable at the driver's path on every node. Each worker
 memory-maps the latents, so a node holds one copy of them in its page cache whatever its number of workers. A lost
 worker makes Ray Train restart the group from the latest checkpoint. Only rank 0 writes checkpoints, the CSV log,
 MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
@@ -34,9 +35,10 @@ from pipeline.artifacts import (
     ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
 from pipeline.attention import AttentionBackend, attention_backend, check_attention
+from pipeline.checkpoint_storage import fill_local, seed_run, worker_store
 from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
-    restore_rng, resume_mismatch, save_checkpoint,
+    restore_rng, resume_mismatch,
 )
 from pipeline.config import ParamsError, from_dict, to_dict
 from pipeline.determinism import seed_everything
@@ -85,6 +87,9 @@ class TrainParams:
     official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
     attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
     fp8: FP8Mode = "none"  # torchao Float8 linear layers in the blocks (pipeline/fp8.py); params.yaml always names it
+    # Ray Train's persistent storage for the checkpoints while training (pipeline/checkpoint_storage.py): s3://...
+    # or an absolute directory every node mounts; "" = models/checkpoints itself. params.yaml always names it.
+    storage_path: str = ""
 
     def __post_init__(self):
         check_params(self)
@@ -109,6 +114,12 @@ def check_params(p: TrainParams) -> None:
     check_precision("train", p.precision, p.use_gpu)
     check_attention("train", p.attention, p.use_gpu)
     check_fp8("train", p.fp8, p.use_gpu, p.precision)
+    if p.storage_path and p.num_workers == 0:
+        raise ParamsError("'train.storage_path' is Ray Train's storage: it needs train.num_workers >= 1 (or set it "
+                          "to \"\" to train in-process)")
+    if p.storage_path and "://" not in p.storage_path and not Path(p.storage_path).is_absolute():
+        raise ParamsError(f"'train.storage_path' {p.storage_path!r} must be a URI (s3://bucket/prefix) or an "
+                          "absolute directory that every node mounts")
 
 
 def check_batch_fits(p: TrainParams, num_examples: int) -> None:
@@ -306,8 +317,9 @@ class Loop:
     """The steps from a start step to train_steps on one worker, with the collective checks at log and
     checkpoint steps (the only host syncs)."""
 
-    def __init__(self, state: TrainState, data: LatentBatches, config: dict, rank: int, world: int, ckpt):
+    def __init__(self, state: TrainState, data: LatentBatches, config: dict, rank: int, world: int, ckpt, store):
         self.s, self.data, self.config, self.rank, self.world = state, data, config, rank, world
+        self.store = store  # pipeline/checkpoint_storage.py
         self.p = state.params
         self.start = ckpt["step"] if ckpt else 0
         self.timing = dict(ckpt["timing"]) if ckpt else {"train_s": 0.0}  # seconds in training steps, all sessions
@@ -338,8 +350,8 @@ class Loop:
         self.timing["train_s"] += now - self.clock
         if done % self.p.log_every == 0 or done == self.p.train_steps:
             self.log(done)
-        if self.rank == 0 and (done % self.p.ckpt_every == 0 or done == self.p.train_steps):
-            self.checkpoint(done)
+        if done % self.p.ckpt_every == 0 or done == self.p.train_steps:
+            self.checkpoint(done)  # every rank: Ray Train's report is collective; only rank 0 writes
         if self.rank == 0 and done % self.p.sample_every == 0:
             self.reporter.sample_grid(self.s.ema, done, self.s.device, self.p.precision == "bf16")
         self.clock = time.perf_counter()  # img/s counts training steps, not checkpoint writes or sample grids
@@ -369,6 +381,9 @@ class Loop:
         self.interval_steps, self.interval_s = 0, 0.0
 
     def checkpoint(self, done: int) -> None:
+        if self.rank != 0:
+            self.store.save(done, None)
+            return
         epoch, position = self.data.position(done, self.p.global_batch_size)
         payload = {
             "format": CHECKPOINT_FORMAT[0], "version": CHECKPOINT_FORMAT[1], "step": done,
@@ -380,7 +395,7 @@ class Loop:
             "mlflow_run_id": self.reporter.tracker.run_id,
             "log": list(self.reporter.rows), "timing": dict(self.timing),
         }
-        save_checkpoint(self.config["checkpoints"], payload, self.p.keep_checkpoints)
+        self.store.save(done, payload)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -394,15 +409,15 @@ def train_loop_per_worker(config: dict) -> None:
     data, manifest = load_latent_batches(config["latents"], p.seed, device)
     seed_everything(p.seed)  # the same initial weights on every rank
     model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
-    ckpt, path = latest_checkpoint(config["checkpoints"])
+    store = worker_store(config, p.keep_checkpoints, rank)
+    ckpt, where = store.latest()
     if ckpt is not None:
-        check_resumable(ckpt, path, p, model.config, config["latents_sha256"], _required_stamp(config))
+        check_resumable(ckpt, Path(where), p, model.config, config["latents_sha256"], _required_stamp(config))
         restore_rng(ckpt["rng"])
     loop = Loop(make_train_state(model, p, device, world, ckpt), data, {**config, "model_config": model.config},
-                rank, world, ckpt)
+                rank, world, ckpt, store)
     if rank == 0:
-        for stale in Path(config["checkpoints"]).glob(".ckpt-*.tmp"):  # left by a process killed mid-write
-            stale.unlink()
+        store.clear_interrupted_writes()
         loop.reporter = Reporter(loop.config, p, ckpt, loop.start, tuple(manifest["latent_shape"]),
                                  manifest["num_classes"], diffusion_record(model.config))
     status = "FAILED"
@@ -416,8 +431,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 
-def fit_with_ray(config: dict, p: TrainParams) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def fit_with_ray(config: dict, p: TrainParams, run_name: str):
+    """Ray Train's Result of the run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import init_ray
@@ -432,10 +448,12 @@ def fit_with_ray(config: dict, p: TrainParams) -> None:
     # node first, since each takes a share of its node's cores.
     scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker,
                             placement_strategy="PACK" if p.use_gpu else "SPREAD")
+    storage = dict(storage_path=p.storage_path, checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)) \
+        if p.storage_path else {}
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
-                           run_config=RunConfig(name=f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                           run_config=RunConfig(name=run_name, **storage,
                                                 failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)))
-    trainer.fit()
+    return trainer.fit()
 
 
 def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, checkpoints_dir: str | Path,
@@ -464,13 +482,21 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
     resolve_checkpoints(p, manifest, config, restart_on_mismatch)
+    run_name = f"dit-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if p.storage_path:  # workers read and write checkpoints through Ray Train's storage, not this file system
+        config["storage"] = {"initial": seed_run(p.storage_path, run_name, checkpoints_dir)}
+        config["plots"] = None  # rank 0 may run on another node: the driver writes the CSV log from the checkpoint
     if p.num_workers == 0:
         train_loop_per_worker(config)
     else:
-        fit_with_ray(config, p)
+        result = fit_with_ray(config, p, run_name)
+        if p.storage_path:
+            fill_local(result.best_checkpoints, checkpoints_dir, p.keep_checkpoints)
     final, path = latest_checkpoint(checkpoints_dir)
     if final is None or final["step"] != p.train_steps:
         raise RuntimeError(f"training ended without a checkpoint at step {p.train_steps} in {checkpoints_dir}")
+    if p.storage_path:
+        atomic_write(plots_path, lambda tmp: tmp.write_text(csv_text(final["log"], header=True)))
     return export(final, manifest, p, tracking, out_dir, metrics_path, time.time() - started)
 
 

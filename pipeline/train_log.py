@@ -30,8 +30,9 @@ class Reporter:
     def __init__(self, config: dict, p, ckpt: dict | None, start: int, latent_shape, num_classes: int,
                  diffusion: dict):
         self.rows = list(ckpt["log"]) if ckpt else []
-        self.csv_path = Path(config["plots"])
-        atomic_write(self.csv_path, lambda tmp: tmp.write_text(csv_text(self.rows, header=True)))
+        self.csv_path = Path(config["plots"]) if config["plots"] else None  # None: the driver writes it after
+        if self.csv_path:
+            atomic_write(self.csv_path, lambda tmp: tmp.write_text(csv_text(self.rows, header=True)))
         self.tracker = Tracker(TrackingParams(**config["tracking"]), ckpt["mlflow_run_id"] if ckpt else None)
         if self.tracker.run_id:
             self.tracker.resume(system_metrics=True)
@@ -40,12 +41,14 @@ class Reporter:
                                {"train": to_dict(p), "model": config["model_config"]}, config["tags"])
         self.vae_dir, self.vae, self.latent_shape, self.num_classes = config["vae"], None, latent_shape, num_classes
         self.diffusion = diffusion
+        self.vae_missing_said = False
         self.pbar = progress_bar(config["distributed"], p.train_steps, start)
 
     def log(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.csv_path, "a") as f:
-            f.write(csv_text([row], header=False))
+        if self.csv_path:
+            with open(self.csv_path, "a") as f:
+                f.write(csv_text([row], header=False))
         self.tracker.log_metrics({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
         self.pbar.set_description(f"train loss {row['loss']:.4f}, {row['img_per_s']:.0f} img/s")
 
@@ -54,6 +57,11 @@ class Reporter:
         by the sample stage's generator: sample i from (GRID_SEED, i), one network block for the whole grid."""
         if not (self.tracker.enabled and self.vae_dir):
             return  # nowhere to log it, or no decoder
+        if self.vae is None and not Path(self.vae_dir).is_dir():  # rank 0 on a node without the driver's files
+            if not self.vae_missing_said:
+                print(f"[train] no VAE at {self.vae_dir} on this node: the EMA sample grids are not logged to MLflow")
+                self.vae_missing_said = True
+            return
         from pipeline.generate import generate_images, make_grid
         from pipeline.vae import load_vae
 

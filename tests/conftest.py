@@ -4,6 +4,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -232,6 +233,60 @@ def stop(proc: subprocess.Popen) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     proc.stdout.close()
+
+
+# --- a local S3-compatible server (moto on 127.0.0.1): the S3 and checkpoint-storage tests ---------------------
+
+BUCKET = "dit"
+# Fake keys for the fake server. A user exports real ones (or uses a profile / instance role) the same way.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id-4f1c", "AWS_SECRET_ACCESS_KEY": "test-secret-9b2e",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """(endpoint URL, environment with the credentials and the venv's bin first on PATH); an empty bucket `dit` on a
+    fresh server."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **CREDENTIALS,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                 region_name=CREDENTIALS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
+    yield endpoint, env
+    server.stop()
+
+
+def keys(endpoint: str, prefix: str) -> list[str]:
+    """The object keys under `prefix` in the bucket."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                          region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@pytest.fixture
+def aws_env(s3, monkeypatch):
+    """This process's environment pointed at the S3 server, as a user exports it for pyarrow, boto and Ray. A Ray
+    already running in this process is shut down: the next one starts with these variables, as its workers need
+    them. Yields the endpoint."""
+    import ray
+
+    endpoint, _ = s3
+    ray.shutdown()
+    for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(key, value)
+    yield endpoint
+    ray.shutdown()  # its workers hold this test's credentials
 
 
 # --- the train and encode tests' inputs, shared with the curve, failure and cluster tests --------------------------

@@ -12,12 +12,15 @@ import threading
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 import pipeline.checkpoints as C
 from pipeline import sample as S
 from pipeline.formats.model_card import read_model_card
+from conftest import BUCKET, keys
 from slow_workers import PID_DIR
 from tiny_sample import load_samples, params
 from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
@@ -86,6 +89,28 @@ def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray
     assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(tmp_path / "uninterrupted"))
     steps = [int(r["step"]) for r in read_log(tmp_path / "killed" / "train.csv")]
     assert steps == sorted(set(steps)) and steps[-1] == p.train_steps  # resumed, not restarted from scratch
+
+
+def test_a_killed_training_worker_resumes_from_ray_train_storage(aws_env, local_ray, tmp_path, latents):
+    """As above with train.storage_path on S3: the restarted group reads the latest checkpoint back through
+    `ray.train.get_checkpoint()`, not from models/checkpoints (which the driver fills only after the run)."""
+    p = base_params(num_workers=2, train_steps=40, log_every=5, ckpt_every=10)
+    run(tmp_path / "uninterrupted", latents, p)
+    for f in local_ray.iterdir():
+        f.unlink()
+    stored = replace(p, storage_path=f"s3://{BUCKET}/killed")
+
+    def first_checkpoint_uploaded():
+        steps = [int(k.rsplit("-", 1)[1].removesuffix(".pt")) for k in keys(aws_env, "killed/") if k.endswith(".pt")]
+        return max(steps) if steps and max(steps) < p.train_steps else None
+
+    killer = kill_when(first_checkpoint_uploaded, local_ray / "rank1.pid")
+    run(tmp_path / "killed", latents, stored)
+    killer.join(timeout=1)
+    assert killer.killed, "no worker was killed: the run ended before its first checkpoint was seen"
+    assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(tmp_path / "uninterrupted"))
+    steps = [int(r["step"]) for r in read_log(tmp_path / "killed" / "train.csv")]
+    assert steps == list(range(5, 41, 5))  # the log of one run: resumed, not restarted from scratch
 
 
 def test_a_killed_sampling_actor_is_replaced_and_its_shard_redone(local_ray, sample_dirs, tmp_path):

@@ -7,48 +7,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import boto3
 import mlflow
 import numpy as np
 import pytest
-from moto.server import ThreadedMotoServer
 
 from pipeline import registry as R
-from conftest import IMAGE, NAME, export_dit, free_port, register, start, stop, training_run, wait_http, write_eval
+from conftest import (
+    BUCKET, CREDENTIALS, IMAGE, NAME, export_dit, free_port, keys, register, start, stop, training_run, wait_http,
+    write_eval,
+)
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-BUCKET = "dit"
-# Fake keys for the fake server. A user exports real ones (or uses a profile / instance role) the same way.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id-4f1c", "AWS_SECRET_ACCESS_KEY": "test-secret-9b2e",
-               "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """(endpoint URL, environment with the credentials); an empty bucket `dit` on a fresh server."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **CREDENTIALS,
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                 region_name=CREDENTIALS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
-    yield endpoint, env
-    server.stop()
-
-
-def keys(endpoint: str, prefix: str) -> list[str]:
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                          region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
 def sh(args: list[str], cwd: Path, env: dict) -> str:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"

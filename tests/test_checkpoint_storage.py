@@ -1,0 +1,54 @@
+"""train.storage_path: checkpoints through Ray Train's persistent storage, here a local S3-compatible server (moto on
+127.0.0.1). Rank 0 reports each checkpoint to Ray Train, which uploads it; the driver fills models/checkpoints from
+the run's kept checkpoints, and seeds the next run with the latest of them. The weights, the training log and the
+kept files are those of a run that writes models/checkpoints directly."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import pipeline.checkpoints as C
+from conftest import BUCKET, keys
+from pipeline.config import ParamsError
+from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
+
+pytestmark = pytest.mark.slow
+
+
+def kept(root) -> list[str]:
+    return [f.name for f in C.list_checkpoints(root / "checkpoints")]
+
+
+def test_checkpoints_go_through_s3_and_fill_the_dvc_output(aws_env, latents, tmp_path):
+    endpoint = aws_env
+    p = base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3, keep_checkpoints=2)
+    stored = replace(p, storage_path=f"s3://{BUCKET}/train")
+    direct, through_s3 = tmp_path / "direct", tmp_path / "s3"
+    run(direct, latents, p)
+    run(through_s3, latents, stored)
+    uploaded = [k for k in keys(endpoint, "train/") if k.endswith(".pt")]
+    assert sorted(k.rsplit("/", 1)[-1] for k in uploaded) == ["ckpt-0000003.pt", "ckpt-0000006.pt"], uploaded
+    assert kept(through_s3) == kept(direct) == ["ckpt-0000003.pt", "ckpt-0000006.pt"]
+    for name in kept(direct):
+        a, b = (C.load_checkpoint(root / "checkpoints" / name) for root in (direct, through_s3))
+        for part in ("model", "ema"):
+            assert_bitwise_equal(a[part], b[part])
+    assert_bitwise_equal(load_ema(through_s3), load_ema(direct))
+    assert read_log(through_s3 / "train.csv") == read_log(direct / "train.csv")  # written by the driver
+
+    # The next run of the stage continues from models/checkpoints, which the driver uploads as the run's start.
+    run(direct, latents, replace(p, train_steps=9))
+    run(through_s3, latents, replace(stored, train_steps=9))
+    assert any(k.endswith("/initial/ckpt-0000006.pt") for k in keys(endpoint, "train/"))
+    assert kept(through_s3) == kept(direct) == ["ckpt-0000006.pt", "ckpt-0000009.pt"]
+    assert_bitwise_equal(load_ema(through_s3), load_ema(direct))
+    steps = [int(r["step"]) for r in read_log(through_s3 / "train.csv")]
+    assert steps == [2, 4, 6, 8, 9]  # resumed at 6, not restarted
+
+
+def test_storage_path_needs_ray_workers_and_a_location_every_node_reaches():
+    with pytest.raises(ParamsError, match="num_workers"):
+        base_params(num_workers=0, storage_path=f"s3://{BUCKET}/train")
+    with pytest.raises(ParamsError, match="absolute"):
+        base_params(num_workers=1, storage_path="relative/dir")

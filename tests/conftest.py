@@ -1,6 +1,7 @@
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,6 +195,21 @@ def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", p
     return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
                       Path(out))
 
+
+
+# --- a copy of this checkout as a fresh clone has it: the end-to-end and sweep tests ----------------------------
+
+def copy_repo(dest: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of this checkout, as a fresh clone would have them, into `dest`
+    (the caller makes it a git repo)."""
+    repo = Path(__file__).resolve().parents[1]
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = repo / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
 
 
 # --- servers on loopback ------------------------------------------------------------------------------------------

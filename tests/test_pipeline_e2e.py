@@ -15,6 +15,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import copy_repo
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "vae", "encode", "train", "reference", "curve", "sample", "evaluate", "register")
 
@@ -38,17 +40,6 @@ def _merge(base: dict, overlay: dict) -> dict:
         else:
             base[key] = value
     return base
-
-
-def _copy_repo(dest: Path) -> None:
-    """Tracked and untracked-but-not-ignored files, as a fresh clone would have them, in a new git repo."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            check=True, capture_output=True).stdout.decode().split("\0")
-    for rel in filter(None, listed):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
 
 
 # Byte-identical reruns. Outputs whose dvc.lock hash a rerun may change, and the only parts allowed to differ:
@@ -224,7 +215,7 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
 def _git_repo(repo: Path, params: dict) -> dict:
     """A fresh git repository at `repo` holding a copy of this one with `params`; returns the env to run in it."""
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.com", "GIT_COMMITTER_NAME": "e2e",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline.study_plan import expand, load_plan, number_tag, parts, run_name
-from tests.test_pipeline_e2e import _copy_repo
+from conftest import copy_repo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def tiny_plan() -> dict:
 def test_sweep_runs_and_records_real_experiments(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    _copy_repo(repo)
+    copy_repo(repo)
     (repo / "sweeps/study-plan.yaml").write_text(yaml.safe_dump(tiny_plan(), sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(repo)}

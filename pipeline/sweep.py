@@ -290,7 +290,9 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
         for f in failed:
             print(f"FAILED {f}", file=sys.stderr, flush=True)
         failures += failed
-    print(f"{len(done())} records in {RUNS_DIR}; {len(failures)} failed this time (rerun to retry); "
+    planned = {r.name for r in expand(plan)}
+    print(f"{len(done() & planned)} of {len(planned)} planned runs recorded in {RUNS_DIR}; {len(failures)} failed "
+          "this time (rerun to retry); "
           f"commit the records: git add {RUNS_DIR}")
     return 1 if failures else 0
 

@@ -110,4 +110,4 @@ def test_sweep_runs_and_records_real_experiments(tmp_path):
     assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "dvc.lock").exists()
     # resumable: a second invocation finds every run done and queues nothing
     again = sh(sys.executable, "-m", "pipeline.sweep", "run", "--hours", "1")
-    assert "running" not in again.stdout and "3 records" in again.stdout
+    assert "running" not in again.stdout and "3 of 3 planned runs recorded" in again.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def claims(records: list[dict], plan: dict) -> list[Claim]:
     samp = V.sampling_pairs(records, st["sampling"])
     guid = V.guidance_pairs(records, st["guidance"])
 
-    def lines(pairs):
-        return [p.line() for p in pairs if p.seeds]
+    def lines(pairs, study):  # a verdict per pair once its study is complete; until then how it stands
+        partial = not complete(plan, records, study)
+        return [p.line(partial) for p in pairs if p.seeds]
 
     c = corr["all"]
     n_zero = sum(1 for r in V.training(records) if r["conditioning"] == V.REFERENCE)
@@ -72,17 +74,17 @@ def claims(records: list[dict], plan: dict) -> list[Claim]:
                   f"vs {c['spearman_params_M']:+.3f}"] if c else []
     claims = [  # (number, claim, figure's study, pairs the rule judges, the plan's study that must be complete, lines)
         (1, "adaLN-Zero beats adaLN, cross-attention and in-context conditioning (Fig. 5)", "conditioning", cond,
-         "conditioning", lines(cond)),
-        (2, "a deeper, wider DiT gives lower FID at a fixed patch (Fig. 6, Table 4)", "size", size, "size", lines(size)),
-        (3, "a smaller patch gives lower FID at a fixed model (Fig. 6)", "patch", patch, "patch", lines(patch)),
+         "conditioning", lines(cond, "conditioning")),
+        (2, "a deeper, wider DiT gives lower FID at a fixed patch (Fig. 6, Table 4)", "size", size, "size", lines(size, "size")),
+        (3, "a smaller patch gives lower FID at a fixed model (Fig. 6)", "patch", patch, "patch", lines(patch, "patch")),
         (4, "FID tracks forward Gflops better than parameters (Fig. 8)", "gflops", [gpair], "gflops",
-         corr_lines + lines([gpair])),
+         corr_lines + lines([gpair], "gflops")),
         (5, "larger models reach a given FID with less training compute (Fig. 9)", "size", compute, "size",
-         lines(compute)),
+         lines(compute, "size")),
         (6, "more sampling steps do not make a smaller model match a larger one (Fig. 10)", "sampling", samp,
-         "sampling", lines(samp)),
+         "sampling", lines(samp, "sampling")),
         (7, "guidance: cfg 1.5 lowers FID and class consistency rises with cfg (Table 2, Fig. 1)", "guidance", guid,
-         "guidance", lines(guid)),
+         "guidance", lines(guid, "guidance")),
     ]
     return [Claim(number, text, study, V.verdict(pairs, complete(plan, records, planned)), shown)
             for number, text, study, pairs, planned, shown in claims]
@@ -214,8 +216,12 @@ def run_row(r: dict) -> str:
     wall = r["wall_s"].get("experiment")
     return (f"| {r['name']} | {r['model']} | {r['conditioning']} | {r['seed']} | {s['sampler']} {s['steps']} | "
             f"{s['cfg_scale']:g} | {s['num_fid_samples']} | {e['fid']:.2f} | {e['class_consistency']:.3f} | {curve} | "
-            f"{r['gflops']:.4f} | {r['params_M']:.2f} | {r['wall_s'].get('train') or ''} | "
-            f"{'' if wall is None else wall} |")
+            f"{r['gflops']:.4f} | {r['params_M']:.2f} | {seconds(r['wall_s'].get('train'))} | {seconds(wall)} |")
+
+
+def seconds(value) -> str:
+    """Whole seconds; blank when not measured (a run recorded by `sweep collect` has no experiment wall time)."""
+    return "" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
 def render(records: list[dict], plan: dict, out_md: Path, fig_dir: Path) -> Path:

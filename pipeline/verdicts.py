@@ -61,8 +61,13 @@ class Pair:
     def reproduced(self) -> bool:
         return self.every_seed or (not math.isnan(self.pooled_std) and self.gap > self.factor * self.pooled_std)
 
-    def line(self) -> str:
+    def line(self, partial: bool = False) -> str:
+        """The pair's values and the rule's outcome; `partial` (its study still has runs to come): how the ordering
+        stands so far, not a verdict."""
         a, b = self._values()
+        if partial:
+            holds = "holds" if self.every_seed else "fails"
+            return f"{self.a} {fmt(a)} vs {self.b} {fmt(b)} ({self.what}, n={len(a)}): ordering {holds} so far"
         why = ("ordering holds in every seed" if self.every_seed else
                f"mean gap {self.gap:+.3g} {'>' if self.reproduced else '<='} {self.factor:g} x pooled std "
                f"{self.pooled_std:.3g}" if not math.isnan(self.pooled_std) else "ordering fails, one seed")
@@ -202,7 +207,7 @@ def guidance_pairs(records, study) -> list[Pair]:
     cc = {c: {s: r["eval"]["class_consistency"] for s, r in v.items()} for c, v in pts.items()}
     pairs = [Pair("cfg 1.5", "cfg 1.0", "FID", fid.get(1.5, {}), fid.get(1.0, {}))]
     cfgs = sorted(cc)
-    pairs += [Pair(f"cfg {cfgs[i + 1]:g}", f"cfg {cfgs[i]:g}", "class consistency", cc[cfgs[i + 1]], cc[cfgs[i]],
+    pairs += [Pair(f"cfg {cfgs[i + 1]:.1f}", f"cfg {cfgs[i]:.1f}", "class consistency", cc[cfgs[i + 1]], cc[cfgs[i]],
                    lower=False) for i in range(len(cfgs) - 1)]
     return pairs
 

@@ -67,6 +67,31 @@ def package_versions(names: tuple[str, ...] = RECORD_PACKAGES) -> dict[str, str 
     return versions
 
 
+
+# The instruction sets behind the kernels torch picks on a CPU (oneDNN and MKL dispatch on them): two CPUs that differ
+# here train different weights from the same seed.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def machine() -> dict:
+    """The CPU (model name and its kernel-relevant flags), the core count torch uses and torch's version: what makes
+    the same params give other numbers on another machine (read from /proc/cpuinfo where Linux has it)."""
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
 def _module_file(name: str) -> Path | None:
     """pipeline/a/b.py or pipeline/a/b/__init__.py for "pipeline.a.b"; None for names that are not modules."""
     base = PACKAGE_DIR.joinpath(*name.split(".")[1:])

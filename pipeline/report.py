@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,11 +225,22 @@ def seconds(value) -> str:
     return "" if value is None or math.isnan(value) else f"{value:.0f}"
 
 
+def cpu_of(r: dict) -> str:
+    return (r.get("machine") or {}).get("cpu", "machine not recorded")
+
+
+def machines_line(records: list[dict]) -> str:
+    cpus = Counter(cpu_of(r) for r in records)
+    return ", ".join(f"{cpu} ({n})" for cpu, n in sorted(cpus.items()))
+
+
 def render(records: list[dict], plan: dict, out_md: Path, fig_dir: Path) -> Path:
     planned = expand(plan)
+    names = {r.name for r in planned}
+    extra = sorted(r["name"] for r in records if r["name"] not in names)
+    records, other, ref_key = V.one_reference([r for r in records if r["name"] in names])
     have = {r["name"] for r in records}
     missing = [r.name for r in planned if r.name not in have]
-    extra = sorted(have - {r.name for r in planned})
     commits = sorted({r["plan"]["commit"] for r in records})
     found = claims(records, plan)
     _, corr = V.gflops_pair(records, plan["seeds"])
@@ -240,6 +252,15 @@ def render(records: list[dict], plan: dict, out_md: Path, fig_dir: Path) -> Path
           f"recorded in `docs/results/runs/`. "
           + ("Plan commit(s) of the records: " + ", ".join(f"`{c[:12]}`" for c in commits) + "."
              if commits else "No run has been recorded yet: **pending: sweep not yet run**."), ""]
+    if records:
+        md += [f"Reference statistics of the pooled runs: `{(ref_key or 'not recorded')[:8]}`; machines: "
+               f"{machines_line(records)}.", ""]
+    if other:
+        md += ["**Measured against another reference** (not pooled, and counted below as not yet run: each "
+               "experiment trains its own VAE, latents and reference classifier, and a CPU with other kernels trains "
+               "other weights from the same seed, so these FIDs are on another scale; rerun them where the pooled "
+               "runs ran, or move the study):", ""]
+        md += [f"- {r['name']} ({(V.reference_of(r) or 'none')[:8]}, {cpu_of(r)})" for r in other] + [""]
     if len(commits) > 1:
         md += ["**Warning**: the records come from more than one plan commit; rerun the studies the change "
                "touched.", ""]

@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import synthetic
+from pipeline import provenance, synthetic, verdicts
 from pipeline.artifacts import atomic_write, atomic_write_json
 from pipeline.config import read_yaml
 from pipeline.errors import UserError, run_main
@@ -170,6 +170,7 @@ def record(run: PlannedRun, plan: dict, commit: str, row: dict, wall_s: float, b
         "train": metrics["train"], "sample": metrics["sample"],
         "wall_s": {"experiment": round(wall_s, 1), "train": (metrics["train"] or {}).get("seconds"),
                    "sample": (metrics["sample"] or {}).get("seconds")},
+        "machine": provenance.machine(),  # the report pools only runs against one reference (pipeline.verdicts)
     }
     if curve is not None:
         out["curve"] = {k: curve.get(k) for k in ("steps", "fid", "class_consistency", "kid", "final_step",
@@ -183,8 +184,12 @@ def write_record(rec: dict, runs_dir: Path = RUNS_DIR) -> Path:
     return atomic_write_json(runs_dir / f"{rec['name']}.json", rec)
 
 
-def done(runs_dir: Path = RUNS_DIR) -> set[str]:
-    return {p.stem for p in runs_dir.glob("*.json")}
+def done(plan: dict, runs_dir: Path = RUNS_DIR) -> set[str]:
+    """The planned runs whose record the report pools: a record measured against another reference than most
+    (another machine's data stages, pipeline.verdicts.one_reference) is run again, here, and replaced."""
+    planned = {r.name for r in expand(plan)}
+    records = [json.loads(p.read_text()) for p in runs_dir.glob("*.json") if p.stem in planned]
+    return {r["name"] for r in verdicts.one_reference(records)[0]}
 
 
 # --- commands -----------------------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def check_data(plan: dict) -> None:
 
 def cmd_plan(plan: dict, hours: float) -> None:
     runs = expand(plan)
-    finished = done()
+    finished = done(plan)
     chunks = parts(runs, plan, hours)
     total = sum(s for chunk in chunks for _, s in chunk) + len(chunks) * plan["estimate"]["data_stages_s"]
     for i, chunk in enumerate(chunks, 1):
@@ -261,7 +266,7 @@ def execute(batch: list[PlannedRun], plan: dict, commit: str, baseline: str) -> 
 def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
     check_data(plan)
     commit = plan_commit(Path(plan["path"]))
-    pending = [r for r in expand(plan) if r.name not in done() and (not only or r.name in only)]
+    pending = [r for r in expand(plan) if r.name not in done(plan) and (not only or r.name in only)]
     dvc("queue", "remove", "--queued", check=False)  # a stale queue would run inside our first --run-all
     budget, elapsed, data_s = hours * 3600, 0.0, plan["estimate"]["data_stages_s"]
     failures, failed_names = [], set()
@@ -291,7 +296,7 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
             print(f"FAILED {f}", file=sys.stderr, flush=True)
         failures += failed
     planned = {r.name for r in expand(plan)}
-    print(f"{len(done() & planned)} of {len(planned)} planned runs recorded in {RUNS_DIR}; {len(failures)} failed "
+    print(f"{len(done(plan) & planned)} of {len(planned)} planned runs recorded in {RUNS_DIR}; {len(failures)} failed "
           "this time (rerun to retry); "
           f"commit the records: git add {RUNS_DIR}")
     return 1 if failures else 0

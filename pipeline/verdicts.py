@@ -11,6 +11,7 @@ evaluate stage's numbers (`eval`); the curve is the curve stage's points (`curve
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +92,23 @@ def verdict(pairs: list[Pair], complete: bool) -> str:
 
 
 # --- selecting records --------------------------------------------------------------------------------------------
+
+def reference_of(r: dict) -> str | None:
+    """The sha256 of the reference statistics a run's FID was measured against (None in records without one)."""
+    return (r.get("eval_protocol") or {}).get("reference_stats_sha256")
+
+
+def one_reference(records: list[dict]) -> tuple[list[dict], list[dict], str | None]:
+    """(kept, other, key): the records measured against the reference that most of them share (ties: the first in
+    name order), and the rest. Each experiment trains its own VAE, latents and reference classifier, and CPUs with
+    other kernels (AVX-512 or AMX against AVX2) train other weights from the same seed, so FIDs against different
+    reference statistics are on different scales: the study compares only runs of one reference."""
+    counts = Counter(reference_of(r) for r in records)
+    if not counts:
+        return [], [], None
+    key = counts.most_common(1)[0][0]  # most_common keeps first-seen order among ties
+    return ([r for r in records if reference_of(r) == key], [r for r in records if reference_of(r) != key], key)
+
 
 def training(records: list[dict]) -> list[dict]:
     return [r for r in records if r["kind"] == "train"]

@@ -62,3 +62,15 @@ def test_local_input_placeholder():
     assert P.local_input(P.NO_INPUT) is None and P.local_input("inputs/none/") is None and P.local_input(None) is None
     assert P.local_input("inputs/faces") == "inputs/faces"
     assert (REPO / P.NO_INPUT).is_dir()  # committed, so the dvc.yaml deps that name it exist in every checkout
+
+
+def test_machine_names_the_cpu_its_kernel_flags_and_torch():
+    import torch
+
+    from pipeline.provenance import CPU_FLAGS, machine
+
+    m = machine()
+    assert m["cpu"] and set(m["cpu_flags"]) <= set(CPU_FLAGS)
+    assert m["threads"] == torch.get_num_threads() and m["torch"] == torch.__version__
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert all((f in flags) == (f in m["cpu_flags"]) for f in CPU_FLAGS) if flags else True

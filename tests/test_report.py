@@ -198,3 +198,33 @@ def test_a_file_that_is_not_a_record_is_one_error(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"name": "y"}))
     with pytest.raises(R.UserError, match="not a sweep record"):
         R.load_records(tmp_path)
+
+
+def test_runs_against_another_reference_are_not_pooled(tmp_path):
+    # Each machine trains its own VAE, latents and classifier (CPU kernels differ, so do the weights): a run measured
+    # against other reference statistics is listed apart, and the studies it belongs to wait for a rerun.
+    recs = all_records()
+    for r in recs:
+        r["eval_protocol"] = {"reference_stats_sha256": "a" * 64}
+        r["machine"] = {"cpu": "CPU A"}
+    moved = [r for r in recs if r["name"] in ("Ti-p2-adaLN-Zero-s0", "Ti-p2-adaLN-Zero-s0-cfg2")]
+    for r in moved:
+        r["eval_protocol"] = {"reference_stats_sha256": "b" * 64}
+        r["machine"] = {"cpu": "CPU B"}
+        r["eval"]["fid"] = 1.0  # would win every ordering if it were pooled
+    kept, other, key = V.one_reference(recs)
+    assert key == "a" * 64 and {r["name"] for r in other} == {r["name"] for r in moved}
+    assert len(kept) + len(other) == len(recs)
+    write_records(recs, tmp_path / "runs")
+    md = R.render(R.load_records(tmp_path / "runs"), PLAN, tmp_path / "r.md", tmp_path / "fig").read_text()
+    assert "Measured against another reference" in md and "- Ti-p2-adaLN-Zero-s0-cfg2 (bbbbbbbb, CPU B)" in md
+    assert "aaaaaaaa" in md and "CPU A" in md
+    verdicts = [h.split(": ")[-1] for h in md.splitlines() if h.startswith("### ")]
+    # Ti/2 seed 0 is in every study but sampling compute (4x128 and 8x256 only)
+    assert verdicts == ["pending"] * 5 + ["reproduced", "pending"], verdicts
+    assert "| Ti-p2-adaLN-Zero-s0 |" not in md and "- Ti-p2-adaLN-Zero-s0\n" in md  # not pooled; still to run
+
+
+def test_records_without_a_reference_hash_are_one_group():
+    kept, other, key = V.one_reference(all_records())
+    assert key is None and not other and len(kept) == len(all_records())

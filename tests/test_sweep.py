@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.study_plan import expand, load_plan, number_tag, parts, run_name
@@ -106,8 +107,24 @@ def test_sweep_runs_and_records_real_experiments(tmp_path):
     assert cfg["train_rerun"] is False and ddpm["train_rerun"] is False
     assert cfg["train"] == train["train"]
     assert cfg["eval"]["fid"] != train["eval"]["fid"]
+    # one reference for the three (the report pools only such runs), and the machine that measured them
+    assert len({r["eval_protocol"]["reference_stats_sha256"] for r in records.values()}) == 1
+    assert all(r["machine"]["torch"] == torch.__version__ and r["machine"]["cpu"] for r in records.values())
     # the workspace is as it was: apply's files put back
     assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "dvc.lock").exists()
     # resumable: a second invocation finds every run done and queues nothing
     again = sh(sys.executable, "-m", "pipeline.sweep", "run", "--hours", "1")
     assert "running" not in again.stdout and "3 of 3 planned runs recorded" in again.stdout
+
+
+def test_a_record_of_another_reference_is_run_again(tmp_path):
+    # pipeline.verdicts.one_reference: the report pools the runs of the reference most records share; the rest are
+    # not done, so the next `sweep run` redoes them where the others ran
+    from pipeline.sweep import done
+
+    plan = load_plan(REPO / "sweeps/study-plan.yaml", check=False)
+    names = [r.name for r in expand(plan)][:4]
+    for name, ref in zip(names + ["not-in-the-plan"], "aaba" + "c"):
+        rec = {"name": name, "eval": {}, "eval_protocol": {"reference_stats_sha256": ref * 64}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    assert done(plan, tmp_path) == {names[0], names[1], names[3]}

@@ -111,3 +111,22 @@ def git_repo(repo: Path, params: dict) -> dict:
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "copy"], repo, env)
     return env
+
+
+def assert_same_outputs(repo: Path, reference: Path, reference_hashes: dict[str, str], may_differ=frozenset(),
+                        checkpoint_may_differ=frozenset()) -> set[str]:
+    """Every output of `repo` is that of `reference` (whose dvc.lock output hashes are `reference_hashes`), byte for
+    byte, but for measured time and MLflow run ids (TIMED, RUN_RECORDS, CHECKPOINT_RECORDS) and the outputs and
+    checkpoint fields the caller names. `reference` needs only the files those may differ in. Returns the outputs
+    whose hash differs."""
+    changed = {path for path, md5 in lock_hashes(repo).items() if reference_hashes.get(path) != md5}
+    assert changed <= {*TIMED, *RUN_RECORDS, "models/checkpoints", *may_differ}, f"not byte-identical: {sorted(changed)}"
+    for rel, allowed in TIMED.items():
+        assert differing_fields(repo / rel, reference / rel) <= allowed, rel
+    for rel, allowed in RUN_RECORDS.items():
+        differ = {f.name for f in (repo / rel).iterdir() if f.read_bytes() != (reference / rel / f.name).read_bytes()}
+        assert differ <= allowed, rel
+    for ckpt in sorted((reference / "models/checkpoints").glob("ckpt-*.pt")):
+        fields = differing_checkpoint_fields(repo / "models/checkpoints" / ckpt.name, ckpt)
+        assert fields <= {*CHECKPOINT_RECORDS, *checkpoint_may_differ}, (ckpt.name, fields)
+    return changed

@@ -27,6 +27,7 @@ from pipeline.determinism import torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.latents import shard_name, write_latents_manifest, write_shard
 from pipeline.startup import mark_ready
+from pipeline.shared_storage import check_storage_path, on_this_node, publish
 from pipeline.vae import encode_images, load_vae
 
 # CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
@@ -45,11 +46,15 @@ class EncodeParams:
     num_actors: int
     use_gpu: bool
     seed: int  # store: sample draws image i's noise from (seed, i)
+    # Where the images and the VAE reach every node (pipeline/shared_storage.py): s3://... or a directory every
+    # node mounts; "" = the driver's paths (one machine, or a shared file system). Never the bytes.
+    storage_path: str = ""
 
     def __post_init__(self):
         for key in ("batch_size", "micro_batch", "num_actors"):
             if getattr(self, key) < 1:
                 raise ParamsError(f"'encode.{key}' must be >= 1, got {getattr(self, key)}")
+        check_storage_path("encode.storage_path", self.storage_path)
 
 
 def decode_rows(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -63,7 +68,7 @@ class LatentEncoder:
     the posterior `mean` and `std`, float32 (n, F, C, h, w). A callable class, so Ray's actors load the VAE once."""
 
     def __init__(self, vae_dir: str, flip: bool, micro_batch: int, device: str):
-        self.vae = load_vae(vae_dir, device)
+        self.vae = load_vae(on_this_node(vae_dir), device)  # a driver path, or the node's copy from storage
         self.flip = flip
         self.micro_batch = micro_batch
 
@@ -221,7 +226,13 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
     lookup = row_index(images_dir, images)
     init_ray()
     check_resources(params)
-    paths = [str(Path(images_dir).resolve() / shard["file"]) for shard in images["shards"]]
+    # Without storage, the read tasks and the encoders read the driver's paths; with it, every node reads the
+    # image shards from storage and copies the VAE once.
+    images_at, vae_at = Path(images_dir).resolve(), str(Path(vae_dir).resolve())
+    if params.storage_path:
+        images_at = publish(images_dir, params.storage_path, "images")
+        vae_at = publish(vae_dir, params.storage_path, "vae")
+    paths = [f"{images_at}/{shard['file']}" for shard in images["shards"]]
     ds = ray.data.read_parquet(paths, include_paths=True)
     ds = ds.select_columns(["image", "label", "key", "path"])
     # Parquet reads bin-pack small shards into ~128 MiB read tasks; cut them (streaming) into blocks of batch_size
@@ -231,7 +242,7 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
                         batch_format="numpy")
     ds = ds.map_batches(
         LatentEncoder,
-        fn_constructor_kwargs=dict(vae_dir=str(Path(vae_dir).resolve()), flip=params.flip,
+        fn_constructor_kwargs=dict(vae_dir=vae_at, flip=params.flip,
                                    micro_batch=params.micro_batch, device="cuda" if params.use_gpu else "cpu"),
         compute=ray.data.ActorPoolStrategy(size=params.num_actors),
         batch_size=params.batch_size, batch_format="numpy",

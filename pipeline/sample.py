@@ -57,6 +57,7 @@ from pipeline.generate import generate_images, load_models, make_grid, make_labe
 from pipeline.model import DiT_models
 from pipeline.precision import Precision, check_precision
 from pipeline.provenance import reuse_or_clear, stamp
+from pipeline.shared_storage import check_storage_path, on_this_node, publish
 from pipeline.startup import mark_ready
 
 ACTOR_RESTARTS = 3  # restarts of each sampling actor, and retries of the shard it was drawing, after it is lost
@@ -82,6 +83,9 @@ class SampleParams:
     seed: int
     grid_per_class: int
     attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
+    # Where the DiT weights and the VAE reach the actors' nodes (pipeline/shared_storage.py): s3://... or a directory
+    # every node mounts; "" = the driver's paths. Never the pixels.
+    storage_path: str = ""
 
     def __post_init__(self):
         check_params(self)
@@ -93,6 +97,7 @@ def check_params(p: SampleParams) -> None:
             raise ParamsError(f"'sample.{name}' must be >= 1, got {getattr(p, name)}")
     if p.num_workers < 0:
         raise ParamsError(f"'sample.num_workers' must be >= 0 (0 = in-process), got {p.num_workers}")
+    check_storage_path("sample.storage_path", p.storage_path)
     if p.shard_size % p.micro_batch:
         raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
                           f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
@@ -169,7 +174,9 @@ class ShardWorker:
     """Loads the DiT and the VAE once, then turns shard ids into images; in-process or as a Ray actor."""
 
     def __init__(self, card: dict, vae_dir: str, p: SampleParams, device: str):
-        self.model, self.vae = load_models(card, vae_dir, device)
+        if "checkpoint_location" in card:  # published by the driver (sample.storage_path): this node's copy
+            card = {**card, "checkpoint": str(on_this_node(card["checkpoint_location"]) / Path(card["checkpoint"]).name)}
+        self.model, self.vae = load_models(card, on_this_node(vae_dir), device)
         if p.compile:  # forward_with_cfg calls self.forward, so this covers guided sampling too
             self.model.forward = torch.compile(self.model.forward)
         self.card, self.p, self.device = card, p, device
@@ -202,6 +209,9 @@ def generate_shards(todo: list[int], card: dict, vae_dir: str, p: SampleParams) 
 
     init_ray()
     n, options = actor_plan(p, len(todo), ray.cluster_resources())
+    if p.storage_path:  # the actors' nodes copy the weights and the VAE from storage, not from this file system
+        card = {**card, "checkpoint_location": publish(card["checkpoint"], p.storage_path, "model")}
+        vae_dir = publish(vae_dir, p.storage_path, "vae")
     # A lost actor (its process or node died) is restarted and its shard redone: a shard is written by the driver
     # only when it arrives whole, so no index goes missing or is written twice, and its pixels do not depend on
     # which actor drew it. The actors spread over the nodes: one per node first.

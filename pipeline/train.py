@@ -12,7 +12,8 @@ What the official train.py lacks and this loop adds:
 `train_loop_per_worker(config)` is the loop: Ray Train's TorchTrainer runs it on `num_workers` workers, or it runs
 in-process (num_workers 0). Checkpoints go to models/checkpoints (a local disk on one machine, a shared file system
 on a cluster), or with `train.storage_path` through Ray Train's persistent storage (S3 or a shared directory:
-pipeline/checkpoint_storage.py); the latents must still be readable at the driver's path on every node. Each worker
+pipeline/checkpoint_storage.py); with it the latents and the VAE reach each node through that storage too, copied
+once per node (pipeline/shared_storage.py), so no worker reads the driver's file system. Each worker
 memory-maps the latents, so a node holds one copy of them in its page cache whatever its number of workers. A lost
 worker makes Ray Train restart the group from the latest checkpoint. Only rank 0 writes checkpoints, the CSV log,
 MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
@@ -49,6 +50,7 @@ from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.precision import Precision, check_precision, set_float32_mode
 from pipeline.provenance import local_input, stamp
+from pipeline.shared_storage import check_storage_path, on_this_node, publish
 from pipeline.startup import mark_ready
 from pipeline.tracking import Tracker, TrackingParams, run_tags
 from pipeline.train_log import Reporter, csv_text
@@ -117,9 +119,7 @@ def check_params(p: TrainParams) -> None:
     if p.storage_path and p.num_workers == 0:
         raise ParamsError("'train.storage_path' is Ray Train's storage: it needs train.num_workers >= 1 (or set it "
                           "to \"\" to train in-process)")
-    if p.storage_path and "://" not in p.storage_path and not Path(p.storage_path).is_absolute():
-        raise ParamsError(f"'train.storage_path' {p.storage_path!r} must be a URI (s3://bucket/prefix) or an "
-                          "absolute directory that every node mounts")
+    check_storage_path("train.storage_path", p.storage_path)
 
 
 def check_batch_fits(p: TrainParams, num_examples: int) -> None:
@@ -406,7 +406,7 @@ def train_loop_per_worker(config: dict) -> None:
     configure_torch(device, p.precision)
     if config["tracking_uri"]:
         os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # a Ray worker may run in another directory
-    data, manifest = load_latent_batches(config["latents"], p.seed, device)
+    data, manifest = load_latent_batches(on_this_node(config["latents"]), p.seed, device)
     seed_everything(p.seed)  # the same initial weights on every rank
     model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
     store = worker_store(config, p.keep_checkpoints, rank)
@@ -486,6 +486,8 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
     if p.storage_path:  # workers read and write checkpoints through Ray Train's storage, not this file system
         config["storage"] = {"initial": seed_run(p.storage_path, run_name, checkpoints_dir)}
         config["plots"] = None  # rank 0 may run on another node: the driver writes the CSV log from the checkpoint
+        config["latents"] = publish(latents_dir, p.storage_path, "latents")  # each node copies it once
+        config["vae"] = publish(vae_dir, p.storage_path, "vae") if vae_dir else None  # rank 0's sample grids
     if p.num_workers == 0:
         train_loop_per_worker(config)
     else:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import atomic_write
 from pipeline.config import to_dict
+from pipeline.shared_storage import is_location, on_this_node
 from pipeline.tracking import Tracker, TrackingParams
 
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
@@ -57,7 +58,8 @@ class Reporter:
         by the sample stage's generator: sample i from (GRID_SEED, i), one network block for the whole grid."""
         if not (self.tracker.enabled and self.vae_dir):
             return  # nowhere to log it, or no decoder
-        if self.vae is None and not Path(self.vae_dir).is_dir():  # rank 0 on a node without the driver's files
+        reachable = is_location(self.vae_dir) or Path(self.vae_dir).is_dir()  # through storage, or a driver path
+        if self.vae is None and not reachable:  # rank 0 on a node without the driver's files, no train.storage_path
             if not self.vae_missing_said:
                 print(f"[train] no VAE at {self.vae_dir} on this node: the EMA sample grids are not logged to MLflow")
                 self.vae_missing_said = True
@@ -65,7 +67,7 @@ class Reporter:
         from pipeline.generate import generate_images, make_grid
         from pipeline.vae import load_vae
 
-        self.vae = self.vae or load_vae(self.vae_dir, device)
+        self.vae = self.vae or load_vae(on_this_node(self.vae_dir), device)
         rows = min(self.num_classes, GRID_CLASSES)
         labels = np.repeat(np.arange(rows, dtype=np.int64), GRID_PER_CLASS)  # (n,)
         guidance = GRID_CFG_SCALE if ema.config["class_dropout_prob"] > 0 else 1.0  # guidance needs the null label

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BUCKET, CREDENTIALS, keys
+from conftest import BUCKET, CREDENTIALS, free_port, keys, start, stop, wait_http
 from pipeline.encode import encode_local
+from pipeline.shared_storage import CACHE_ENV as NODE_CACHE_ENV
 from tiny_encode import PARAMS as ENCODE_PARAMS
 from tiny_encode import shard_hashes
 
@@ -33,12 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 JOIN_HOST = "127.0.0.2"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def hidden_paths() -> list[Path]:
     """What a node without the project must not read: this checkout, the venv and the checkout holding the venv
     (where its editable install points)."""
@@ -48,22 +43,26 @@ def hidden_paths() -> list[Path]:
     return sorted(p for p in paths if not any(q in p.parents for q in paths))  # covering a parent hides the rest
 
 
-def without_the_project(cmd: list[str], node_env: str) -> list[str]:
+def without_the_project(cmd: list[str], node_env: str, data: tuple[Path, ...] = ()) -> list[str]:
     """`cmd` in a mount namespace of its own, as a node that has Python and the dependencies but not the project:
-    the venv is bound at `node_env` (the same packages, installed elsewhere), then the checkout and the venv's own
-    path are covered by empty tmpfs mounts. The node's workers get `pipeline` only through Ray's runtime_env."""
+    the venv is bound at `node_env` (the same packages, installed elsewhere), then the checkout, the venv's own
+    path and the driver's `data` directories are covered by empty tmpfs mounts. The node's workers get `pipeline`
+    only through Ray's runtime_env, and the driver's artifacts only through storage (pipeline/shared_storage.py)."""
     python = f"{node_env}/bin/python"
     script = [f"mount --bind {sys.prefix} {node_env}"]
-    script += [f"mount -t tmpfs -o size=1m tmpfs {path}" for path in hidden_paths()]
+    script += [f"mount -t tmpfs -o size=1m tmpfs {path}" for path in [*hidden_paths(), *data]]
     script.append(" ".join(["exec", python, "-m", "ray.scripts.scripts", *cmd[1:]]))
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", " && ".join(script)]
 
 
-def start_node(env: dict, head_port: int, head: bool, num_cpus: int) -> tuple[subprocess.Popen, str]:
+def start_node(env: dict, head_port: int, head: bool, num_cpus: int,
+               hidden_data: tuple[Path, ...] = ()) -> tuple[subprocess.Popen, str]:
     """`ray start --block` in its own process group: SIGTERM to it stops this node's processes and no other Ray's
     (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes.
-    The worker node runs without the project (`without_the_project`)."""
+    The worker node runs without the project and without `hidden_data` (`without_the_project`). Each node keeps
+    the artifacts it copies from storage in a cache of its own (`<temp dir>/node-cache`), as separate machines do."""
     temp_dir = tempfile.mkdtemp(prefix="ray-")
+    env = {**env, NODE_CACHE_ENV: f"{temp_dir}/node-cache"}
     cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
            "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
@@ -72,7 +71,7 @@ def start_node(env: dict, head_port: int, head: bool, num_cpus: int) -> tuple[su
     else:
         cmd += [f"--address={JOIN_HOST}:{head_port}"]
         Path(temp_dir, "env").mkdir()
-        cmd = without_the_project(cmd, f"{temp_dir}/env")
+        cmd = without_the_project(cmd, f"{temp_dir}/env", hidden_data)
     log = open(f"{temp_dir}.log", "w")
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT), temp_dir
 
@@ -102,9 +101,28 @@ def wait_for_port(port: int, proc: subprocess.Popen, seconds: float = 120) -> No
     raise TimeoutError(f"the head's GCS did not listen on port {port} within {seconds} s")
 
 
+WAIT_FOR_NODES = """
+import sys, time
+import ray
+ray.init()
+deadline = time.monotonic() + float(sys.argv[2])
+while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[1]):
+    assert time.monotonic() < deadline, f"{sum(n['Alive'] for n in ray.nodes())} nodes alive"
+    time.sleep(0.5)
+"""
+
+
+def wait_for_nodes(env: dict, address: str, count: int, seconds: float = 120) -> None:
+    """Until `count` nodes are alive: a stage started before the worker node registers sees the head's CPUs only."""
+    done = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, str(count), str(seconds)], cwd=REPO,
+                          env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=seconds + 60)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @contextlib.contextmanager
-def two_nodes(token_dir: Path, s3_endpoint: str):
-    """Yields (address, env of a client holding the token, [(head process, temp dir), (worker ...)])."""
+def two_nodes(token_dir: Path, s3_endpoint: str, hidden_data: tuple[Path, ...] = ()):
+    """Yields (address, env of a client holding the token, [(head process, temp dir), (worker ...)]). The worker
+    node cannot read `hidden_data` (nor the token dir, if it lies there: keep it apart)."""
     token_file = token_dir / "auth_token"
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
         f.write(secrets.token_hex(32))
@@ -114,7 +132,8 @@ def two_nodes(token_dir: Path, s3_endpoint: str):
     nodes = [start_node(env, port, head=True, num_cpus=2)]
     try:
         wait_for_port(port, nodes[0][0])
-        nodes.append(start_node(env, port, head=False, num_cpus=1))
+        nodes.append(start_node(env, port, head=False, num_cpus=1, hidden_data=hidden_data))
+        wait_for_nodes(env, f"{JOIN_HOST}:{port}", 2)
         yield f"{JOIN_HOST}:{port}", env, nodes
     finally:
         for proc, temp_dir in reversed(nodes):
@@ -128,9 +147,21 @@ def cluster(tmp_path_factory, s3):
     the worker 1: `encode` with 2 actors needs a third CPU for reading. The worker node cannot read the project
     (`without_the_project`), and neither node has it on PYTHONPATH: their workers import the driver's `pipeline`
     from Ray's runtime_env (`cluster.init_ray`). Both start with the S3 server's credentials in their environment,
-    as a cluster's nodes hold theirs (train.storage_path)."""
-    with two_nodes(tmp_path_factory.mktemp("ray-token"), s3[0]) as (address, env, _):
-        yield address, env
+    as a cluster's nodes hold theirs (the stages' storage_path). The worker node cannot read any of the tests'
+    files (pytest's base temp dir is covered there): the latents, images, VAE and weights reach it through S3."""
+    token_dir = Path(tempfile.mkdtemp(prefix="ray-token-"))  # outside the hidden data: both nodes read it
+    try:
+        with two_nodes(token_dir, s3[0], hidden_data=(tmp_path_factory.getbasetemp(),)) as (address, env, nodes):
+            yield address, env, nodes
+    finally:
+        shutil.rmtree(token_dir, ignore_errors=True)
+
+
+def node_cache(nodes, i: int) -> dict[str, list[str]]:
+    """{kind: [content hashes]} that node `i` (0 = head, 1 = worker) copied from storage."""
+    root = Path(nodes[i][1]) / "node-cache"
+    return {kind.name: sorted(d.name for d in kind.iterdir() if not d.name.startswith("."))
+            for kind in sorted(root.iterdir())} if root.is_dir() else {}
 
 
 # Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
@@ -173,7 +204,7 @@ def client(env: dict, address: str, script: str = CLIENT, report: Path | None = 
 
 
 def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(cluster, tmp_path):
-    address, env = cluster
+    address, env, _ = cluster
     no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
     # Plain Ray clients, as an outsider would run them: one with a token of its own, one that sends none (auth mode
     # unset and no ~/.ray/auth_token: an address given explicitly does not turn token auth on in the client).
@@ -218,9 +249,13 @@ open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 
 
 def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, encode_inputs, tmp_path):
-    address, env = cluster
+    """The worker node reads the image shards from S3 and copies the VAE from there (encode.storage_path)."""
+    from pipeline.artifacts import sha256_dir
+
+    address, env, nodes = cluster
     params = dataclasses.replace(ENCODE_PARAMS, store="sample", num_actors=2, batch_size=3)
     encode_local(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "local")
+    params = dataclasses.replace(params, storage_path=f"s3://{BUCKET}/cluster-encode")
     args = [dataclasses.asdict(params), str(encode_inputs["images_dir"]), str(encode_inputs["vae_dir"]), str(tmp_path / "cluster")]
     done = subprocess.run([sys.executable, "-c", ENCODE, json.dumps(args)], cwd=REPO,
                           env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(tmp_path / "report.json")},
@@ -230,6 +265,9 @@ def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, en
     assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
     assert shard_hashes(tmp_path / "cluster") == shard_hashes(tmp_path / "local")
     assert (tmp_path / "cluster" / "manifest.json").read_bytes() == (tmp_path / "local" / "manifest.json").read_bytes()
+    assert node_cache(nodes, 1)["vae"] == [sha256_dir(encode_inputs["vae_dir"])]  # the worker node's own copy
+    stored = {k.split("/")[1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-encode/") if not k.endswith("/")}
+    assert stored == {"images", "vae"}
 
 
 # The train and sample stages' library calls (tiny DiT, 6 steps; 16 samples) on whichever Ray RAY_ADDRESS names, or a
@@ -249,8 +287,8 @@ root, latents, vae_dir = map(Path, sys.argv[1:4])
 init_ray()
 run(root / "train", latents, base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3,
                                          storage_path=sys.argv[4]))
-S.run_sample(params(num_workers=2, num_fid_samples=16, shard_size=8), read_model_card(root / "train" / "dit"),
-             vae_dir, root / "sample")
+S.run_sample(params(num_workers=2, num_fid_samples=16, shard_size=8, storage_path=sys.argv[4]),
+             read_model_card(root / "train" / "dit"), vae_dir, root / "sample")
 nodes = lambda name: [a["Address"]["NodeID"] for a in actors().values() if name in a["ActorClassName"]]
 report = {"train": nodes("RayTrainWorker"), "sample": nodes("ShardWorker"),
           "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
@@ -260,13 +298,16 @@ open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 
 def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster, tmp_path, tiny_vae):
     """Train with 2 DDP workers over gloo and sample with 2 actors, on the cluster and on a local one-node Ray. On
-    the cluster the checkpoints go through S3 (train.storage_path), locally straight to models/checkpoints."""
+    the cluster the checkpoints go through S3 (train.storage_path), and so do the latents, the DiT weights and the
+    VAE (train and sample storage_path: the worker node cannot read the driver's files); locally the workers read
+    the driver's paths and write models/checkpoints directly."""
     import numpy as np
     import torch
 
+    from pipeline.artifacts import sha256_dir
     from tiny_train import write_latents
 
-    address, env = cluster
+    address, env, nodes = cluster
     latents = write_latents(tmp_path / "latents")
     tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")  # 16 px <-> 4x8x8, as the latents
     env = {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
@@ -282,14 +323,97 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     assert len(set(placed["alive"])) == 2
     assert sorted(placed["train"]) == sorted(placed["alive"])  # one DDP worker per node
     assert sorted(placed["sample"]) == sorted(placed["alive"])  # one sampling actor per node
-    uploaded = sorted(k.rsplit("/", 1)[-1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-train/") if k.endswith(".pt"))
+    uploaded = sorted(k.rsplit("/", 1)[-1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-train/dit-train-")
+                      if k.endswith(".pt"))
     assert uploaded == ["ckpt-0000003.pt", "ckpt-0000006.pt"], uploaded
+    copied = node_cache(nodes, 1)  # what the worker node fetched from S3, by content hash (the module's tests)
+    assert sha256_dir(latents) in copied["latents"] and sha256_dir(tmp_path / "vae") in copied["vae"]
+    assert len(copied["model"]) == 1
     assert [sorted(f.name for f in (tmp_path / w / "train" / "checkpoints").glob("ckpt-*.pt"))
             for w in ("cluster", "local")] == [uploaded, uploaded]  # filled from S3 by the driver
     ema = [torch.load(tmp_path / w / "train" / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     samples = [np.load(tmp_path / w / "sample" / "samples.npz") for w in ("cluster", "local")]
     np.testing.assert_array_equal(samples[0]["arr_0"], samples[1]["arr_0"])
+
+
+# The actors the cluster's GCS has known (alive or dead: it keeps the records of ended jobs), with their class and node.
+ACTORS = """
+import json, os
+import ray
+from ray._private.state import actors
+ray.init()
+table = {i: [a["ActorClassName"], a["Address"]["NodeID"]] for i, a in actors().items()}
+report = {"actors": table, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
+open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
+"""
+ON_THE_CLUSTER = {"encode": {"num_actors": 2}, "train": {"num_workers": 2}, "sample": {"num_workers": 2}}
+
+
+def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_path):
+    """`dvc repro` of the reduced default with RAY_ADDRESS on the two-node cluster: encode, train and sample put one
+    actor or worker on each node (the GCS's actor table), the worker node gets the images, latents, VAE and weights
+    through S3 (the stages' storage_path) and logs to an MLflow server, and every output is byte for byte that of
+    the same params on a local one-node Ray of as many CPUs (`python -m pipeline.cluster run`, as `make repro`);
+    only measured time and MLflow run ids may differ, as between two local runs (tests/reduced_default.py)."""
+    import torch
+    import yaml
+
+    from reduced_default import REDUCED, assert_same_outputs, differing_fields, git_repo, lock_hashes, merge, run
+
+    address, cluster_env, nodes = cluster
+    params = merge(merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED), ON_THE_CLUSTER)
+    one_node = tmp_path / "one-node"
+    env = git_repo(one_node, params)
+    run([sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "3", "--", "dvc", "repro"], one_node, env)
+
+    storage = {stage: {"storage_path": f"s3://{BUCKET}/repro"} for stage in ON_THE_CLUSTER}
+    on_cluster = tmp_path / "cluster"
+    env = {k: v for k, v in git_repo(on_cluster, merge(params, storage)).items() if not k.startswith("RAY_")}
+    env.update({k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "RAY_AUTH"))}, RAY_ADDRESS=address)
+    port = free_port()
+    server = start([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                    f"sqlite:///{tmp_path / 'mlflow-server.db'}", "--artifacts-destination", f"s3://{BUCKET}/mlflow",
+                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                   env={**env, "MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
+        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"  # a node reaches the server, not the driver's files
+        before = _actor_table(env, address, tmp_path / "before.json")["actors"]
+        out = run(["dvc", "repro"], on_cluster, env)
+        assert "Running stage 'register'" in out
+        after = _actor_table(env, address, tmp_path / "after.json")
+    finally:
+        stop(server)
+    placed = {}
+    for actor, (name, node) in after["actors"].items():
+        if actor not in before:
+            placed.setdefault(name.rsplit(".", 1)[-1], []).append(node)
+    alive = sorted(after["alive"])
+    assert sorted(next(v for k, v in placed.items() if "LatentEncoder" in k)) == alive, placed
+    assert sorted(placed["RayTrainWorker"]) == alive and sorted(placed["ShardWorker"]) == alive, placed
+    copied = node_cache(nodes, 1)
+    latents = json.loads((on_cluster / "data/latents/manifest.json").read_text())
+    assert {"latents", "vae", "model"} <= copied.keys() and latents["count"] == 240
+
+    hashes = lock_hashes(one_node)
+    assert lock_hashes(on_cluster).keys() == hashes.keys()
+    assert_same_outputs(on_cluster, one_node, hashes, may_differ={"reports/register.json"},
+                        checkpoint_may_differ={"train_params"})
+    for ckpt in sorted((one_node / "models/checkpoints").glob("ckpt-*.pt")):  # the run's settings, as recorded
+        settings = [torch.load(f, weights_only=True)["train_params"] for f in (ckpt, on_cluster / ckpt.relative_to(one_node))]
+        assert {k for k in settings[0] if settings[0][k] != settings[1][k]} == {"storage_path"}
+    assert differing_fields(on_cluster / "reports/register.json", one_node / "reports/register.json") <= REGISTRY_IDS
+
+
+REGISTRY_IDS = {"run_id"}  # the MLflow run the model was logged in: another store, another id
+
+
+def _actor_table(env: dict, address: str, report: Path) -> dict:
+    done = subprocess.run([sys.executable, "-c", ACTORS], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(report)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(report.read_text())
 
 
 # Train only, 2 workers: long enough (300 tiny steps, a checkpoint every 50) that a node can be lost mid-run.

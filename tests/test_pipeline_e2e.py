@@ -4,10 +4,7 @@ recomputing, and `git checkout` + `dvc checkout` of an earlier commit bring back
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,124 +12,34 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import copy_repo
+from reduced_default import REDUCED, RUN_RECORDS, STAGES, TIMED, assert_same_outputs, git_repo, lock_hashes, merge, run
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "vae", "encode", "train", "reference", "curve", "sample", "evaluate", "register")
-
-# The offline default, shrunk to seconds per stage; every other key stays as in params.yaml.
-REDUCED = {
-    "ingest": {"synthetic": {"num_images": 240}, "shard_size": 100},
-    "vae": {"train_steps": 40, "holdout": 40},
-    "train": {"train_steps": 20, "global_batch_size": 16, "ckpt_every": 10, "log_every": 5, "sample_every": 10},
-    "reference": {"classifier_steps": 30, "holdout": 40},
-    "sample": {"num_fid_samples": 48, "steps": 4, "batch_size": 16, "micro_batch": 8, "shard_size": 16},
-    "evaluate": {"kid_subset_size": 24, "kid_subsets": 2},
-    "curve": {"num_samples": 32, "steps": 4, "batch_size": 16},
-}
-
-
-def _merge(base: dict, overlay: dict) -> dict:
-    for key, value in overlay.items():
-        assert key in base, f"REDUCED names '{key}', which params.yaml lacks"
-        if isinstance(value, dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-# Byte-identical reruns. Outputs whose dvc.lock hash a rerun may change, and the only parts allowed to differ:
-# measured time and throughput (the numbers people compare, so they stay in the metrics), and the MLflow run id
-# that a resumed training continues and downstream stages log into (each run is a new MLflow run). Everything
-# else in them, and every other output, must come back byte for byte.
-TIMED = {
-    "metrics/vae.json": {"seconds"},
-    "metrics/encode.json": {"seconds", "img_per_s"},
-    "metrics/train.json": {"img_per_s", "seconds"},
-    "metrics/reference.json": {"seconds"},
-    "metrics/sample.json": {"seconds", "img_per_s", "img_steps_per_s"},
-    "reports/curve.json": {"mlflow_run_id"},
-    "plots/train.csv": {"img_per_s"},
-}
-RUN_RECORDS = {"models/dit": {"tracking.json"}}  # the training's MLflow run id (and the store's absolute path)
-CHECKPOINT_RECORDS = {"timing", "mlflow_run_id"}  # and the img_per_s of each row of the checkpoint's log
-
-
-def _lock_hashes(repo: Path) -> dict[str, str]:
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
-
-
-def _differing_fields(path: Path, before: Path) -> set[str]:
-    """The JSON keys, or CSV columns, whose values differ between two versions of an output file."""
-    if path.suffix == ".csv":
-        import csv
-        old, new = (list(csv.DictReader(open(p))) for p in (before, path))
-        return {k for a, b in zip(old, new, strict=True) for k in a if a[k] != b[k]}
-    old, new = json.loads(before.read_text()), json.loads(path.read_text())
-    return {k for k in old.keys() | new.keys() if old.get(k) != new.get(k)}
-
-
-def _same(a, b) -> bool:
-    """Bitwise equality of checkpoint contents: tensors (dtype, shape, values) and plain values, nested."""
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
-
-
-def _differing_checkpoint_fields(path: Path, before: Path) -> set[str]:
-    import torch
-
-    old, new = (torch.load(p, map_location="cpu", weights_only=True) for p in (before, path))
-    for ckpt in (old, new):  # throughput is measured, not computed
-        ckpt["log"] = [{k: v for k, v in row.items() if k != "img_per_s"} for row in ckpt["log"]]
-    return {key for key in old.keys() | new.keys() if not _same(old.get(key), new.get(key))}
 
 
 def _check_reruns_are_byte_identical(repo: Path, env: dict, before: Path) -> None:
     """Every stage but register again, from empty checkpoint and shard directories (a resume would prove
     nothing); then each output's hash in dvc.lock against the first run's, and what differs inside the others."""
-    hashes = _lock_hashes(repo)
+    hashes = lock_hashes(repo)
     for rel in (*TIMED, *RUN_RECORDS, "models/checkpoints"):
         (before / rel).parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (repo / rel).is_dir() else shutil.copy2
         copy(repo / rel, before / rel)
     shutil.rmtree(repo / "models/checkpoints")
     shutil.rmtree(repo / "data/samples/shards")
-    _run(["dvc", "repro", "--force", "--single-item", *[s for s in STAGES if s != "register"]], repo, env)
-    changed = {path for path, md5 in _lock_hashes(repo).items() if hashes.get(path) != md5}
-    assert changed <= {*TIMED, *RUN_RECORDS, "models/checkpoints"}, f"not byte-stable: {sorted(changed)}"
-    for rel, allowed in TIMED.items():
-        assert _differing_fields(repo / rel, before / rel) <= allowed, rel
-    for rel, allowed in RUN_RECORDS.items():
-        differ = {f.name for f in (repo / rel).iterdir() if f.read_bytes() != (before / rel / f.name).read_bytes()}
-        assert differ <= allowed, rel
-    for ckpt in sorted((before / "models/checkpoints").glob("ckpt-*.pt")):
-        assert _differing_checkpoint_fields(repo / "models/checkpoints" / ckpt.name, ckpt) <= CHECKPOINT_RECORDS
+    run(["dvc", "repro", "--force", "--single-item", *[s for s in STAGES if s != "register"]], repo, env)
+    changed = assert_same_outputs(repo, before, hashes)
     print(f"byte-stable: {sorted(set(hashes) - changed)}; differing only in time or run ids: {sorted(changed)}")
-
-
-def _run(args: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result.stdout + result.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     repo = tmp_path / "repo"
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)
-    env = _git_repo(repo, params)
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)
+    env = git_repo(repo, params)
 
-    first = _run(["dvc", "repro"], repo, env)
+    first = run(["dvc", "repro"], repo, env)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first, first[-3000:]
     # Ray's known noise stays quiet (pipeline.cluster, pipeline.encode): before, 139 and 2 lines in this run.
@@ -168,64 +75,48 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     assert json.loads((repo / "metrics/curve.json").read_text())["fid"] == curve["fid"][-1]
 
     # DVC's own view stays readable: metrics files hold numbers only (72 columns before the records moved out).
-    header = _run(["dvc", "metrics", "show", "--md"], repo, env).splitlines()[0]
+    header = run(["dvc", "metrics", "show", "--md"], repo, env).splitlines()[0]
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns[0] == "Path" and len(columns) < 20, columns
 
-    second = _run(["dvc", "repro"], repo, env)
+    second = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in second, second[-3000:]
-    assert "up to date" in _run(["dvc", "status"], repo, env)
+    assert "up to date" in run(["dvc", "status"], repo, env)
     _check_reruns_are_byte_identical(repo, env, tmp_path / "before")
     # The reruns gave models/dit a new training run id, so register (left out above) is stale: bring it up to date.
-    _run(["dvc", "repro"], repo, env)
-    assert "up to date" in _run(["dvc", "status"], repo, env)
+    run(["dvc", "repro"], repo, env)
+    assert "up to date" in run(["dvc", "status"], repo, env)
 
     # Versioning. Commit this run, then a second one that only resamples (another seed).
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "run 1"], repo, env)
-    _run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
-    _run(["dvc", "push"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "run 1"], repo, env)
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo, env)
+    run(["dvc", "push"], repo, env)
     first_eval = (repo / "metrics/eval.json").read_text()
     first_samples = (repo / "data/samples/samples.npz").read_bytes()
     params["sample"]["seed"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = _run(["dvc", "repro"], repo, env)
+    rerun = run(["dvc", "repro"], repo, env)
     assert "Running stage 'sample'" in rerun and "Running stage 'train'" not in rerun, rerun[-3000:]
     assert (repo / "data/samples/samples.npz").read_bytes() != first_samples
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "run 2: sample seed 1"], repo, env)
-    _run(["dvc", "push"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "run 2: sample seed 1"], repo, env)
+    run(["dvc", "push"], repo, env)
 
     # A fresh clone of run 2 pulls its data and models from the remote: nothing is left to recompute.
     clone = tmp_path / "clone"
-    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
-    _run(["dvc", "pull"], clone, env)
-    assert "up to date" in _run(["dvc", "status"], clone, env)
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
+    run(["dvc", "pull"], clone, env)
+    assert "up to date" in run(["dvc", "status"], clone, env)
     assert (clone / "models/dit/ema.pt").read_bytes() == (repo / "models/dit/ema.pt").read_bytes()
     assert (clone / "data/samples/samples.npz").read_bytes() == (repo / "data/samples/samples.npz").read_bytes()
 
     # Back to run 1: git brings its metrics and lock file, dvc checkout its samples.
-    _run(["git", "checkout", "-q", "HEAD~1"], repo, env)
-    _run(["dvc", "checkout"], repo, env)
+    run(["git", "checkout", "-q", "HEAD~1"], repo, env)
+    run(["dvc", "checkout"], repo, env)
     assert (repo / "metrics/eval.json").read_text() == first_eval
     assert (repo / "data/samples/samples.npz").read_bytes() == first_samples
-    assert "up to date" in _run(["dvc", "status"], repo, env)
-
-
-def _git_repo(repo: Path, params: dict) -> dict:
-    """A fresh git repository at `repo` holding a copy of this one with `params`; returns the env to run in it."""
-    repo.mkdir()
-    copy_repo(repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.com", "GIT_COMMITTER_NAME": "e2e",
-           "GIT_COMMITTER_EMAIL": "e2e@example.com"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the copy's root
-    env.pop("RAY_ADDRESS", None)
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "copy"], repo, env)
-    return env
+    assert "up to date" in run(["dvc", "status"], repo, env)
 
 
 @pytest.mark.slow
@@ -239,28 +130,28 @@ def test_a_changed_input_image_reruns_ingest_and_downstream(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             pixels = rng.integers(0, 100, (12, 12, 3)) + 150 * c
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:02d}.png")
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), {
+    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), {
         "ingest": {"source": "imagefolder", "image_size": 8, "imagefolder": {"root": "inputs/faces"}},
         "vae": {"train_steps": 2, "holdout": 4, "batch_size": 4, "block_out_channels": [8, 8, 8]},
     })
     repo = tmp_path / "repo"
-    env = _git_repo(repo, params)
+    env = git_repo(repo, params)
     shutil.copytree(tmp_path / "faces", repo / "inputs/faces")
-    _run(["dvc", "add", "inputs/faces"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "inputs/faces"], repo, env)
+    run(["dvc", "add", "inputs/faces"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "inputs/faces"], repo, env)
 
-    first = _run(["dvc", "repro", "vae"], repo, env)
+    first = run(["dvc", "repro", "vae"], repo, env)
     assert "Running stage 'ingest'" in first and "Running stage 'vae'" in first, first[-3000:]
     assert json.loads((repo / "data/images/manifest.json").read_text())["count"] == 24
-    assert "up to date" in _run(["dvc", "status", "--with-deps", "vae"], repo, env)
+    assert "up to date" in run(["dvc", "status", "--with-deps", "vae"], repo, env)
 
     image = repo / "inputs/faces/dark/03.png"
     image.unlink()  # dvc add may link the file to its cache: replace it, never write through the link
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(image)
-    status = _run(["dvc", "status", "--with-deps", "vae"], repo, env)
+    status = run(["dvc", "status", "--with-deps", "vae"], repo, env)
     assert "ingest:" in status and "modified:" in status and "inputs/faces" in status, status
-    again = _run(["dvc", "repro", "vae"], repo, env)
+    again = run(["dvc", "repro", "vae"], repo, env)
     assert "Running stage 'ingest'" in again and "Running stage 'vae'" in again, again[-3000:]
-    _run(["dvc", "add", "inputs/faces"], repo, env)  # the new version of the input, for `git commit`
-    assert "up to date" in _run(["dvc", "status", "--with-deps", "vae"], repo, env)
+    run(["dvc", "add", "inputs/faces"], repo, env)  # the new version of the input, for `git commit`
+    assert "up to date" in run(["dvc", "status", "--with-deps", "vae"], repo, env)

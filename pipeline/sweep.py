@@ -110,9 +110,17 @@ def queue(run: PlannedRun, plan: dict) -> None:
 
 @contextmanager
 def applied(name: str):
-    """The workspace with experiment `name` applied; afterwards the files apply wrote are as they were."""
+    """The workspace with experiment `name` applied; afterwards the files apply wrote are as they were.
+
+    `dvc exp apply` also checks out the experiment's version of every git-tracked file, records included: a record
+    rewritten in this session (a run redone on another reference) would go back to HEAD's. So the records are put
+    back at once."""
     saved = {p: p.read_bytes() for g in APPLIED_GLOBS for p in Path().glob(g)}
+    records = {p: p.read_bytes() for p in RUNS_DIR.glob("*.json")}
     dvc("exp", "apply", name)
+    for path, data in records.items():
+        if path.read_bytes() != data:
+            atomic_write(path, lambda tmp, data=data: tmp.write_bytes(data))
     try:
         yield
     finally:

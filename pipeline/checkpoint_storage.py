@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.artifacts import atomic_torch_save
 from pipeline.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.shared_storage import location_uri
 
 INITIAL = "initial"  # the run's sub-directory holding the checkpoint it starts from
 
@@ -125,10 +126,6 @@ def worker_store(config: dict, keep: int, rank: int):
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 
-def storage_uri(storage_path: str, *parts: str) -> str:
-    return "/".join([storage_path.rstrip("/"), *parts])
-
-
 def seed_run(storage_path: str, run_name: str, checkpoints_dir: str | Path) -> str | None:
     """Upload the latest checkpoint of `checkpoints_dir` (already checked resumable) to the run's storage; its URI,
     or None when there is none (a fresh run)."""
@@ -137,7 +134,7 @@ def seed_run(storage_path: str, run_name: str, checkpoints_dir: str | Path) -> s
         return None
     import pyarrow.fs
 
-    uri = storage_uri(storage_path, run_name, INITIAL)
+    uri = f"{location_uri(storage_path)}/{run_name}/{INITIAL}"
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     fs.create_dir(path)
     pyarrow.fs.copy_files(str(ckpts[-1]), f"{path}/{ckpts[-1].name}", source_filesystem=pyarrow.fs.LocalFileSystem(),

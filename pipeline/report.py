@@ -60,7 +60,7 @@ def claims(records: list[dict], plan: dict) -> list[Claim]:
     size = V.ordering_pairs(records, st["size"]["models"])
     patch = V.ordering_pairs(records, st["patch"]["models"])
     gpair, corr = V.gflops_pair(records, plan["seeds"])
-    compute = V.compute_pairs(records, st["size"]["models"]) if complete(plan, records, "size") else []
+    compute = V.compute_pairs(records, st["size"]["models"])
     samp = V.sampling_pairs(records, st["sampling"])
     guid = V.guidance_pairs(records, st["guidance"])
 
@@ -282,7 +282,7 @@ def render(records: list[dict], plan: dict, out_md: Path, fig_dir: Path) -> Path
            "", "## Findings", ""]
     for c in found:
         md += [f"### {c.number}. {c.title}: {c.verdict}", ""]
-        md += [f"- {line}" for line in c.lines] or ["- no runs recorded yet"]
+        md += [f"- {line}" for line in c.lines] or ["- no seed has the runs this claim compares yet"]
         md.append("")
     md += ["## Final points by variant", "", "| model | conditioning | n | FID (mean ± std) | class consistency |",
            "|---|---|---|---|---|"]

@@ -77,7 +77,7 @@ class SampleParams:
     micro_batch: int  # images per network/VAE call (2x rows with guidance); fixes the pixels, see the docstring
     precision: Precision  # fp32 | tf32 (the official sampler) | bf16 autocast of the DiT; the VAE decodes in float32
     compile: bool  # torch.compile the DiT's forward (one shape per run, thanks to the fixed micro-batch)
-    num_workers: int  # Ray CPU actors; 0 = in-process (with use_gpu, one actor per GPU of the cluster)
+    num_workers: int  # 0 = in-process; >= 1: Ray actors, that many on CPU, or one per GPU of the cluster with use_gpu
     use_gpu: bool
     shard_size: int  # images per resumable shard
     seed: int
@@ -97,6 +97,9 @@ def check_params(p: SampleParams) -> None:
             raise ParamsError(f"'sample.{name}' must be >= 1, got {getattr(p, name)}")
     if p.num_workers < 0:
         raise ParamsError(f"'sample.num_workers' must be >= 0 (0 = in-process), got {p.num_workers}")
+    if p.storage_path and p.num_workers == 0:  # in-process sampling reads the driver's files: nothing to publish
+        raise ParamsError("'sample.storage_path' reaches the sampling actors' nodes: it needs sample.num_workers >= 1 "
+                          "(or set it to \"\" to sample in-process)")
     check_storage_path("sample.storage_path", p.storage_path)
     if p.shard_size % p.micro_batch:
         raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="

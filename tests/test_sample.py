@@ -306,6 +306,10 @@ def test_params_yaml_section_loads_and_is_checked():
     S.check_params(p)
     with pytest.raises(ValueError, match=f"multiple of sample.micro_batch={p.micro_batch}"):
         S.check_params(dataclasses.replace(p, shard_size=p.micro_batch * 8 + 1))
+    with pytest.raises(ParamsError, match="num_workers >= 1"):  # in-process: the storage would go unused
+        S.check_params(dataclasses.replace(p, num_workers=0, storage_path="s3://bucket/sample"))
+    with pytest.raises(ParamsError, match="absolute"):
+        S.check_params(dataclasses.replace(p, num_workers=1, storage_path="relative/dir"))
 
 
 def test_actor_plan():

@@ -133,3 +133,37 @@ def test_a_record_of_another_reference_is_run_again(tmp_path):
         rec = {"name": name, "eval": {}, "eval_protocol": {"reference_stats_sha256": ref * 64}}
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     assert done(plan, tmp_path) == {names[0], names[1], names[3]}
+
+
+@pytest.mark.slow
+def test_applying_an_experiment_keeps_the_records_of_this_session(tmp_path, monkeypatch):
+    # `dvc exp apply` checks out the experiment's version of every git-tracked file. A record the runner rewrote
+    # in this session (a run redone on the pooled reference) must survive the apply of a sampling batch.
+    from pipeline.sweep import RUNS_DIR, applied
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+    def sh(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    sh("git", "init", "-q", "-b", "main")
+    sh("dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("n: 1\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  count:\n    cmd: echo ${n} > out.txt\n"
+                                       "    params: [n]\n    outs: [out.txt]\n")
+    record = tmp_path / RUNS_DIR / "Ti-p2-adaLN-Zero-s0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"reference": "the earlier machine"}')
+    sh(*git, "add", "-A")
+    sh(*git, "commit", "-qm", "base")
+    sh("dvc", "exp", "run", "--temp", "-q", "-n", "trained", "-S", "n=2")  # the workspace stays at n: 1
+    params_before = (tmp_path / "params.yaml").read_text()
+
+    record.write_text('{"reference": "redone here"}')  # rewritten by this session, not committed yet
+    with applied("trained"):
+        assert "n: 2" in (tmp_path / "params.yaml").read_text()  # the experiment is applied
+        assert record.read_text() == '{"reference": "redone here"}'
+    assert record.read_text() == '{"reference": "redone here"}'
+    assert (tmp_path / "params.yaml").read_text() == params_before

@@ -10,7 +10,7 @@ actors (each imports torch and loads the VAE), which dominates on a set this sma
     python bench/bench_encode.py --actors 1 2 4 --num-images 20000
 
 CUDA: the VAE encoder at the paper's scale: an AutoencoderKL with the stabilityai/sd-vae-ft-ema architecture
-(random weights) on 256x256 images, through `pipeline.vae.encode_images`, in bf16 (or fp32).
+(random weights) on 256x256 images, through `pipeline.autoencoder.encode_images`, in bf16 (or fp32).
 
     python bench/bench_encode.py --device cuda --batch-size 64 --dtype bf16
 """
@@ -28,10 +28,14 @@ import torch
 from diffusers import AutoencoderKL
 
 from pipeline.cluster import lock_ray
-from pipeline.config import load_section
-from pipeline.data import IngestParams, ingest
-from pipeline.encode import EncodeParams, encode_local, run_encode
-from pipeline.vae import VAEParams, build_vae, encode_images, save_snapshot
+from pipeline.params.load import load_section
+from pipeline.ingest import ingest
+from pipeline.params.ingest import IngestParams
+from pipeline.encode import encode_local, run_encode
+from pipeline.params.encode import EncodeParams
+from pipeline.vae import build_vae
+from pipeline.autoencoder import encode_images, save_snapshot
+from pipeline.params.vae import VAEParams
 from timing import synchronize
 
 # The stabilityai/sd-vae-ft-ema config.json (the VAE of the paper), for a same-sized model with random weights.

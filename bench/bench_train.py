@@ -21,9 +21,10 @@ from dataclasses import replace
 import torch
 
 import pipeline.train as T
-from pipeline.config import load_section, read_yaml
+from pipeline.params.load import load_section, read_yaml
 from pipeline.flops import count_gflops_latent
 from timing import synchronize
+from pipeline.params.train import TrainParams
 
 STORE_EXAMPLES = 4096  # random latents in the store (per flip); only their count matters, not their values
 SCALING_FACTOR = 0.18215  # SD-VAE's; the speed does not depend on it
@@ -72,7 +73,7 @@ def random_latents(n: int, shape: tuple[int, int, int], num_classes: int, device
     return T.LatentBatches(tensors, SCALING_FACTOR, seed=0, device=torch.device(device))
 
 
-def bench_one(p: T.TrainParams, latent_shape, num_classes: int, device: str, warmup: int, steps: int) -> dict:
+def bench_one(p: TrainParams, latent_shape, num_classes: int, device: str, warmup: int, steps: int) -> dict:
     torch.manual_seed(p.seed)
     model = T.build_model(p, latent_shape, num_classes)
     state = T.make_train_state(model, p, torch.device(device), world=1, ckpt=None)
@@ -103,7 +104,7 @@ def main():
     cuda = args.device == "cuda"
     if cuda:
         T.configure_torch(torch.device("cuda", 0), args.precision or "bf16")
-    base = load_section(T.TrainParams, "train", args.params)
+    base = load_section(TrainParams, "train", args.params)
     offline = offline_defaults(args.params)
     latent = args.latent_size or (32 if cuda else offline["latent_size"])
     latent_shape = (offline["channels"] if not cuda else 4, latent, latent)

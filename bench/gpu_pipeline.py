@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from pipeline.params.train import TrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,7 +82,7 @@ def write_random_sd_vae(workdir: Path, params_path: Path, dry_run: bool) -> None
     random weights; narrower channels in a dry run."""
     from diffusers import AutoencoderKL
 
-    from pipeline.vae import save_snapshot
+    from pipeline.autoencoder import save_snapshot
 
     size = yaml.safe_load(params_path.read_text())["ingest"]["image_size"]
     channels, groups = ((16, 32, 32, 32), 8) if dry_run else ((128, 256, 512, 512), 32)
@@ -108,8 +109,9 @@ def cuda_allocations() -> int:
 def run_stage(name: str, params_path: Path) -> float:
     start = time.perf_counter()
     if name == "encode":  # the stage runs Ray Data; its in-process path runs the same encoder
-        from pipeline.config import load_section
-        from pipeline.encode import EncodeParams, encode_local
+        from pipeline.params.load import load_section
+        from pipeline.encode import encode_local
+        from pipeline.params.encode import EncodeParams
 
         p = load_section(EncodeParams, "encode", params_path)
         encode_local(p, "data/images", "models/vae", "data/latents", "cuda" if p.use_gpu else "cpu")
@@ -138,10 +140,9 @@ def bench_train_img_per_s(params_path: Path, dry_run: bool) -> float:
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_train
 
-    import pipeline.train as T
-    from pipeline.config import load_section
+    from pipeline.params.load import load_section
 
-    p = load_section(T.TrainParams, "train", params_path)
+    p = load_section(TrainParams, "train", params_path)
     manifest = json.loads(Path("data/latents/manifest.json").read_text())
     torch._dynamo.reset()  # the stage's compiled graphs must not serve the benchmark's model
     r = bench_train.bench_one(p, tuple(manifest["latent_shape"]), manifest["num_classes"],

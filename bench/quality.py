@@ -22,15 +22,16 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.features import load_extractor
 from pipeline.formats.images import read_images
 from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.reference_stats import load_reference
 from pipeline.generate import generate_images, load_models, make_labels
-from pipeline.metrics import EvaluateParams, evaluate_images
+from pipeline.metrics import evaluate_images
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT
-from pipeline.sample import SampleParams
+from pipeline.params.sample import SampleParams
 from pipeline.vae import reconstruct
 
 BAR_FID_RATIO = 0.5

@@ -9,7 +9,7 @@ The install is excluded: the clone uses an existing venv (`--venv`, default the 
 `make -o` keeps the Makefile from reinstalling into it. A stage's wall time runs from DVC's "Running stage" line to
 the next stage's (so it includes DVC's hashing and saving of its outputs, as a user waits for them). Its start-up
 is process launch to first useful work, from the timings each stage records when PIPELINE_TIMINGS_DIR is set
-(pipeline/startup.py: `ready` is marked by the stage at its first step or batch, even inside a Ray worker; a stage
+(pipeline/timing.py: `ready` is marked by the stage at its first step or batch, even inside a Ray worker; a stage
 without that mark counts its imports only). Revisions older than those records show wall times only.
 """
 from __future__ import annotations

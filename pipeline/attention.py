@@ -15,18 +15,12 @@ A named backend is the only one allowed inside the block, so a shape or dtype it
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, Literal
+from typing import ContextManager
 
-from pipeline.config import ParamsError
-
-AttentionBackend = Literal["auto", "math", "flash", "efficient", "cudnn"]
-CUDA_ONLY = ("efficient", "cudnn")
+from pipeline.params.load import ParamsError
 
 
-def check_attention(section: str, backend: str, use_gpu: bool) -> None:
-    if backend in CUDA_ONLY and not use_gpu:
-        raise ParamsError(f"'{section}.attention' {backend} is a CUDA kernel and '{section}.use_gpu' is false: use "
-                          "auto, math or flash on the CPU")
+
 
 
 def attention_backend(backend: str) -> ContextManager:

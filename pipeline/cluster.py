@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pipeline
-from pipeline import startup
+from pipeline import timing
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def cluster_runtime_env() -> dict:
     """The driver's own `pipeline` package, shipped to every node through Ray (`py_modules`: zipped into the GCS
     once per content hash, unpacked on each node, first on the workers' sys.path). A node needs Python and the
     dependencies, not the repository: its workers run the code this driver runs, whatever `pipeline` the node has."""
-    env = startup.worker_env()
+    env = timing.worker_env()
     return {"py_modules": [str(Path(pipeline.__file__).resolve().parent)], "excludes": ["__pycache__"],
             **({"env_vars": env} if env else {})}
 
@@ -67,10 +67,10 @@ def cluster_runtime_env() -> dict:
 def local_runtime_env() -> dict:
     """Local workers import the very `pipeline` this driver runs, also from the temp copy of a queued
     `dvc exp run`, rather than whichever checkout an editable install points at; they also record into the
-    stage's timings (pipeline/startup.py) when the benchmark asks."""
+    stage's timings (pipeline/timing.py) when the benchmark asks."""
     checkout = str(Path(pipeline.__file__).resolve().parents[1])
     python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
-    return {"env_vars": {"PYTHONPATH": python_path, **startup.worker_env()},
+    return {"env_vars": {"PYTHONPATH": python_path, **timing.worker_env()},
             "worker_process_setup_hook": _quiet_local_noise}
 
 

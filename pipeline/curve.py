@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -28,16 +26,16 @@ from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_write, atomic_write_json, sha256_dir
 from pipeline.checkpoints import RESUME_KEYS, list_checkpoints, load_checkpoint
-from pipeline.config import ParamsError
 from pipeline.features import load_extractor, select_device
 from pipeline.flops import build_on_meta, count_gflops_latent
 from pipeline.formats.model_card import read_diffusion
 from pipeline.formats.reference_stats import load_reference
 from pipeline.generate import build_dit, generate_images, make_labels
-from pipeline.metrics import EvaluateParams, evaluate_images
+from pipeline.metrics import evaluate_images
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT
-from pipeline.precision import Precision, check_precision
-from pipeline.vae import load_vae
+from pipeline.autoencoder import load_vae
+from pipeline.params.curve import CurveParams
 
 LABELS = "balanced"  # label of sample i = i % num_classes: every class equally often at every point
 POINT_METRICS = ("fid", "class_consistency", "kid", "precision", "recall")  # per checkpoint, in curve.json
@@ -47,30 +45,8 @@ CSV_COLUMNS = ("step", "fid", "class_consistency", "kid")
 FLOPS_NEUTRAL_KEYS = ("num_classes", "class_dropout_prob", "activation_checkpointing")
 
 
-@dataclass(frozen=True)
-class CurveParams:
-    num_samples: int  # per checkpoint
-    sampler: Literal["ddpm", "ddim", "dpm-solver++"]
-    steps: int  # sampler steps
-    cfg_scale: float  # 1.0 = no guidance (the paper's training curves)
-    cfg_channels: int | None
-    batch_size: int  # images per sampler loop: throughput only
-    micro_batch: int  # images per network call: fixes the pixels (see pipeline.sample)
-    precision: Precision
-    use_gpu: bool
-    seed: int
-
-    def __post_init__(self):
-        check_params(self)
 
 
-def check_params(p: CurveParams) -> None:
-    for name in ("num_samples", "steps", "batch_size", "micro_batch"):
-        if getattr(p, name) < 1:
-            raise ParamsError(f"'curve.{name}' must be >= 1, got {getattr(p, name)}")
-    if p.num_samples < 2:
-        raise ParamsError(f"'curve.num_samples' must be >= 2 for a covariance, got {p.num_samples}")
-    check_precision("curve", p.precision, p.use_gpu)
 
 
 # --- the run's description --------------------------------------------------------------------------------------

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -22,13 +21,14 @@ from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_dir, sha256_file, staged_dir
 from pipeline.cluster import init_ray
-from pipeline.config import ParamsError
+from pipeline.params.load import ParamsError
 from pipeline.determinism import torch_threads
 from pipeline.formats import images as image_shards
 from pipeline.formats.latents import shard_name, write_latents_manifest, write_shard
-from pipeline.startup import mark_ready
-from pipeline.shared_storage import check_storage_path, on_this_node, publish
-from pipeline.vae import encode_images, load_vae
+from pipeline.timing import mark_ready
+from pipeline.shared_storage import on_this_node, publish
+from pipeline.autoencoder import encode_images, load_vae
+from pipeline.params.encode import EncodeParams
 
 # CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
 # conv kernels split work by thread count and round differently (measured: 1 vs 2 threads changes the last bits), so
@@ -36,25 +36,6 @@ from pipeline.vae import encode_images, load_vae
 CPU_THREADS = 1
 
 
-@dataclass(frozen=True)
-class EncodeParams:
-    flip: bool  # also encode the horizontal flip (F = 2)
-    store: Literal["posterior", "sample"]
-    dtype: Literal["float16", "float32"]
-    batch_size: int  # rows per Ray task; a throughput/memory knob that never changes the bytes
-    micro_batch: int  # images per VAE forward; part of the numerics (kernels are chosen by shape)
-    num_actors: int
-    use_gpu: bool
-    seed: int  # store: sample draws image i's noise from (seed, i)
-    # Where the images and the VAE reach every node (pipeline/shared_storage.py): s3://... or a directory every
-    # node mounts; "" = the driver's paths (one machine, or a shared file system). Never the bytes.
-    storage_path: str = ""
-
-    def __post_init__(self):
-        for key in ("batch_size", "micro_batch", "num_actors"):
-            if getattr(self, key) < 1:
-                raise ParamsError(f"'encode.{key}' must be >= 1, got {getattr(self, key)}")
-        check_storage_path("encode.storage_path", self.storage_path)
 
 
 def decode_rows(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:

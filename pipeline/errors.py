@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from pipeline import startup
+from pipeline import timing
 
 EXIT_USER_ERROR = 1
 
@@ -40,11 +40,11 @@ def one_line(exc: BaseException) -> str:
 
 def run_main(main: Callable[[], object]) -> None:
     """Call `main()`; a UserError becomes `error: <message>` on stderr and exit status 1, without a traceback.
-    With PIPELINE_TIMINGS_DIR set, the stage's launch, end of imports and exit are recorded (pipeline/startup.py)."""
-    startup.begin_stage()
+    With PIPELINE_TIMINGS_DIR set, the stage's launch, end of imports and exit are recorded (pipeline/timing.py)."""
+    timing.begin_stage()
     try:
         main()
-        startup.end_stage()
+        timing.end_stage()
     except Exception as exc:
         error = user_error(exc)
         if error is None:

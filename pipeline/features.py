@@ -34,7 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_torch_save, atomic_write, atomic_write_json, sha256_file
-from pipeline.config import ParamsError
+from pipeline.params.load import ParamsError
 from pipeline.provenance import NO_INPUT, local_input
 
 EXTRACTOR_FILE = "extractor.json"

@@ -13,22 +13,13 @@ speed. torchao is the optional extra `pip install -e '.[gpu]'`.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-from pipeline.config import ParamsError
+from pipeline.params.load import ParamsError
 
-# Not off/on: YAML 1.1 reads those as booleans, and `dvc exp run -S` writes params.yaml without quotes.
-FP8Mode = Literal["none", "float8", "emulate"]
 GEMM_MULTIPLE = 16  # torch._scaled_mm needs both dims of each float8 GEMM to be multiples of 16
 
 
-def check_fp8(section: str, mode: str, use_gpu: bool, precision: str) -> None:
-    if mode == "float8" and not (use_gpu and precision == "bf16"):
-        raise ParamsError(f"'{section}.fp8' float8 needs {section}.use_gpu: true and {section}.precision: bf16 (float8 "
-                          "GEMMs are CUDA tensor-core kernels beside bf16 autocast); use none, or emulate for a "
-                          "CPU check of the numerics")
 
 
 def in_blocks(module: torch.nn.Module, fqn: str) -> bool:

@@ -23,8 +23,8 @@ from pipeline.artifacts import ArtifactError
 from pipeline.attention import attention_backend
 from pipeline.diffusion import sample as diffusion_sample
 from pipeline.model import DiT
-from pipeline.precision import autocast, float32_mode
-from pipeline.vae import decode_latents, load_vae
+from pipeline.numerics import autocast, float32_mode
+from pipeline.autoencoder import decode_latents, load_vae
 
 GRID_MAX_CLASSES = 32  # display only: 1000 rows of 256 px images would make a 256k-pixel-tall PNG
 

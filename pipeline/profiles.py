@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ParamsError, from_dict, read_yaml
+from pipeline.params.load import ParamsError, from_dict, read_yaml
 from pipeline.model import CPU_SIZES
 from pipeline.provenance import local_input
 
@@ -87,16 +87,16 @@ def _yaml_float(value: float) -> str:
 def section_classes() -> dict[str, type]:
     """Every params.yaml section and the dataclass its stage loads it into (imported here, not at the top: they
     pull in torch, Ray and MLflow)."""
-    from pipeline.curve import CurveParams
-    from pipeline.data import IngestParams
-    from pipeline.encode import EncodeParams
-    from pipeline.metrics import EvaluateParams
-    from pipeline.reference import ReferenceParams
-    from pipeline.registry import RegisterParams
-    from pipeline.sample import SampleParams
-    from pipeline.tracking import TrackingParams
-    from pipeline.train import TrainParams
-    from pipeline.vae import VAEParams
+    from pipeline.params.curve import CurveParams
+    from pipeline.params.ingest import IngestParams
+    from pipeline.params.encode import EncodeParams
+    from pipeline.params.evaluate import EvaluateParams
+    from pipeline.params.reference import ReferenceParams
+    from pipeline.params.register import RegisterParams
+    from pipeline.params.sample import SampleParams
+    from pipeline.params.tracking import TrackingParams
+    from pipeline.params.train import TrainParams
+    from pipeline.params.vae import VAEParams
 
     return {"ingest": IngestParams, "vae": VAEParams, "encode": EncodeParams, "train": TrainParams,
             "reference": ReferenceParams, "sample": SampleParams, "evaluate": EvaluateParams,

@@ -9,22 +9,21 @@ Real inputs go under inputs/ and are tracked with `dvc add` (see inputs/none/REA
 Hub inputs (a dataset or VAE id) are pinned by the commit sha they resolved to, recorded in the artifact.
 
 Persisted caches (train checkpoints, sample shards) outlive a stage run, so params alone do not key them: a
-`stamp` records the sha256 of every source file in the producing module's import closure inside `pipeline/` (lazy
-imports included: the code that can run, not the whole package, so editing report.py does not discard a training
-run) and the versions of the packages that change its numbers. A cache whose stamp differs is started afresh.
+`stamp` records the producing stage's code fingerprint (pipeline/fingerprint.py, the same one DVC sees, so a comment
+never invalidates a cache) and the versions of the packages that change its numbers. A cache whose stamp differs
+belongs to another run.
 """
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.fingerprint import fingerprint
+
 NO_INPUT = "inputs/none"
-PACKAGE_DIR = Path(__file__).resolve().parent
 # Packages whose version changes the numbers of a checkpoint or a sample shard (kernels, samplers, the VAE);
 # torch's version names its CUDA build (e.g. 2.5.1+cu124). A change discards a persisted cache.
 KEY_PACKAGES = ("torch", "numpy", "diffusers")
@@ -92,57 +91,21 @@ def machine() -> dict:
     return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
-def _module_file(name: str) -> Path | None:
-    """pipeline/a/b.py or pipeline/a/b/__init__.py for "pipeline.a.b"; None for names that are not modules."""
-    base = PACKAGE_DIR.joinpath(*name.split(".")[1:])
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imported_names(tree: ast.AST) -> list[str]:
-    names = []
-    for node in ast.walk(tree):  # every level, so imports inside functions count too
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names += [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-    return [n for n in names if n == "pipeline" or n.startswith("pipeline.")]
-
-
-def import_closure(module: str) -> list[Path]:
-    """The source files of `module` (e.g. "pipeline.train") and of every pipeline module it imports, transitively,
-    read from the source (no import is executed), sorted."""
-    seen: dict[str, Path] = {}
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in seen or (path := _module_file(name)) is None:
-            continue
-        seen[name] = path
-        todo += _imported_names(ast.parse(path.read_text(), filename=str(path)))
-    if module not in seen:
-        raise ValueError(f"{module} is not a module of {PACKAGE_DIR}")
-    return sorted(seen.values())
-
-
-def stamp(module: str) -> dict:
-    """What a persisted cache made by `module` depends on besides its params and inputs: the sha256 of each file of
-    its import closure (named relative to the repository) and the versions of `KEY_PACKAGES`."""
-    root = PACKAGE_DIR.parent
-    code = {path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in import_closure(module)}
-    return {"code": code, "packages": package_versions(KEY_PACKAGES)}
+def stamp(stage: str) -> dict:
+    """What a persisted cache made by `stage` depends on besides its params and inputs: the stage's code fingerprint
+    (pipeline/fingerprint.py: blind to comments, docstrings and layout) with its per-module hashes, which name what
+    changed, and the versions of `KEY_PACKAGES`."""
+    code = fingerprint(stage)
+    return {"fingerprint": code["fingerprint"], "code": code["modules"], "packages": package_versions(KEY_PACKAGES)}
 
 
 def stamp_mismatch(old: dict | None, new: dict) -> list[str]:
     """Why a cache stamped `old` was not made by the code and packages of `new` (empty when it was)."""
-    if not old:
-        return ["it records no code hash or package versions (it predates them)"]
+    if not old or "fingerprint" not in old:
+        return ["it records no code fingerprint (it predates them)"]
     why = []
-    changed = sorted(f for f in old["code"].keys() | new["code"].keys() if old["code"].get(f) != new["code"].get(f))
-    if changed:
+    if old["fingerprint"] != new["fingerprint"]:
+        changed = sorted(f for f in old["code"].keys() | new["code"].keys() if old["code"].get(f) != new["code"].get(f))
         why.append("code changed: " + ", ".join(changed))
     why += [f"{name} {old['packages'].get(name)} -> {version}" for name, version in new["packages"].items()
             if old["packages"].get(name) != version]

@@ -37,9 +37,8 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,64 +47,24 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write, require_file, sha256_dir, sha256_file
-from pipeline.attention import AttentionBackend, check_attention
-from pipeline.config import ParamsError, from_dict, read_yaml
+from pipeline.params.load import ParamsError, from_dict, read_yaml
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.samples import save_npz, write_samples
 from pipeline.generate import generate_images, load_models, make_grid, make_labels
 from pipeline.model import DiT_models
-from pipeline.precision import Precision, check_precision
 from pipeline.provenance import reuse_or_clear, stamp
-from pipeline.shared_storage import check_storage_path, on_this_node, publish
-from pipeline.startup import mark_ready
+from pipeline.shared_storage import on_this_node, publish
+from pipeline.timing import mark_ready
+from pipeline.params.sample import SampleParams
 
 ACTOR_RESTARTS = 3  # restarts of each sampling actor, and retries of the shard it was drawing, after it is lost
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
 
 
-@dataclass(frozen=True)
-class SampleParams:
-    num_fid_samples: int  # paper: 50,000
-    sampler: Literal["ddpm", "ddim", "dpm-solver++"]
-    steps: int
-    cfg_scale: float  # 1.0 = no guidance
-    cfg_channels: int | None  # None = guide all eps channels; 3 = the official sampler
-    labels: Literal["balanced", "uniform"]
-    batch_size: int  # images per sampler loop, rounded up to whole micro-batches; does not change pixels
-    micro_batch: int  # images per network/VAE call (2x rows with guidance); fixes the pixels, see the docstring
-    precision: Precision  # fp32 | tf32 (the official sampler) | bf16 autocast of the DiT; the VAE decodes in float32
-    compile: bool  # torch.compile the DiT's forward (one shape per run, thanks to the fixed micro-batch)
-    num_workers: int  # 0 = in-process; >= 1: Ray actors, that many on CPU, or one per GPU of the cluster with use_gpu
-    use_gpu: bool
-    shard_size: int  # images per resumable shard
-    seed: int
-    grid_per_class: int
-    attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
-    # Where the DiT weights and the VAE reach the actors' nodes (pipeline/shared_storage.py): s3://... or a directory
-    # every node mounts; "" = the driver's paths. Never the pixels.
-    storage_path: str = ""
-
-    def __post_init__(self):
-        check_params(self)
 
 
-def check_params(p: SampleParams) -> None:
-    for name in ("num_fid_samples", "steps", "batch_size", "micro_batch", "shard_size", "grid_per_class"):
-        if getattr(p, name) < 1:
-            raise ParamsError(f"'sample.{name}' must be >= 1, got {getattr(p, name)}")
-    if p.num_workers < 0:
-        raise ParamsError(f"'sample.num_workers' must be >= 0 (0 = in-process), got {p.num_workers}")
-    if p.storage_path and p.num_workers == 0:  # in-process sampling reads the driver's files: nothing to publish
-        raise ParamsError("'sample.storage_path' reaches the sampling actors' nodes: it needs sample.num_workers >= 1 "
-                          "(or set it to \"\" to sample in-process)")
-    check_storage_path("sample.storage_path", p.storage_path)
-    if p.shard_size % p.micro_batch:
-        raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
-                          f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
-    check_precision("sample", p.precision, p.use_gpu)
-    check_attention("sample", p.attention, p.use_gpu)
 
 
 # --- the checkpoint ---------------------------------------------------------------------------------------------
@@ -294,7 +253,7 @@ def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | 
     out_dir, vae_dir = Path(out_dir), str(vae_dir)
     vae_sha256 = sha256_dir(require_file(vae_dir, "vae"))
     shard_dir = open_shard_dir(out_dir, settings_key(card, vae_sha256, p))
-    reuse_or_clear(shard_dir, stamp("pipeline.sample"), resume_across_versions, label="sample")
+    reuse_or_clear(shard_dir, stamp("sample"), resume_across_versions, label="sample")
     shards = range(math.ceil(p.num_fid_samples / p.shard_size))
     todo = [k for k in shards if not shard_is_done(shard_path(shard_dir, k), shard_indices(k, p))]
     generated = sum(len(shard_indices(k, p)) for k in todo)

@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.config import ParamsError
 
 COMPLETE = "COMPLETE.json"  # written last: the location is whole; lists each file's size and sha256
 CACHE_ENV = "DIT_NODE_CACHE"
@@ -38,11 +37,6 @@ def is_location(value: str | None) -> bool:
     return bool(value) and "://" in value
 
 
-def check_storage_path(key: str, storage_path: str) -> None:
-    """The rule on a `*.storage_path` param: empty (the driver's paths), a URI, or an absolute directory."""
-    if storage_path and "://" not in storage_path and not Path(storage_path).is_absolute():
-        raise ParamsError(f"'{key}' {storage_path!r} must be a URI (s3://bucket/prefix) or an absolute directory "
-                          "that every node mounts (\"\" = the driver's own paths)")
 
 
 def location_uri(storage_path: str) -> str:

@@ -2,7 +2,7 @@
 
 Class = shape. Foreground colour, background colour and gradient, and size vary within every class, so colour is no
 shortcut; image `index` depends only on (seed, index), so any worker can draw any image and the set has the same
-bytes on every machine. `pipeline.data` turns these images into `dit-images` shards like any other source.
+bytes on every machine. `pipeline.ingest` turns these images into `dit-images` shards like any other source.
 
 Shapes are centred and upright, and there is no pixel noise (generator version 2). With the position and rotation
 jitter of version 1 the default DiT-Ti/2 still drew blobs after its CPU budget (class consistency 0.22 at cfg 1.5 after

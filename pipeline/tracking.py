@@ -13,24 +13,20 @@ import os
 import socket
 import subprocess
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import UserError
+from pipeline.params.tracking import TrackingParams
 
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 CONNECT_TIMEOUT_S = 5.0  # a server that does not accept a TCP connection in this time is reported as down
 
 
-@dataclass(frozen=True)
-class TrackingParams:
-    enabled: bool
-    experiment: str
 
 
 class TrackingError(UserError):

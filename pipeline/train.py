@@ -27,7 +27,6 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -35,25 +34,27 @@ import torch
 from pipeline.artifacts import (
     ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
-from pipeline.attention import AttentionBackend, attention_backend, check_attention
+from pipeline.attention import attention_backend
 from pipeline.checkpoint_storage import fill_local, seed_run, worker_store
 from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
     restore_rng, resume_mismatch,
 )
-from pipeline.config import ParamsError, from_dict, to_dict
+from pipeline.params.load import from_dict, to_dict
 from pipeline.determinism import seed_everything
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import LatentSet, open_latents, read_latents_manifest
-from pipeline.fp8 import FP8Mode, check_fp8, convert_to_fp8
+from pipeline.fp8 import convert_to_fp8
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
-from pipeline.precision import Precision, check_precision, set_float32_mode
+from pipeline.numerics import set_float32_mode
 from pipeline.provenance import local_input, stamp
-from pipeline.shared_storage import check_storage_path, on_this_node, publish
-from pipeline.startup import mark_ready
-from pipeline.tracking import Tracker, TrackingParams, run_tags
+from pipeline.shared_storage import on_this_node, publish
+from pipeline.timing import mark_ready
+from pipeline.tracking import Tracker, run_tags
+from pipeline.params.tracking import TrackingParams
 from pipeline.train_log import Reporter, csv_text
+from pipeline.params.train import TrainParams, check_batch_fits
 
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
 # A lost worker (its process or node died) makes Ray Train restart the whole group, which resumes from the latest
@@ -62,70 +63,10 @@ LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at mos
 WORKER_GROUP_RESTARTS = 3
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    model: str  # a key of pipeline.model.DiT_models
-    conditioning: Literal["adaLN-Zero", "adaLN", "cross-attention", "in-context"]
-    global_batch_size: int  # summed over workers
-    train_steps: int
-    lr: float  # AdamW, default betas, constant after the optional linear warmup
-    weight_decay: float
-    warmup_steps: int
-    ema_decay: float
-    class_dropout_prob: float
-    grad_clip: float | None  # max global grad norm; None = off (the paper)
-    precision: Precision  # fp32 | tf32 (the official scripts) | bf16 autocast; weights, optimiser and EMA stay fp32
-    compile: bool
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-    activation_checkpointing: bool
-    ckpt_every: int
-    keep_checkpoints: int  # the latest this many checkpoints stay on disk; the curve stage evaluates each of them
-    log_every: int
-    sample_every: int
-    num_workers: int  # 0 = in-process without Ray
-    use_gpu: bool
-    seed: int
-    # An official checkpoint (e.g. DiT-XL-2-256x256.pt) to export instead of training: the `official-xl2` profile.
-    official_checkpoint: str  # a local .pt tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = train
-    attention: AttentionBackend = "auto"  # the SDPA kernel (pipeline/attention.py); params.yaml always names it
-    fp8: FP8Mode = "none"  # torchao Float8 linear layers in the blocks (pipeline/fp8.py); params.yaml always names it
-    # Ray Train's persistent storage for the checkpoints while training (pipeline/checkpoint_storage.py): s3://...
-    # or an absolute directory every node mounts; "" = models/checkpoints itself. params.yaml always names it.
-    storage_path: str = ""
-
-    def __post_init__(self):
-        check_params(self)
 
 
-def check_params(p: TrainParams) -> None:
-    """Every rule on the section alone; `check_batch_fits` adds the one that needs the latents."""
-    if p.model not in DiT_models:
-        raise ParamsError(f"'train.model' {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
-    world = max(p.num_workers, 1)
-    if p.global_batch_size % world:
-        raise ParamsError(f"'train.global_batch_size' {p.global_batch_size} is not divisible by train.num_workers "
-                          f"{world}: every worker needs the same batch")
-    for key in ("global_batch_size", "train_steps", "ckpt_every", "keep_checkpoints", "log_every", "sample_every"):
-        if getattr(p, key) < 1:
-            raise ParamsError(f"'train.{key}' must be >= 1, got {getattr(p, key)}")
-    if p.warmup_steps < 0 or p.num_workers < 0:
-        raise ParamsError(f"'train.warmup_steps' and 'train.num_workers' must be >= 0, got {p.warmup_steps} and "
-                          f"{p.num_workers}")
-    if not 0 <= p.ema_decay < 1:
-        raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
-    check_precision("train", p.precision, p.use_gpu)
-    check_attention("train", p.attention, p.use_gpu)
-    check_fp8("train", p.fp8, p.use_gpu, p.precision)
-    if p.storage_path and p.num_workers == 0:
-        raise ParamsError("'train.storage_path' is Ray Train's storage: it needs train.num_workers >= 1 (or set it "
-                          "to \"\" to train in-process)")
-    check_storage_path("train.storage_path", p.storage_path)
 
 
-def check_batch_fits(p: TrainParams, num_examples: int) -> None:
-    if num_examples < p.global_batch_size:
-        raise ParamsError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
-                          f"{p.global_batch_size}: lower the batch or encode more images")
 
 
 # --- randomness ---------------------------------------------------------------------------------------------------
@@ -478,7 +419,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         "checkpoints": str(Path(checkpoints_dir).resolve()), "plots": str(Path(plots_path).resolve()),
         "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"), "model_overrides": model_overrides,
         "tracking_uri": tracker.uri if tracker.enabled else None,
-        "provenance": stamp("pipeline.train"), "resume_across_versions": resume_across_versions,
+        "provenance": stamp("train"), "resume_across_versions": resume_across_versions,
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
     resolve_checkpoints(p, manifest, config, restart_on_mismatch)

@@ -14,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.artifacts import atomic_write
-from pipeline.config import to_dict
+from pipeline.params.load import to_dict
 from pipeline.shared_storage import is_location, on_this_node
-from pipeline.tracking import Tracker, TrackingParams
+from pipeline.tracking import Tracker
+from pipeline.params.tracking import TrackingParams
 
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
 # The EMA sample grid logged to MLflow: a monitoring aid, not an evaluation (that is the sample stage's job).
@@ -65,7 +66,7 @@ class Reporter:
                 self.vae_missing_said = True
             return
         from pipeline.generate import generate_images, make_grid
-        from pipeline.vae import load_vae
+        from pipeline.autoencoder import load_vae
 
         self.vae = self.vae or load_vae(on_this_node(self.vae_dir), device)
         rows = min(self.num_classes, GRID_CLASSES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,55 +17,22 @@ from diffusers import AutoencoderKL
 from huggingface_hub.errors import HFValidationError
 from tqdm import tqdm
 
-from pipeline.artifacts import ArtifactError, atomic_write_json, staged_dir
-from pipeline.config import ParamsError
+from pipeline.artifacts import atomic_write_json
+from pipeline.params.load import ParamsError
 from pipeline.determinism import holdout_split
 from pipeline.formats import images as image_shards
 from pipeline.provenance import NO_INPUT, hub_revision, local_input
-from pipeline.startup import mark_ready
-
-SOURCE_FILE = "source.json"  # in the snapshot: where its weights came from (`source_record`)
-
-
-@dataclass(frozen=True)
-class VAEParams:
-    pretrained: str | None  # hub id; None = pretrained_dir, or the small VAE below
-    pretrained_dir: str  # a local save_pretrained directory tracked with `dvc add` (a dvc.yaml dep); NO_INPUT = none
-    block_out_channels: tuple[int, ...]  # len 3 = 2 downsamples = downsample 4
-    latent_channels: int
-    layers_per_block: int
-    norm_num_groups: int  # GroupNorm groups; must divide every entry of block_out_channels
-    train_steps: int
-    batch_size: int
-    lr: float
-    kl_weight: float  # LDM's beta on the per-image KL, against the per-image summed reconstruction error
-    init_logvar: float  # initial log-variance of the posterior (bias of the encoder's logvar output)
-    holdout: int  # images kept out of training, for the reconstruction PSNR
-    seed: int
-
-    def __post_init__(self):
-        if self.pretrained is not None and local_input(self.pretrained_dir) is not None:
-            raise ParamsError(f"set 'vae.pretrained' (a hub id) or 'vae.pretrained_dir' (a local snapshot), not both: "
-                              f"got {self.pretrained!r} and {self.pretrained_dir!r}; {NO_INPUT} means no local one")
-        for key in ("train_steps", "batch_size", "holdout", "latent_channels", "layers_per_block"):
-            if getattr(self, key) < 1:
-                raise ParamsError(f"'vae.{key}' must be >= 1, got {getattr(self, key)}")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ParamsError(f"'vae.norm_num_groups' ({self.norm_num_groups}) must divide every entry of "
-                              f"'vae.block_out_channels' {list(self.block_out_channels)}")
+from pipeline.timing import mark_ready
+from pipeline.params.vae import VAEParams
+from pipeline.autoencoder import decode_latents, encode_images, save_snapshot, to_pixels
 
 
-# --- pixels ------------------------------------------------------------------------------------------------------
-
-def to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) in [0, 255] -> float32 (N, 3, H, W) in [-1, 1]."""
-    return images_uint8.float() / 127.5 - 1.0
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounded as the official sampling scripts store images."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+
+
 
 
 def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -75,7 +41,6 @@ def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-# --- the model: load, save, encode, decode -----------------------------------------------------------------------
 
 def load_pretrained(name_or_path: str) -> AutoencoderKL:
     """A pretrained AutoencoderKL from the hub (or its cache) or a local save_pretrained directory; fails fast."""
@@ -95,13 +60,6 @@ def load_pretrained(name_or_path: str) -> AutoencoderKL:
     return vae
 
 
-def save_snapshot(vae: AutoencoderKL, out_dir: str | Path, source: dict | None = None) -> Path:
-    """The save_pretrained snapshot, plus `source.json` (`source_record`) when given."""
-    with staged_dir(out_dir) as tmp:
-        vae.save_pretrained(tmp, safe_serialization=True)
-        if source is not None:
-            atomic_write_json(tmp / SOURCE_FILE, source)
-    return Path(out_dir)
 
 
 def source_record(params: VAEParams) -> dict:
@@ -114,33 +72,10 @@ def source_record(params: VAEParams) -> dict:
     return {"kind": "trained"}
 
 
-def load_vae(snapshot_dir: str | Path, device: str | torch.device = "cpu") -> AutoencoderKL:
-    """The DVC-versioned snapshot written by the `vae` stage, in eval mode on `device`. Never reads the hub."""
-    snapshot_dir = Path(snapshot_dir)
-    if not (snapshot_dir / "config.json").exists():
-        raise ArtifactError(f"{snapshot_dir}/config.json is missing; run `dvc repro vae` to produce the VAE snapshot")
-    vae = AutoencoderKL.from_pretrained(snapshot_dir, local_files_only=True, low_cpu_mem_usage=False)
-    return vae.to(device).eval()
 
 
-@torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (N, 3, H, W) in [0, 255], or float (N, 3, H, W) in [-1, 1] -> posterior (mean, std), each float32
-    (N, C, h, w), *unscaled* (raw VAE latents)."""
-    x = to_pixels(images) if images.dtype == torch.uint8 else images
-    # One memory layout for every call: an NHWC view (e.g. a permuted image batch) makes the conv backends pick
-    # other kernels, which round differently.
-    x = x.to(device=vae.device, dtype=vae.dtype).contiguous()
-    posterior = vae.encode(x).latent_dist
-    return posterior.mean.float().contiguous(), posterior.std.float().contiguous()  # conv outputs may be NHWC
 
 
-@torch.no_grad()
-def decode_latents(vae: AutoencoderKL, z_scaled: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (N, C, h, w) as DiT models them -> uint8 images (N, H, W, 3). Undoes the latent scale first,
-    decode(z / scaling_factor), as the official sample scripts do."""
-    z = z_scaled.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
-    return to_uint8(vae.decode(z).sample)
 
 
 def reconstruct(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int) -> torch.Tensor:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import load_section
-from pipeline.curve import CurveParams, run_curve, write_outputs
+from pipeline.params.load import load_section
+from pipeline.curve import run_curve, write_outputs
+from pipeline.params.curve import CurveParams
 from pipeline.errors import run_main
-from pipeline.metrics import EvaluateParams
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.provenance import local_input
 from pipeline.tracking import Tracker, load_tracking
-from pipeline.train import TrainParams
+from pipeline.params.train import TrainParams
 
 
 def main() -> None:

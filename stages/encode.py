@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.config import load_section
-from pipeline.encode import EncodeParams, run_encode
+from pipeline.params.load import load_section
+from pipeline.encode import run_encode
+from pipeline.params.encode import EncodeParams
 from pipeline.errors import run_main
 
 

@@ -9,9 +9,10 @@ import argparse
 import json
 
 from pipeline.artifacts import atomic_write_json
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
-from pipeline.metrics import EvaluateParams, evaluate_stage, split_evaluation
+from pipeline.evaluate import evaluate_stage, split_evaluation
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.tracking import load_tracking, log_to_training_run
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline import data
+from pipeline import ingest
 from pipeline.artifacts import atomic_write_json
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
+from pipeline.params.ingest import IngestParams
 
 
 def main() -> None:
@@ -19,8 +20,8 @@ def main() -> None:
     parser.add_argument("--metrics", required=True, help="metrics JSON: count, skipped")
     args = parser.parse_args()
 
-    params = load_section(data.IngestParams, "ingest", args.params)
-    metrics = data.ingest(params, args.out)
+    params = load_section(IngestParams, "ingest", args.params)
+    metrics = ingest.ingest(params, args.out)
     atomic_write_json(args.metrics, metrics)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 
 from pipeline.artifacts import atomic_write_json
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
-from pipeline.reference import ReferenceParams, build_reference
+from pipeline.reference import build_reference
+from pipeline.params.reference import ReferenceParams
 
 
 def main() -> None:

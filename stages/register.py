@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
 from pipeline.pyfunc import SAMPLER_KEYS
-from pipeline.registry import RegisterParams, register
-from pipeline.sample import SampleParams
+from pipeline.register import register
+from pipeline.params.register import RegisterParams
+from pipeline.params.sample import SampleParams
 from pipeline.tracking import load_tracking
 
 

@@ -13,10 +13,11 @@ import numpy as np
 from PIL import Image
 
 from pipeline.artifacts import atomic_write_json
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
 from pipeline.formats.model_card import read_model_card
-from pipeline.sample import SampleParams, run_sample
+from pipeline.sample import run_sample
+from pipeline.params.sample import SampleParams
 from pipeline.tracking import load_tracking, log_to_training_run
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
 from pipeline.tracking import load_tracking
-from pipeline.train import TrainParams, train
+from pipeline.train import train
+from pipeline.params.train import TrainParams
 
 
 def main() -> None:

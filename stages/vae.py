@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.errors import run_main
-from pipeline.vae import VAEParams, run_vae
+from pipeline.vae import run_vae
+from pipeline.params.vae import VAEParams
 
 
 def main() -> None:

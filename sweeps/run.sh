@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Queue the DiT paper's three studies as DVC experiments on one profile and run them: the GPU sweep (sweeps/gpu.sh)
 # and the machinery check (sweep-smoke). The offline study has its own plan and runner (sweeps/offline.sh,
-# python -m pipeline.sweep); this script's results are read with `dvc exp show` (pipeline.report renders the
+# python -m pipeline.study.sweep); this script's results are read with `dvc exp show` (pipeline.study.report renders the
 # offline plan's records only).
 #
 #   sweeps/run.sh PROFILE COND_MODEL MODEL...

@@ -31,17 +31,22 @@ if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
 import mlflow  # noqa: E402
 
 from pipeline.artifacts import atomic_write_json, write_manifest
-from pipeline.config import load_section
+from pipeline.params.load import load_section
 from pipeline.formats.model_card import write_model_card
-from pipeline.metrics import EvaluateParams, evaluate_stage, split_evaluation
+from pipeline.evaluate import evaluate_stage, split_evaluation
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT
-from pipeline.reference import ReferenceParams, build_reference
-from pipeline.sample import SampleParams, read_model_card, run_sample
-from pipeline.tracking import TrackingParams
-from pipeline.train import TrainParams, export
+from pipeline.reference import build_reference
+from pipeline.params.reference import ReferenceParams
+from pipeline.sample import read_model_card, run_sample
+from pipeline.params.sample import SampleParams
+from pipeline.params.tracking import TrackingParams
+from pipeline.train import export
+from pipeline.params.train import TrainParams
 from synthetic import blob_images, make_shapes, write_images_dir
 from tiny_sample import DIFFUSION, IMAGE as SAMPLE_IMAGE, LATENT as SAMPLE_LATENT, NUM_CLASSES as SAMPLE_CLASSES, SCALE as SAMPLE_SCALE
 from tiny_train import write_latents
+from pipeline.params.register import RegisterParams
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +194,9 @@ def write_eval(path: Path, dit_dir: Path, evaluation: dict, **changes) -> tuple[
 
 def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", params=None, tracking=TRACKING
              ) -> dict:
-    from pipeline import registry as R
+    from pipeline import register as R
 
-    params = params or R.RegisterParams(model_name=NAME, metric="fid")
+    params = params or RegisterParams(model_name=NAME, metric="fid")
     return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
                       Path(out))
 

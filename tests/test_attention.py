@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import pipeline.train as T
-from pipeline.attention import attention_backend, check_attention
-from pipeline.config import ParamsError, load_section
+from pipeline.attention import attention_backend
+from pipeline.params.rules import check_attention
+from pipeline.params.load import ParamsError, load_section
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.generate import generate_images
-from pipeline.sample import SampleParams
+from pipeline.params.sample import SampleParams
+from pipeline.params.train import TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=64, num_heads=2)
@@ -54,7 +56,7 @@ def test_a_train_step_runs_the_chosen_kernel_forward_and_backward(backend, pertu
     updated weights agree with math's within float32 rounding."""
     results = {}
     for name in ("math", backend):
-        p = replace(load_section(T.TrainParams, "train", REPO / "params.yaml"), num_workers=0, use_gpu=False,
+        p = replace(load_section(TrainParams, "train", REPO / "params.yaml"), num_workers=0, use_gpu=False,
                     precision="fp32", compile=False, attention=name)
         torch.manual_seed(0)
         model = perturb(T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY), 0)  # adaLN-Zero would gate attention off
@@ -72,7 +74,7 @@ def test_a_train_step_runs_the_chosen_kernel_forward_and_backward(backend, pertu
 
 def test_sampling_with_flash_matches_math(tiny_vae, perturb):
     torch.manual_seed(0)
-    p = replace(load_section(T.TrainParams, "train", REPO / "params.yaml"), num_workers=0, use_gpu=False)
+    p = replace(load_section(TrainParams, "train", REPO / "params.yaml"), num_workers=0, use_gpu=False)
     model = perturb(T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY), 0).eval()
     vae = tiny_vae(0.5)
     kwargs = dict(seed=0, sampler="ddim", steps=3, cfg_scale=1.5, cfg_channels=None, num_classes=NUM_CLASSES,

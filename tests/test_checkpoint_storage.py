@@ -10,7 +10,7 @@ import pytest
 
 import pipeline.checkpoints as C
 from conftest import BUCKET, keys
-from pipeline.config import ParamsError
+from pipeline.params.load import ParamsError
 from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
 
 pytestmark = pytest.mark.slow

@@ -171,7 +171,14 @@ import json, os, time
 import ray
 import pipeline
 from pipeline.cluster import init_ray
-from pipeline.provenance import stamp
+
+
+def code():
+    # sha256 of every source file of the `pipeline` package this process imports
+    import hashlib, pathlib
+    root = pathlib.Path(pipeline.__file__).parent
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.py"))}
+
 
 init_ray()
 deadline = time.monotonic() + 120
@@ -182,15 +189,14 @@ while len(alive := [n["NodeID"] for n in ray.nodes() if n["Alive"]]) < 2 and tim
 class Where:
     def node(self, checkout):
         import pipeline
-        from pipeline.provenance import stamp
         return {"node": ray.get_runtime_context().get_node_id(), "pipeline": pipeline.__file__,
                 "sees_checkout": os.path.exists(os.path.join(checkout, "pipeline", "__init__.py")),
-                "code": stamp("pipeline.train")["code"]}
+                "code": code()}
 
 checkout = os.path.dirname(os.path.dirname(pipeline.__file__))
 actors = [Where.remote() for _ in range(2)]
 report = {"alive": alive, "actors": ray.get([a.node.remote(checkout) for a in actors], timeout=120),
-          "checkout": checkout, "code": stamp("pipeline.train")["code"]}
+          "checkout": checkout, "code": code()}
 open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
 
@@ -238,7 +244,8 @@ ENCODE = """
 import dataclasses, json, os, sys
 import ray
 from ray._private.state import actors
-from pipeline.encode import EncodeParams, run_encode
+from pipeline.encode import run_encode
+from pipeline.params.encode import EncodeParams
 
 params, images_dir, vae_dir, out = json.loads(sys.argv[1])
 run_encode(EncodeParams(**params), images_dir, vae_dir, out, out + ".json")

@@ -19,17 +19,20 @@ import pipeline.curve as CV
 import pipeline.train as T
 from pipeline.artifacts import ArtifactError
 from pipeline.flops import count_gflops_latent
-from pipeline.metrics import EvaluateParams
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT, DiT_models
-from pipeline.reference import ReferenceParams, build_reference
+from pipeline.reference import build_reference
+from pipeline.params.reference import ReferenceParams
 from synthetic import make_shapes, write_images_dir
 from tiny_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
+from pipeline.params.curve import CurveParams
+from pipeline.params.curve import check_params as check_curve_params
 
 MODEL = "DiT-Ti/4"  # a preset, so that pipeline.flops can count its Gflops; 4 tokens on 8x8 latents
 REFERENCE = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,
                  classifier_batch_size=16, classifier_lr=2e-3, holdout=8, max_features=None, batch_size=16,
                  use_gpu=False, seed=0, adm_batch="inputs/none")
-CURVE = CV.CurveParams(num_samples=16, sampler="dpm-solver++", steps=3, cfg_scale=1.0, cfg_channels=None,
+CURVE = CurveParams(num_samples=16, sampler="dpm-solver++", steps=3, cfg_scale=1.0, cfg_channels=None,
                        batch_size=16, micro_batch=8, precision="fp32", use_gpu=False, seed=0)
 EVAL = EvaluateParams(pr_k=3, kid_subsets=2, kid_subset_size=8, is_splits=2, batch_size=16, use_gpu=False, seed=0)
 
@@ -146,7 +149,7 @@ def test_no_checkpoints(setup, tmp_path):
 
 def test_bad_params():
     with pytest.raises(ValueError, match="curve.num_samples"):
-        CV.check_params(replace(CURVE, num_samples=1))
+        check_curve_params(replace(CURVE, num_samples=1))
 
 
 def test_stage_script(setup, tmp_path, monkeypatch):

@@ -13,10 +13,11 @@ import ray
 import torch
 
 from pipeline.artifacts import ArtifactError, sha256_dir, sha256_file
-from pipeline.config import load_section
-from pipeline.encode import EncodeParams, encode_local, run_encode
+from pipeline.params.load import load_section
+from pipeline.encode import encode_local, run_encode
+from pipeline.params.encode import EncodeParams
 from pipeline.formats.latents import load_latents
-from pipeline.vae import encode_images, load_vae
+from pipeline.autoencoder import encode_images, load_vae
 from tiny_encode import PARAMS, shard_hashes
 
 REPO = Path(__file__).resolve().parents[1]

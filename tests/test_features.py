@@ -15,7 +15,8 @@ from pipeline.artifacts import ArtifactError
 from pipeline.features import (INCEPTION_FILE, SFID_CHANNELS, InceptionExtractor, WeightsUnavailable, load_extractor,
                                resolve_inception_weights, save_extractor, tf_legacy_resize)
 from pipeline.metrics import fid_from_features
-from pipeline.reference import ReferenceParams, build_extractor, train_classifier
+from pipeline.reference import build_extractor, train_classifier
+from pipeline.params.reference import ReferenceParams
 from synthetic import make_shapes, save_inception_like, save_tiny_inception
 
 CPU = torch.device("cpu")

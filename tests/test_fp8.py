@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import pipeline.train as T
-from pipeline.config import ParamsError, load_section
-from pipeline.fp8 import check_fp8, convert_to_fp8
+from pipeline.params.load import ParamsError, load_section
+from pipeline.fp8 import convert_to_fp8
+from pipeline.params.rules import check_fp8
+from pipeline.params.train import TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=64, num_heads=2)
@@ -19,8 +21,8 @@ LATENT_SHAPE, NUM_CLASSES = (4, 8, 8), 4
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def params(**changes) -> T.TrainParams:
-    p = load_section(T.TrainParams, "train", REPO / "params.yaml")
+def params(**changes) -> TrainParams:
+    p = load_section(TrainParams, "train", REPO / "params.yaml")
     return replace(p, num_workers=0, use_gpu=False, precision="fp32", compile=False, lr=1e-3, warmup_steps=0,
                    **changes)
 

@@ -1,6 +1,6 @@
 """`python -m pipeline.cluster run -- CMD` (make repro): one local Ray that the command's stages join, stopped after.
 A real Ray on 127.0.0.1 with token authentication; the command is a stand-in stage that joins it through init_ray,
-runs a remote task that records its first useful work (pipeline/startup.py), and reports what it saw."""
+runs a remote task that records its first useful work (pipeline/timing.py), and reports what it saw."""
 from __future__ import annotations
 
 import json
@@ -18,7 +18,7 @@ import json, os, sys
 import ray
 import pipeline
 from pipeline.cluster import init_ray
-from pipeline.startup import mark_ready
+from pipeline.timing import mark_ready
 
 init_ray()
 

@@ -16,11 +16,12 @@ from pipeline.adm_batch import read_adm_batch
 from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
 from pipeline.features import (INCEPTION_FILE, ClassifierExtractor, Extracted, SpatialReplayMismatch,
                                load_extractor)
-from pipeline.metrics import (EvaluateParams, Reference, class_consistency, evaluate_features, evaluate_images,
-                              evaluate_stage, fid_from_features, frechet_distance, inception_score,
-                              kernel_inception_distance, load_reference, main, precision_recall,
-                              reference_from_adm_batch)
-from pipeline.reference import ReferenceParams, build_reference
+from pipeline.metrics import Reference, class_consistency, evaluate_features, evaluate_images, fid_from_features, frechet_distance, inception_score, kernel_inception_distance, precision_recall
+from pipeline.formats.reference_stats import load_reference
+from pipeline.evaluate import evaluate_stage, main, reference_from_adm_batch
+from pipeline.params.evaluate import EvaluateParams
+from pipeline.reference import build_reference
+from pipeline.params.reference import ReferenceParams
 from synthetic import make_shapes, save_tiny_inception, write_images_dir
 
 CPU = torch.device("cpu")

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from pipeline import fingerprint as F
+
 from reduced_default import REDUCED, RUN_RECORDS, STAGES, TIMED, assert_same_outputs, git_repo, lock_hashes, merge, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +34,22 @@ def _check_reruns_are_byte_identical(repo: Path, env: dict, before: Path) -> Non
     print(f"byte-stable: {sorted(set(hashes) - changed)}; differing only in time or run ids: {sorted(changed)}")
 
 
+def _check_fingerprints_cover_what_ran(repo: Path, imports: Path) -> None:
+    """The oracle of the static closures: each `pipeline` module a stage's processes (its script and its Ray
+    workers) really imported is listed in that stage's fingerprint file."""
+    loaded: dict[str, set[str]] = {}
+    for line in imports.read_text().splitlines():
+        stage, _, name = line.split("\t")
+        path = F.module_file(name, repo)
+        if path is not None and (path.name != "__init__.py" or F.has_code(path)):
+            loaded.setdefault(stage, set()).add(path.relative_to(repo).as_posix())
+    assert set(loaded) == {"fingerprint", *STAGES}, sorted(loaded)  # Ray workers too name their stage
+    for stage in STAGES:
+        listed = json.loads((repo / "fingerprints" / f"{stage}.json").read_text())["modules"]
+        assert loaded[stage] <= set(listed), (stage, sorted(loaded[stage] - set(listed)))
+    assert loaded["train"] >= {"pipeline/train.py", "pipeline/train_log.py", "pipeline/generate.py"}  # rank 0's grids
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
@@ -39,9 +57,12 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)
     env = git_repo(repo, params)
 
-    first = run(["dvc", "repro"], repo, env)
-    for stage in STAGES:
+    imports = tmp_path / "imports.tsv"  # every pipeline module each stage's processes load (tests/import_log)
+    first = run(["dvc", "repro"], repo, {**env, "PIPELINE_IMPORT_LOG": str(imports),
+                                         "PYTHONPATH": str(REPO / "tests" / "import_log")})
+    for stage in ("fingerprint", *STAGES):
         assert f"Running stage '{stage}'" in first, first[-3000:]
+    _check_fingerprints_cover_what_ran(repo, imports)
     # Ray's known noise stays quiet (pipeline.cluster, pipeline.encode): before, 139 and 2 lines in this run.
     assert "Failed to query Ray Train Controller" not in first and "the actor restart will fail" not in first
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, read_yaml
+from pipeline.params.load import ParamsError, read_yaml
 from pipeline.profiles import apply, flatten, format_value, load_profile, main, overrides, section_classes, validate
 
 REPO = Path(__file__).resolve().parents[1]

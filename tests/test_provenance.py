@@ -1,4 +1,4 @@
-"""Provenance: import closures, the code and package stamp of persisted caches, and local-input placeholders."""
+"""Provenance: the code and package stamp of persisted caches, and local-input placeholders."""
 from __future__ import annotations
 
 import json
@@ -7,38 +7,26 @@ from pathlib import Path
 import pytest
 
 from pipeline import provenance as P
+from pipeline.fingerprint import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def names(module: str) -> set[str]:
-    return {path.relative_to(REPO).as_posix() for path in P.import_closure(module)}
-
-
-def test_import_closure_follows_every_pipeline_import():
-    train = names("pipeline.train")
-    assert {"pipeline/train.py", "pipeline/checkpoints.py", "pipeline/diffusion.py", "pipeline/model.py",
-            "pipeline/provenance.py"} <= train
-    assert "pipeline/report.py" not in train and "pipeline/registry.py" not in train  # not run by training
-    assert "pipeline/synthetic.py" in names("pipeline.data")  # `from pipeline import artifacts, synthetic`
-    assert "pipeline/provenance.py" in names("pipeline.artifacts")  # imported inside write_manifest (lazily)
-    with pytest.raises(ValueError, match="not a module"):
-        P.import_closure("pipeline.no_such_module")
-
-
 def test_stamp_names_what_changed():
-    now = P.stamp("pipeline.sample")
+    now = P.stamp("sample")
     assert "pipeline/sample.py" in now["code"] and set(now["packages"]) == {"python", *P.KEY_PACKAGES}
-    assert P.stamp_mismatch(now, P.stamp("pipeline.sample")) == []  # deterministic
-    edited = {**now, "code": {**now["code"], "pipeline/diffusion.py": "0" * 64}}
+    assert P.stamp_mismatch(now, P.stamp("sample")) == []  # deterministic
+    assert now["fingerprint"] == fingerprint("sample")["fingerprint"]  # the one DVC sees in fingerprints/sample.json
+    edited = {**now, "fingerprint": "0" * 64, "code": {**now["code"], "pipeline/diffusion.py": "0" * 64}}
     assert P.stamp_mismatch(edited, now) == ["code changed: pipeline/diffusion.py"]
+    assert P.stamp_mismatch({**now, "code": edited["code"]}, now) == []  # the fingerprint decides
     upgraded = {**now, "packages": {**now["packages"], "torch": "1.0"}}
     assert P.stamp_mismatch(upgraded, now) == [f"torch 1.0 -> {now['packages']['torch']}"]
     assert "predates" in P.stamp_mismatch(None, now)[0]
 
 
 def test_a_cache_of_other_code_is_cleared_unless_resumed_across_versions(tmp_path, capsys):
-    cache, now = tmp_path / "cache", P.stamp("pipeline.sample")
+    cache, now = tmp_path / "cache", P.stamp("sample")
     cache.mkdir()
     old = {**now, "packages": {**now["packages"], "numpy": "0.1"}}
     P.reuse_or_clear(cache, old, across_versions=False, label="t")

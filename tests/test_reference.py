@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.config import ParamsError
+from pipeline.params.load import ParamsError
 from pipeline.features import INCEPTION_FILE
 from pipeline.formats.reference_stats import load_reference
 from pipeline.determinism import holdout_split
-from pipeline.reference import Moments, ReferenceParams, build_reference, kept_rows
+from pipeline.reference import Moments, build_reference, kept_rows
+from pipeline.params.reference import ReferenceParams
 from synthetic import make_shapes, save_inception_like, write_images_dir
 
 PARAMS = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,

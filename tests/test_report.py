@@ -13,9 +13,9 @@ import yaml
 from PIL import Image
 from scipy import stats
 
-import pipeline.report as R
-import pipeline.verdicts as V
-from pipeline.study_plan import expand
+import pipeline.study.report as R
+import pipeline.study.verdicts as V
+from pipeline.study.plan import expand
 
 REPO = Path(__file__).resolve().parents[1]
 PLAN = yaml.safe_load((REPO / "sweeps/study-plan.yaml").read_text())

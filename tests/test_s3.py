@@ -11,7 +11,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline import registry as R
+from pipeline import register as R
 from conftest import (
     BUCKET, CREDENTIALS, IMAGE, NAME, export_dit, free_port, keys, register, start, stop, training_run, wait_http,
     write_eval,

@@ -16,11 +16,13 @@ from PIL import Image
 from pipeline import generate as G
 from pipeline import sample as S
 from pipeline.artifacts import ArtifactError, read_manifest, sha256_file
-from pipeline.config import ParamsError, load_section
+from pipeline.params.load import ParamsError, load_section
 from pipeline.formats.model_card import read_model_card
 from pipeline.model import DiT_models
-from pipeline.tracking import TrackingParams
+from pipeline.params.tracking import TrackingParams
 from tiny_sample import DIFFUSION, IMAGE, LATENT, MICRO, NUM_CLASSES, load_samples, params
+from pipeline.params.sample import SampleParams
+from pipeline.params.sample import check_params as check_sample_params
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -151,11 +153,12 @@ def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(sam
     S.run_sample(p, card, vae_dir, out)
     original, calls = S.ShardWorker.generate, []
     monkeypatch.setattr(S.ShardWorker, "generate", lambda self, k: (calls.append(k), original(self, k))[1])
-    now = S.stamp("pipeline.sample")
-    monkeypatch.setattr(S, "stamp", lambda module: {**now, "code": {**now["code"], "pipeline/diffusion.py": "x"}})
+    now = S.stamp("sample")
+    monkeypatch.setattr(S, "stamp", lambda stage: {**now, "fingerprint": "0" * 64,
+                                                         "code": {**now["code"], "pipeline/diffusion.py": "x"}})
     S.run_sample(p, card, vae_dir, out, resume_across_versions=True)
     assert calls == [] and "across versions" in capsys.readouterr().out
-    monkeypatch.setattr(S, "stamp", lambda module: now)
+    monkeypatch.setattr(S, "stamp", lambda stage: now)
     S.run_sample(p, card, vae_dir, out)  # the shards now carry the edited stamp: regenerated, saying why
     assert calls == [0, 1, 2] and "code changed: pipeline/diffusion.py" in capsys.readouterr().out
 
@@ -302,14 +305,14 @@ def test_stale_or_mismatched_checkpoints_are_rejected(sample_dirs, tmp_path):
 
 
 def test_params_yaml_section_loads_and_is_checked():
-    p = load_section(S.SampleParams, "sample", "params.yaml")
-    S.check_params(p)
+    p = load_section(SampleParams, "sample", "params.yaml")
+    check_sample_params(p)
     with pytest.raises(ValueError, match=f"multiple of sample.micro_batch={p.micro_batch}"):
-        S.check_params(dataclasses.replace(p, shard_size=p.micro_batch * 8 + 1))
+        check_sample_params(dataclasses.replace(p, shard_size=p.micro_batch * 8 + 1))
     with pytest.raises(ParamsError, match="num_workers >= 1"):  # in-process: the storage would go unused
-        S.check_params(dataclasses.replace(p, num_workers=0, storage_path="s3://bucket/sample"))
+        check_sample_params(dataclasses.replace(p, num_workers=0, storage_path="s3://bucket/sample"))
     with pytest.raises(ParamsError, match="absolute"):
-        S.check_params(dataclasses.replace(p, num_workers=1, storage_path="relative/dir"))
+        check_sample_params(dataclasses.replace(p, num_workers=1, storage_path="relative/dir"))
 
 
 def test_actor_plan():

@@ -1,4 +1,4 @@
-"""The sweep runner: the plan's expansion and estimate on the committed plan, and `python -m pipeline.sweep run`
+"""The sweep runner: the plan's expansion and estimate on the committed plan, and `python -m pipeline.study.sweep run`
 for real in a copy of the repository with a tiny plan (a training run and two sampling runs of seconds each):
 queued `dvc exp` experiments, records read through dvc.api, the sampling runs on the training run's lock without
 training again, and a second invocation that finds everything done."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.study_plan import expand, load_plan, number_tag, parts, run_name
+from pipeline.study.plan import expand, load_plan, number_tag, parts, run_name
 from conftest import copy_repo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_sweep_runs_and_records_real_experiments(tmp_path):
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "plan")
     params_before = (repo / "params.yaml").read_bytes()
 
-    out = sh(sys.executable, "-m", "pipeline.sweep", "run", "--hours", "1", check=False)
+    out = sh(sys.executable, "-m", "pipeline.study.sweep", "run", "--hours", "1", check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     names = ["Ti-p4-adaLN-Zero-s0", "Ti-p4-adaLN-Zero-s0-cfg2", "Ti-p4-adaLN-Zero-s0-ddpm6"]
     records = {n: json.loads((repo / f"docs/results/runs/{n}.json").read_text()) for n in names}
@@ -118,14 +118,14 @@ def test_sweep_runs_and_records_real_experiments(tmp_path):
     # the workspace is as it was: apply's files put back
     assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "dvc.lock").exists()
     # resumable: a second invocation finds every run done and queues nothing
-    again = sh(sys.executable, "-m", "pipeline.sweep", "run", "--hours", "1")
+    again = sh(sys.executable, "-m", "pipeline.study.sweep", "run", "--hours", "1")
     assert "running" not in again.stdout and "3 of 3 planned runs recorded" in again.stdout
 
 
 def test_a_record_of_another_reference_is_run_again(tmp_path):
-    # pipeline.verdicts.one_reference: the report pools the runs of the reference most records share; the rest are
+    # pipeline.study.verdicts.one_reference: the report pools the runs of the reference most records share; the rest are
     # not done, so the next `sweep run` redoes them where the others ran
-    from pipeline.sweep import done
+    from pipeline.study.sweep import done
 
     plan = load_plan(REPO / "sweeps/study-plan.yaml", check=False)
     names = [r.name for r in expand(plan)][:4]
@@ -139,7 +139,7 @@ def test_a_record_of_another_reference_is_run_again(tmp_path):
 def test_applying_an_experiment_keeps_the_records_of_this_session(tmp_path, monkeypatch):
     # `dvc exp apply` checks out the experiment's version of every git-tracked file. A record the runner rewrote
     # in this session (a run redone on the pooled reference) must survive the apply of a sampling batch.
-    from pipeline.sweep import RUNS_DIR, applied
+    from pipeline.study.sweep import RUNS_DIR, applied
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")

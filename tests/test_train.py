@@ -19,7 +19,7 @@ import pipeline.train as T
 from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.formats.latents import load_latents
 from pipeline.model import DiT
-from pipeline.tracking import TrackingParams
+from pipeline.params.tracking import TrackingParams
 from tiny_train import (LATENT_SHAPE, NUM_CLASSES, OFF, REPO, SCALING_FACTOR, TINY, assert_bitwise_equal, base_params,
                         load_ema, read_log, run)
 
@@ -141,7 +141,7 @@ CHILD = """
 import sys, time
 import torch
 import pipeline.train as T
-from pipeline.tracking import TrackingParams
+from pipeline.params.tracking import TrackingParams
 from tiny_train import (LATENT_SHAPE, NUM_CLASSES, OFF, REPO, SCALING_FACTOR, TINY, assert_bitwise_equal, base_params,
                         load_ema, read_log, run)
 from tiny_train import TINY, base_params
@@ -226,9 +226,9 @@ def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_ver
                                                                                        monkeypatch):
     run(tmp_path, latents, base_params(train_steps=10))
     made = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"]
-    assert made == T.stamp("pipeline.train") and "pipeline/diffusion.py" in made["code"]
+    assert made == T.stamp("train") and "pipeline/diffusion.py" in made["code"]
     upgraded = {**made, "packages": {**made["packages"], "torch": "99.0"}}
-    monkeypatch.setattr(T, "stamp", lambda module: upgraded)  # as after `pip install torch==99.0`
+    monkeypatch.setattr(T, "stamp", lambda stage: upgraded)  # as after `pip install torch==99.0`
 
     with pytest.raises(ArtifactError, match=r"torch .* -> 99\.0.*--resume-across-versions"):
         run(tmp_path, latents, base_params(train_steps=20))
@@ -238,8 +238,8 @@ def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_ver
     assert C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000020.pt")["provenance"] == upgraded
 
     capsys.readouterr()
-    edited = {**upgraded, "code": {**made["code"], "pipeline/diffusion.py": "edited"}}
-    monkeypatch.setattr(T, "stamp", lambda module: edited)
+    edited = {**upgraded, "fingerprint": "0" * 64, "code": {**made["code"], "pipeline/diffusion.py": "edited"}}
+    monkeypatch.setattr(T, "stamp", lambda stage: edited)
     T.train(base_params(train_steps=20), OFF, latents, tmp_path / "checkpoints", tmp_path / "dit",
             tmp_path / "metrics.json", tmp_path / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
     assert "(code changed: pipeline/diffusion.py)" in capsys.readouterr().out  # the stage says why it restarts

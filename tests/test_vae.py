@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from pipeline.artifacts import sha256_dir
-from pipeline.config import ParamsError, load_section
+from pipeline.params.load import ParamsError, load_section
 from pipeline.determinism import holdout_split
 from pipeline.formats.images import read_images
 from pipeline.provenance import NO_INPUT, hub_revision
-from pipeline.vae import VAEParams, decode_latents, encode_images, load_vae, psnr_db, run_vae, to_uint8
+from pipeline.vae import psnr_db, run_vae
+from pipeline.autoencoder import decode_latents, encode_images, load_vae, to_uint8
+from pipeline.params.vae import VAEParams
 from synthetic import blob_images, write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.artifacts import sha256_file
-from pipeline.encode import EncodeParams
+from pipeline.params.encode import EncodeParams
 
 # micro_batch 4 against batch sizes 1, 3, 5, 7: every batch boundary falls somewhere else, every last chunk is padded.
 PARAMS = EncodeParams(flip=True, store="posterior", dtype="float32", batch_size=5, micro_batch=4, num_actors=1,

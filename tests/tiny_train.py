@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 
 import pipeline.train as T
 from pipeline.artifacts import sha256_file, write_manifest
-from pipeline.config import load_section
-from pipeline.tracking import TrackingParams
+from pipeline.params.load import load_section
+from pipeline.params.tracking import TrackingParams
+from pipeline.params.train import TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=64, num_heads=2)  # model_overrides: a depth-2 DiT
@@ -42,14 +43,14 @@ def write_latents(directory: Path, count: int = 64, store: str = "posterior") ->
     return directory
 
 
-def base_params(**changes) -> T.TrainParams:
-    p = load_section(T.TrainParams, "train", REPO / "params.yaml")
+def base_params(**changes) -> TrainParams:
+    p = load_section(TrainParams, "train", REPO / "params.yaml")
     p = replace(p, num_workers=0, use_gpu=False, train_steps=30, global_batch_size=16, lr=1e-3, ema_decay=0.9,
                 log_every=5, ckpt_every=10, sample_every=1000, precision="fp32", compile=False, seed=0)
     return replace(p, **changes)
 
 
-def run(root: Path, latents: Path, p: T.TrainParams, tracking=OFF, vae=None) -> dict:
+def run(root: Path, latents: Path, p: TrainParams, tracking=OFF, vae=None) -> dict:
     return T.train(p, tracking, latents, root / "checkpoints", root / "dit", root / "metrics.json",
                    root / "train.csv", vae_dir=vae, model_overrides=TINY)
 

@@ -1,6 +1,6 @@
 """`data/images/`, format `dit-images` v1: parquet shards of PNG-encoded RGB images with labels, and a manifest.
 
-Written by the ingest stage (`pipeline.data`, through `ShardWriter` and `write_images_manifest`); read by vae,
+Written by the ingest stage (`pipeline.ingest`, through `ShardWriter` and `write_images_manifest`); read by vae,
 encode and reference through the readers below, which import nothing of the ingest sources.
 """
 from __future__ import annotations

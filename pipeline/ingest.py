@@ -23,81 +23,28 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Literal, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline import artifacts, synthetic
-from pipeline.config import ParamsError
 from pipeline.errors import UserError
 from pipeline.formats.images import ShardWriter, encode_png, write_images_manifest
 from pipeline.provenance import NO_INPUT, local_input
+from pipeline.params.ingest import HFParams, IngestParams
 
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-@dataclass(frozen=True)
-class SyntheticParams:
-    num_images: int
-    num_classes: int
-    seed: int
-
-    def __post_init__(self):
-        if not 1 <= self.num_classes <= len(synthetic.CLASSES):
-            raise ParamsError(f"'ingest.synthetic.num_classes' must be in 1..{len(synthetic.CLASSES)} "
-                              f"(the designed shapes: {', '.join(synthetic.CLASSES)}), got {self.num_classes}")
-        if self.num_images < 1:
-            raise ParamsError(f"'ingest.synthetic.num_images' must be >= 1, got {self.num_images}")
 
 
-@dataclass(frozen=True)
-class HFParams:
-    path: str | None  # hub id ("uoft-cs/cifar10") or builder name; None = read local_dir
-    local_dir: str  # a local dataset directory tracked with `dvc add` (a dvc.yaml dep); provenance.NO_INPUT = none
-    name: str | None
-    split: str
-    revision: str | None
-    image_column: str
-    label_column: str
-    streaming: bool
-    max_images: int | None  # inputs read (valid or not); None = the whole split
-
-    def __post_init__(self):
-        if self.max_images is not None and self.max_images < 1:
-            raise ParamsError(f"'ingest.hf.max_images' must be >= 1 or null, got {self.max_images}")
-        if (self.path is None) == (local_input(self.local_dir) is None):
-            raise ParamsError("set exactly one of 'ingest.hf.path' (a hub id) and 'ingest.hf.local_dir' (a local "
-                              f"directory; {NO_INPUT} = none): got path {self.path!r}, local_dir {self.local_dir!r}")
 
 
-@dataclass(frozen=True)
-class ImageFolderParams:
-    root: str
 
 
-@dataclass(frozen=True)
-class IngestParams:
-    source: Literal["synthetic", "hf", "imagefolder"]
-    image_size: int
-    shard_size: int
-    max_bad_fraction: float
-    min_image_side: int
-    num_workers: int
-    synthetic: SyntheticParams
-    hf: HFParams
-    imagefolder: ImageFolderParams
-
-    def __post_init__(self):
-        for key in ("image_size", "shard_size", "min_image_side"):
-            if getattr(self, key) < 1:
-                raise ParamsError(f"'ingest.{key}' must be >= 1, got {getattr(self, key)}")
-        if not 0.0 <= self.max_bad_fraction < 1.0:
-            raise ParamsError(f"'ingest.max_bad_fraction' must be in [0, 1), got {self.max_bad_fraction}")
-        if self.num_workers < 0:
-            raise ParamsError(f"'ingest.num_workers' must be >= 0 (0 = in-process), got {self.num_workers}")
 
 
 class IngestError(UserError, RuntimeError):

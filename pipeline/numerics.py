@@ -11,19 +11,13 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 
-from pipeline.config import ParamsError
-
-Precision = Literal["fp32", "tf32", "bf16"]
 
 
-def check_precision(section: str, precision: str, use_gpu: bool) -> None:
-    if precision == "tf32" and not use_gpu:
-        raise ParamsError(f"'{section}.precision' tf32 is a CUDA tensor-core mode and '{section}.use_gpu' is false: "
-                          f"use fp32 on the CPU, or set {section}.use_gpu: true")
+
 
 
 def uses_tf32(precision: str) -> bool:

@@ -5,7 +5,7 @@ the expected direction exceeds twice the pooled std (sqrt of the mean of the two
 reproduced otherwise. Orderings of 3+ variants: every adjacent pair must pass. A claim whose planned runs are not
 all recorded is pending.
 
-Records are the dicts of docs/results/runs/<name>.json (pipeline.sweep.record). The final point of a run is its
+Records are the dicts of docs/results/runs/<name>.json (pipeline.study.sweep.record). The final point of a run is its
 evaluate stage's numbers (`eval`); the curve is the curve stage's points (`curve`).
 """
 from __future__ import annotations

@@ -15,9 +15,9 @@ The stage's record of what it did is reports/register.json (version, decision, r
 With `tracking.enabled: false` the stage registers nothing and says so there (`registered: false` and the reason),
 so that the rest of the pipeline still runs without MLflow.
 
-    python -m pipeline.registry show
-    python -m pipeline.registry promote VERSION
-    python -m pipeline.registry rollback
+    python -m pipeline.register show
+    python -m pipeline.register promote VERSION
+    python -m pipeline.register rollback
 """
 from __future__ import annotations
 
@@ -27,11 +27,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
 from pipeline.errors import UserError
-from pipeline.tracking import TrackingParams, run_tags
+from pipeline.tracking import run_tags
+from pipeline.params.tracking import TrackingParams
+from pipeline.params.register import RegisterParams
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -42,10 +44,6 @@ PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels",
 METRIC_PROTOCOL_KEYS = {"fid": (), "kid": ("kid_subsets", "kid_subset_size")}  # KID also depends on its subsets
 
 
-@dataclass(frozen=True)
-class RegisterParams:
-    model_name: str
-    metric: Literal["fid", "kid"]  # lower is better for both
 
 
 @dataclass(frozen=True)
@@ -305,9 +303,9 @@ def show(client, name: str, metric: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.config import load_section
+    from pipeline.params.load import load_section
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.registry", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.register", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--name", help="registered model name (default: register.model_name in params)")

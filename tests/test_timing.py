@@ -1,4 +1,4 @@
-"""The stages' start-up records (pipeline/startup.py) and bench/wall_time.py's reading of them."""
+"""The stages' start-up records (pipeline/timing.py) and bench/wall_time.py's reading of them."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from pipeline import startup
+from pipeline import timing
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -20,7 +20,7 @@ import wall_time  # noqa: E402  (bench/ is a folder of scripts, not a package)
 STAGE = """
 import sys, time
 from pipeline.errors import run_main, UserError
-from pipeline.startup import mark_ready
+from pipeline.timing import mark_ready
 def main():
     time.sleep(0.2)          # set-up after the imports
     mark_ready(); mark_ready()  # only the first counts
@@ -31,10 +31,10 @@ run_main(main)
 
 
 def run_stage(tmp_path: Path, how: str, timings: bool = True) -> tuple[float, float, subprocess.CompletedProcess]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), startup.STAGE_ENV: "demo"}
-    env.pop(startup.TIMINGS_DIR_ENV, None)
+    env = {**os.environ, "PYTHONPATH": str(REPO), timing.STAGE_ENV: "demo"}
+    env.pop(timing.TIMINGS_DIR_ENV, None)
     if timings:
-        env[startup.TIMINGS_DIR_ENV] = str(tmp_path / "timings")
+        env[timing.TIMINGS_DIR_ENV] = str(tmp_path / "timings")
     before = time.time()
     done = subprocess.run([sys.executable, "-c", STAGE, how], env=env, capture_output=True, text=True)
     return before, time.time(), done
@@ -50,7 +50,7 @@ def read_events(path: Path) -> dict[str, list[float]]:
 
 def test_process_start_time_agrees_with_psutil():
     # psutil places the boot at /proc/stat's whole-second btime: it is up to 1 s early, never late
-    assert 0 <= startup.process_start_time() - psutil.Process().create_time() < 1.05
+    assert 0 <= timing.process_start_time() - psutil.Process().create_time() < 1.05
 
 
 def test_a_stage_records_launch_ready_and_end_in_order(tmp_path):
@@ -73,11 +73,11 @@ def test_a_failed_stage_has_no_end_and_timings_off_write_nothing(tmp_path):
 
 
 def test_workers_take_the_stage_and_directory_only_when_timings_are_on(monkeypatch, tmp_path):
-    monkeypatch.delenv(startup.TIMINGS_DIR_ENV, raising=False)
-    monkeypatch.setenv(startup.STAGE_ENV, "train")
-    assert startup.worker_env() == {}
-    monkeypatch.setenv(startup.TIMINGS_DIR_ENV, "rel/timings")
-    assert startup.worker_env() == {startup.TIMINGS_DIR_ENV: os.path.abspath("rel/timings"), startup.STAGE_ENV: "train"}
+    monkeypatch.delenv(timing.TIMINGS_DIR_ENV, raising=False)
+    monkeypatch.setenv(timing.STAGE_ENV, "train")
+    assert timing.worker_env() == {}
+    monkeypatch.setenv(timing.TIMINGS_DIR_ENV, "rel/timings")
+    assert timing.worker_env() == {timing.TIMINGS_DIR_ENV: os.path.abspath("rel/timings"), timing.STAGE_ENV: "train"}
 
 
 def test_wall_time_table_from_stage_lines_and_records(tmp_path):

@@ -1,7 +1,7 @@
-"""The promotion rule of pipeline.registry.decide, case by case."""
+"""The promotion rule of pipeline.register.decide, case by case."""
 import pytest
 
-from pipeline.registry import Candidate, decide
+from pipeline.register import Candidate, decide
 
 P = {"num_samples": 1000, "sampler": "dpm-solver++", "steps": 25, "cfg_scale": 1.5, "cfg_channels": None,
      "labels": "balanced", "extractor": "classifier", "extractor_mode": "clean", "reference_stats_sha256": "abc"}
@@ -37,7 +37,7 @@ def test_missing_metric_never_promotes(score):
 
 
 def test_protocol_of_compares_the_evaluation_not_the_model_or_the_draw():
-    from pipeline.registry import PROTOCOL_KEYS, protocol_of
+    from pipeline.register import PROTOCOL_KEYS, protocol_of
 
     assert set(P) == set(PROTOCOL_KEYS)
     a = {**P, "sample_seed": 0, "checkpoint_sha256": "c1", "kid_subsets": 10, "kid_subset_size": 500}

@@ -1,13 +1,13 @@
-"""`python -m pipeline.sweep`: the study plan (sweeps/study-plan.yaml) run as queued `dvc exp` experiments.
+"""`python -m pipeline.study.sweep`: the study plan (sweeps/study-plan.yaml) run as queued `dvc exp` experiments.
 
-    python -m pipeline.sweep plan                 # every planned run, the count, the time estimate and its parts
-    python -m pipeline.sweep run --hours 2        # run what is not done yet, stopping before the budget is crossed
-    python -m pipeline.sweep collect [NAME ...]   # write the records of finished experiments of this session
+    python -m pipeline.study.sweep plan                 # every planned run, the count, the time estimate and its parts
+    python -m pipeline.study.sweep run --hours 2        # run what is not done yet, stopping before the budget is crossed
+    python -m pipeline.study.sweep collect [NAME ...]   # write the records of finished experiments of this session
 
 A run is done iff its record docs/results/runs/<name>.json exists: experiment refs and DVC's cache do not survive
 to the next session (a fresh clone), so each finished experiment is read at once through DVC's Python API
 (`dvc.api.exp_show` for its rev and state, `dvc.api.params_show` and `dvc.api.read` at that rev for its params,
-metrics and records) and written atomically to its record, which the lead commits. `python -m pipeline.report`
+metrics and records) and written atomically to its record, which the lead commits. `python -m pipeline.study.report`
 renders docs/results.md from the records alone.
 
 A training run is `dvc exp run --queue -n NAME curve evaluate -S ...` from HEAD, then `dvc exp run --run-all
@@ -32,11 +32,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import provenance, synthetic, verdicts
+from pipeline import provenance, synthetic
+from pipeline.study import verdicts
 from pipeline.artifacts import atomic_write, atomic_write_json
-from pipeline.config import read_yaml
+from pipeline.params.load import read_yaml
 from pipeline.errors import UserError, run_main
-from pipeline.study_plan import PLAN_FILE, PlannedRun, estimate_s, expand, load_plan, lookup, model_shape, parts
+from pipeline.study.plan import PLAN_FILE, PlannedRun, estimate_s, expand, load_plan, lookup, model_shape, parts
 
 RUNS_DIR = Path("docs/results/runs")
 PLAN_DOC = "docs/study-plan.md"
@@ -178,7 +179,7 @@ def record(run: PlannedRun, plan: dict, commit: str, row: dict, wall_s: float, b
         "train": metrics["train"], "sample": metrics["sample"],
         "wall_s": {"experiment": round(wall_s, 1), "train": (metrics["train"] or {}).get("seconds"),
                    "sample": (metrics["sample"] or {}).get("seconds")},
-        "machine": provenance.machine(),  # the report pools only runs against one reference (pipeline.verdicts)
+        "machine": provenance.machine(),  # the report pools only runs against one reference (pipeline.study.verdicts)
     }
     if curve is not None:
         out["curve"] = {k: curve.get(k) for k in ("steps", "fid", "class_consistency", "kid", "final_step",
@@ -194,7 +195,7 @@ def write_record(rec: dict, runs_dir: Path = RUNS_DIR) -> Path:
 
 def done(plan: dict, runs_dir: Path = RUNS_DIR) -> set[str]:
     """The planned runs whose record the report pools: a record measured against another reference than most
-    (another machine's data stages, pipeline.verdicts.one_reference) is run again, here, and replaced."""
+    (another machine's data stages, pipeline.study.verdicts.one_reference) is run again, here, and replaced."""
     planned = {r.name for r in expand(plan)}
     records = [json.loads(p.read_text()) for p in runs_dir.glob("*.json") if p.stem in planned]
     return {r["name"] for r in verdicts.one_reference(records)[0]}
@@ -318,7 +319,7 @@ def cmd_collect(plan: dict, names: list[str], baseline: str | None) -> None:
     planned = {r.name: r for r in expand(plan)}
     for name in names or [n for n in planned if n in rows]:
         if name not in planned:
-            raise UserError(f"{name} is not a run of {PLAN_FILE}; `python -m pipeline.sweep plan` lists them")
+            raise UserError(f"{name} is not a run of {PLAN_FILE}; `python -m pipeline.study.sweep plan` lists them")
         if name not in rows or rows[name].get("State") not in (None, "Success"):
             raise UserError(f"no finished experiment named {name} in this session (`dvc exp show`)")
         run = planned[name]
@@ -327,7 +328,7 @@ def cmd_collect(plan: dict, names: list[str], baseline: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.study.sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", type=Path, default=PLAN_FILE)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import registry as R
+from pipeline import register as R
 from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.config import read_yaml
+from pipeline.params.load import read_yaml
 from pipeline.errors import UserError
 from conftest import (EXPERIMENT, IMAGE, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register, start, stop,
                       training_run, wait_http, write_eval)
+from pipeline.params.register import RegisterParams
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
-PARAMS = R.RegisterParams(model_name=NAME, metric="fid")
+PARAMS = RegisterParams(model_name=NAME, metric="fid")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

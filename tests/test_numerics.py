@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from pipeline.config import ParamsError
-from pipeline.precision import autocast, check_precision, float32_mode, set_float32_mode
+from pipeline.params.load import ParamsError
+from pipeline.numerics import autocast, float32_mode, set_float32_mode
+from pipeline.params.rules import check_precision
 
 
 @pytest.mark.parametrize("precision,tf32", [("fp32", False), ("tf32", True), ("bf16", True)])

@@ -12,11 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import data, synthetic
+from pipeline import ingest as data, synthetic
 from pipeline.formats import images as image_shards
 from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.config import ParamsError, from_dict, load_section
+from pipeline.params.load import ParamsError, from_dict, load_section
 from pipeline.provenance import NO_INPUT
+from pipeline.params.ingest import IngestParams
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
@@ -29,7 +30,7 @@ BASE = {
 }
 
 
-def make_params(**changes) -> data.IngestParams:
+def make_params(**changes) -> IngestParams:
     """BASE with `changes`; a dotted key ("synthetic.seed") sets a nested value."""
     raw = copy.deepcopy(BASE)
     for key, value in changes.items():
@@ -38,7 +39,7 @@ def make_params(**changes) -> data.IngestParams:
         for parent in parents:
             node = node[parent]
         node[leaf] = value
-    return from_dict(data.IngestParams, raw, "ingest")
+    return from_dict(IngestParams, raw, "ingest")
 
 
 def shard_hashes(out: Path) -> list[str]:
@@ -62,7 +63,7 @@ def noise(rng, h, w, c=3) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------- params
 
 def test_params_yaml_section_loads():
-    params = load_section(data.IngestParams, "ingest", REPO / "params.yaml")
+    params = load_section(IngestParams, "ingest", REPO / "params.yaml")
     assert params.synthetic.num_classes <= len(synthetic.CLASSES)
 
 

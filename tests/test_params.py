@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from pipeline.config import ParamsError, from_dict, load_section, to_dict
+from pipeline.params.load import ParamsError, from_dict, load_section, to_dict
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 A training run trains one (model, conditioning, seed) and runs up to `curve` and `evaluate`: the FID curve over the
 kept checkpoints and the final point (sample + evaluate). A sampling run changes only sample.* keys of a training
 run (the guidance study's cfg scales, the sampling-compute study's DDPM step counts): it is an experiment too, run on
-top of its training run's lock so that `train` is not repeated (pipeline.sweep). Names say what runs:
+top of its training run's lock so that `train` is not repeated (pipeline.study.sweep). Names say what runs:
 `Ti-p2-adaLN-Zero-s0`, `Ti-p2-adaLN-Zero-s0-cfg1p5`, `8x256-p2-adaLN-Zero-s0-ddpm250`.
 
 Runs come in the order the runner takes them: seed by seed, the DiT-Ti/2 adaLN-Zero reference first and its
@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ParamsError, read_yaml
+from pipeline.params.load import ParamsError, read_yaml
 from pipeline.flops import count_gflops_latent, count_parameters
 from pipeline.profiles import apply, format_value, validate
 

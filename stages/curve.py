@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.artifacts import remove_stale_temps
 from pipeline.config import load_section
 from pipeline.curve import CurveParams, run_curve, write_outputs
 from pipeline.errors import run_main
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--report", required=True, help="JSON: every point, the model, the protocol")
     p.add_argument("--plots", required=True, help="CSV: step, fid, class_consistency, kid")
     args = p.parse_args()
+    remove_stale_temps(args.metrics, args.report, args.plots)  # what a killed run left behind
 
     params = load_section(CurveParams, "curve", args.params)
     evaluation = load_section(EvaluateParams, "evaluate", args.params)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from pipeline.artifacts import remove_stale_temps
 from pipeline.config import load_section
 from pipeline.encode import EncodeParams, run_encode
 from pipeline.errors import run_main
@@ -16,6 +17,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="latent shards + manifest (data/latents)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/encode.json)")
     args = parser.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(EncodeParams, "encode", args.params)
     run_encode(params, args.images, args.vae, args.out, args.metrics)

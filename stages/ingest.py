@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline import data
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.config import load_section
 from pipeline.errors import run_main
 
@@ -18,6 +18,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output directory (owned by this stage)")
     parser.add_argument("--metrics", required=True, help="metrics JSON: count, skipped")
     args = parser.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(data.IngestParams, "ingest", args.params)
     metrics = data.ingest(params, args.out)

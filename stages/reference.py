@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.config import load_section
 from pipeline.errors import run_main
 from pipeline.reference import ReferenceParams, build_reference
@@ -16,6 +16,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output directory (dit-reference v1)")
     p.add_argument("--metrics", required=True)
     args = p.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(ReferenceParams, "reference", args.params)
     metrics = build_reference(args.images, args.out, params)

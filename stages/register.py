@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.artifacts import remove_stale_temps
 from pipeline.config import load_section
 from pipeline.errors import run_main
 from pipeline.pyfunc import SAMPLER_KEYS
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--latents", required=True, help="the encode stage's data/latents (its manifest is hashed)")
     parser.add_argument("--report", required=True, help="the decision and its reason, as JSON")
     args = parser.parse_args()
+    remove_stale_temps(args.report)  # what a killed run left behind
 
     params = load_section(RegisterParams, "register", args.params)
     tracking = load_tracking(args.params)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.config import load_section
 from pipeline.errors import run_main
 from pipeline.formats.model_card import read_model_card
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--resume-across-versions", action="store_true",
                     help="keep finished shards made by other pipeline code or package versions")
     args = ap.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(SampleParams, "sample", args.params)
     tracking = load_tracking(args.params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from pipeline.artifacts import remove_stale_temps
 from pipeline.config import load_section
 from pipeline.errors import run_main
 from pipeline.tracking import load_tracking
@@ -30,6 +31,7 @@ def main() -> None:
                         help="resume a checkpoint made by other pipeline code or package versions (by default they "
                              "count as another run)")
     args = parser.parse_args()
+    remove_stale_temps(args.checkpoints, args.out, args.metrics, args.plots)  # what a killed run left behind
 
     params = load_section(TrainParams, "train", args.params)
     tracking = load_tracking(args.params)

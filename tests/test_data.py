@@ -351,7 +351,12 @@ def test_stage_script_end_to_end(tmp_path):
     raw = copy.deepcopy(BASE)
     (tmp_path / "params.yaml").write_text(json.dumps({"ingest": raw}))  # JSON is YAML
     out, metrics = tmp_path / "data/images", tmp_path / "metrics/ingest.json"
+    leftovers = [tmp_path / "data/.images.k1ll3d_0", tmp_path / "metrics/.ingest.json.k1ll3d_0.tmp"]  # a SIGKILL's
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
     subprocess.run([sys.executable, str(REPO / "stages/ingest.py"), "--params", str(tmp_path / "params.yaml"),
                     "--out", str(out), "--metrics", str(metrics)], check=True, cwd=tmp_path)
     assert json.loads(metrics.read_text()) == {"count": 40, "skipped": 0}
     assert image_shards.read_manifest(out)["count"] == 40
+    assert not any(p.exists() for p in leftovers)

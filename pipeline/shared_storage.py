@@ -106,12 +106,14 @@ def node_cache() -> Path:
     except FileExistsError:
         pass
     info = os.lstat(root)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise ArtifactError(
             f"the node cache {root} is not a private directory of this user (uid {os.getuid()}): it is "
             f"{'a directory' if stat.S_ISDIR(info.st_mode) else 'not a directory'} owned by uid {info.st_uid} with "
-            f"mode {stat.S_IMODE(info.st_mode):o}; another user may have made it first. Remove it (or `chmod 700` it "
-            f"if it is yours), or set {CACHE_ENV} to a directory only you can write")
+            f"mode {stat.S_IMODE(info.st_mode):o}, so another user may have made it or written to it. Remove it, or "
+            f"set {CACHE_ENV} to a directory only you can write")
+    if info.st_mode & 0o077:
+        root.chmod(0o700)  # readable by others (an earlier version made it so), writable by no one else
     return root
 
 

@@ -159,6 +159,8 @@ def test_the_node_cache_is_private_and_refused_when_not(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv(S.CACHE_ENV, str(cache))
     assert S.node_cache() == cache and stat.S_IMODE(cache.stat().st_mode) == 0o700
+    cache.chmod(0o755)  # readable by others, writable by no one else: made private again
+    assert S.node_cache() == cache and stat.S_IMODE(cache.stat().st_mode) == 0o700
     cache.chmod(0o777)  # a folder anyone can write to: its files could be swapped under the workers
     with pytest.raises(ArtifactError, match="not a private directory of this user.*mode 777"):
         S.node_cache()

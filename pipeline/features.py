@@ -405,8 +405,9 @@ def load_extractor(directory: str | Path, device: torch.device, inception_weight
         extractor = InceptionExtractor(resolve_inception_weights(inception_weights or config["weights_param"]),
                                        config["mode"], device)
         if extractor.weights_sha256 != config["weights_sha256"]:
-            raise ArtifactError(f"{extractor.weights} has sha256 {extractor.weights_sha256[:12]}…, the reference used "
-                                f"{config['weights_sha256'][:12]}…; use the file the reference stage used, or rerun it")
+            raise ArtifactError(f"{extractor.weights} has sha256 {extractor.weights_sha256[:12]}…, the reference "
+                                f"used {config['weights_sha256'][:12]}…; use the file the reference stage used, or "
+                                "rerun it")
         return extractor
     raise ArtifactError(f"{path}: unknown extractor {config['extractor']!r}; run `dvc repro reference`")
 

@@ -76,7 +76,8 @@ def list_files(root: Path, folder: Path, extensions: tuple[str, ...]) -> list[tu
         return Path(path).relative_to(root).as_posix()
 
     def unreadable(error: OSError) -> None:
-        found.append((key(error.filename) + "/", Skip("unreadable_folder", f"{type(error).__name__}: {error.strerror}")))
+        skip = Skip("unreadable_folder", f"{type(error).__name__}: {error.strerror}")
+        found.append((key(error.filename) + "/", skip))
 
     for current, dirs, files in os.walk(folder, onerror=unreadable):  # links to folders are listed, not descended
         for name in dirs:

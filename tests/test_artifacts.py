@@ -52,7 +52,7 @@ def killed_midway(tmp_path, code: str) -> None:
         root = Path({str(tmp_path)!r})
         {code}
     """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd())
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.getcwd(), check=False)
     assert proc.returncode == -signal.SIGKILL
 
 
@@ -61,7 +61,7 @@ def test_a_killed_stage_leaves_temps_that_the_next_start_removes(tmp_path):
     out.mkdir(parents=True)
     killed_midway(tmp_path, "artifacts.atomic_write(root / 'data/images/shard-00000.parquet', die)")
     killed_midway(tmp_path, "artifacts.atomic_write(root / 'metrics/ingest.json', die)")
-    killed_midway(tmp_path, "with artifacts.staged_dir(root / 'data/images') as tmp: (tmp / 'x').write_text('x'); die()")
+    killed_midway(tmp_path, "with artifacts.staged_dir(root / 'data/images') as t: (t / 'x').write_text('x'); die()")
     left = sorted(tmp_path.rglob(".*"))
     assert len(left) == 3, left  # the shard's temp file, the metrics' one, the staged folder
     keep = [out / "shard-00001.parquet", out / ".keep", tmp_path / "data" / ".latents.abcd1234",

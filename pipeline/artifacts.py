@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -39,10 +40,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush `directory`'s entries: a rename is durable only once its folder is, so after a power loss the new name
+    (not the old file, nor no file) is what a reader finds."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
@@ -73,9 +85,46 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# The temp names of `atomic_write` (`.<name>.<8 random>.tmp`, a file) and `staged_dir` (`.<name>.<8 random>`, a
+# folder): tempfile's random part is 8 of [a-z0-9_]. A SIGKILL skips their cleanup and leaves them behind.
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def remove_stale_temps(*outputs: str | Path) -> list[Path]:
+    """Delete what a killed run of a stage left of its outputs' temp files and folders: beside each output, only
+    the temp names of that output; inside an output folder, any of this module's temp names. Call it when a stage
+    starts, before anything writes: DVC runs a stage once at a time, so no temp name there is in use. Returns the
+    paths removed."""
+    removed = []
+    for output in map(Path, outputs):
+        own = re.compile(rf"\.{re.escape(output.name)}\.{_RANDOM}(\.tmp)?")
+        removed += [p for p in _entries(output.parent) if own.fullmatch(p.name)]
+        if output.is_dir() and not output.is_symlink():
+            for folder, dirs, files in os.walk(output):
+                removed += [Path(folder, n) for n in dirs + files if _ANY_TEMP.fullmatch(n)]
+                dirs[:] = [n for n in dirs if not _ANY_TEMP.fullmatch(n)]  # a temp folder goes whole
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
+
+
+_ANY_TEMP = re.compile(rf"\..+\.{_RANDOM}(\.tmp)?")
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return list(directory.iterdir())
+    except FileNotFoundError:
+        return []
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

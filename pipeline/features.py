@@ -17,8 +17,12 @@ evaluate always compares features of one network.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import platform
+import stat
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -252,6 +256,42 @@ def download_inception(dest: Path) -> None:
         ) from e
 
 
+def read_weights(path: Path) -> bytes:
+    """The bytes of the Inception weights file at `path`, read once, so that the hash recorded and the net loaded
+    are of the same bytes (a second read of a shared path could find another file).
+
+    No sha256 of clean-fid's file is pinned: none was found published by clean-fid or NVIDIA, and a hash taken
+    from an unchecked copy would pin nothing. Instead a file in a folder that others may write to (clean-fid's
+    /tmp location) must be a regular file owned by this user or root and writable by no one else, checked on the
+    open file: another user could otherwise have put their own TorchScript program there first, and
+    `torch.jit.load` runs it. The recorded hash (`extractor.json`) then holds evaluate to the same bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise WeightsUnavailable(f"{path}: cannot be read ({e.strerror})") from e
+    with os.fdopen(fd, "rb") as f:
+        info, folder = os.fstat(f.fileno()), os.stat(Path(path).parent)
+        shared_folder = folder.st_mode & 0o022 or folder.st_uid not in (0, os.getuid())
+        others = info.st_uid not in (0, os.getuid()) or info.st_mode & 0o022 or not stat.S_ISREG(info.st_mode)
+        if shared_folder and others:
+            raise WeightsUnavailable(
+                f"{path} is in a folder other users can write to, and is owned by uid {info.st_uid} with mode "
+                f"{stat.filemode(info.st_mode)}: it may not be clean-fid's file. Delete it and download "
+                f"{INCEPTION_URL} yourself, or set reference.inception_weights to a copy only you can write "
+                f"(`dvc add` it)")
+        return f.read()
+
+
+class _InceptionFromBytes(InceptionV3W):
+    """clean-fid's InceptionV3W (its forward), built from bytes already read: its own __init__ loads by path."""
+
+    def __init__(self, weights: bytes, resize_inside: bool):
+        nn.Module.__init__(self)
+        self.base = torch.jit.load(io.BytesIO(weights), map_location="cpu").eval()
+        self.layers = self.base.layers
+        self.resize_inside = resize_inside
+
+
 class InceptionExtractor(Extractor):
     name = "inception"
     feature_dim = INCEPTION_DIM
@@ -262,9 +302,10 @@ class InceptionExtractor(Extractor):
         self.mode = mode
         self.weights = Path(weights)
         self.device = device
+        data = read_weights(self.weights)
+        self.weights_sha256 = hashlib.sha256(data).hexdigest()  # of the bytes loaded below, not of a later read
         # clean: clean-fid resizes outside the net (PIL bicubic, float); legacy_tensorflow: the net resizes inside.
-        self.model = InceptionV3W(str(self.weights.parent), download=False,
-                                  resize_inside=mode == "legacy_tensorflow").to(device).eval()
+        self.model = _InceptionFromBytes(data, resize_inside=mode == "legacy_tensorflow").to(device).eval()
         self.resize = build_resizer(mode)
         # IS logits use the output layer without its bias, as the original (improved-gan) implementation does.
         self.output_weight = self.model.base.output.weight.detach().to(device)  # (1008, 2048)
@@ -279,7 +320,7 @@ class InceptionExtractor(Extractor):
 
     def config(self) -> dict:
         return {"extractor": self.name, "mode": self.mode, "feature_dim": self.feature_dim,
-                "weights_sha256": sha256_file(self.weights)}
+                "weights_sha256": self.weights_sha256}
 
     def spatial_unavailable(self) -> str | None:
         block = dict(self.model.layers.named_children()).get(SFID_BLOCK)
@@ -361,9 +402,13 @@ def load_extractor(directory: str | Path, device: torch.device, inception_weight
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return ClassifierExtractor(net, config["arch"], device)
     if config["extractor"] == "inception":
-        weights = resolve_inception_weights(inception_weights or config["weights_param"])
-        _check_hash(weights, config["weights_sha256"], "use the file the reference stage used, or rerun it")
-        return InceptionExtractor(weights, config["mode"], device)
+        extractor = InceptionExtractor(resolve_inception_weights(inception_weights or config["weights_param"]),
+                                       config["mode"], device)
+        if extractor.weights_sha256 != config["weights_sha256"]:
+            raise ArtifactError(f"{extractor.weights} has sha256 {extractor.weights_sha256[:12]}…, the reference "
+                                f"used {config['weights_sha256'][:12]}…; use the file the reference stage used, or "
+                                "rerun it")
+        return extractor
     raise ArtifactError(f"{path}: unknown extractor {config['extractor']!r}; run `dvc repro reference`")
 
 

@@ -7,6 +7,9 @@ Sources (params `ingest.source`):
 
 Every input is counted: it becomes a row, or an entry in `skipped.json` with a reason. The stage fails when the
 rejected fraction exceeds `max_bad_fraction`, after writing the report. Same inputs + params => same shard bytes.
+No input can stop the stage or exhaust a worker: files are read through `pipeline.inputs` (nothing outside the
+source's roots, regular files of at most `max_file_bytes`), an image whose header claims more than
+`max_image_pixels` is refused before it is decoded, and any failure of the decoder on one file rejects that file.
 
 The shards are written through `pipeline.formats.images`, which is also their one reader: vae, encode and reference
 read them from there, without importing the sources here.
@@ -17,6 +20,7 @@ import io
 import itertools
 import multiprocessing
 import os
+import warnings
 from collections import Counter, deque
 from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
@@ -32,19 +36,13 @@ from tqdm import tqdm
 from pipeline import artifacts, synthetic
 from pipeline.errors import UserError
 from pipeline.formats.images import ShardWriter, encode_png, write_images_manifest
+from pipeline.inputs import Rejected as _Reject
+from pipeline.inputs import Skip, check_size, list_files, read_file, real_roots
 from pipeline.provenance import NO_INPUT, local_input
 from pipeline.params.ingest import HFParams, IngestParams
 
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-
-
-
-
-
-
 
 
 class IngestError(UserError, RuntimeError):
@@ -85,12 +83,6 @@ def center_crop_adm(img: Image.Image, image_size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + image_size, top + image_size)))
 
 
-class _Reject(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB.
 
@@ -117,37 +109,55 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise _Reject("unsupported_mode", f"{img.mode}: {e}") from e
 
 
-def preprocess(data: bytes, image_size: int, min_image_side: int) -> bytes:
+# What Pillow's PNG reader raises (as ValueError) when a compressed text or ICC chunk expands past its limits
+_CHUNK_BOMBS = ("Decompressed data too large", "Too much memory used in text chunks")
+
+
+def preprocess(data: bytes, image_size: int, min_image_side: int, max_image_pixels: int) -> bytes:
     """Encoded image file -> PNG of its ADM center crop. Raises `_Reject` for unusable inputs."""
     if len(data) == 0:
         raise _Reject("empty_file", "0 bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # decode fully now: truncation shows up here, not later
-            if min(img.size) < min_image_side:
-                raise _Reject("too_small", f"{img.width}x{img.height} < ingest.min_image_side = {min_image_side}")
-            rgb = to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own bomb warning rejects too
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                if img.width * img.height > max_image_pixels:
+                    raise _Reject("too_many_pixels", f"{img.width}x{img.height} > ingest.max_image_pixels = "
+                                                     f"{max_image_pixels}")
+                img.load()  # decode fully now: truncation shows up here, not later
+                if min(img.size) < min_image_side:
+                    raise _Reject("too_small", f"{img.width}x{img.height} < ingest.min_image_side = {min_image_side}")
+                rgb = to_rgb(img)
+    except _Reject:
+        raise
     except UnidentifiedImageError as e:
         raise _Reject("not_an_image", "PIL cannot identify the image format") from e  # str(e) holds an address
-    except Image.DecompressionBombError as e:
-        raise _Reject("too_large", str(e)) from e
-    except (OSError, SyntaxError) as e:  # what PIL raises for truncated or corrupt data
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Reject("too_many_pixels", str(e)) from e
+    except ValueError as e:
+        raise _Reject("decompression_bomb" if str(e).startswith(_CHUNK_BOMBS) else "corrupt", str(e)) from e
+    except Exception as e:  # OSError, SyntaxError for truncated data; anything else a malformed file provokes
         raise _Reject("corrupt", f"{type(e).__name__}: {e}") from e
     return encode_png(center_crop_adm(rgb, image_size))
 
 
-def _decode_chunk(items: list[tuple[str, int | None, bytes | str | None]], image_size: int,
-                  min_image_side: int, num_classes: int) -> list[Row]:
-    """Work items (key, label, file bytes or local path) -> Rows. Runs in a worker process."""
+def _decode_chunk(items: list[tuple[str, int | None, bytes | str | Skip | None]], image_size: int,
+                  min_image_side: int, num_classes: int, max_image_pixels: int, max_file_bytes: int,
+                  roots: tuple[str, ...]) -> list[Row]:
+    """Work items (key, label, file bytes, a local path inside `roots`, or a Skip) -> Rows. Runs in a worker."""
     rows = []
     for key, label, payload in items:
         try:
+            if isinstance(payload, Skip):
+                raise _Reject(*payload)
             if label is None or not 0 <= label < num_classes:
                 raise _Reject("unknown_label", f"label {label!r} not in 0..{num_classes - 1}")
             if payload is None:
                 raise _Reject("missing_image", "the image field is empty")
-            data = Path(payload).read_bytes() if isinstance(payload, str) else payload
-            rows.append(Row(key, label, preprocess(data, image_size, min_image_side)))
+            if isinstance(payload, str):
+                payload = read_file(payload, roots, max_file_bytes)
+            check_size(len(payload), max_file_bytes)
+            rows.append(Row(key, label, preprocess(payload, image_size, min_image_side, max_image_pixels)))
         except _Reject as r:
             rows.append(Row(key, label, None, r.reason, r.detail))
     return rows
@@ -161,9 +171,11 @@ def _chunked(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _decode_work(params: IngestParams, num_classes: int) -> Callable[[list], list[Row]]:
+def _decode_work(params: IngestParams, num_classes: int, roots: tuple[str, ...]) -> Callable[[list], list[Row]]:
+    """The decoding of work items; a local path is read only if it lies inside `roots` (`inputs.real_roots`)."""
     return partial(_decode_chunk, image_size=params.image_size, min_image_side=params.min_image_side,
-                   num_classes=num_classes)
+                   num_classes=num_classes, max_image_pixels=params.max_image_pixels,
+                   max_file_bytes=params.max_file_bytes, roots=roots)
 
 
 def _synthetic_chunk(indices: list[int], seed: int, num_classes: int, image_size: int) -> list[Row]:
@@ -192,18 +204,26 @@ def open_imagefolder(params: IngestParams) -> Source:
     if not root.is_dir():
         raise IngestError(f"ingest.imagefolder.root = {root}: not a directory; point it at a folder of "
                           "<class_name>/ subfolders holding the images")
-    class_names = sorted(d.name for d in os.scandir(root) if d.is_dir())
-    items = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda d: d.name)
+    except OSError as e:
+        raise IngestError(f"ingest.imagefolder.root = {root}: cannot be listed ({e.strerror}); check its "
+                          "permissions") from e
+    # A linked class folder is not followed (it could lead out of the root): it is counted, not read.
+    class_names = [d.name for d in entries if d.is_dir(follow_symlinks=False)]
+    items = [(f"{d.name}/", None, Skip("symlinked_folder", f"links to {os.path.realpath(d.path)}"))
+             for d in entries if d.is_symlink() and d.is_dir()]
     for label, name in enumerate(class_names):
-        files = sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-        if not files:
+        found = list_files(root, root / name, IMAGE_EXTENSIONS)
+        if not found:
             raise IngestError(f"{root / name}: class folder without images ({', '.join(IMAGE_EXTENSIONS)}); "
                               "remove it, or it would become an empty class")
-        items += [(f.relative_to(root).as_posix(), label, str(f)) for f in files]
-    if not items:
+        items += [(key, label, payload) for key, payload in found]
+    if not class_names:
         raise IngestError(f"{root}: no class subfolders found; expected {root}/<class_name>/<image files>")
     info = {"kind": "imagefolder", "path": str(root), "files": len(items)}
-    return Source(class_names, _chunked(items, CHUNK_ROWS), _decode_work(params, len(class_names)), len(items), info)
+    work = _decode_work(params, len(class_names), real_roots(root))
+    return Source(class_names, _chunked(items, CHUNK_ROWS), work, len(items), info)
 
 
 def open_hf(params: IngestParams) -> Source:
@@ -242,7 +262,9 @@ def open_hf(params: IngestParams) -> Source:
             "resolved_revision": builder.hash if h.path else None,  # the hub commit sha; dvc.lock pins local_dir
             "streaming": h.streaming, "max_images": h.max_images,
             "image_column": h.image_column, "label_column": h.label_column}
-    return Source(class_names, _chunked(rows, CHUNK_ROWS), _decode_work(params, len(class_names)), total, info)
+    # A row without image bytes names a file: read only from the dataset's own directory or the datasets cache.
+    roots = real_roots(local_input(h.local_dir), datasets.config.HF_DATASETS_CACHE)
+    return Source(class_names, _chunked(rows, CHUNK_ROWS), _decode_work(params, len(class_names), roots), total, info)
 
 
 def _hf_class_names(features, h: HFParams) -> list[str]:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.params.load import load_section
+from pipeline.artifacts import remove_stale_temps
 from pipeline.curve import run_curve, write_outputs
-from pipeline.params.curve import CurveParams
 from pipeline.errors import run_main
+from pipeline.params.curve import CurveParams
 from pipeline.params.evaluate import EvaluateParams
+from pipeline.params.load import load_section
+from pipeline.params.train import TrainParams
 from pipeline.provenance import local_input
 from pipeline.tracking import Tracker, load_tracking
-from pipeline.params.train import TrainParams
 
 
 def main() -> None:
@@ -28,6 +29,7 @@ def main() -> None:
     p.add_argument("--report", required=True, help="JSON: every point, the model, the protocol")
     p.add_argument("--plots", required=True, help="CSV: step, fid, class_consistency, kid")
     args = p.parse_args()
+    remove_stale_temps(args.metrics, args.report, args.plots)  # what a killed run left behind
 
     params = load_section(CurveParams, "curve", args.params)
     evaluation = load_section(EvaluateParams, "evaluate", args.params)

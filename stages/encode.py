@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.params.load import load_section
+from pipeline.artifacts import remove_stale_temps
 from pipeline.encode import run_encode
-from pipeline.params.encode import EncodeParams
 from pipeline.errors import run_main
+from pipeline.params.encode import EncodeParams
+from pipeline.params.load import load_section
 
 
 def main() -> None:
@@ -17,6 +18,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="latent shards + manifest (data/latents)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/encode.json)")
     args = parser.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(EncodeParams, "encode", args.params)
     run_encode(params, args.images, args.vae, args.out, args.metrics)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.artifacts import atomic_write_json
-from pipeline.params.load import load_section
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.errors import run_main
 from pipeline.evaluate import evaluate_stage, split_evaluation
 from pipeline.params.evaluate import EvaluateParams
+from pipeline.params.load import load_section
 from pipeline.tracking import load_tracking, log_to_training_run
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     p.add_argument("--metrics", required=True, help="metrics JSON: the numbers only")
     p.add_argument("--report", required=True, help="JSON: the protocol of those numbers, and why any is absent")
     args = p.parse_args()
+    remove_stale_temps(args.metrics, args.report)  # what a killed run left behind
 
     params = load_section(EvaluateParams, "evaluate", args.params)
     tracking = load_tracking(args.params)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 
 from pipeline import ingest
-from pipeline.artifacts import atomic_write_json
-from pipeline.params.load import load_section
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.errors import run_main
 from pipeline.params.ingest import IngestParams
+from pipeline.params.load import load_section
 
 
 def main() -> None:
@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output directory (owned by this stage)")
     parser.add_argument("--metrics", required=True, help="metrics JSON: count, skipped")
     args = parser.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(IngestParams, "ingest", args.params)
     metrics = ingest.ingest(params, args.out)

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.artifacts import atomic_write_json
-from pipeline.params.load import load_section
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.errors import run_main
-from pipeline.reference import build_reference
+from pipeline.params.load import load_section
 from pipeline.params.reference import ReferenceParams
+from pipeline.reference import build_reference
 
 
 def main() -> None:
@@ -17,6 +17,7 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output directory (dit-reference v1)")
     p.add_argument("--metrics", required=True)
     args = p.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(ReferenceParams, "reference", args.params)
     metrics = build_reference(args.images, args.out, params)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.params.load import load_section
+from pipeline.artifacts import remove_stale_temps
 from pipeline.errors import run_main
-from pipeline.pyfunc import SAMPLER_KEYS
-from pipeline.register import register
+from pipeline.params.load import load_section
 from pipeline.params.register import RegisterParams
 from pipeline.params.sample import SampleParams
+from pipeline.pyfunc import SAMPLER_KEYS
+from pipeline.register import register
 from pipeline.tracking import load_tracking
 
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--latents", required=True, help="the encode stage's data/latents (its manifest is hashed)")
     parser.add_argument("--report", required=True, help="the decision and its reason, as JSON")
     args = parser.parse_args()
+    remove_stale_temps(args.report)  # what a killed run left behind
 
     params = load_section(RegisterParams, "register", args.params)
     tracking = load_tracking(args.params)

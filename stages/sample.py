@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.artifacts import atomic_write_json
-from pipeline.params.load import load_section
+from pipeline.artifacts import atomic_write_json, remove_stale_temps
 from pipeline.errors import run_main
 from pipeline.formats.model_card import read_model_card
-from pipeline.sample import run_sample
+from pipeline.params.load import load_section
 from pipeline.params.sample import SampleParams
+from pipeline.sample import run_sample
 from pipeline.tracking import load_tracking, log_to_training_run
 
 
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--resume-across-versions", action="store_true",
                     help="keep finished shards made by other pipeline code or package versions")
     args = ap.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(SampleParams, "sample", args.params)
     tracking = load_tracking(args.params)

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.params.load import load_section
+from pipeline.artifacts import remove_stale_temps
 from pipeline.errors import run_main
+from pipeline.params.load import load_section
+from pipeline.params.train import TrainParams
 from pipeline.tracking import load_tracking
 from pipeline.train import train
-from pipeline.params.train import TrainParams
 
 
 def main() -> None:
@@ -31,6 +32,7 @@ def main() -> None:
                         help="resume a checkpoint made by other pipeline code or package versions (by default they "
                              "count as another run)")
     args = parser.parse_args()
+    remove_stale_temps(args.checkpoints, args.out, args.metrics, args.plots)  # what a killed run left behind
 
     params = load_section(TrainParams, "train", args.params)
     tracking = load_tracking(args.params)

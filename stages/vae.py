@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.params.load import load_section
+from pipeline.artifacts import remove_stale_temps
 from pipeline.errors import run_main
-from pipeline.vae import run_vae
+from pipeline.params.load import load_section
 from pipeline.params.vae import VAEParams
+from pipeline.vae import run_vae
 
 
 def main() -> None:
@@ -17,6 +18,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="where the save_pretrained snapshot goes (models/vae)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/vae.json)")
     args = parser.parse_args()
+    remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(VAEParams, "vae", args.params)
     metrics = run_vae(params, args.images, args.out, args.metrics)

@@ -1,6 +1,8 @@
 """Feature extractors: the classifier (training, determinism, clean-fid interop) and the Inception loading path."""
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 
 import numpy as np
@@ -212,3 +214,37 @@ def test_spatial_features_unavailable_say_why(tiny_inception, trained):
     assert "classifier extractor has none" in trained[0].spatial_unavailable()
     with pytest.raises(ValueError, match="has none"):
         trained[0].extract(make_shapes(2, 4, 16, seed=0)[0], 2, spatial=True)
+
+
+def test_the_weights_hashed_are_the_weights_loaded(tiny_inception, tmp_path):
+    """One read: the hash recorded is of the bytes the net was built from, whatever the path holds afterwards."""
+    loaded = hashlib.sha256(tiny_inception.read_bytes()).hexdigest()
+    extractor = InceptionExtractor(tiny_inception, "clean", CPU)
+    save_inception_like(tiny_inception, 1)  # the file is swapped after the load
+    assert extractor.config()["weights_sha256"] == loaded
+    (tmp_path / "ref").mkdir()
+    save_extractor(tmp_path / "ref", extractor, str(tiny_inception))
+    with pytest.raises(ArtifactError, match="the reference used"):
+        load_extractor(tmp_path / "ref", CPU)
+
+
+def test_weights_that_another_user_could_have_planted_are_refused(tiny_inception, tmp_path):
+    shared = tmp_path / "shared-tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp, where clean-fid keeps its copy
+    planted = shared / INCEPTION_FILE
+    planted.write_bytes(tiny_inception.read_bytes())
+    planted.chmod(0o666)  # anyone may rewrite it
+    with pytest.raises(WeightsUnavailable, match="other users can write to"):
+        InceptionExtractor(planted, "clean", CPU)
+    planted.chmod(0o644)
+    InceptionExtractor(planted, "clean", CPU)  # this user's own file there is fine
+    if os.getuid() == 0:  # root can give it to another user, who could have put it there first
+        os.chown(planted, 65534, 65534)
+        with pytest.raises(WeightsUnavailable, match="owned by uid 65534"):
+            InceptionExtractor(planted, "clean", CPU)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / INCEPTION_FILE).write_bytes(tiny_inception.read_bytes())
+    (private / INCEPTION_FILE).chmod(0o666)  # in a folder only this user writes, the file's own mode matters not
+    InceptionExtractor(private / INCEPTION_FILE, "clean", CPU)

@@ -2,15 +2,18 @@
 import copy
 import io
 import json
+import os
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from pipeline import ingest as data, synthetic
 from pipeline.formats import images as image_shards
@@ -22,7 +25,7 @@ from pipeline.params.ingest import IngestParams
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
     "source": "synthetic", "image_size": 16, "shard_size": 16, "max_bad_fraction": 0.01, "min_image_side": 8,
-    "num_workers": 0,
+    "max_image_pixels": 1_000_000, "max_file_bytes": 1_000_000, "num_workers": 0,
     "synthetic": {"num_images": 40, "num_classes": 10, "seed": 0},
     "hf": {"path": "unused", "local_dir": NO_INPUT, "name": None, "split": "train", "revision": None, "image_column": "img",
            "label_column": "label", "streaming": False, "max_images": None},
@@ -283,6 +286,113 @@ def test_imagefolder_missing_root(tmp_path):
         data.ingest(make_params(source="imagefolder", **{"imagefolder.root": str(tmp_path / "nope")}), tmp_path)
 
 
+# ------------------------------------------------------------------------------------ inputs that must not stop it
+
+def hostile_root(tmp_path: Path) -> Path:
+    """Two classes of two valid images each: the hostile file under test is added beside them."""
+    root = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            (root / name / f"{i}.png").write_bytes(png_bytes(Image.fromarray(noise(rng, 20, 20))))
+    return root
+
+
+def skipped_after_ingest(tmp_path: Path, root: Path, **changes) -> dict[str, str]:
+    """{key: reason} of skipped.json after an ingest of `root` that keeps the four valid images."""
+    params = make_params(source="imagefolder", max_bad_fraction=0.5, **{"imagefolder.root": str(root)}, **changes)
+    assert data.ingest(params, tmp_path / "images")["count"] == 4
+    return {e["key"]: e["reason"] for e in json.loads((tmp_path / "images" / "skipped.json").read_text())}
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def test_a_ztxt_bomb_is_counted_not_fatal(tmp_path):
+    root = hostile_root(tmp_path)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "a" * (8 << 20), zip=True)  # 8 MB of text in a ~8 KB file: past Pillow's 1 MB limit
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "PNG", pnginfo=text)
+    (root / "cat" / "bomb.png").write_bytes(buf.getvalue())
+    assert skipped_after_ingest(tmp_path, root) == {"cat/bomb.png": "decompression_bomb"}
+
+
+def test_a_header_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
+    root = hostile_root(tmp_path)
+    # over max_image_pixels; over Pillow's decompression-bomb warning (89 MP); over its error (179 MP)
+    for name, side in (("wide.png", 2000), ("warned.png", 10000), ("huge.png", 20000)):
+        header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+        (root / "dog" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b""))
+                                          + png_chunk(b"IEND", b""))
+    too_many = {"dog/huge.png": "too_many_pixels", "dog/warned.png": "too_many_pixels"}
+    assert skipped_after_ingest(tmp_path, root) == {**too_many, "dog/wide.png": "too_many_pixels"}
+    # Pillow's decompression-bomb warning and error reject too, where the param would allow the image
+    assert skipped_after_ingest(tmp_path, root, max_image_pixels=10**9) == {
+        **too_many, "dog/wide.png": "corrupt"}  # 2000 x 2000 claimed, no pixel data
+
+
+def test_a_file_over_max_file_bytes_is_not_read(tmp_path, monkeypatch):
+    root = hostile_root(tmp_path)
+    (root / "cat" / "big.png").write_bytes(b"\0" * 1_000_001)
+    os.mkfifo(root / "cat" / "pipe.png")  # opening it for reading would wait for a writer forever
+    assert skipped_after_ingest(tmp_path, root) == {"cat/big.png": "file_too_large", "cat/pipe.png": "not_a_file"}
+
+
+def test_links_out_of_the_root_are_counted_not_followed(tmp_path):
+    root = hostile_root(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png_bytes(Image.new("RGB", (20, 20))))
+    (root / "cat" / "link.png").symlink_to(outside / "secret.png")
+    (root / "cat" / "inside.png").symlink_to(root / "dog" / "0.png")  # a link within the root is read
+    (root / "dog" / "folder").symlink_to(outside, target_is_directory=True)
+    (root / "emu").symlink_to(outside, target_is_directory=True)  # a linked class folder is no class
+    params = make_params(source="imagefolder", max_bad_fraction=0.5, **{"imagefolder.root": str(root)})
+    assert data.ingest(params, tmp_path / "images")["count"] == 5
+    report = {e["key"]: e["reason"] for e in json.loads((tmp_path / "images" / "skipped.json").read_text())}
+    assert report == {"cat/link.png": "outside_root", "dog/folder/": "symlinked_folder", "emu/": "symlinked_folder"}
+    assert image_shards.read_manifest(tmp_path / "images")["class_names"] == ["cat", "dog"]
+
+
+def test_an_unreadable_subfolder_is_counted(tmp_path, monkeypatch):
+    root = hostile_root(tmp_path)
+    (root / "dog" / "locked").mkdir()
+    (root / "dog" / "locked" / "hidden.png").write_bytes(png_bytes(Image.new("RGB", (20, 20))))
+    (root / "dog" / "locked").chmod(0)
+    if os.geteuid() == 0:  # root reads any folder: make the listing fail as it does for everyone else
+        scandir = os.scandir
+        monkeypatch.setattr(os, "scandir", lambda path=".": scandir(path) if Path(path) != root / "dog" / "locked"
+                            else (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+    try:
+        assert skipped_after_ingest(tmp_path, root) == {"dog/locked/": "unreadable_folder"}
+    finally:
+        (root / "dog" / "locked").chmod(0o755)
+
+
+def test_hf_rows_read_local_files_only_inside_the_dataset(tmp_path, hf_dir):
+    import datasets
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"])})
+    inside = hf_dir / "images" / "ok.png"
+    inside.parent.mkdir()
+    inside.write_bytes(png_bytes(Image.new("RGB", (20, 20), (9, 9, 9))))
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(inside.read_bytes())
+    rows = [{"bytes": None, "path": p} for p in ("/etc/hostname", "/dev/zero", str(outside), str(inside))]
+    table = datasets.Dataset.from_dict({"img": rows, "label": [0, 1, 0, 1]}, features=features)
+    for old in (hf_dir / "data").iterdir():
+        old.unlink()
+    table.to_parquet(str(hf_dir / "data" / "train-00000-of-00001.parquet"))
+    params = make_params(source="hf", max_bad_fraction=0.9, **{"hf.path": None, "hf.local_dir": str(hf_dir)})
+    metrics = data.ingest(params, tmp_path / "images")
+    assert metrics == {"count": 1, "skipped": 3}
+    report = {e["key"]: e["reason"] for e in json.loads((tmp_path / "images" / "skipped.json").read_text())}
+    assert report == {"train/0": "outside_root", "train/1": "outside_root", "train/2": "outside_root"}
+
+
 # -------------------------------------------------------------------------------------------- Hugging Face
 
 @pytest.fixture
@@ -352,7 +462,12 @@ def test_stage_script_end_to_end(tmp_path):
     raw = copy.deepcopy(BASE)
     (tmp_path / "params.yaml").write_text(json.dumps({"ingest": raw}))  # JSON is YAML
     out, metrics = tmp_path / "data/images", tmp_path / "metrics/ingest.json"
+    leftovers = [tmp_path / "data/.images.k1ll3d_0", tmp_path / "metrics/.ingest.json.k1ll3d_0.tmp"]  # a SIGKILL's
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
     subprocess.run([sys.executable, str(REPO / "stages/ingest.py"), "--params", str(tmp_path / "params.yaml"),
                     "--out", str(out), "--metrics", str(metrics)], check=True, cwd=tmp_path)
     assert json.loads(metrics.read_text()) == {"count": 40, "skipped": 0}
     assert image_shards.read_manifest(out)["count"] == 40
+    assert not any(p.exists() for p in leftovers)

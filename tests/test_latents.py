@@ -2,6 +2,7 @@
 drawn from them equal those of the whole set concatenated in memory, and opening a set copies nothing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,8 @@ def write_set(directory: Path, store: str = "posterior", dtype=torch.float16, co
         tensors.update({k: torch.randn(n, 2, 4, 8, 8, generator=g).to(dtype) for k in keys})
         name = f"latents-{s:05d}.safetensors"
         save_file(tensors, directory / name)
-        entries.append({"file": name, "count": n, "sha256": sha256_file(directory / name)})
+        entries.append({"file": name, "count": n, "size": (directory / name).stat().st_size,
+                        "sha256": sha256_file(directory / name)})
     write_manifest(directory, "dit-latents", 1, count=sum(counts), latent_shape=[4, 8, 8], scaling_factor=0.5,
                    store=store, flip=True, num_classes=5, shards=entries)
     return directory
@@ -87,6 +89,11 @@ def test_a_truncated_shard_or_a_missing_one_is_one_clear_error(tmp_path):
     directory = write_set(tmp_path / "latents")
     shard = directory / "latents-00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="bytes, its manifest says.*dvc repro encode"):
+        open_latents(directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["shards"][1]["size"] -= 100  # a manifest that agrees: the tensors' extents still tell
+    (directory / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="corrupt or misaligned.*dvc repro encode"):
         open_latents(directory)
     shard.unlink()
@@ -98,3 +105,27 @@ def test_shards_that_disagree_are_refused():
     a = {"label": torch.zeros(2, dtype=torch.int64), "mean": torch.zeros(2, 2, 4, 8, 8)}
     with pytest.raises(ArtifactError, match="does not match the first"):
         LatentSet([a, {**a, "mean": torch.zeros(2, 2, 4, 4, 4)}])
+
+
+def test_a_shard_of_another_size_or_content_is_refused(tmp_path):
+    directory = write_set(tmp_path / "latents")
+    shard = directory / "latents-00001.safetensors"
+    original = shard.read_bytes()
+    shard.write_bytes(original + b"\0" * 64)  # grown: every extent still fits, so only the recorded size tells
+    with pytest.raises(ArtifactError, match="is .* bytes, its manifest says"):
+        open_latents(directory)
+    with pytest.raises(ArtifactError, match="is .* bytes, its manifest says"):
+        load_latents(directory)
+    flipped = bytearray(original)
+    flipped[-1] ^= 0xFF  # same size, one byte of a value changed: only the hash tells, in memory
+    shard.write_bytes(bytes(flipped))
+    open_latents(directory)  # memory-mapped: size and rows only (see its docstring)
+    with pytest.raises(ArtifactError, match="does not match the sha256"):
+        load_latents(directory)
+    other = write_set(tmp_path / "other", counts=(7,))  # a shard of another run, its size recorded as if it fit
+    shard.write_bytes((other / "latents-00000.safetensors").read_bytes())
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["shards"][1]["size"] = shard.stat().st_size
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="holds 7 rows, its manifest says 16"):
+        open_latents(directory)

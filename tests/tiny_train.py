@@ -39,6 +39,7 @@ def write_latents(directory: Path, count: int = 64, store: str = "posterior") ->
                    images_manifest_sha256="0" * 64, num_classes=NUM_CLASSES,
                    class_names=[f"class{i}" for i in range(NUM_CLASSES)], image_size=16,
                    shards=[{"file": "latents-00000.safetensors", "count": count,
+                            "size": (directory / "latents-00000.safetensors").stat().st_size,
                             "sha256": sha256_file(directory / "latents-00000.safetensors")}])
     return directory
 

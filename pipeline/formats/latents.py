@@ -8,11 +8,13 @@ fp16 mean and std with flips take ~42 GB). Imports nothing of Ray or the VAE.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -31,7 +33,8 @@ def write_shard(out_dir: Path, name: str, arrays: dict[str, np.ndarray]) -> dict
     """Write `label` (n,) and `mean` + `std` or `sample` (n, F, C, h, w) as `name`; returns the manifest entry."""
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     atomic_write(out_dir / name, lambda tmp: save_file(tensors, str(tmp)))
-    return {"file": name, "count": len(tensors["label"]), "sha256": sha256_file(out_dir / name)}
+    path = out_dir / name
+    return {"file": name, "count": len(tensors["label"]), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def write_latents_manifest(out_dir: str | Path, **fields) -> Path:
@@ -139,23 +142,61 @@ class LatentSet:
 
 def open_latents(latents_dir: str | Path) -> tuple[dict, LatentSet]:
     """The manifest and its shards, memory-mapped: `label` int64 (N,), and `mean` + `std` or `sample`
-    (N, F, C, h, w), unscaled, in the stored dtype."""
+    (N, F, C, h, w), unscaled, in the stored dtype.
+
+    Each shard is checked against its manifest entry's size and row count, not its sha256: hashing would read every
+    byte on every worker start (ImageNet's ~42 GB: minutes), where the mapping reads only the rows a batch indexes.
+    The hashes are checked where the bytes arrive: DVC's checkout and pull, and the node cache's download
+    (pipeline/shared_storage.py); `load_latents` checks them too."""
     manifest = read_latents_manifest(latents_dir)
     shards = []
     for entry in manifest["shards"]:
-        path = Path(latents_dir) / entry["file"]
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing; run `dvc pull` or `dvc repro {STAGE}`")
-        shards.append(map_shard(path))
-    latents = LatentSet(shards)
-    if latents.count != manifest["count"]:
-        raise ArtifactError(f"{latents_dir} holds {latents.count} rows, its manifest says "
-                            f"{manifest['count']}; run `dvc repro {STAGE}`")
-    return manifest, latents
+        path = _shard_path(latents_dir, entry)
+        shard = map_shard(path)
+        _check_rows(path, shard, entry)
+        shards.append(shard)
+    return manifest, _latent_set(latents_dir, manifest, shards)
 
 
 def load_latents(latents_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest and the whole set as contiguous tensors in memory (a private copy: for tests and tools; train
-    uses `open_latents`)."""
-    manifest, latents = open_latents(latents_dir)
-    return manifest, latents.to(torch.device("cpu")).shards[0]
+    uses `open_latents`). Each shard is read once, checked against its manifest sha256, and parsed from those bytes."""
+    manifest = read_latents_manifest(latents_dir)
+    shards = []
+    for entry in manifest["shards"]:
+        path = _shard_path(latents_dir, entry)
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{path} does not match the sha256 in its manifest; run `dvc repro {STAGE}`")
+        shard = safetensors.torch.load(data)
+        _check_rows(path, shard, entry)
+        shards.append(shard)
+    return manifest, _latent_set(latents_dir, manifest, shards).to(torch.device("cpu")).shards[0]
+
+
+def _shard_path(latents_dir: str | Path, entry: dict) -> Path:
+    """The shard file of a manifest entry, present and of the recorded size."""
+    path = Path(latents_dir) / entry["file"]
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; run `dvc pull` or `dvc repro {STAGE}`")
+    if "size" not in entry:
+        raise ArtifactError(f"{latents_dir}/manifest.json records no size for {entry['file']} (written by an older "
+                            f"encode); run `dvc repro {STAGE}`")
+    if path.stat().st_size != entry["size"]:
+        raise ArtifactError(f"{path} is {path.stat().st_size} bytes, its manifest says {entry['size']}: it is "
+                            f"damaged or from another run; run `dvc pull` or `dvc repro {STAGE}`")
+    return path
+
+
+def _check_rows(path: Path, shard: dict[str, torch.Tensor], entry: dict) -> None:
+    if "label" not in shard or len(shard["label"]) != entry["count"]:
+        raise ArtifactError(f"{path} holds {len(shard.get('label', ()))} rows, its manifest says {entry['count']}; "
+                            f"run `dvc repro {STAGE}`")
+
+
+def _latent_set(latents_dir: str | Path, manifest: dict, shards: list[dict[str, torch.Tensor]]) -> LatentSet:
+    latents = LatentSet(shards)
+    if latents.count != manifest["count"]:
+        raise ArtifactError(f"{latents_dir} holds {latents.count} rows, its manifest says "
+                            f"{manifest['count']}; run `dvc repro {STAGE}`")
+    return latents

@@ -55,13 +55,15 @@ class IngestParams:
     shard_size: int
     max_bad_fraction: float
     min_image_side: int
+    max_image_pixels: int  # width x height an input's header may claim; larger ones are refused before decoding
+    max_file_bytes: int  # size of one input file (or a dataset row's image bytes); larger ones are not read
     num_workers: int
     synthetic: SyntheticParams
     hf: HFParams
     imagefolder: ImageFolderParams
 
     def __post_init__(self):
-        for key in ("image_size", "shard_size", "min_image_side"):
+        for key in ("image_size", "shard_size", "min_image_side", "max_image_pixels", "max_file_bytes"):
             if getattr(self, key) < 1:
                 raise ParamsError(f"'ingest.{key}' must be >= 1, got {getattr(self, key)}")
         if not 0.0 <= self.max_bad_fraction < 1.0:

@@ -11,14 +11,13 @@ Hub inputs (a dataset or VAE id) are pinned by the commit sha they resolved to, 
 Persisted caches (train checkpoints, sample shards) outlive a stage run, so params alone do not key them: a
 `stamp` records the sha256 of every source file in the producing module's import closure inside `pipeline/` (lazy
 imports included: the code that can run, not the whole package, so editing report.py does not discard a training
-run) and the versions of the packages that change its numbers. A cache whose stamp differs is started afresh.
+run) and the versions of the packages that change its numbers. A cache whose stamp differs is started afresh, the
+old one moved aside (pipeline/persisted.py).
 """
 from __future__ import annotations
 
 import ast
 import hashlib
-import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 NO_INPUT = "inputs/none"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Packages whose version changes the numbers of a checkpoint or a sample shard (kernels, samplers, the VAE);
-# torch's version names its CUDA build (e.g. 2.5.1+cu124). A change discards a persisted cache.
+# torch's version names its CUDA build (e.g. 2.5.1+cu124). A change sets a persisted cache aside.
 KEY_PACKAGES = ("torch", "numpy", "diffusers")
 # Recorded in every manifest and MLflow run: also those that change the numbers of other stages (image decoding and
 # resizing, parquet, FID's matrix square root, the Inception port, the dataset loader).
@@ -148,21 +147,3 @@ def stamp_mismatch(old: dict | None, new: dict) -> list[str]:
             if old["packages"].get(name) != version]
     return why
 
-
-def reuse_or_clear(cache_dir: str | Path, new: dict, across_versions: bool, label: str) -> None:
-    """Keep the files of `cache_dir` only when its stamp matches `new`, or when the user asked to resume across
-    versions (`across_versions`); otherwise delete them, saying why. Then stamp the directory with `new`."""
-    cache_dir = Path(cache_dir)
-    record = cache_dir / STAMP_FILE
-    files = [f for f in cache_dir.iterdir() if f.is_file() and f != record]
-    why = stamp_mismatch(json.loads(record.read_text()) if record.exists() else None, new) if files else []
-    if why and across_versions:
-        print(f"[{label}] resuming {len(files)} files in {cache_dir} across versions, as asked ({'; '.join(why)})")
-    elif why:
-        print(f"[{label}] starting afresh: {cache_dir} was made by other code or packages ({'; '.join(why)}); "
-              "pass --resume-across-versions to keep it")
-        for f in files:
-            f.unlink()
-    tmp = record.with_name(f".{record.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, record)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +114,58 @@ def test_ray_with_two_actors_equals_single_process_bit_for_bit(encode_inputs, tm
 def test_load_latents_names_the_stage_to_run(tmp_path):
     with pytest.raises(ArtifactError, match="dvc repro encode"):
         load_latents(tmp_path / "missing")
+
+
+# A subprocess that encodes slowly enough to be killed mid-run: every batch of rows waits first.
+SLOW_ENCODE = """
+import sys, time
+import pipeline.encode as E
+from tiny_encode import PARAMS
+encode = E.LatentEncoder.__call__
+E.LatentEncoder.__call__ = lambda self, batch: (time.sleep(0.4), encode(self, batch))[1]
+images, vae, out, shards = sys.argv[1:]
+E.encode_local(PARAMS, images, vae, out, shards_dir=shards)
+"""
+
+
+def kill_once(args: list[str], done: Callable[[], bool], timeout_s: float = 300) -> None:
+    """Run `args`, SIGKILL it as soon as `done()` holds, and fail if it finished first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not done() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_a_killed_encode_resumes_its_finished_shards_and_gives_the_same_bytes(encode_inputs, tmp_path):
+    images, vae = encode_inputs["images_dir"], encode_inputs["vae_dir"]
+    out, shards = tmp_path / "latents", tmp_path / "latents-shards"
+    kill_once([sys.executable, "-c", SLOW_ENCODE, str(images), str(vae), str(out), str(shards)],
+              lambda: any(shards.glob("*/latents-00000.safetensors")))
+    assert not out.exists()
+    (first,) = shards.glob("*/latents-00000.safetensors")
+    finished = {f.name: f.stat().st_ino for f in first.parent.glob("latents-*.safetensors")}
+    assert 1 <= len(finished) < 3
+
+    encode_local(PARAMS, images, vae, out, shards_dir=shards)
+    assert {f: (first.parent / f).stat().st_ino for f in finished} == finished  # kept, not encoded again
+    encode_local(PARAMS, images, vae, tmp_path / "uninterrupted")
+    assert shard_hashes(out) == shard_hashes(tmp_path / "uninterrupted")
+    assert sha256_file(out / "manifest.json") == sha256_file(tmp_path / "uninterrupted" / "manifest.json")
+
+
+def test_shards_of_other_settings_are_moved_aside(encode_inputs, tmp_path):
+    images, vae, shards = encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "latents-shards"
+    encode_local(PARAMS, images, vae, tmp_path / "latents", shards_dir=shards)
+    (old,) = shards.iterdir()
+    before = {f.name: sha256_file(f) for f in old.iterdir()}
+    encode_local(dataclasses.replace(PARAMS, dtype="float16"), images, vae, tmp_path / "latents", shards_dir=shards)
+    moved = tmp_path / "superseded" / f"encode-{old.name}" / old.name
+    assert {f.name: sha256_file(f) for f in moved.iterdir()} == before and not old.exists()

@@ -5,12 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +18,7 @@ from pipeline.config import load_section
 from pipeline.encode import EncodeParams, encode_local, run_encode
 from pipeline.formats.latents import load_latents
 from pipeline.vae import encode_images, load_vae
+from conftest import kill_once
 from tiny_encode import PARAMS, shard_hashes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,22 +122,6 @@ E.LatentEncoder.__call__ = lambda self, batch: (time.sleep(0.4), encode(self, ba
 images, vae, out, shards = sys.argv[1:]
 E.encode_local(PARAMS, images, vae, out, shards_dir=shards)
 """
-
-
-def kill_once(args: list[str], done: Callable[[], bool], timeout_s: float = 300) -> None:
-    """Run `args`, SIGKILL it as soon as `done()` holds, and fail if it finished first."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not done() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
 
 
 def test_a_killed_encode_resumes_its_finished_shards_and_gives_the_same_bytes(encode_inputs, tmp_path):

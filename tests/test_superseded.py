@@ -100,3 +100,18 @@ def test_the_command_lists_restores_and_removes_sets_and_cache_entries(tmp_path)
     assert cli("remove", "--all", cwd=repo, cache=cache).returncode == 0
     assert cli("list", cwd=repo, cache=cache).stdout.strip() == "0 entries, 0 B in all"
     assert (repo / "models" / "checkpoints" / "ckpt-0000010.pt").exists()  # the restored run is not an entry
+
+
+def test_superseded_places_are_outside_every_output_and_ignored_by_git():
+    import yaml
+
+    from pipeline.superseded import default_roots
+
+    outs = [Path(o if isinstance(o, str) else next(iter(o))) for stage in
+            yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for o in stage.get("outs", [])]
+    roots = default_roots(REPO / "dvc.yaml")
+    assert {r.as_posix() for r in roots} == {"models/superseded", "data/superseded", "data/samples/superseded"}
+    assert not [(r, o) for r in roots for o in outs if o == r or o in r.parents or r in o.parents]
+    probe = [f"{r.as_posix()}/x/ckpt-0000001.pt" for r in roots]
+    ignored = subprocess.run(["git", "check-ignore", *probe], cwd=REPO, capture_output=True, text=True, check=False)
+    assert ignored.stdout.split() == probe

@@ -105,6 +105,11 @@ def test_ray_with_two_actors_equals_single_process_bit_for_bit(encode_inputs, tm
     assert load_latents(tmp_path / "ray")[0] == reference
     assert metrics["count"] == 20 and metrics["num_actors"] == 2 and metrics["img_per_s"] > 0
     assert json.loads((tmp_path / "encode.json").read_text()) == {k: metrics[k] for k in ("seconds", "img_per_s")}
+    (lost,) = (tmp_path / "ray-shards").glob("*/latents-00001.safetensors")  # as if killed before that shard
+    lost.unlink()
+    again = run_encode(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray",
+                       tmp_path / "encode.json")
+    assert again["encoded"] == 8 and shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
 
 
 def test_load_latents_names_the_stage_to_run(tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import ArtifactError, atomic_torch_save
-from pipeline.provenance import stamp_mismatch
+from pipeline.persisted import superseded_root
+from pipeline.code_stamp import stamp_mismatch
 
 CHECKPOINT_FORMAT = ("dit-train-checkpoint", 1)
 # Train params that change the optimisation trajectory: a checkpoint made with other values is not resumed.
@@ -92,9 +93,9 @@ def check_resumable(ckpt: dict, path: Path, p, model_config: dict, latents_sha25
     why = resume_mismatch(ckpt, p, model_config, latents_sha256, code_stamp)
     if why:
         raise ArtifactError(f"{path} cannot be resumed by this run ({'; '.join(why)}). Restore those params to "
-                            f"continue it, or delete {path.parent} (or pass --restart-on-mismatch to the stage) "
-                            "to train from scratch; after a code or package change, --resume-across-versions "
-                            "continues it anyway.")
+                            "continue it, or pass --restart-on-mismatch to the stage to move its checkpoints aside "
+                            f"(to {superseded_root(path.parent)}/, kept) and train from scratch; after a code or "
+                            "package change, --resume-across-versions continues it anyway.")
 
 
 def latest_checkpoint(directory: str | Path) -> tuple[dict, Path] | tuple[None, None]:

@@ -7,9 +7,18 @@ as the image shards, each as soon as it is complete, so memory stays bounded by 
 not depend on the number of actors, on `batch_size` or on arrival order: rows are placed by index, every VAE forward
 has one fixed shape and layout, and CPU encoders run with a fixed thread count (see `LatentEncoder`).
 Latents are stored unscaled; the scaling factor is recorded in the manifest, copied from the VAE config.
+
+Resume. Each finished shard is written atomically to `<shards>/<key>/` (`data/latents-shards`, a persisted DVC
+output), where key hashes what determines its bytes: the images, the VAE, the params that change numbers and the
+code and package stamp. A killed run skips the shards found there; the output links (or copies) them, so it has
+the bytes of an uninterrupted run. Shards of another key are moved aside to `data/superseded/`, never deleted.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,11 +33,13 @@ from pipeline.cluster import init_ray
 from pipeline.params.load import ParamsError
 from pipeline.determinism import torch_threads
 from pipeline.formats import images as image_shards
-from pipeline.formats.latents import shard_name, write_latents_manifest, write_shard
-from pipeline.timing import mark_ready
-from pipeline.shared_storage import on_this_node, publish
 from pipeline.autoencoder import encode_images, load_vae
+from pipeline.code_stamp import stamp
+from pipeline.formats.latents import map_shard, shard_name, write_latents_manifest, write_shard
 from pipeline.params.encode import EncodeParams
+from pipeline.persisted import open_keyed_dir, superseded_root
+from pipeline.shared_storage import on_this_node, publish
+from pipeline.timing import mark_ready
 
 # CPUs reserved per encoder actor, and torch's intra-op threads whenever the VAE runs on a CPU. Pinned because the
 # conv kernels split work by thread count and round differently (measured: 1 vs 2 threads changes the last bits), so
@@ -91,8 +102,9 @@ def posterior_sample(mean: np.ndarray, std: np.ndarray, indices: np.ndarray, see
 
 
 class ShardWriter:
-    """Places encoded rows by their global index and writes each latents shard as soon as all its rows are in, so
-    the bytes do not depend on the order in which the rows arrive. Memory: the shards in flight."""
+    """Places encoded rows by their global index and writes each latents shard to `out_dir` (the persisted shard
+    directory) as soon as all its rows are in, so the bytes do not depend on the order in which the rows arrive.
+    Memory: the shards in flight. Shards already in `out_dir`, from a killed run, count as written (`todo`)."""
 
     def __init__(self, out_dir: Path, images_manifest: dict, params: EncodeParams):
         self.out_dir, self.params = out_dir, params
@@ -125,6 +137,18 @@ class ShardWriter:
             if self.seen[s].all():
                 self.flush(s)
 
+    def todo(self) -> list[int]:
+        """Take the shards a killed run finished (written atomically, so a file there is whole) as written; the
+        numbers of the shards left to encode."""
+        for s, shard in enumerate(self.shards):
+            path = self.out_dir / shard_name(shard["file"])
+            if s not in self.written and path.is_file():
+                self.written[s] = {"file": path.name, "count": shard["count"], "size": path.stat().st_size,
+                                   "sha256": sha256_file(path)}
+                stored = map_shard(path)
+                self.latent_shape = list(stored["mean" if "mean" in stored else "sample"].shape[2:])
+        return [s for s in range(len(self.shards)) if s not in self.written]
+
     def to_stored(self, batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
         dtype = np.dtype(self.params.dtype)
         self.latent_shape = list(batch["mean"].shape[2:])
@@ -147,48 +171,89 @@ class ShardWriter:
         return [self.written[s] for s in range(len(self.shards))]
 
 
-def write_latents(batches: Iterable[dict[str, np.ndarray]], images_dir: str | Path, vae_dir: str | Path,
-                  out_dir: str | Path, params: EncodeParams) -> dict:
-    """Drain encoded `batches` (rows with their global `index`) into `out_dir`'s shards and manifest."""
+def shards_key(images_dir: str | Path, vae_dir: str | Path, params: EncodeParams) -> str:
+    """Hash of what determines the latents' bytes: the images, the VAE, the params that change numbers (not
+    batch_size, num_actors or storage_path), and the code and packages that run (`provenance.stamp`)."""
+    determining = {
+        "images_manifest_sha256": sha256_file(Path(images_dir) / "manifest.json"), "vae_sha256": sha256_dir(vae_dir),
+        "flip": params.flip, "store": params.store, "dtype": params.dtype, "micro_batch": params.micro_batch,
+        "seed": params.seed, "use_gpu": params.use_gpu,  # GPU kernels round otherwise
+        "stamp": stamp("encode"),
+    }
+    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_writer(images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path, params: EncodeParams,
+                shards_dir: str | Path | None) -> ShardWriter:
+    """The writer into the persisted shards of this setting (`shards_dir`, default `<out_dir>-shards`), with the
+    shards of other settings moved aside after checking the disk holds as many again."""
+    shards_dir = Path(shards_dir) if shards_dir else Path(f"{out_dir}-shards")
+    key_dir = open_keyed_dir(shards_dir, shards_key(images_dir, vae_dir, params), superseded_root(shards_dir),
+                             "encode", need_bytes=lambda moved_bytes: moved_bytes)
+    return ShardWriter(key_dir, image_shards.read_manifest(images_dir), params)
+
+
+def write_latents(batches: Iterable[dict[str, np.ndarray]], writer: ShardWriter, images_dir: str | Path,
+                  vae_dir: str | Path, out_dir: str | Path, params: EncodeParams) -> dict:
+    """Drain encoded `batches` (rows with their global `index`) into the writer's shards, then write `out_dir`:
+    every shard, linked (or copied) from the persisted ones, and the manifest."""
     images = image_shards.read_manifest(images_dir)
+    done = sum(writer.shards[s]["count"] for s in writer.written)
+    with tqdm(total=images["count"], initial=done, desc="encode", unit="img") as bar:
+        for batch in batches:
+            writer.add(batch)
+            bar.update(len(batch["index"]))
+    shards = writer.finish()
     with staged_dir(out_dir) as tmp:
-        writer = ShardWriter(tmp, images, params)
-        with tqdm(total=images["count"], desc="encode", unit="img") as bar:
-            for batch in batches:
-                writer.add(batch)
-                bar.update(len(batch["index"]))
+        for shard in shards:
+            link_or_copy(writer.out_dir / shard["file"], tmp / shard["file"])
         manifest = dict(
             count=images["count"], latent_shape=writer.latent_shape, dtype=params.dtype, flip=params.flip,
             store=params.store, scaling_factor=load_vae(vae_dir).config.scaling_factor,
             vae_sha256=sha256_dir(vae_dir), images_manifest_sha256=sha256_file(Path(images_dir) / "manifest.json"),
             num_classes=images["num_classes"], class_names=images["class_names"], image_size=images["image_size"],
-            shards=writer.finish(),
+            shards=shards,
         )
         write_latents_manifest(tmp, **manifest)
     return manifest
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of ImageNet's latents), or a copy where the file system has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def encode_local(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
-                 device: str = "cpu") -> dict:
+                 device: str = "cpu", *, shards_dir: str | Path | None = None) -> dict:
     """The same encoding in this process, without Ray: the reference the Ray path must match bit for bit."""
-    encoder = LatentEncoder(str(vae_dir), params.flip, params.micro_batch, device)
+    writer = open_writer(images_dir, vae_dir, out_dir, params, shards_dir)
+    todo = writer.todo()
+    encoder = LatentEncoder(str(vae_dir), params.flip, params.micro_batch, device) if todo else None
+    images = image_shards.read_manifest(images_dir)
 
     def batches():
-        start = 0  # global index of the shard's first row
-        for images, labels in image_shards.iter_image_shards(images_dir):
-            for i in range(0, len(images), params.batch_size):
-                j = min(i + params.batch_size, len(images))
-                yield encoder({"image": images[i:j], "label": labels[i:j], "index": np.arange(start + i, start + j)})
-            start += len(images)
+        for s in todo:
+            pixels, labels = image_shards.read_shard(images_dir, images["shards"][s], images["image_size"])
+            start = writer.starts[s]  # global index of the shard's first row
+            for i in range(0, len(pixels), params.batch_size):
+                j = min(i + params.batch_size, len(pixels))
+                yield encoder({"image": pixels[i:j], "label": labels[i:j], "index": np.arange(start + i, start + j)})
 
-    return write_latents(batches(), images_dir, vae_dir, out_dir, params)
+    return write_latents(batches(), writer, images_dir, vae_dir, out_dir, params)
 
 
-def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, str], int]:
-    """(shard file, key) -> global row index. Ray Data reads files in no guaranteed order (it lists them in
-    parallel and bin-packs them into read tasks), so rows find their place by key, which is unique within a shard."""
+def row_index(images_dir: str | Path, images_manifest: dict, todo: list[int]) -> dict[tuple[str, str], int]:
+    """(shard file, key) -> global row index, for the shards numbered `todo`. Ray Data reads files in no guaranteed
+    order (it lists them in parallel and bin-packs them into read tasks), so rows find their place by key, which is
+    unique within a shard."""
     lookup, start = {}, 0
-    for shard in images_manifest["shards"]:
+    for s, shard in enumerate(images_manifest["shards"]):
+        if s not in todo:
+            start += shard["count"]
+            continue
         keys = image_shards.read_keys(images_dir, shard)
         if len(set(keys)) != len(keys):
             raise ArtifactError(f"{images_dir}/{shard['file']} repeats keys; keys must be unique, "
@@ -198,13 +263,19 @@ def row_index(images_dir: str | Path, images_manifest: dict) -> dict[tuple[str, 
     return lookup
 
 
-def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path) -> dict:
-    """Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
+def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
+               shards_dir: str | Path | None = None) -> tuple[dict, int]:
+    """The manifest, and the number of images this run encoded: the shards left to encode (`shards_dir`: see
+    `open_writer`), with Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
     each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
     import ray  # here, not at the top: importing this module needs no Ray
 
     images = image_shards.read_manifest(images_dir)
-    lookup = row_index(images_dir, images)
+    writer = open_writer(images_dir, vae_dir, out_dir, params, shards_dir)
+    todo = writer.todo()
+    if not todo:  # a killed run finished every shard: nothing for Ray to do
+        return write_latents([], writer, images_dir, vae_dir, out_dir, params), 0
+    lookup = row_index(images_dir, images, todo)
     init_ray()
     check_resources(params)
     # Without storage, the read tasks and the encoders read the driver's paths; with it, every node reads the
@@ -213,7 +284,7 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
     if params.storage_path:
         images_at = publish(images_dir, params.storage_path, "images")
         vae_at = publish(vae_dir, params.storage_path, "vae")
-    paths = [f"{images_at}/{shard['file']}" for shard in images["shards"]]
+    paths = [f"{images_at}/{images['shards'][s]['file']}" for s in todo]
     ds = ray.data.read_parquet(paths, include_paths=True)
     ds = ds.select_columns(["image", "label", "key", "path"])
     # Parquet reads bin-pack small shards into ~128 MiB read tasks; cut them (streaming) into blocks of batch_size
@@ -238,8 +309,9 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
         for batch in batches:
             yield {**batch, "index": np.array([lookup[Path(p).name, k] for p, k in zip(batch["path"], batch["key"])])}
 
-    return write_latents(indexed(ds.iter_batches(batch_size=None, batch_format="numpy")), images_dir, vae_dir,
-                         out_dir, params)
+    manifest = write_latents(indexed(ds.iter_batches(batch_size=None, batch_format="numpy")), writer, images_dir,
+                             vae_dir, out_dir, params)
+    return manifest, sum(images["shards"][s]["count"] for s in todo)
 
 
 def check_resources(params: EncodeParams) -> None:
@@ -258,15 +330,19 @@ def check_resources(params: EncodeParams) -> None:
 
 
 def run_encode(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
-               metrics_path: str | Path) -> dict:
-    """The stage: encode with Ray, print the throughput, write `metrics_path` (seconds, img/s); returns them with
-    the count and the number of actors."""
+               metrics_path: str | Path, shards_dir: str | Path | None = None) -> dict:
+    """The stage: encode with Ray (resuming the persisted shards of `shards_dir`), print the throughput, write
+    `metrics_path` (seconds, img/s); returns them with the count and the number of actors. img/s counts the images
+    encoded by this run, and is absent when a killed run had encoded them all."""
     start = time.perf_counter()
-    manifest = encode_ray(params, images_dir, vae_dir, out_dir)
+    manifest, encoded = encode_ray(params, images_dir, vae_dir, out_dir, shards_dir)
     seconds = time.perf_counter() - start
-    metrics = {"count": manifest["count"], "seconds": round(seconds, 2),
-               "img_per_s": round(manifest["count"] / seconds, 1), "num_actors": params.num_actors}
-    print(f"encoded {metrics['count']} images in {metrics['seconds']} s: {metrics['img_per_s']} img/s "
-          f"with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} actor(s)")
-    atomic_write_json(metrics_path, {k: metrics[k] for k in ("seconds", "img_per_s")})
+    metrics = {"count": manifest["count"], "encoded": encoded, "seconds": round(seconds, 2),
+               "num_actors": params.num_actors}
+    if encoded:
+        metrics["img_per_s"] = round(encoded / seconds, 1)
+    print(f"encoded {encoded} of {metrics['count']} images in {metrics['seconds']} s "
+          f"({metrics.get('img_per_s', 0)} img/s) with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} "
+          "actor(s)")
+    atomic_write_json(metrics_path, {k: metrics[k] for k in ("seconds", "img_per_s") if k in metrics})
     return metrics

@@ -5,9 +5,17 @@ a fixed seed and data order, holding out `holdout` images to measure its accurac
 images and writes `data/reference/` (dit-reference v1): `stats.npz` with `mu`, `sigma` (float64) over all images for
 FID, and the `features` (M, D) float32 with their `labels` for KID and precision/recall (all N images, or a seeded
 subset of `max_features`, as ADM's reference batches keep 10,000), plus `extractor.json` (+ `classifier.pt`).
+
+Resume. The expensive parts persist in `<shards>` (`data/reference-shards`, a persisted DVC output) as they finish,
+each under a key that hashes what determines it (inputs, params, code and package stamp): the trained classifier
+(`classifier/<key>/`) and each image shard's features (`features/<key>/features-XXXXX.npz`). A killed run loads
+them instead of training or extracting again, so its outputs have the bytes of an uninterrupted run; an ADM batch's
+import is not resumed (one pass over its images). Sets of other keys are moved aside to `data/superseded/`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -17,16 +25,20 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.adm_batch import read_adm_batch
-from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file
+from pipeline.code_stamp import stamp
 from pipeline.determinism import holdout_split, torch_threads
+from pipeline.features import (EXTRACTOR_FILE, ClassifierExtractor, Extractor, InceptionExtractor,
+                               build_classifier, classifier_arch, load_extractor, resolve_inception_weights,
+                               save_extractor, select_device)
 from pipeline.formats import images as image_shards
 from pipeline.formats.reference_stats import STATS_FILE, write_npz, write_reference_manifest
+from pipeline.params.reference import ReferenceParams
+from pipeline.persisted import open_keyed_dir, superseded_root
 from pipeline.provenance import local_input
 from pipeline.timing import mark_ready
-from pipeline.features import (ClassifierExtractor, Extractor, InceptionExtractor, build_classifier,
-                               classifier_arch, resolve_inception_weights, save_extractor,
-                               select_device)
-from pipeline.params.reference import ReferenceParams
+
+ACCURACY_FILE = "accuracy.json"  # beside a saved classifier: its held-out accuracy, written last
 
 
 
@@ -114,13 +126,24 @@ def kept_rows(count: int, max_features: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, max_features, replace=False))
 
 
-def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, params: ReferenceParams):
-    """Stream the shards: mu, sigma over every real image; features (M, D) float32 and labels of the kept rows."""
+def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, params: ReferenceParams,
+                    features_dir: Path):
+    """Stream the shards: mu, sigma over every real image; features (M, D) float32 and labels of the kept rows.
+    Each shard's features are saved in `features_dir` as they finish, and read from there when a killed run left
+    them."""
     keep = kept_rows(manifest["count"], params.max_features, params.seed)
     moments, features, labels, offset = Moments(), [], [], 0
     with tqdm(total=manifest["count"], desc=f"reference {extractor.name} features", unit="img") as bar:
-        for images, y in image_shards.iter_image_shards(images_dir):
-            f = extractor.extract(images, params.batch_size, pbar=bar).features  # (n, D) float64
+        for s, shard in enumerate(manifest["shards"]):
+            done = features_dir / f"features-{s:05d}.npz"
+            if done.is_file():
+                with np.load(done) as saved:
+                    f, y = saved["features"], saved["labels"]  # (n, D) float64, (n,)
+                bar.update(len(f))
+            else:
+                images, y = image_shards.read_shard(images_dir, shard, manifest["image_size"])
+                f = extractor.extract(images, params.batch_size, pbar=bar).features  # (n, D) float64
+                write_npz(done, features=f, labels=y)
             moments.add(f)
             rows = keep[(keep >= offset) & (keep < offset + len(f))] - offset
             features.append(f[rows].astype(np.float32))
@@ -160,21 +183,48 @@ def import_adm_batch(images_dir: Path, out_dir: Path, params: ReferenceParams, d
     return {"classifier_accuracy": None, "count": len(features), "seconds": round(time.time() - start, 2)}
 
 
-def build_reference(images_dir: str | Path, out_dir: str | Path, params: ReferenceParams) -> dict:
-    """Run the stage: write `out_dir` (dit-reference v1) and return the stage metrics."""
+def persisted_key(**determining) -> str:
+    return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resumed_extractor(images_dir: Path, manifest: dict, params: ReferenceParams, device: torch.device,
+                      shards_dir: Path) -> tuple[Extractor, float | None, dict]:
+    """The extractor, the classifier's held-out accuracy and the extractor's record (its config with the weights'
+    sha256). A trained classifier is saved in `shards_dir/classifier/<key>/` and loaded from there on a rerun."""
+    if params.extractor == "inception":  # Inception needs no training data: features are extracted shard by shard
+        extractor, accuracy = build_extractor(None, None, manifest["num_classes"], params, device)
+        return extractor, accuracy, extractor.config()
+    key = persisted_key(images=sha256_file(images_dir / "manifest.json"), steps=params.classifier_steps,
+                        batch=params.classifier_batch_size, lr=params.classifier_lr, holdout=params.holdout,
+                        seed=params.seed, batch_size=params.batch_size, stamp=stamp("reference"))
+    saved = open_keyed_dir(shards_dir / "classifier", key, superseded_root(shards_dir), "reference-classifier")
+    if (saved / ACCURACY_FILE).is_file():  # written last: the classifier beside it is whole
+        accuracy = json.loads((saved / ACCURACY_FILE).read_text())["classifier_accuracy"]
+        return load_extractor(saved, device), accuracy, json.loads((saved / EXTRACTOR_FILE).read_text())
+    images, labels, _ = image_shards.read_images(images_dir)
+    extractor, accuracy = build_extractor(images, labels, manifest["num_classes"], params, device)
+    config = save_extractor(saved, extractor, params.inception_weights)
+    atomic_write_json(saved / ACCURACY_FILE, {"classifier_accuracy": accuracy})
+    return extractor, accuracy, config
+
+
+def build_reference(images_dir: str | Path, out_dir: str | Path, params: ReferenceParams,
+                    shards_dir: str | Path | None = None) -> dict:
+    """Run the stage: write `out_dir` (dit-reference v1) and return the stage metrics. `shards_dir` (default
+    `<out_dir>-shards`) keeps the classifier and the features of finished image shards across a kill."""
     start = time.time()
     images_dir, out_dir = Path(images_dir), Path(out_dir)
+    shards_dir = Path(shards_dir) if shards_dir else Path(f"{out_dir}-shards")
     device = select_device(params.use_gpu, "reference")
     if local_input(params.adm_batch) is not None:
         return import_adm_batch(images_dir, out_dir, params, device)
-    if params.extractor == "classifier":
-        images, labels, manifest = image_shards.read_images(images_dir)
-    else:  # Inception needs no training data in memory: the features are extracted shard by shard below
-        images = labels = None
-        manifest = image_shards.read_manifest(images_dir)
-    extractor, accuracy = build_extractor(images, labels, manifest["num_classes"], params, device)
-    del images
-    mu, sigma, features, labels = extract_dataset(images_dir, manifest, extractor, params)
+    manifest = image_shards.read_manifest(images_dir)
+    extractor, accuracy, record = resumed_extractor(images_dir, manifest, params, device, shards_dir)
+    key = persisted_key(images=sha256_file(images_dir / "manifest.json"), extractor=record,
+                        batch_size=params.batch_size, device=device.type, stamp=stamp("reference"))
+    features_dir = open_keyed_dir(shards_dir / "features", key, superseded_root(shards_dir), "reference-features",
+                                  need_bytes=lambda moved_bytes: moved_bytes)
+    mu, sigma, features, labels = extract_dataset(images_dir, manifest, extractor, params, features_dir)
     stats_path = write_npz(out_dir / STATS_FILE, mu=mu, sigma=sigma, features=features, labels=labels)
     config = save_extractor(out_dir, extractor, params.inception_weights)
     write_reference_manifest(

@@ -16,8 +16,8 @@ The seeding is ours, so the pixels differ from the official sample_ddp.py's; the
 
 Resume. Shard k covers indices [k * shard_size, (k + 1) * shard_size). Each finished shard is written atomically
 to `shards/<key>/`, where key hashes everything that determines the pixels; a killed run skips finished shards,
-and shards made under other settings are deleted, as are those made by other code or package versions
-(`provenance.json` in the shard folder records them).
+and shards made under other settings, or by other code or package versions (`provenance.json` in the shard folder
+records them), are moved aside to `superseded/` beside `shards/`, never deleted (pipeline/persisted.py).
 
 Reproducing the paper's Table 2 (FID-50K 2.27 for DiT-XL/2 with cfg 1.5) from the official checkpoint, with
 models/vae holding a save_pretrained snapshot of stabilityai/sd-vae-ft-ema:
@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Iterator
@@ -53,10 +52,11 @@ from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.samples import save_npz, write_samples
 from pipeline.generate import generate_images, load_models, make_grid, make_labels
 from pipeline.model import DiT_models
-from pipeline.provenance import reuse_or_clear, stamp
+from pipeline.code_stamp import stamp
+from pipeline.params.sample import SampleParams
+from pipeline.persisted import open_keyed_dir, superseded_root
 from pipeline.shared_storage import on_this_node, publish
 from pipeline.timing import mark_ready
-from pipeline.params.sample import SampleParams
 
 ACTOR_RESTARTS = 3  # restarts of each sampling actor, and retries of the shard it was drawing, after it is lost
 SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards of older versions become stale
@@ -104,16 +104,13 @@ def settings_key(card: dict, vae_sha256: str, p: SampleParams) -> str:
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_shard_dir(out_dir: Path, key: str) -> Path:
-    """`out_dir/shards/key`, after deleting shards of other settings and temp files of killed writes."""
-    root = out_dir / "shards"
-    for stale in root.iterdir() if root.is_dir() else ():
-        if stale.name != key:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    (root / key).mkdir(parents=True, exist_ok=True)
-    for tmp in (root / key).glob(".*.tmp"):
-        tmp.unlink()
-    return root / key
+def open_shard_dir(out_dir: Path, key: str, resume_across_versions: bool = False) -> Path:
+    """`out_dir/shards/key`, ready to resume: shards of other settings, and of other code or packages (unless
+    `resume_across_versions`), are moved aside to `out_dir/superseded/`, beside the persisted `shards/`, after
+    checking that the disk holds a fresh set the size of the one moved; temp files of killed writes are removed."""
+    shards = out_dir / "shards"
+    return open_keyed_dir(shards, key, superseded_root(shards), "sample", stamp("sample"),
+                          resume_across_versions, need_bytes=lambda moved_bytes: moved_bytes)
 
 
 def shard_path(shard_dir: Path, k: int) -> Path:
@@ -252,8 +249,7 @@ def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | 
     other pipeline code or package versions are regenerated, unless `resume_across_versions`."""
     out_dir, vae_dir = Path(out_dir), str(vae_dir)
     vae_sha256 = sha256_dir(require_file(vae_dir, "vae"))
-    shard_dir = open_shard_dir(out_dir, settings_key(card, vae_sha256, p))
-    reuse_or_clear(shard_dir, stamp("sample"), resume_across_versions, label="sample")
+    shard_dir = open_shard_dir(out_dir, settings_key(card, vae_sha256, p), resume_across_versions)
     shards = range(math.ceil(p.num_fid_samples / p.shard_size))
     todo = [k for k in shards if not shard_is_done(shard_path(shard_dir, k), shard_indices(k, p))]
     generated = sum(len(shard_indices(k, p)) for k in todo)

@@ -35,7 +35,7 @@ from pipeline.artifacts import (
     ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
 )
 from pipeline.attention import attention_backend
-from pipeline.checkpoint_storage import fill_local, seed_run, worker_store
+from pipeline.checkpoint_storage import LocalCheckpoints, fill_local, seed_run, worker_store
 from pipeline.checkpoints import (
     CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
     restore_rng, resume_mismatch,
@@ -48,7 +48,9 @@ from pipeline.fp8 import convert_to_fp8
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
 from pipeline.numerics import set_float32_mode
-from pipeline.provenance import local_input, stamp
+from pipeline.persisted import check_free_space, move_checkpoints_aside, run_name, superseded_root
+from pipeline.code_stamp import stamp
+from pipeline.provenance import local_input
 from pipeline.shared_storage import on_this_node, publish
 from pipeline.timing import mark_ready
 from pipeline.tracking import Tracker, run_tags
@@ -403,8 +405,9 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
           resume_across_versions: bool = False) -> dict:
     """Train (or resume) up to `p.train_steps`, then write `out_dir`/{ema.pt, model.json, tracking.json} and the
     metrics. Returns the metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
-    `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are deleted. Checkpoints of
-    other code or packages count as another run, unless `resume_across_versions`."""
+    `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are moved aside to
+    `models/superseded/` (pipeline/persisted.py). Checkpoints of other code or packages count as another run, unless
+    `resume_across_versions`."""
     started = time.time()
     manifest = read_latents_manifest(latents_dir)
     check_batch_fits(p, manifest["count"])
@@ -444,20 +447,26 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
 
 
 def resolve_checkpoints(p: TrainParams, manifest: dict, config: dict, restart: bool) -> None:
-    """Check the latest checkpoint before any worker starts: fail fast, or clear another run's checkpoints."""
-    ckpt, path = latest_checkpoint(config["checkpoints"])
-    if ckpt is None:
+    """Check the latest checkpoint before any worker starts: resume it, fail fast, or (`restart`) move another run's
+    checkpoints aside, never deleting them. Before a fresh start, check that the disk holds `keep_checkpoints` new
+    checkpoints, each the size of the moved run's latest (or, with none, 4 float32 copies of the parameters:
+    weights, EMA and AdamW's two moments)."""
+    directory = Path(config["checkpoints"])
+    ckpt, path = latest_checkpoint(directory)
+    with torch.device("meta"):  # the model's config and size without allocating its weights
+        model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
+    why = resume_mismatch(ckpt, p, model.config, config["latents_sha256"], _required_stamp(config)) if ckpt else []
+    if ckpt is not None and not why:
         return
-    with torch.device("meta"):  # the model's config without allocating its weights
-        model_config = build_model(p, manifest["latent_shape"], manifest["num_classes"],
-                                   config["model_overrides"]).config
-    why = resume_mismatch(ckpt, p, model_config, config["latents_sha256"], _required_stamp(config))
-    if why and restart:
-        print(f"[train] {path} belongs to another run ({'; '.join(why)}): deleting its checkpoints and starting over")
-        for old in list_checkpoints(config["checkpoints"]):
-            old.unlink()
-    elif why:
-        check_resumable(ckpt, path, p, model_config, config["latents_sha256"], _required_stamp(config))
+    if why and not restart:
+        check_resumable(ckpt, path, p, model.config, config["latents_sha256"], _required_stamp(config))
+    one = path.stat().st_size if path else 4 * 4 * sum(q.numel() for q in model.parameters())
+    check_free_space(directory, one * p.keep_checkpoints, f"train.keep_checkpoints={p.keep_checkpoints} checkpoints",
+                     superseded_root(directory))
+    if ckpt is not None:
+        LocalCheckpoints(directory, p.keep_checkpoints, rank=0).clear_interrupted_writes()  # not worth keeping
+        run = {k: ckpt.get(k) for k in ("train_params", "model_config", "latents_sha256", "provenance")}
+        move_checkpoints_aside(directory, f"train-{run_name(run)}", why)
 
 
 def _required_stamp(config: dict) -> dict | None:

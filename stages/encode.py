@@ -17,11 +17,12 @@ def main() -> None:
     parser.add_argument("--vae", required=True, help="VAE snapshot from the vae stage (models/vae)")
     parser.add_argument("--out", required=True, help="latent shards + manifest (data/latents)")
     parser.add_argument("--metrics", required=True, help="metrics JSON (metrics/encode.json)")
+    parser.add_argument("--shards", required=True, help="finished shards, kept across a kill (data/latents-shards)")
     args = parser.parse_args()
     remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(EncodeParams, "encode", args.params)
-    run_encode(params, args.images, args.vae, args.out, args.metrics)
+    run_encode(params, args.images, args.vae, args.out, args.metrics, shards_dir=args.shards)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ def main() -> None:
     p.add_argument("--images", required=True, help="ingested images (dit-images v1)")
     p.add_argument("--out", required=True, help="output directory (dit-reference v1)")
     p.add_argument("--metrics", required=True)
+    p.add_argument("--shards", required=True,
+                   help="the classifier and finished shards' features, kept across a kill (data/reference-shards)")
     args = p.parse_args()
     remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
     params = load_section(ReferenceParams, "reference", args.params)
-    metrics = build_reference(args.images, args.out, params)
+    metrics = build_reference(args.images, args.out, params, shards_dir=args.shards)
     atomic_write_json(args.metrics, metrics)
     print(metrics)
 

@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plots", required=True, help="CSV training log (step, loss, mse, vb, grad_norm, img_per_s)")
     parser.add_argument("--restart-on-mismatch", action="store_true",
-                        help="delete checkpoints of another run (other params, model or latents) and train from "
-                             "scratch, instead of stopping with an error")
+                        help="move checkpoints of another run (other params, model, latents, code or packages) "
+                             "aside to superseded/ beside --checkpoints (kept: `python -m pipeline.superseded`) and "
+                             "train from scratch, instead of stopping with an error")
     parser.add_argument("--resume-across-versions", action="store_true",
                         help="resume a checkpoint made by other pipeline code or package versions (by default they "
                              "count as another run)")

@@ -217,6 +217,25 @@ def copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+# --- a stage's process killed mid-run: the encode and reference resume tests ---------------------------------------
+
+def kill_once(args: list[str], done, timeout_s: float = 300) -> None:
+    """Run `args` with this checkout and tests/ importable, SIGKILL it as soon as `done()` holds, and fail if it
+    finished first."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not done() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 # --- servers on loopback ------------------------------------------------------------------------------------------
 
 def free_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.encode import encode_local, run_encode
 from pipeline.params.encode import EncodeParams
 from pipeline.formats.latents import load_latents
 from pipeline.autoencoder import encode_images, load_vae
+from conftest import kill_once
 from tiny_encode import PARAMS, shard_hashes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +106,54 @@ def test_ray_with_two_actors_equals_single_process_bit_for_bit(encode_inputs, tm
     assert load_latents(tmp_path / "ray")[0] == reference
     assert metrics["count"] == 20 and metrics["num_actors"] == 2 and metrics["img_per_s"] > 0
     assert json.loads((tmp_path / "encode.json").read_text()) == {k: metrics[k] for k in ("seconds", "img_per_s")}
+    (lost,) = (tmp_path / "ray-shards").glob("*/latents-00001.safetensors")  # as if killed before that shard
+    lost.unlink()
+    again = run_encode(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray",
+                       tmp_path / "encode.json")
+    assert again["encoded"] == 8 and shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
 
 
 def test_load_latents_names_the_stage_to_run(tmp_path):
     with pytest.raises(ArtifactError, match="dvc repro encode"):
         load_latents(tmp_path / "missing")
+
+
+# A subprocess that encodes slowly enough to be killed mid-run: every batch of rows waits first.
+SLOW_ENCODE = """
+import sys, time
+import pipeline.encode as E
+from tiny_encode import PARAMS
+encode = E.LatentEncoder.__call__
+E.LatentEncoder.__call__ = lambda self, batch: (time.sleep(0.4), encode(self, batch))[1]
+images, vae, out, shards = sys.argv[1:]
+E.encode_local(PARAMS, images, vae, out, shards_dir=shards)
+"""
+
+
+def test_a_killed_encode_resumes_its_finished_shards_and_gives_the_same_bytes(encode_inputs, tmp_path):
+    images, vae = encode_inputs["images_dir"], encode_inputs["vae_dir"]
+    out, shards = tmp_path / "latents", tmp_path / "latents-shards"
+    kill_once([sys.executable, "-c", SLOW_ENCODE, str(images), str(vae), str(out), str(shards)],
+              lambda: any(shards.glob("*/latents-00000.safetensors")))
+    assert not out.exists()
+    (first,) = shards.glob("*/latents-00000.safetensors")
+    finished = {f.name: f.stat().st_ino for f in first.parent.glob("latents-*.safetensors")}
+    assert 1 <= len(finished) < 3
+
+    encode_local(PARAMS, images, vae, out, shards_dir=shards)
+    assert {f: (first.parent / f).stat().st_ino for f in finished} == finished  # kept, not encoded again
+    encode_local(PARAMS, images, vae, tmp_path / "uninterrupted")
+    assert shard_hashes(out) == shard_hashes(tmp_path / "uninterrupted")
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, tmp_path / "uninterrupted"))
+    assert {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {}
+    assert sha256_file(out / "manifest.json") == sha256_file(tmp_path / "uninterrupted" / "manifest.json")
+
+
+def test_shards_of_other_settings_are_moved_aside(encode_inputs, tmp_path):
+    images, vae, shards = encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "latents-shards"
+    encode_local(PARAMS, images, vae, tmp_path / "latents", shards_dir=shards)
+    (old,) = shards.iterdir()
+    before = {f.name: sha256_file(f) for f in old.iterdir()}
+    encode_local(dataclasses.replace(PARAMS, dtype="float16"), images, vae, tmp_path / "latents", shards_dir=shards)
+    moved = tmp_path / "superseded" / f"encode-{old.name}" / old.name
+    assert {f.name: sha256_file(f) for f in moved.iterdir()} == before and not old.exists()

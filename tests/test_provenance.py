@@ -1,49 +1,28 @@
 """Provenance: the code and package stamp of persisted caches, and local-input placeholders."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from pipeline import provenance as P
 from pipeline.fingerprint import fingerprint
+from pipeline.code_stamp import stamp, stamp_mismatch
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_stamp_names_what_changed():
-    now = P.stamp("sample")
+    now = stamp("sample")
     assert "pipeline/sample.py" in now["code"] and set(now["packages"]) == {"python", *P.KEY_PACKAGES}
-    assert P.stamp_mismatch(now, P.stamp("sample")) == []  # deterministic
+    assert stamp_mismatch(now, stamp("sample")) == []  # deterministic
     assert now["fingerprint"] == fingerprint("sample")["fingerprint"]  # the one DVC sees in fingerprints/sample.json
     edited = {**now, "fingerprint": "0" * 64, "code": {**now["code"], "pipeline/diffusion.py": "0" * 64}}
-    assert P.stamp_mismatch(edited, now) == ["code changed: pipeline/diffusion.py"]
-    assert P.stamp_mismatch({**now, "code": edited["code"]}, now) == []  # the fingerprint decides
+    assert stamp_mismatch(edited, now) == ["code changed: pipeline/diffusion.py"]
+    assert stamp_mismatch({**now, "code": edited["code"]}, now) == []  # the fingerprint decides
     upgraded = {**now, "packages": {**now["packages"], "torch": "1.0"}}
-    assert P.stamp_mismatch(upgraded, now) == [f"torch 1.0 -> {now['packages']['torch']}"]
-    assert "predates" in P.stamp_mismatch(None, now)[0]
-
-
-def test_a_cache_of_other_code_is_cleared_unless_resumed_across_versions(tmp_path, capsys):
-    cache, now = tmp_path / "cache", P.stamp("sample")
-    cache.mkdir()
-    old = {**now, "packages": {**now["packages"], "numpy": "0.1"}}
-    P.reuse_or_clear(cache, old, across_versions=False, label="t")
-    (cache / "shard-00000.npz").write_bytes(b"made by numpy 0.1")
-
-    P.reuse_or_clear(cache, now, across_versions=True, label="t")  # the user's explicit choice: kept
-    assert (cache / "shard-00000.npz").exists() and "across versions" in capsys.readouterr().out
-    (cache / P.STAMP_FILE).write_text(json.dumps(old))
-
-    P.reuse_or_clear(cache, now, across_versions=False, label="t")
-    assert not (cache / "shard-00000.npz").exists()
-    assert f"numpy 0.1 -> {now['packages']['numpy']}" in capsys.readouterr().out
-    assert json.loads((cache / P.STAMP_FILE).read_text()) == now
-
-    (cache / "shard-00000.npz").write_bytes(b"made now")
-    P.reuse_or_clear(cache, now, across_versions=False, label="t")  # same stamp: resumed silently
-    assert (cache / "shard-00000.npz").exists() and capsys.readouterr().out == ""
+    assert stamp_mismatch(upgraded, now) == [f"torch 1.0 -> {now['packages']['torch']}"]
+    assert "predates" in stamp_mismatch(None, now)[0]
 
 
 def test_local_input_placeholder():

@@ -14,8 +14,10 @@ from pipeline.params.load import ParamsError
 from pipeline.features import INCEPTION_FILE
 from pipeline.formats.reference_stats import load_reference
 from pipeline.determinism import holdout_split
+import pipeline.reference as R
 from pipeline.reference import Moments, build_reference, kept_rows
 from pipeline.params.reference import ReferenceParams
+from conftest import kill_once
 from synthetic import make_shapes, save_inception_like, write_images_dir
 
 PARAMS = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,
@@ -82,7 +84,7 @@ def test_stage_script(images_dir, tmp_path, monkeypatch):
     params.write_text("reference:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in PARAMS.items()))
     out, metrics = tmp_path / "ref", tmp_path / "metrics" / "reference.json"
     monkeypatch.setattr(sys, "argv", ["reference.py", "--params", str(params), "--images", str(images_dir),
-                                      "--out", str(out), "--metrics", str(metrics)])
+                                      "--out", str(out), "--metrics", str(metrics), "--shards", str(tmp_path / "s")])
     runpy.run_path("stages/reference.py", run_name="__main__")
     assert set(json.loads(metrics.read_text())) == {"classifier_accuracy", "seconds"}  # the count is in the manifest
     assert (out / "manifest.json").exists()
@@ -139,3 +141,47 @@ def test_adm_batch_import_keeps_the_stored_statistics(images_dir, tmp_path):
     with pytest.raises(ArtifactError, match="stores no mu/sigma"):
         build_reference(images_dir, tmp_path / "ref2",
                         ReferenceParams(**{**adm, "adm_batch": str(tmp_path / "plain.npz")}))
+
+
+# A subprocess that extracts features slowly enough to be killed mid-run: every image shard waits first.
+SLOW_REFERENCE = """
+import json, sys, time
+import pipeline.features as F
+from pipeline.reference import build_reference
+from pipeline.params.reference import ReferenceParams
+extract = F.Extractor.extract
+F.Extractor.extract = lambda self, images, *a, pbar=None, **k: (pbar is not None and time.sleep(1.0),
+                                                                 extract(self, images, *a, pbar=pbar, **k))[1]
+images, out, shards, params = sys.argv[1:]
+build_reference(images, out, ReferenceParams(**json.loads(params)), shards_dir=shards)
+"""
+
+
+def test_a_killed_reference_resumes_without_training_or_extracting_again(images_dir, tmp_path, monkeypatch):
+    out, shards = tmp_path / "ref", tmp_path / "ref-shards"
+    kill_once([sys.executable, "-c", SLOW_REFERENCE, str(images_dir), str(out), str(shards), json.dumps(PARAMS)],
+              lambda: any(shards.glob("features/*/features-00000.npz")))
+    assert not (out / "manifest.json").exists()
+    (first,) = shards.glob("features/*/features-00000.npz")
+    finished = {f.name: f.stat().st_ino for f in first.parent.glob("features-*.npz")}
+    assert 1 <= len(finished) < 3  # of the 3 image shards
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the classifier was trained again")
+
+    monkeypatch.setattr(R, "train_classifier", no_training)
+    build_reference(images_dir, out, ReferenceParams(**PARAMS), shards_dir=shards)
+    assert {f: (first.parent / f).stat().st_ino for f in finished} == finished  # not extracted again
+    monkeypatch.undo()
+    build_reference(images_dir, tmp_path / "uninterrupted", ReferenceParams(**PARAMS))
+    for name in ("stats.npz", "classifier.pt", "extractor.json", "manifest.json"):
+        assert sha256_file(out / name) == sha256_file(tmp_path / "uninterrupted" / name), name
+
+
+def test_features_of_another_classifier_are_moved_aside(images_dir, tmp_path):
+    shards = tmp_path / "ref-shards"
+    build_reference(images_dir, tmp_path / "ref", ReferenceParams(**PARAMS), shards_dir=shards)
+    build_reference(images_dir, tmp_path / "ref", ReferenceParams(**{**PARAMS, "seed": 1}), shards_dir=shards)
+    moved = sorted(p.name.split("-")[1] for p in (tmp_path / "superseded").iterdir())
+    assert moved == ["classifier", "features"]  # both sets of seed 0, kept
+    assert len(list((tmp_path / "superseded").glob("reference-features-*/*/features-*.npz"))) == 3

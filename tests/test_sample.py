@@ -142,9 +142,12 @@ def test_resume_after_kill_reuses_finished_shards(sample_dirs, tmp_path, monkeyp
     np.testing.assert_array_equal(load_samples(out)[0], load_samples(tmp_path / "uninterrupted")[0])
 
     calls.clear()
-    S.run_sample(dataclasses.replace(p, seed=1), card, vae_dir, out)  # other pixels: a fresh key, old shards go
+    before = {f.name: sha256_file(f) for f in shard_dir.iterdir()}
+    S.run_sample(dataclasses.replace(p, seed=1), card, vae_dir, out)  # other pixels: a fresh key, old shards aside
     assert calls == [0, 1, 2] and [d.name for d in (out / "shards").iterdir()] != [shard_dir.name]
     assert not shard_dir.exists()
+    moved = out / "superseded" / f"sample-{shard_dir.name}" / shard_dir.name  # moved, not deleted: byte for byte
+    assert {f.name: sha256_file(f) for f in moved.iterdir()} == before
 
 
 def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(sample_dirs, tmp_path, monkeypatch, capsys):
@@ -161,6 +164,9 @@ def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(sam
     monkeypatch.setattr(S, "stamp", lambda stage: now)
     S.run_sample(p, card, vae_dir, out)  # the shards now carry the edited stamp: regenerated, saying why
     assert calls == [0, 1, 2] and "code changed: pipeline/diffusion.py" in capsys.readouterr().out
+    (moved,) = [d for d in (out / "superseded").glob("sample-*/*") if d.is_dir()]  # the edited code's, kept aside
+    assert sorted(f.name for f in moved.glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz",
+                                                                 "shard-00002.npz"]
 
 
 def test_more_samples_extend_a_finished_run(sample_dirs, tmp_path, monkeypatch):

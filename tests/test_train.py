@@ -204,7 +204,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, laten
 
 def test_refuses_to_resume_a_different_run(tmp_path, latents):
     run(tmp_path, latents, base_params(train_steps=10))
-    with pytest.raises(ArtifactError, match=r"train\.lr: 0\.001 -> 0\.002.*delete"):
+    with pytest.raises(ArtifactError, match=r"train\.lr: 0\.001 -> 0\.002.*--restart-on-mismatch to .* move its checkpoints aside"):
         run(tmp_path, latents, base_params(train_steps=20, lr=2e-3))
     with pytest.raises(ArtifactError, match="past train.train_steps"):
         run(tmp_path, latents, base_params(train_steps=5))
@@ -212,14 +212,21 @@ def test_refuses_to_resume_a_different_run(tmp_path, latents):
     assert metrics["steps"] == 20
 
 
-def test_restart_on_mismatch_trains_from_scratch(tmp_path, latents):
-    run(tmp_path / "a", latents, base_params(train_steps=10))
+def test_restart_on_mismatch_trains_from_scratch_and_keeps_the_old_run_aside(tmp_path, latents, capsys):
+    run(tmp_path / "a", latents, base_params(train_steps=10, ckpt_every=5))
+    before = {f.name: sha256_file(f) for f in C.list_checkpoints(tmp_path / "a" / "checkpoints")}
     p = base_params(train_steps=10, lr=2e-3)
+    capsys.readouterr()
     T.train(p, OFF, latents, tmp_path / "a" / "checkpoints", tmp_path / "a" / "dit", tmp_path / "a" / "m.json",
             tmp_path / "a" / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
     run(tmp_path / "fresh", latents, p)
     assert_bitwise_equal(load_ema(tmp_path / "a"), load_ema(tmp_path / "fresh"))
     assert C.load_checkpoint(C.list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["train_params"]["lr"] == 2e-3
+    (moved,) = (tmp_path / "a" / "superseded").glob("train-*/checkpoints")  # the old run, byte for byte
+    assert {f.name: sha256_file(f) for f in moved.iterdir()} == before and len(before) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "moved" in line]
+    assert len(lines) == 1 and str(moved) in lines[0] and "train.lr: 0.001 -> 0.002" in lines[0]
+    assert f"restore {moved.parent.name}" in lines[0] and "--resume-across-versions" in lines[0]
 
 
 def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_versions(tmp_path, latents, capsys,

@@ -51,9 +51,10 @@ def base_params(**changes) -> TrainParams:
     return replace(p, **changes)
 
 
-def run(root: Path, latents: Path, p: TrainParams, tracking=OFF, vae=None) -> dict:
+def run(root: Path, latents: Path, p: TrainParams, tracking=OFF, vae=None, **options) -> dict:
+    """`options`: train's restart_on_mismatch, resume_across_versions."""
     return T.train(p, tracking, latents, root / "checkpoints", root / "dit", root / "metrics.json",
-                   root / "train.csv", vae_dir=vae, model_overrides=TINY)
+                   root / "train.csv", vae_dir=vae, model_overrides=TINY, **options)
 
 
 def load_ema(root: Path) -> dict:

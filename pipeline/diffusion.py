@@ -420,7 +420,8 @@ def _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels,
         raise ValueError(f"shape must be (N, C, H, W) and y of shape (N,); got {tuple(shape)} and {tuple(y.shape)}")
     if y.numel() and not (0 <= int(y.min()) and int(y.max()) < num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); id {num_classes} is the null label")
-    if not math.isfinite(cfg_scale) or cfg_scale < 0 or (cfg_channels is not None and not 1 <= cfg_channels <= shape[1]):
+    bad_channels = cfg_channels is not None and not 1 <= cfg_channels <= shape[1]
+    if not math.isfinite(cfg_scale) or cfg_scale < 0 or bad_channels:
         raise ValueError(f"need a finite cfg_scale >= 0 and cfg_channels in [1, {shape[1]}] or None")
     if cfg_scale != 1.0 and not hasattr(model, "forward_with_cfg"):
         raise ValueError("cfg_scale != 1 needs a model with forward_with_cfg(x, t, y, cfg_scale, cfg_channels)")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
+from pipeline.config import ParamsError
 from pipeline.errors import UserError
 from pipeline.tracking import TrackingParams, run_tags
 
@@ -46,6 +47,11 @@ METRIC_PROTOCOL_KEYS = {"fid": (), "kid": ("kid_subsets", "kid_subset_size")}  #
 class RegisterParams:
     model_name: str
     metric: Literal["fid", "kid"]  # lower is better for both
+    max_labels_per_request: int  # the served model's bound on images per request (pipeline/serving.py)
+
+    def __post_init__(self):
+        if self.max_labels_per_request < 1:
+            raise ParamsError(f"'register.max_labels_per_request' must be >= 1, got {self.max_labels_per_request}")
 
 
 @dataclass(frozen=True)
@@ -215,8 +221,8 @@ def _existing_version(client, name: str, tags: dict[str, str]) -> str | None:
     return str(min(versions, key=int)) if versions else None
 
 
-def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_defaults: dict, name: str,
-                     tags: dict[str, str]):
+def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_defaults: dict, max_labels_per_request: int,
+                     name: str, tags: dict[str, str]):
     """Log the pyfunc model into the training run recorded in dit_dir/tracking.json and register it; returns the
     ModelVersion. A training run made with tracking off has no id: the model then goes to a new run, `register`."""
     import mlflow
@@ -240,7 +246,7 @@ def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_default
                                 "store the train stage used") from e
         tracker.resume()
     try:
-        info = log_pyfunc(dit_dir, vae_dir, sampler_defaults)
+        info = log_pyfunc(dit_dir, vae_dir, sampler_defaults, max_labels_per_request)
     finally:
         tracker.end()  # a failed registration is not a failed training run: the status stays FINISHED
     return mlflow.register_model(info.model_uri, name, tags=tags)
@@ -268,7 +274,8 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
     version = _existing_version(client, name, tags)
     new_version = version is None
     if new_version:
-        version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults, name, tags).version)
+        version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults, params.max_labels_per_request,
+                                       name, tags).version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     champion = _alias_version(client, name, CHAMPION)
     if champion == version:

@@ -114,6 +114,7 @@ SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "
            "micro_batch": 4, "precision": "fp32"}
 TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
 NUM_SAMPLES = 24
+MAX_LABELS = 8  # register.max_labels_per_request of the tiny model
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +192,7 @@ def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", p
              ) -> dict:
     from pipeline import registry as R
 
-    params = params or R.RegisterParams(model_name=NAME, metric="fid")
+    params = params or R.RegisterParams(model_name=NAME, metric="fid", max_labels_per_request=MAX_LABELS)
     return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
                       Path(out))
 

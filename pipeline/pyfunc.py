@@ -19,8 +19,9 @@ Served with `mlflow models serve -m models:/NAME@champion --env-manager local -p
 `{"inputs": [3, 7], "params": {"seed": 1}}` answers `{"predictions": [...]}`: nested lists of shape (N, H, W, 3).
 
 Nothing is pickled. The artifacts are files: models/dit (ema.pt, a flat state_dict, and model.json), the VAE's
-save_pretrained snapshot, sampler_defaults.json and serving_limits.json. The model itself is logged "from code": MLflow stores this file
-and, to load, runs it and takes the model passed to `set_model` at the bottom; `load_context` then reads the files.
+save_pretrained snapshot, sampler_defaults.json and serving_limits.json. The model itself is logged "from code":
+MLflow stores this file and, to load, runs it and takes the model passed to `set_model` at the bottom;
+`load_context` then reads the files.
 The `pipeline` package travels as code too, so loading needs no install of this repository.
 """
 from __future__ import annotations

@@ -21,8 +21,8 @@ from pipeline import registry as R
 from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.config import read_yaml
 from pipeline.errors import UserError
-from conftest import (EXPERIMENT, IMAGE, MAX_LABELS, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register, start, stop,
-                      training_run, wait_http, write_eval)
+from conftest import (EXPERIMENT, IMAGE, MAX_LABELS, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register,
+                      start, stop, training_run, wait_http, write_eval)
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 PARAMS = R.RegisterParams(model_name=NAME, metric="fid", max_labels_per_request=MAX_LABELS)

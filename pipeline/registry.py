@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
 from pipeline.config import ParamsError
 from pipeline.errors import UserError
-from pipeline.tracking import TrackingParams, run_tags
+from pipeline.tracking import TrackingParams, public_uri, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -141,9 +141,9 @@ def version_tags(checkpoint_sha256: str, evaluation: dict, eval_sha256: str, ima
 def _client():
     import mlflow
 
-    from pipeline.tracking import check_reachable, tracking_uri
+    from pipeline.tracking import check_store, tracking_uri
 
-    check_reachable(tracking_uri())
+    check_store(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
 
@@ -169,7 +169,7 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 def _history(client, name: str) -> list[str]:
     model = _registered(client, name)
     if model is None:
-        raise UserError(f"no registered model named '{name}' at {client.tracking_uri}")
+        raise UserError(f"no registered model named '{name}' at {public_uri(client.tracking_uri)}")
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
@@ -180,7 +180,7 @@ def _candidate(client, name: str, version: str, metric: str) -> Candidate:
         tags = client.get_model_version(name, version).tags
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"'{name}' has no version {version!r} at {client.tracking_uri}") from e
+            raise UserError(f"'{name}' has no version {version!r} at {public_uri(client.tracking_uri)}") from e
         raise
     return candidate_from_tags(version, tags, metric)
 
@@ -242,8 +242,8 @@ def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_default
             mlflow.MlflowClient().get_run(run_id)
         except MlflowException as e:
             raise ArtifactError(f"the training run {run_id} recorded in {dit_dir}/tracking.json is not in the "
-                                f"tracking store {tracker.uri} ({e.error_code}); point MLFLOW_TRACKING_URI at the "
-                                "store the train stage used") from e
+                                f"tracking store {public_uri(tracker.uri)} ({e.error_code}); point "
+                                "MLFLOW_TRACKING_URI at the store the train stage used") from e
         tracker.resume()
     try:
         info = log_pyfunc(dit_dir, vae_dir, sampler_defaults, max_labels_per_request)
@@ -301,7 +301,7 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
 def show(client, name: str, metric: str) -> None:
     model = _registered(client, name)
     if model is None:
-        raise UserError(f"no registered model named '{name}' at {client.tracking_uri}")
+        raise UserError(f"no registered model named '{name}' at {public_uri(client.tracking_uri)}")
     print(f"{name}: {' '.join(f'{a}=v{v}' for a, v in sorted(model.aliases.items()))} "
           f"champion_history={_history(client, name)}")
     for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):

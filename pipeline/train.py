@@ -52,7 +52,7 @@ from pipeline.precision import Precision, check_precision, set_float32_mode
 from pipeline.provenance import local_input, stamp
 from pipeline.shared_storage import check_storage_path, on_this_node, publish
 from pipeline.startup import mark_ready
-from pipeline.tracking import Tracker, TrackingParams, run_tags
+from pipeline.tracking import Tracker, TrackingParams, public_uri, run_tags, use_recorded_store
 from pipeline.train_log import Reporter, csv_text
 
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
@@ -405,7 +405,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world, device = worker_context(config["distributed"], p.use_gpu)
     configure_torch(device, p.precision)
     if config["tracking_uri"]:
-        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # a Ray worker may run in another directory
+        use_recorded_store(config["tracking_uri"])  # a Ray worker may run in another directory or node
     data, manifest = load_latent_batches(on_this_node(config["latents"]), p.seed, device)
     seed_everything(p.seed)  # the same initial weights on every rank
     model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
@@ -477,7 +477,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         "latents": str(Path(latents_dir).resolve()), "vae": str(Path(vae_dir).resolve()) if vae_dir else None,
         "checkpoints": str(Path(checkpoints_dir).resolve()), "plots": str(Path(plots_path).resolve()),
         "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"), "model_overrides": model_overrides,
-        "tracking_uri": tracker.uri if tracker.enabled else None,
+        "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None,  # Ray keeps the config: no secrets
         "provenance": stamp("pipeline.train"), "resume_across_versions": resume_across_versions,
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
@@ -544,8 +544,8 @@ def write_model(out_dir, ema: dict, name: str, model_config: dict, manifest: dic
 
 
 def write_tracking_record(out_dir, tracker: Tracker) -> None:
-    atomic_write_json(Path(out_dir) / "tracking.json", {"mlflow_run_id": tracker.run_id,
-                                                        "tracking_uri": tracker.uri if tracker.enabled else None})
+    atomic_write_json(Path(out_dir) / "tracking.json", {
+        "mlflow_run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None})
 
 
 def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, out_dir, metrics_path,

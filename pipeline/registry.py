@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
 from pipeline.config import ParamsError
 from pipeline.errors import UserError
+from pipeline.registry_lock import registry_lock
 from pipeline.tracking import TrackingParams, public_uri, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -271,22 +272,23 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
                         latents_dir)
     name, metric = params.model_name, params.metric
     client = _client()
-    version = _existing_version(client, name, tags)
-    new_version = version is None
-    if new_version:
-        version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults, params.max_labels_per_request,
-                                       name, tags).version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    champion = _alias_version(client, name, CHAMPION)
-    if champion == version:
-        decision = Decision(False, f"version {version} is already champion")
-    else:
-        new = Candidate(version, score_of(evaluation.get(metric)), protocol_of(evaluation["protocol"], metric))
-        decision = decide(new, _candidate(client, name, champion, metric) if champion else None, metric)
-    client.set_model_version_tag(name, version, "promotion", decision.reason)
-    if decision.promote:
-        set_champion(client, name, version)
-    champion = _alias_version(client, name, CHAMPION)
+    with registry_lock(public_uri(client.tracking_uri)):  # find-or-create and decide on a registry nobody else moves
+        version = _existing_version(client, name, tags)
+        new_version = version is None
+        if new_version:
+            version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults,
+                                           params.max_labels_per_request, name, tags).version)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        champion = _alias_version(client, name, CHAMPION)
+        if champion == version:
+            decision = Decision(False, f"version {version} is already champion")
+        else:
+            new = Candidate(version, score_of(evaluation.get(metric)), protocol_of(evaluation["protocol"], metric))
+            decision = decide(new, _candidate(client, name, champion, metric) if champion else None, metric)
+        client.set_model_version_tag(name, version, "promotion", decision.reason)
+        if decision.promote:
+            set_champion(client, name, version)
+        champion = _alias_version(client, name, CHAMPION)
     result = {
         "registered": True, "model_name": name, "version": int(version), "new_version": new_version,
         "run_id": client.get_model_version(name, version).run_id, "metric": metric,
@@ -328,11 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     client = _client()
     if args.command == "show":
         show(client, name, params.metric)
-    elif args.command == "promote":
-        promote(client, name, args.version, params.metric)
-        print(f"{name}: champion -> v{args.version}")
-    else:
-        print(f"{name}: champion -> v{rollback(client, name)}")
+        return
+    with registry_lock(public_uri(client.tracking_uri)):  # promote and rollback rewrite champion_history too
+        if args.command == "promote":
+            promote(client, name, args.version, params.metric)
+            print(f"{name}: champion -> v{args.version}")
+        else:
+            print(f"{name}: champion -> v{rollback(client, name)}")
 
 
 if __name__ == "__main__":

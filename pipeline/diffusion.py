@@ -328,6 +328,19 @@ def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 
 
+def max_steps(sampler: str, diffusion_steps: int) -> int:
+    """The most sampling steps `sampler` can take on a model trained with `diffusion_steps` timesteps.
+
+    DDPM and DDIM respace the trained timesteps (ADM's `space_timesteps`), so they can visit each at most once.
+    DPM-Solver++ could be asked for more, but the eps-network was only trained at those integer timesteps: diffusers
+    would round a finer grid onto them, repeating timesteps (zero-length steps) at the cost of a full network call
+    each. The bound is the same for all three: one step per trained timestep.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
+    return diffusion_steps
+
+
 def dpm_solver_scheduler(noise_schedule: str, diffusion_steps: int):
     """diffusers' DPM-Solver++(2M) (Lu et al., 2022) on the same betas as `create_diffusion`, predicting eps."""
     from diffusers import DPMSolverMultistepScheduler  # only this sampler needs diffusers
@@ -382,7 +395,7 @@ def sample(model, *, sampler: str, steps: int, shape: Sequence[int], y: torch.Te
     generators: one CPU generator per row (all of row i's noise comes from generators[i]) or None (global RNG).
     noise_schedule, diffusion_steps, learn_sigma: the diffusion the model was trained with (its model card).
     """
-    _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes)
+    _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes, diffusion_steps)
     net = model if cfg_scale == 1.0 else guided(model, cfg_scale, cfg_channels, num_classes)
     model_kwargs = {"y": y.to(device)}
     noise = randn_rows(shape, generators, device)
@@ -397,17 +410,19 @@ def sample(model, *, sampler: str, steps: int, shape: Sequence[int], y: torch.Te
                 progress=progress, generators=generators)
 
 
-def _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes) -> None:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; use one of {SAMPLERS}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+def _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes,
+                       diffusion_steps) -> None:
+    limit = max_steps(sampler, diffusion_steps)
+    if not isinstance(steps, int) or not 1 <= steps <= limit:
+        raise ValueError(f"steps must be an integer in [1, {limit}] for {sampler} on a {diffusion_steps}-step "
+                         f"diffusion, got {steps!r}")
     if len(shape) != 4 or y.shape != (shape[0],):
         raise ValueError(f"shape must be (N, C, H, W) and y of shape (N,); got {tuple(shape)} and {tuple(y.shape)}")
     if y.numel() and not (0 <= int(y.min()) and int(y.max()) < num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}); id {num_classes} is the null label")
-    if cfg_scale < 0 or (cfg_channels is not None and not 1 <= cfg_channels <= shape[1]):
-        raise ValueError(f"need cfg_scale >= 0 and cfg_channels in [1, {shape[1]}] or None")
+    bad_channels = cfg_channels is not None and not 1 <= cfg_channels <= shape[1]
+    if not math.isfinite(cfg_scale) or cfg_scale < 0 or bad_channels:
+        raise ValueError(f"need a finite cfg_scale >= 0 and cfg_channels in [1, {shape[1]}] or None")
     if cfg_scale != 1.0 and not hasattr(model, "forward_with_cfg"):
         raise ValueError("cfg_scale != 1 needs a model with forward_with_cfg(x, t, y, cfg_scale, cfg_channels)")
     if getattr(model, "training", False):

@@ -31,9 +31,10 @@ from typing import Any
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, require_file, sha256_file
 from pipeline.errors import UserError
-from pipeline.tracking import run_tags
-from pipeline.params.tracking import TrackingParams
 from pipeline.params.register import RegisterParams
+from pipeline.params.tracking import TrackingParams
+from pipeline.registry_lock import registry_lock
+from pipeline.tracking import public_uri, run_tags
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion_history"
@@ -133,9 +134,9 @@ def version_tags(checkpoint_sha256: str, evaluation: dict, eval_sha256: str, ima
 def _client():
     import mlflow
 
-    from pipeline.tracking import check_reachable, tracking_uri
+    from pipeline.tracking import check_store, tracking_uri
 
-    check_reachable(tracking_uri())
+    check_store(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     return mlflow.MlflowClient()
 
@@ -161,7 +162,7 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 def _history(client, name: str) -> list[str]:
     model = _registered(client, name)
     if model is None:
-        raise UserError(f"no registered model named '{name}' at {client.tracking_uri}")
+        raise UserError(f"no registered model named '{name}' at {public_uri(client.tracking_uri)}")
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
@@ -172,7 +173,7 @@ def _candidate(client, name: str, version: str, metric: str) -> Candidate:
         tags = client.get_model_version(name, version).tags
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise UserError(f"'{name}' has no version {version!r} at {client.tracking_uri}") from e
+            raise UserError(f"'{name}' has no version {version!r} at {public_uri(client.tracking_uri)}") from e
         raise
     return candidate_from_tags(version, tags, metric)
 
@@ -213,8 +214,8 @@ def _existing_version(client, name: str, tags: dict[str, str]) -> str | None:
     return str(min(versions, key=int)) if versions else None
 
 
-def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_defaults: dict, name: str,
-                     tags: dict[str, str]):
+def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_defaults: dict, max_labels_per_request: int,
+                     name: str, tags: dict[str, str]):
     """Log the pyfunc model into the training run recorded in dit_dir/tracking.json and register it; returns the
     ModelVersion. A training run made with tracking off has no id: the model then goes to a new run, `register`."""
     import mlflow
@@ -234,11 +235,11 @@ def log_and_register(tracking: TrackingParams, dit_dir, vae_dir, sampler_default
             mlflow.MlflowClient().get_run(run_id)
         except MlflowException as e:
             raise ArtifactError(f"the training run {run_id} recorded in {dit_dir}/tracking.json is not in the "
-                                f"tracking store {tracker.uri} ({e.error_code}); point MLFLOW_TRACKING_URI at the "
-                                "store the train stage used") from e
+                                f"tracking store {public_uri(tracker.uri)} ({e.error_code}); point "
+                                "MLFLOW_TRACKING_URI at the store the train stage used") from e
         tracker.resume()
     try:
-        info = log_pyfunc(dit_dir, vae_dir, sampler_defaults)
+        info = log_pyfunc(dit_dir, vae_dir, sampler_defaults, max_labels_per_request)
     finally:
         tracker.end()  # a failed registration is not a failed training run: the status stays FINISHED
     return mlflow.register_model(info.model_uri, name, tags=tags)
@@ -263,21 +264,23 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
                         latents_dir)
     name, metric = params.model_name, params.metric
     client = _client()
-    version = _existing_version(client, name, tags)
-    new_version = version is None
-    if new_version:
-        version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults, name, tags).version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    champion = _alias_version(client, name, CHAMPION)
-    if champion == version:
-        decision = Decision(False, f"version {version} is already champion")
-    else:
-        new = Candidate(version, score_of(evaluation.get(metric)), protocol_of(evaluation["protocol"], metric))
-        decision = decide(new, _candidate(client, name, champion, metric) if champion else None, metric)
-    client.set_model_version_tag(name, version, "promotion", decision.reason)
-    if decision.promote:
-        set_champion(client, name, version)
-    champion = _alias_version(client, name, CHAMPION)
+    with registry_lock(public_uri(client.tracking_uri)):  # find-or-create and decide on a registry nobody else moves
+        version = _existing_version(client, name, tags)
+        new_version = version is None
+        if new_version:
+            version = str(log_and_register(tracking, dit_dir, vae_dir, sampler_defaults,
+                                           params.max_labels_per_request, name, tags).version)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        champion = _alias_version(client, name, CHAMPION)
+        if champion == version:
+            decision = Decision(False, f"version {version} is already champion")
+        else:
+            new = Candidate(version, score_of(evaluation.get(metric)), protocol_of(evaluation["protocol"], metric))
+            decision = decide(new, _candidate(client, name, champion, metric) if champion else None, metric)
+        client.set_model_version_tag(name, version, "promotion", decision.reason)
+        if decision.promote:
+            set_champion(client, name, version)
+        champion = _alias_version(client, name, CHAMPION)
     result = {
         "registered": True, "model_name": name, "version": int(version), "new_version": new_version,
         "run_id": client.get_model_version(name, version).run_id, "metric": metric,
@@ -292,7 +295,7 @@ def register(params: RegisterParams, tracking: TrackingParams, dit_dir: str | Pa
 def show(client, name: str, metric: str) -> None:
     model = _registered(client, name)
     if model is None:
-        raise UserError(f"no registered model named '{name}' at {client.tracking_uri}")
+        raise UserError(f"no registered model named '{name}' at {public_uri(client.tracking_uri)}")
     print(f"{name}: {' '.join(f'{a}=v{v}' for a, v in sorted(model.aliases.items()))} "
           f"champion_history={_history(client, name)}")
     for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version)):
@@ -319,11 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     client = _client()
     if args.command == "show":
         show(client, name, params.metric)
-    elif args.command == "promote":
-        promote(client, name, args.version, params.metric)
-        print(f"{name}: champion -> v{args.version}")
-    else:
-        print(f"{name}: champion -> v{rollback(client, name)}")
+        return
+    with registry_lock(public_uri(client.tracking_uri)):  # promote and rollback rewrite champion_history too
+        if args.command == "promote":
+            promote(client, name, args.version, params.metric)
+            print(f"{name}: champion -> v{args.version}")
+        else:
+            print(f"{name}: champion -> v{rollback(client, name)}")
 
 
 if __name__ == "__main__":

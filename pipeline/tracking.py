@@ -5,7 +5,14 @@ Tracking is on by default with a sqlite store in the repository root (`mlflow.db
 is a no-op by request, not by accident. A server that does not answer fails the stage at its start, in seconds.
 
 `dvc exp run --queue` runs each experiment in a copy under `<repo>/.dvc/tmp/exps/tmpXXXX`; the store is resolved to
-the enclosing repository so those runs land in the same database as `dvc repro`.
+the enclosing repository so those runs land in the same database as `dvc repro`. A relative store path in
+MLFLOW_TRACKING_URI (`sqlite:///mlflow.db`, `mlruns`) is resolved there too, so every stage and every Ray worker
+uses one store whatever its working directory.
+
+Credentials in the URI (`https://user:password@host`) are used by this process only: `public_uri` strips them from
+everything written or printed (tracking.json, the train run's config that Ray workers receive, error messages).
+Workers on other nodes authenticate the MLflow way, with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or
+MLFLOW_TRACKING_TOKEN in their own environment.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from pipeline.params.tracking import TrackingParams
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 CONNECT_TIMEOUT_S = 5.0  # a server that does not accept a TCP connection in this time is reported as down
+HOSTED_STORES = ("databricks", "databricks-uc", "uc")  # bare words MLflow reads as hosted stores, not paths
+SECRET_WORDS = ("password", "passwd", "secret", "token", "key")  # query parameters public_uri drops
 
 
 
@@ -51,7 +60,62 @@ def local_store_uri(root: str | Path | None = None) -> str:
 
 
 def tracking_uri(root: str | Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or local_store_uri(root)
+    """MLFLOW_TRACKING_URI with a relative store path made absolute against the repository, else the local store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return absolute_store_uri(uri, repo_root(root)) if uri else local_store_uri(root)
+
+
+def absolute_store_uri(uri: str, root: Path) -> str:
+    """`uri` with a relative sqlite or file-store path resolved against `root`; any other URI unchanged."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        return uri if path.is_absolute() else f"sqlite:///{root / path}"
+    if uri.startswith("file:") and not uri.startswith("file:/"):  # file:relative/path
+        return (root / uri.removeprefix("file:")).as_uri()
+    if uri not in HOSTED_STORES and "://" not in uri and ":" not in uri.split("/")[0]:  # a bare path: a file store
+        return str(root / uri)
+    return uri
+
+
+def public_uri(uri: str | None) -> str | None:
+    """`uri` without the `user:password@` it may carry, and without query values that name a secret: what may be
+    written to a file, sent to other processes' configs or printed."""
+    if not uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+                                    if not any(word in k.lower() for word in SECRET_WORDS)])
+    if netloc == parts.netloc and query == parts.query:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def check_store(uri: str) -> None:
+    """Fail now, in one line, on a URI no MLflow store accepts, a sqlite file in a missing directory, or a server
+    that does not answer."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # MLflow's own scheme table
+    except ImportError:  # a future MLflow moved it: the store itself reports a bad URI later
+        _tracking_store_registry = None
+    if _tracking_store_registry is not None:
+        try:
+            _tracking_store_registry.get_store_builder(uri)
+        except MlflowException as e:
+            raise TrackingError(f"MLFLOW_TRACKING_URI {public_uri(uri)!r} is not a tracking store MLflow knows: use "
+                                "http(s)://host:port, sqlite:///path.db, a directory, or unset it for the local "
+                                "store (mlflow.db)") from e
+        if urllib.parse.urlsplit(uri).scheme in ("", "file"):  # a file store: cheap to open, and MLflow may refuse it
+            try:
+                _tracking_store_registry.get_store(uri)
+            except MlflowException as e:
+                raise TrackingError(f"MLflow refuses the file store {public_uri(uri)} (newer MLflow opens one only "
+                                    "with MLFLOW_ALLOW_FILE_STORE=true): set that, or use sqlite:///path.db") from e
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).parent.is_dir():
+        raise TrackingError(f"the directory of the sqlite store {uri} does not exist: create it, or point "
+                            "MLFLOW_TRACKING_URI elsewhere")
+    check_reachable(uri)
 
 
 def check_reachable(uri: str) -> None:
@@ -75,16 +139,26 @@ def load_tracking(params_path: str | Path) -> TrackingParams:
     """The `tracking` section of the params file; when tracking is on, its server is checked before any work."""
     params = load_section(TrackingParams, "tracking", params_path)
     if params.enabled:
-        check_reachable(tracking_uri())
+        check_store(tracking_uri())
     return params
 
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a sqlite store live beside the database (MLflow would use ./mlruns of whatever the working
-    directory is); a tracking server decides for itself."""
+    directory is); a tracking server or a file store decides for itself."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / ARTIFACT_DIR).as_uri()
+        database = Path(absolute_store_uri(uri, repo_root()).removeprefix("sqlite:///"))
+        return (database.parent / ARTIFACT_DIR).as_uri()
     return None
+
+
+def use_recorded_store(recorded: str) -> None:
+    """Point this process's MLflow at the store a driver recorded (without credentials, `public_uri`), as a worker
+    that may run in another directory or on another node. A process whose MLFLOW_TRACKING_URI already names that
+    store keeps it, with any credentials it carries (in-process training, or a local Ray started by the driver)."""
+    current = os.environ.get("MLFLOW_TRACKING_URI")
+    if not current or public_uri(current) != recorded:
+        os.environ["MLFLOW_TRACKING_URI"] = recorded
 
 
 def git_commit(root: str | Path | None = None) -> str | None:
@@ -115,7 +189,7 @@ class Tracker:
 
             self._mlflow = mlflow
             self.uri = tracking_uri()
-            check_reachable(self.uri)
+            check_store(self.uri)
             mlflow.set_tracking_uri(self.uri)  # note: this also exports MLFLOW_TRACKING_URI to child processes
             self._ensure_experiment()
 

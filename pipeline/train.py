@@ -47,14 +47,14 @@ from pipeline.formats.latents import LatentSet, open_latents, read_latents_manif
 from pipeline.fp8 import convert_to_fp8
 from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT, DiT_models
-from pipeline.numerics import set_float32_mode
-from pipeline.persisted import check_free_space, move_checkpoints_aside, run_name, superseded_root
 from pipeline.code_stamp import stamp
+from pipeline.numerics import set_float32_mode
+from pipeline.params.tracking import TrackingParams
+from pipeline.persisted import check_free_space, move_checkpoints_aside, run_name, superseded_root
 from pipeline.provenance import local_input
 from pipeline.shared_storage import on_this_node, publish
 from pipeline.timing import mark_ready
-from pipeline.tracking import Tracker, run_tags
-from pipeline.params.tracking import TrackingParams
+from pipeline.tracking import Tracker, public_uri, run_tags, use_recorded_store
 from pipeline.train_log import Reporter, csv_text
 from pipeline.params.train import TrainParams, check_batch_fits
 
@@ -348,7 +348,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world, device = worker_context(config["distributed"], p.use_gpu)
     configure_torch(device, p.precision)
     if config["tracking_uri"]:
-        os.environ["MLFLOW_TRACKING_URI"] = config["tracking_uri"]  # a Ray worker may run in another directory
+        use_recorded_store(config["tracking_uri"])  # a Ray worker may run in another directory or node
     data, manifest = load_latent_batches(on_this_node(config["latents"]), p.seed, device)
     seed_everything(p.seed)  # the same initial weights on every rank
     model = build_model(p, manifest["latent_shape"], manifest["num_classes"], config["model_overrides"])
@@ -421,7 +421,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         "latents": str(Path(latents_dir).resolve()), "vae": str(Path(vae_dir).resolve()) if vae_dir else None,
         "checkpoints": str(Path(checkpoints_dir).resolve()), "plots": str(Path(plots_path).resolve()),
         "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"), "model_overrides": model_overrides,
-        "tracking_uri": tracker.uri if tracker.enabled else None,
+        "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None,  # Ray keeps the config: no secrets
         "provenance": stamp("train"), "resume_across_versions": resume_across_versions,
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
@@ -494,8 +494,8 @@ def write_model(out_dir, ema: dict, name: str, model_config: dict, manifest: dic
 
 
 def write_tracking_record(out_dir, tracker: Tracker) -> None:
-    atomic_write_json(Path(out_dir) / "tracking.json", {"mlflow_run_id": tracker.run_id,
-                                                        "tracking_uri": tracker.uri if tracker.enabled else None})
+    atomic_write_json(Path(out_dir) / "tracking.json", {
+        "mlflow_run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None})
 
 
 def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, out_dir, metrics_path,

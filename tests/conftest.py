@@ -1,3 +1,4 @@
+import collections
 import json
 import os
 import secrets
@@ -6,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -119,6 +121,7 @@ SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "
            "micro_batch": 4, "precision": "fp32"}
 TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
 NUM_SAMPLES = 24
+MAX_LABELS = 8  # register.max_labels_per_request of the tiny model
 
 
 @pytest.fixture(scope="session")
@@ -196,7 +199,7 @@ def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", p
              ) -> dict:
     from pipeline import register as R
 
-    params = params or RegisterParams(model_name=NAME, metric="fid")
+    params = params or RegisterParams(model_name=NAME, metric="fid", max_labels_per_request=MAX_LABELS)
     return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
                       Path(out))
 
@@ -248,7 +251,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            proc.drain.join(timeout=5)
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{''.join(proc.output)[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -259,9 +263,15 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
 
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
-    # Its own process group: both servers fork workers, which must end with them.
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    """A server in its own process group (both servers fork workers, which must end with them). A thread drains its
+    output into `proc.output` (the last lines): an unread pipe fills at 64 KB of access logs, and the server then
+    blocks on its next log line, mid-request."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    proc.output = collections.deque(maxlen=2000)
+    proc.drain = threading.Thread(target=lambda: proc.output.extend(proc.stdout), daemon=True)
+    proc.drain.start()
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -272,6 +282,7 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    proc.drain.join(timeout=5)  # the pipe reached its end when the group exited
     proc.stdout.close()
 
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-from pipeline.diffusion import create_diffusion, dpm_solver_scheduler, guided, sample, space_timesteps
+from pipeline.diffusion import create_diffusion, dpm_solver_scheduler, guided, max_steps, sample, space_timesteps
 
 C, H, W = 4, 8, 8
 NUM_CLASSES = 10
@@ -326,6 +326,21 @@ def test_sample_rejects_bad_input(net):
         sample(net, **{**kw, "y": torch.tensor([0, NUM_CLASSES])})
     with pytest.raises(ValueError, match="model.eval"):
         sample(net.train(), **kw)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
+def test_steps_and_guidance_are_bounded(net, sampler):
+    """Every sampler refuses more steps than trained timesteps (a request for 10^9 DPM-Solver++ steps would
+    otherwise run 10^9 network calls) and a non-finite guidance scale (NaN passes `< 0`), before any sampling."""
+    kw = dict(sampler=sampler, steps=5, shape=(2, C, H, W), y=torch.tensor([0, 1]), cfg_scale=1.5, cfg_channels=None,
+              generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
+    assert max_steps(sampler, TRAINED["diffusion_steps"]) == 1000
+    for steps in (0, 1001, 10**9):
+        with pytest.raises(ValueError, match=rf"steps must be an integer in \[1, 1000\] for {sampler}"):
+            sample(net, **{**kw, "steps": steps})
+    for cfg_scale in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match="finite cfg_scale"):
+            sample(net, **{**kw, "cfg_scale": cfg_scale})
 
 
 # ---------------------------------------------------------------------------------------------------------------

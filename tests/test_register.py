@@ -21,12 +21,12 @@ from pipeline import register as R
 from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.params.load import read_yaml
 from pipeline.errors import UserError
-from conftest import (EXPERIMENT, IMAGE, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register, start, stop,
-                      training_run, wait_http, write_eval)
+from conftest import (EXPERIMENT, IMAGE, MAX_LABELS, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register,
+                      start, stop, training_run, wait_http, write_eval)
 from pipeline.params.register import RegisterParams
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
-PARAMS = RegisterParams(model_name=NAME, metric="fid")
+PARAMS = RegisterParams(model_name=NAME, metric="fid", max_labels_per_request=MAX_LABELS)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -140,7 +140,8 @@ def test_training_run_missing_from_the_store_is_a_clear_error(tiny, evaluation, 
 
 def write_params(path: Path, enabled: bool) -> Path:
     sample = {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER}  # the repository's section, our sampler
-    path.write_text(yaml.safe_dump({"register": {"model_name": NAME, "metric": "fid"}, "sample": sample,
+    path.write_text(yaml.safe_dump({"register": {"model_name": NAME, "metric": "fid",
+                                                 "max_labels_per_request": MAX_LABELS}, "sample": sample,
                                     "tracking": {"enabled": enabled, "experiment": EXPERIMENT}}))
     return path
 

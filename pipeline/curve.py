@@ -12,7 +12,8 @@ paper's training curves), so its FIDs compare with one another at one protocol, 
 Outputs: reports/curve.json, the record (one entry per checkpoint in `steps`, `fid`, `class_consistency`, `kid`,
 `precision`, `recall`; the final values; the model's name, conditioning, patch size, forward Gflops per image
 (pipeline.flops) and parameters; the protocol); metrics/curve.json, the numbers to compare across experiments (the
-last checkpoint's step and metrics, Gflops, parameters); and plots/curve.csv (step, fid, class_consistency, kid).
+last checkpoint's step and metrics, Gflops, parameters); plots/curve.csv (step, fid, class_consistency, kid); and
+plots/curve_fid.png, its FID as an image that `dvc plots show` renders offline.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT
 from pipeline.autoencoder import load_vae
 from pipeline.params.curve import CurveParams
+from pipeline.plots import line_plot
 
 LABELS = "balanced"  # label of sample i = i % num_classes: every class equally often at every point
 POINT_METRICS = ("fid", "class_consistency", "kid", "precision", "recall")  # per checkpoint, in curve.json
@@ -162,9 +164,10 @@ def curve_metrics(record: dict) -> dict:
     return {k: v for k, v in numbers.items() if v is not None}
 
 
-def write_outputs(record: dict, metrics_path: str | Path, report_path: str | Path, plots_path: str | Path) -> None:
-    """metrics/curve.json (curve_metrics), reports/curve.json (the whole record), and plots/curve.csv with one row
-    per checkpoint (empty cells for null metrics)."""
+def write_outputs(record: dict, metrics_path: str | Path, report_path: str | Path, plots_path: str | Path,
+                  plot_image_path: str | Path | None = None) -> None:
+    """metrics/curve.json (curve_metrics), reports/curve.json (the whole record), plots/curve.csv with one row
+    per checkpoint (empty cells for null metrics), and its FID as a PNG at `plot_image_path` when given."""
     atomic_write_json(metrics_path, curve_metrics(record))
     atomic_write_json(report_path, record)
     buf = io.StringIO()
@@ -173,3 +176,15 @@ def write_outputs(record: dict, metrics_path: str | Path, report_path: str | Pat
     for i, step in enumerate(record["steps"]):
         writer.writerow({"step": step, **{k: record[k][i] for k in CSV_COLUMNS[1:]}})
     atomic_write(plots_path, lambda tmp: tmp.write_text(buf.getvalue()))
+    if plot_image_path:
+        write_fid_plot(record, plot_image_path)
+
+
+def write_fid_plot(record: dict, path: str | Path) -> None:
+    """`path`: FID over training steps, one point per checkpoint, as a PNG (pipeline/plots.py)."""
+    protocol = record["protocol"]  # in the label: these FIDs compare with one another, not with metrics/eval.json
+    model = f" ({record['model']})" if record["model"] else ""
+    line_plot(path, record["steps"], {"fid": record["fid"]}, title=f"FID over training{model}",
+              xlabel="training steps", ylabel=f"FID ({protocol['num_samples']} samples, {protocol['sampling_steps']} "
+                                              f"steps, cfg {protocol['cfg_scale']})",
+              empty="no training curve (train.official_checkpoint was imported)")

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Iterable
@@ -66,7 +67,12 @@ class LatentEncoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         mark_ready()
-        x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
+        # Ray Data hands over read-only views of its Arrow blocks; torch has no read-only tensors and warns that
+        # writing would be undefined. Nothing here writes, but no zero-copy route says so to torch (from_dlpack
+        # takes read-only arrays only from recent numpy; pyproject allows 1.26): copy the uint8 batch when it is
+        # read-only, a quarter of the size of the float32 copy that to_pixels makes anyway.
+        image = np.require(batch["image"], requirements="W")
+        x = torch.from_numpy(image).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
         views = [x, x.flip(-1)] if self.flip else [x]  # index 0 = original, 1 = horizontally flipped
         with torch_threads(CPU_THREADS) if self.vae.device.type == "cpu" else nullcontext():
             mean, std = zip(*(self.encode_fixed_shape(v) for v in views))
@@ -269,6 +275,7 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
     `open_writer`), with Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
     each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
     import ray  # here, not at the top: importing this module needs no Ray
+    from ray.util.annotations import RayDeprecationWarning
 
     images = image_shards.read_manifest(images_dir)
     writer = open_writer(images_dir, vae_dir, out_dir, params, shards_dir)
@@ -292,18 +299,23 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
     ds = ds.repartition(target_num_rows_per_block=params.batch_size)
     ds = ds.map_batches(decode_rows, fn_kwargs={"image_size": images["image_size"]}, batch_size=params.batch_size,
                         batch_format="numpy")
-    ds = ds.map_batches(
-        LatentEncoder,
-        fn_constructor_kwargs=dict(vae_dir=vae_at, flip=params.flip,
-                                   micro_batch=params.micro_batch, device="cuda" if params.use_gpu else "cpu"),
-        compute=ray.data.ActorPoolStrategy(size=params.num_actors),
-        batch_size=params.batch_size, batch_format="numpy",
-        num_gpus=1 if params.use_gpu else 0, num_cpus=CPU_THREADS,
-        # Ray Data restarts pool actors forever by default, and passes them its own plan through the object store,
-        # so Ray core logs an error for each actor that "the actor restart will fail" (ray-project/ray#57733,
-        # #53727). A dead encoder means a bug or out-of-memory, which a restart repeats: fail, `dvc repro` reruns.
-        max_restarts=0,
-    )
+    # Ray Data restarts pool actors forever by default, and passes them its own plan through the object store, so
+    # Ray core logs an error for each actor that "the actor restart will fail" (ray-project/ray#57733, #53727). A
+    # dead encoder means a bug or out-of-memory, which a restart repeats: fail, `dvc repro` reruns. Ray 2.60
+    # deprecates remote args passed as keywords (removed in 2.64) but names no `max_restarts` among the parameters
+    # that replace them (label_selector, max_calls, resources, accelerator_type, runtime_env, ...), so its warning
+    # is silenced for this call alone; once the keyword is gone, map_batches rejects it and this line must change.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+        ds = ds.map_batches(
+            LatentEncoder,
+            fn_constructor_kwargs=dict(vae_dir=vae_at, flip=params.flip,
+                                       micro_batch=params.micro_batch, device="cuda" if params.use_gpu else "cpu"),
+            compute=ray.data.ActorPoolStrategy(size=params.num_actors),
+            batch_size=params.batch_size, batch_format="numpy",
+            num_gpus=1 if params.use_gpu else 0, num_cpus=CPU_THREADS,
+            max_restarts=0,
+        )
 
     def indexed(batches):
         for batch in batches:

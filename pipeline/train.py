@@ -55,7 +55,7 @@ from pipeline.provenance import local_input
 from pipeline.shared_storage import on_this_node, publish
 from pipeline.timing import mark_ready
 from pipeline.tracking import Tracker, public_uri, run_tags, use_recorded_store
-from pipeline.train_log import Reporter, csv_text
+from pipeline.train_log import Reporter, csv_text, write_log_plot
 from pipeline.params.train import TrainParams, check_batch_fits
 
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
@@ -402,9 +402,10 @@ def fit_with_ray(config: dict, p: TrainParams, run_name: str):
 def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, checkpoints_dir: str | Path,
           out_dir: str | Path, metrics_path: str | Path, plots_path: str | Path, vae_dir: str | Path | None = None,
           model_overrides: dict | None = None, restart_on_mismatch: bool = False,
-          resume_across_versions: bool = False) -> dict:
+          resume_across_versions: bool = False, plot_image_path: str | Path | None = None) -> dict:
     """Train (or resume) up to `p.train_steps`, then write `out_dir`/{ema.pt, model.json, tracking.json} and the
-    metrics. Returns the metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
+    metrics (and the CSV log's PNG at `plot_image_path`, when given). Returns the
+    metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
     `restart_on_mismatch` (the user asks to train from scratch): then its checkpoints are moved aside to
     `models/superseded/` (pipeline/persisted.py). Checkpoints of other code or packages count as another run, unless
     `resume_across_versions`."""
@@ -414,7 +415,7 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
     _check_vae(vae_dir, manifest)
     Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is trained
     if local_input(p.official_checkpoint):
-        return import_official(p, tracking, manifest, out_dir, metrics_path, plots_path)
+        return import_official(p, tracking, manifest, out_dir, metrics_path, plots_path, plot_image_path)
     tracker = Tracker(tracking)  # creates the experiment once, from the driver
     config = {
         "train": to_dict(p), "tracking": to_dict(tracking), "distributed": p.num_workers > 0,
@@ -443,6 +444,8 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         raise RuntimeError(f"training ended without a checkpoint at step {p.train_steps} in {checkpoints_dir}")
     if p.storage_path:
         atomic_write(plots_path, lambda tmp: tmp.write_text(csv_text(final["log"], header=True)))
+    if plot_image_path:
+        write_log_plot(final["log"], plot_image_path)
     return export(final, manifest, p, tracking, out_dir, metrics_path, time.time() - started)
 
 
@@ -499,7 +502,7 @@ def write_tracking_record(out_dir, tracker: Tracker) -> None:
 
 
 def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, out_dir, metrics_path,
-                    plots_path) -> dict:
+                    plots_path, plot_image_path=None) -> dict:
     """`train.official_checkpoint`: no training; the official EMA weights become this stage's model, after a
     strict load into the `train.model` preset at the latents' size (official checkpoints carry no config)."""
     path = require_file(p.official_checkpoint, "train")
@@ -518,6 +521,8 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
     tracker.end()
     write_tracking_record(out_dir, tracker)
     atomic_write(plots_path, lambda tmp: tmp.write_text(csv_text([], header=True)))
+    if plot_image_path:
+        write_log_plot([], plot_image_path)
     metrics = {"steps": 0}  # the checkpoint's hash is a tag of the MLflow run, not a number to compare
     atomic_write_json(metrics_path, metrics)
     return metrics

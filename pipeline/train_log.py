@@ -1,5 +1,6 @@
 """The train stage's outputs besides checkpoints, written by rank 0: the CSV training log (plots/train.csv), the
-MLflow run (metrics and EMA sample grids) and the progress bar. MLflow stays a side channel: with tracking off the
+MLflow run (metrics and EMA sample grids) and the progress bar; and the log's PNG (plots/train_loss.png), written by
+the driver once training ends. MLflow stays a side channel: with tracking off the
 tracker's calls do nothing, and the CSV and the checkpoints remain the record.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pipeline.tracking import Tracker
 from pipeline.params.tracking import TrackingParams
 
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
+# The PNG of the log (the CSV's offline view): the loss and its two terms (DiT Sec. 3.1: L_simple + L_vlb). Not
+# img_per_s: measured time would make the image differ between two runs that trained the same weights.
+PLOTTED_COLUMNS = ("loss", "mse", "vb")
 # The EMA sample grid logged to MLflow: a monitoring aid, not an evaluation (that is the sample stage's job).
 GRID_CLASSES, GRID_PER_CLASS, GRID_SEED = 8, 4, 0
 GRID_SAMPLER, GRID_STEPS, GRID_CFG_SCALE = "dpm-solver++", 20, 4.0  # 4.0 = the official sample.py's default
@@ -94,6 +98,15 @@ def progress_bar(distributed: bool, total: int, initial: int):
     bar.n = initial
     bar.refresh()
     return bar
+
+
+def write_log_plot(rows: list[dict], path: str | Path) -> None:
+    """`path`: PLOTTED_COLUMNS of the log `rows` (each the mean over its log interval) over training steps, a PNG."""
+    from pipeline.plots import line_plot  # the driver's alone: rank 0 imports this module, and needs no matplotlib
+
+    line_plot(path, [row["step"] for row in rows], {k: [row[k] for row in rows] for k in PLOTTED_COLUMNS},
+              title="Training loss", xlabel="training steps", ylabel="mean over the log interval",
+              empty="no training log (train.official_checkpoint was imported)")
 
 
 def csv_text(rows: list[dict], header: bool) -> str:

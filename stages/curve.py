@@ -1,7 +1,8 @@
 """DVC stage `curve`: FID (and class consistency) of every kept training checkpoint, for FID-vs-steps curves.
 
     python -m stages.curve --params params.yaml --checkpoints models/checkpoints --reference data/reference \
-        --vae models/vae --metrics metrics/curve.json --report reports/curve.json --plots plots/curve.csv
+        --vae models/vae --metrics metrics/curve.json --report reports/curve.json --plots plots/curve.csv \
+        --plot-image plots/curve_fid.png
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main() -> None:
     p.add_argument("--metrics", required=True, help="metrics JSON: the last point, the model's Gflops and size")
     p.add_argument("--report", required=True, help="JSON: every point, the model, the protocol")
     p.add_argument("--plots", required=True, help="CSV: step, fid, class_consistency, kid")
+    p.add_argument("--plot-image", default=None, help="PNG: FID over training steps")
     args = p.parse_args()
     remove_stale_temps(args.metrics, args.report, args.plots)  # what a killed run left behind
 
@@ -37,7 +39,7 @@ def main() -> None:
     tracking = load_tracking(args.params)
     record = run_curve(params, evaluation, args.checkpoints, args.reference, args.vae,
                        local_input(train.official_checkpoint))
-    write_outputs(record, args.metrics, args.report, args.plots)
+    write_outputs(record, args.metrics, args.report, args.plots, args.plot_image)
     if record["steps"] and record["mlflow_run_id"]:  # the side channel: the curve in the training's MLflow run
         tracker = Tracker(tracking, record["mlflow_run_id"])
         tracker.resume()

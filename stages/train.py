@@ -1,7 +1,8 @@
 """DVC stage `train`: DiT on the VAE latents with Ray Train; resumes from the latest checkpoint when restarted.
 
     python stages/train.py --params params.yaml --latents data/latents --vae models/vae \
-        --checkpoints models/checkpoints --out models/dit --metrics metrics/train.json --plots plots/train.csv
+        --checkpoints models/checkpoints --out models/dit --metrics metrics/train.json --plots plots/train.csv \
+        --plot-image plots/train_loss.png
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output dir for ema.pt, model.json, tracking.json")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--plots", required=True, help="CSV training log (step, loss, mse, vb, grad_norm, img_per_s)")
+    parser.add_argument("--plot-image", default=None, help="PNG of the log's loss, mse and vb over steps")
     parser.add_argument("--restart-on-mismatch", action="store_true",
                         help="move checkpoints of another run (other params, model, latents, code or packages) "
                              "aside to superseded/ beside --checkpoints (kept: `python -m pipeline.superseded`) and "
@@ -40,7 +42,7 @@ def main() -> None:
     metrics = train(params, tracking, latents_dir=args.latents, checkpoints_dir=args.checkpoints, out_dir=args.out,
                     metrics_path=args.metrics, plots_path=args.plots, vae_dir=args.vae,
                     restart_on_mismatch=args.restart_on_mismatch,
-                    resume_across_versions=args.resume_across_versions)
+                    resume_across_versions=args.resume_across_versions, plot_image_path=args.plot_image)
     print(json.dumps(metrics, indent=2))
 
 

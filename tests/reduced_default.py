@@ -40,7 +40,8 @@ def merge(base: dict, overlay: dict) -> dict:
 # Byte-identical reruns. Outputs whose dvc.lock hash a rerun may change, and the only parts allowed to differ:
 # measured time and throughput (the numbers people compare, so they stay in the metrics), and the MLflow run id
 # that a resumed training continues and downstream stages log into (each run is a new MLflow run). Everything
-# else in them, and every other output, must come back byte for byte.
+# else in them, and every other output, must come back byte for byte: the PNG plots too (pipeline/plots.py), which
+# draw no measured time (train_loss.png leaves img_per_s out) and carry no version or date.
 TIMED = {
     "metrics/vae.json": {"seconds"},
     "metrics/encode.json": {"seconds", "img_per_s"},

@@ -102,17 +102,18 @@ def check(path: Path, spec: dict | None = None) -> None:
     every requirement (for its extras, on this interpreter) that the requirement allows."""
     spec = spec or dependency_spec()
     header, pinned = blocks(path.read_text())
+    label = path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path
     match = re.search(rf"^{re.escape(STAMP)} \[([\w,]*)\], dependencies sha256 (\w+)$", header, flags=re.MULTILINE)
     if not match:
-        raise LockError(f"{path.name} does not say what it was compiled from: run `make lock`")
+        raise LockError(f"{label} does not say what it was compiled from: run `make lock`")
     if match[2] != spec_sha256(spec):
-        raise LockError(f"{path.name} was compiled from other dependencies than pyproject.toml's: run `make lock`")
-    versions = {name: version for name, version, part in pinned}
+        raise LockError(f"{label} was compiled from other dependencies than pyproject.toml's: run `make lock`")
+    versions = {name: version for name, version, _ in pinned}
     if len(versions) != len(pinned):
-        raise LockError(f"{path.name} pins a package twice: run `make lock`")
+        raise LockError(f"{label} pins a package twice: run `make lock`")
     for name, version, part in pinned:
         if "--hash=sha256:" not in part:
-            raise LockError(f"{path.name} has no hash for {name}: run `make lock`")
+            raise LockError(f"{label} has no hash for {name}: run `make lock`")
     extras = match[1].split(",") if match[1] else []
     wanted = list(spec["dependencies"]) + [r for extra in extras for r in spec["optional-dependencies"][extra]]
     for line in wanted + list(spec["build-system.requires"]):
@@ -121,7 +122,7 @@ def check(path: Path, spec: dict | None = None) -> None:
             continue
         version = versions.get(canonical(req.name))
         if version is None or not req.specifier.contains(version, prereleases=True):
-            raise LockError(f"{path.name} pins {req.name}=={version}, which pyproject.toml's {line!r} excludes: "
+            raise LockError(f"{label} pins {req.name}=={version}, which pyproject.toml's {line!r} excludes: "
                             f"run `make lock`")
 
 

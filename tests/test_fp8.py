@@ -35,7 +35,7 @@ def test_fp8_on_needs_cuda_and_bf16():
 
 
 def test_emulated_fp8_swaps_the_block_linears_and_tracks_fp32_training(perturb):
-    pytest.importorskip("torchao", reason="the optional extra: pip install -e '.[gpu]' (CI installs it)")
+    pytest.importorskip("torchao", reason="the gpu extra: make test LOCK=requirements/lock-gpu.txt (as CI does)")
     from torchao.float8.float8_linear import Float8Linear
 
     losses, states = {}, {}

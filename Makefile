@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 # authentication: a local Ray keeps its token in ~/.ray/auth_token (made on first use), never in the repository.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_AUTH_MODE=token
 
-.PHONY: repro test exp venv lock check-lock
+.PHONY: repro test test-fast lint exp venv lock check-lock
 # One local Ray for the whole DAG, which each Ray stage joins (pipeline/cluster.py: ~9 s less start-up per Ray
 # stage on 2 cores, bench/bench_ray_start.py); a RAY_ADDRESS you set is used instead.
 repro: $(STAMP)
@@ -31,8 +31,19 @@ exp: $(STAMP)
 	overrides="$$($(BIN)/python -m pipeline.profiles $(PROFILE))" && \
 		PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc exp run -n $(PROFILE) $(EXP_ARGS) $$overrides
 
+# The whole suite, with its 15 slowest tests listed at the end.
 test: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+
+# The inner loop: every test not marked slow (no end-to-end repro, cluster or server), a few minutes on 2 cores.
+test-fast: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
+
+# ruff's lint and format check (pyproject.toml); `ruff format` and `ruff check --fix` rerun no stage: a stage depends
+# on its code fingerprint, which a reformat or a re-sorted import block leaves as it was.
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline stages tests bench requirements
+	$(BIN)/ruff format --check pipeline stages tests bench requirements
 
 venv: $(STAMP)
 

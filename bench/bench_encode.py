@@ -14,6 +14,7 @@ CUDA: the VAE encoder at the paper's scale: an AutoencoderKL with the stabilitya
 
     python bench/bench_encode.py --device cuda --batch-size 64 --dtype bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,23 +27,31 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-
-from pipeline.cluster import lock_ray
-from pipeline.params.load import load_section
-from pipeline.ingest import ingest
-from pipeline.params.ingest import IngestParams
-from pipeline.encode import encode_local, run_encode
-from pipeline.params.encode import EncodeParams
-from pipeline.vae import build_vae
-from pipeline.autoencoder import encode_images, save_snapshot
-from pipeline.params.vae import VAEParams
 from timing import synchronize
+
+from pipeline.autoencoder import encode_images, save_snapshot
+from pipeline.cluster import lock_ray
+from pipeline.encode import encode_local, run_encode
+from pipeline.ingest import ingest
+from pipeline.params.encode import EncodeParams
+from pipeline.params.ingest import IngestParams
+from pipeline.params.load import load_section
+from pipeline.params.vae import VAEParams
+from pipeline.vae import build_vae
 
 # The stabilityai/sd-vae-ft-ema config.json (the VAE of the paper), for a same-sized model with random weights.
 SD_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, act_fn="silu",
-    norm_num_groups=32, sample_size=256, scaling_factor=0.18215,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    act_fn="silu",
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.18215,
 )
 
 
@@ -86,12 +95,19 @@ def bench_cpu(args) -> None:
         lock_ray()
         ray.init(num_cpus=max(os.cpu_count() or 1, max(args.actors) + 1), include_dashboard=False)
         for n in args.actors:
-            metrics = run_encode(dataclasses.replace(encode, num_actors=n, use_gpu=False), tmp / "images", vae_dir,
-                                 tmp / f"ray{n}", tmp / f"encode{n}.json")
+            metrics = run_encode(
+                dataclasses.replace(encode, num_actors=n, use_gpu=False),
+                tmp / "images",
+                vae_dir,
+                tmp / f"ray{n}",
+                tmp / f"encode{n}.json",
+            )
             rows.append((f"Ray, {n} CPU actor(s), incl. actor start", metrics["img_per_s"]))
         ray.shutdown()
-    print(f"\nencode throughput, {manifest['count']} images of {manifest['image_size']}px, flip={encode.flip}, "
-          f"{os.cpu_count()} CPU cores, torch threads per encoder = 1 (encode.CPU_THREADS)")
+    print(
+        f"\nencode throughput, {manifest['count']} images of {manifest['image_size']}px, flip={encode.flip}, "
+        f"{os.cpu_count()} CPU cores, torch threads per encoder = 1 (encode.CPU_THREADS)"
+    )
     for name, img_per_s in rows:
         print(f"  {name:<42} {img_per_s:8.1f} img/s")
 
@@ -100,8 +116,9 @@ def bench_cpu(args) -> None:
 def bench_cuda(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     vae = AutoencoderKL(**SD_VAE_CONFIG).to("cuda", dtype).eval()
-    images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8,
-                           device="cuda")
+    images = torch.randint(
+        0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8, device="cuda"
+    )
     for _ in range(3):  # warmup: cuDNN autotuning, allocator
         encode_images(vae, images)
     rounds = []
@@ -112,10 +129,12 @@ def bench_cuda(args) -> None:
             encode_images(vae, images)
         synchronize("cuda")
         rounds.append(args.iters * args.batch_size / (time.perf_counter() - start))
-    print(f"SD-VAE-sized encoder (random weights), {args.image_size}px, batch {args.batch_size}, {args.dtype}, "
-          f"{torch.cuda.get_device_name()}: {statistics.median(rounds):.1f} img/s "
-          f"(rounds: {', '.join(f'{r:.0f}' for r in rounds)}); peak memory "
-          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(
+        f"SD-VAE-sized encoder (random weights), {args.image_size}px, batch {args.batch_size}, {args.dtype}, "
+        f"{torch.cuda.get_device_name()}: {statistics.median(rounds):.1f} img/s "
+        f"(rounds: {', '.join(f'{r:.0f}' for r in rounds)}); peak memory "
+        f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    )
 
 
 def main() -> None:

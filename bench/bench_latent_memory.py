@@ -19,6 +19,7 @@ give the same batches (sha256 over every step's x and y, and equality).
     df -h /tmp && python bench/bench_latent_memory.py          # ~4.2 GB under /tmp, deleted at the end
     python bench/bench_latent_memory.py --images 12800          # a quick look at 1/100 scale
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,12 +63,23 @@ def write_synthetic(out: Path, images: int, shard_size: int) -> None:
     shards = []
     for s, start in enumerate(range(0, images, shard_size)):
         n = min(shard_size, images - start)
-        arrays = {"label": rng.integers(0, 1000, n, dtype=np.int64),
-                  "mean": rng.standard_normal((n, 2, *LATENT_SHAPE), dtype=np.float32).astype(np.float16),
-                  "std": (rng.random((n, 2, *LATENT_SHAPE), dtype=np.float32) * 0.1).astype(np.float16)}
+        arrays = {
+            "label": rng.integers(0, 1000, n, dtype=np.int64),
+            "mean": rng.standard_normal((n, 2, *LATENT_SHAPE), dtype=np.float32).astype(np.float16),
+            "std": (rng.random((n, 2, *LATENT_SHAPE), dtype=np.float32) * 0.1).astype(np.float16),
+        }
         shards.append(write_shard(out, f"latents-{s:05d}.safetensors", arrays))
-    write_latents_manifest(out, count=images, latent_shape=list(LATENT_SHAPE), dtype="float16", flip=True,
-                           store="posterior", scaling_factor=SCALING_FACTOR, num_classes=1000, shards=shards)
+    write_latents_manifest(
+        out,
+        count=images,
+        latent_shape=list(LATENT_SHAPE),
+        dtype="float16",
+        flip=True,
+        store="posterior",
+        scaling_factor=SCALING_FACTOR,
+        num_classes=1000,
+        shards=shards,
+    )
 
 
 def load_copy(latents_dir: str) -> dict[str, torch.Tensor]:
@@ -95,8 +107,10 @@ def worker(latents_dir: str, loader: str, rank: int, world: int, steps: int, glo
         batch_s.append(time.perf_counter() - t0)
         digest.update(x.numpy().tobytes())
         digest.update(y.numpy().tobytes())
-    print(json.dumps({"load_s": load_s, "batch_ms": 1e3 * float(np.mean(batch_s)), "sha256": digest.hexdigest()}),
-          flush=True)
+    print(
+        json.dumps({"load_s": load_s, "batch_ms": 1e3 * float(np.mean(batch_s)), "sha256": digest.hexdigest()}),
+        flush=True,
+    )
     sys.stdin.readline()  # stay alive (and mapped) until the parent has sampled the final PSS
 
 
@@ -104,19 +118,32 @@ def time_both(latents_dir: str, steps: int, global_batch: int) -> None:
     """Step time of both loaders in one process, alternating step by step, so that the load of a shared machine
     falls on both alike: prints their median batch time in ms and whether every batch was the same."""
     torch.set_num_threads(1)
-    loaders = {"mmap": T.LatentBatches(open_latents(latents_dir)[1], SCALING_FACTOR, 0, torch.device("cpu")),
-               "copy": T.LatentBatches(load_copy(latents_dir), SCALING_FACTOR, 0, torch.device("cpu"))}
+    loaders = {
+        "mmap": T.LatentBatches(open_latents(latents_dir)[1], SCALING_FACTOR, 0, torch.device("cpu")),
+        "copy": T.LatentBatches(load_copy(latents_dir), SCALING_FACTOR, 0, torch.device("cpu")),
+    }
     times, same = {name: [] for name in loaders}, True
     for step in range(2 * steps):  # the first epoch maps the pages into this process; the second finds them mapped
         out = {}
-        for name, data in (loaders.items() if step % 2 else reversed(loaders.items())):
+        for name, data in loaders.items() if step % 2 else reversed(loaders.items()):
             torch.manual_seed(T.step_seed(0, step, 0))
             t0 = time.perf_counter()
             out[name] = data.batch(step, 0, 1, global_batch)
             times[name].append(time.perf_counter() - t0)
         same &= all(torch.equal(a, b) for a, b in zip(out["mmap"], out["copy"]))
-    print(json.dumps({"same": same, **{f"{name}{epoch}": 1e3 * float(np.median(t[(epoch - 1) * steps:epoch * steps]))
-                                       for name, t in times.items() for epoch in (1, 2)}}), flush=True)
+    print(
+        json.dumps(
+            {
+                "same": same,
+                **{
+                    f"{name}{epoch}": 1e3 * float(np.median(t[(epoch - 1) * steps : epoch * steps]))
+                    for name, t in times.items()
+                    for epoch in (1, 2)
+                },
+            }
+        ),
+        flush=True,
+    )
 
 
 def pss_kib(pid: int) -> int:
@@ -127,9 +154,26 @@ def pss_kib(pid: int) -> int:
 
 
 def run_workers(latents_dir: Path, loader: str, world: int, steps: int, global_batch: int) -> dict:
-    procs = [subprocess.Popen([sys.executable, __file__, "--latents", str(latents_dir), "--worker", loader,
-                               str(rank), str(world), str(steps)] + ["--global-batch", str(global_batch)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for rank in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--latents",
+                str(latents_dir),
+                "--worker",
+                loader,
+                str(rank),
+                str(world),
+                str(steps),
+            ]
+            + ["--global-batch", str(global_batch)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
     peak_worker, peak_node = [0] * world, 0
     reports: list[dict | None] = [None] * world
     while any(r is None for r in reports):
@@ -147,8 +191,13 @@ def run_workers(latents_dir: Path, loader: str, world: int, steps: int, global_b
     peak_worker, peak_node = [max(a, b) for a, b in zip(peak_worker, now)], max(peak_node, sum(now))
     for p in procs:
         p.communicate("\n", timeout=60)
-    return {"loader": loader, "workers": world, "peak_worker_gib": [k / 2 ** 20 for k in peak_worker],
-            "peak_node_gib": peak_node / 2 ** 20, "reports": reports}
+    return {
+        "loader": loader,
+        "workers": world,
+        "peak_worker_gib": [k / 2**20 for k in peak_worker],
+        "peak_node_gib": peak_node / 2**20,
+        "reports": reports,
+    }
 
 
 def _readable(stream) -> bool:
@@ -173,35 +222,61 @@ def main() -> None:
         start = time.perf_counter()
         write_synthetic(latents_dir, args.images, args.shard_size)
         size_gb = sum(f.stat().st_size for f in latents_dir.glob("*.safetensors")) / 1e9
-        print(f"wrote {args.images} images x 2 flips, mean+std {LATENT_SHAPE} fp16: {size_gb:.2f} GB in "
-              f"{time.perf_counter() - start:.0f} s; {steps} steps of global batch {args.global_batch} per run")
+        print(
+            f"wrote {args.images} images x 2 flips, mean+std {LATENT_SHAPE} fp16: {size_gb:.2f} GB in "
+            f"{time.perf_counter() - start:.0f} s; {steps} steps of global batch {args.global_batch} per run"
+        )
         runs = [run_workers(latents_dir, "mmap", w, steps, args.global_batch) for w in (1, 2)]
         runs += [run_workers(latents_dir, "copy", w, steps, args.global_batch) for w in range(1, args.copy_workers + 1)]
-        print(f"{'loader':<6} {'workers':>7} {'load s':>7} {'batch ms':>9} {'peak PSS per worker GiB':>24} "
-              f"{'node GiB':>9}")
+        print(
+            f"{'loader':<6} {'workers':>7} {'load s':>7} {'batch ms':>9} {'peak PSS per worker GiB':>24} "
+            f"{'node GiB':>9}"
+        )
         for r in runs:
-            print(f"{r['loader']:<6} {r['workers']:>7} {max(x['load_s'] for x in r['reports']):7.2f} "
-                  f"{np.mean([x['batch_ms'] for x in r['reports']]):9.2f} "
-                  f"{' '.join(f'{g:.2f}' for g in r['peak_worker_gib']):>24} {r['peak_node_gib']:9.2f}")
+            print(
+                f"{r['loader']:<6} {r['workers']:>7} {max(x['load_s'] for x in r['reports']):7.2f} "
+                f"{np.mean([x['batch_ms'] for x in r['reports']]):9.2f} "
+                f"{' '.join(f'{g:.2f}' for g in r['peak_worker_gib']):>24} {r['peak_node_gib']:9.2f}"
+            )
         mmap1, mmap2 = runs[0], runs[1]
-        print(f"node PSS, mmap, 2 workers / 1 worker: {mmap2['peak_node_gib'] / mmap1['peak_node_gib']:.3f} "
-              "(goal <= 1.2)")
+        print(
+            f"node PSS, mmap, 2 workers / 1 worker: {mmap2['peak_node_gib'] / mmap1['peak_node_gib']:.3f} (goal <= 1.2)"
+        )
         if args.copy_workers:
             copy1 = runs[2]
             same = copy1["reports"][0]["sha256"] == mmap1["reports"][0]["sha256"]
-            print(f"node PSS, copy / mmap (1 worker): {copy1['peak_node_gib'] / mmap1['peak_node_gib']:.2f}; "
-                  f"same batches: {same}")
+            print(
+                f"node PSS, copy / mmap (1 worker): {copy1['peak_node_gib'] / mmap1['peak_node_gib']:.2f}; "
+                f"same batches: {same}"
+            )
             if not same:
                 raise SystemExit("the two loaders gave different batches")
-        both = subprocess.run([sys.executable, __file__, "--latents", str(latents_dir), "--worker", "both", "0", "1",
-                               str(steps), "--global-batch", str(args.global_batch)],
-                              capture_output=True, text=True, check=True)
+        both = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--latents",
+                str(latents_dir),
+                "--worker",
+                "both",
+                "0",
+                "1",
+                str(steps),
+                "--global-batch",
+                str(args.global_batch),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         timing = json.loads(both.stdout.strip().splitlines()[-1])
         for epoch in (1, 2):
             mmap, copy = timing[f"mmap{epoch}"], timing[f"copy{epoch}"]
-            print(f"batch time, one process alternating loaders, pass {epoch} over {steps} steps (median): mmap "
-                  f"{mmap:.2f} ms, copy {copy:.2f} ms, ratio mmap / copy {mmap / copy:.3f}; same batches: "
-                  f"{timing['same']}")
+            print(
+                f"batch time, one process alternating loaders, pass {epoch} over {steps} steps (median): mmap "
+                f"{mmap:.2f} ms, copy {copy:.2f} ms, ratio mmap / copy {mmap / copy:.3f}; same batches: "
+                f"{timing['same']}"
+            )
         if not timing["same"]:
             raise SystemExit("the two loaders gave different batches")
     finally:

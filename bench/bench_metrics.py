@@ -5,6 +5,7 @@ the 2048-d FID sqrtm, and the classifier extractor's training and extraction thr
     python bench/bench_metrics.py --device cpu --n 5000 --dim 128   # the offline default's scale
     python bench/bench_metrics.py --device cuda --inception-weights /path/to/inception-2015-12-05.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,22 +13,29 @@ import time
 
 import numpy as np
 import torch
+from timing import timed
 
 from pipeline.determinism import torch_threads
 from pipeline.features import ClassifierExtractor, InceptionExtractor, build_classifier, classifier_arch
 from pipeline.metrics import fid_from_features, kernel_inception_distance, precision_recall
-from timing import timed
 
 
 def bench_metrics(n: int, dim: int, device: torch.device) -> None:
     rng = np.random.default_rng(0)
     real = rng.normal(size=(n, dim)).astype(np.float32)
     fake = (rng.normal(size=(n, dim)) * 1.05 + 0.02).astype(np.float32)
-    print("  ->", timed(f"precision/recall k=3, {n} x {n}, D={dim}, {device}", precision_recall, real, fake, 3,
-                        device))
+    print("  ->", timed(f"precision/recall k=3, {n} x {n}, D={dim}, {device}", precision_recall, real, fake, 3, device))
     print("  ->", timed("KID 10 subsets of 500 (float64, CPU)", kernel_inception_distance, fake, real, 10, 500, 0))
-    print("  ->", timed(f"FID incl. np.cov and scipy sqrtm at D={dim} (CPU)", fid_from_features,
-                        fake.astype(np.float64), real.mean(axis=0, dtype=np.float64), np.cov(real, rowvar=False)))
+    print(
+        "  ->",
+        timed(
+            f"FID incl. np.cov and scipy sqrtm at D={dim} (CPU)",
+            fid_from_features,
+            fake.astype(np.float64),
+            real.mean(axis=0, dtype=np.float64),
+            np.cov(real, rowvar=False),
+        ),
+    )
 
 
 def bench_classifier(device: torch.device, image_size: int, batch: int) -> None:
@@ -42,8 +50,10 @@ def bench_classifier(device: torch.device, image_size: int, batch: int) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-    print(f"classifier training (CPU, 1 thread, batch {batch}, {image_size} px): "
-          f"{steps / (time.perf_counter() - start):.1f} steps/s")
+    print(
+        f"classifier training (CPU, 1 thread, batch {batch}, {image_size} px): "
+        f"{steps / (time.perf_counter() - start):.1f} steps/s"
+    )
     images = np.random.default_rng(0).integers(0, 256, (2000, image_size, image_size, 3), dtype=np.uint8)
     extractor = ClassifierExtractor(net.eval(), classifier_arch(10, image_size), device)
     extractor.extract(images[:250], 250)  # warm-up

@@ -12,6 +12,7 @@ both alike.
 On CUDA it also prints MFU: model FLOPs per image = 3 (forward + backward) x 2 FLOPs per MAC x the forward MACs
 of pipeline.flops, against --peak-tflops (989 = H100/H200 dense bf16).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,11 @@ import time
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
+from timing import synchronize
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.flops import count_ops
 from pipeline.model import DiT_models
-from timing import synchronize
 
 PAPER_LR = 1e-4  # the paper's AdamW learning rate; it does not affect the speed
 
@@ -51,22 +52,31 @@ def parse_args():
 
 
 def build_ours(args):
-    return DiT_models[args.model](input_size=args.input_size, num_classes=args.num_classes,
-                                  activation_checkpointing=args.activation_checkpointing)
+    return DiT_models[args.model](
+        input_size=args.input_size, num_classes=args.num_classes, activation_checkpointing=args.activation_checkpointing
+    )
 
 
 def build_diffusers(config, out_channels):
     """diffusers' DiT with the same architecture (and the official LayerNorm eps)."""
     model = DiTTransformer2DModel(
-        num_attention_heads=config["num_heads"], attention_head_dim=config["hidden_size"] // config["num_heads"],
-        in_channels=config["in_channels"], out_channels=out_channels, num_layers=config["depth"],
-        sample_size=config["input_size"], patch_size=config["patch_size"], activation_fn="gelu-approximate",
-        num_embeds_ada_norm=config["num_classes"], norm_type="ada_norm_zero", norm_elementwise_affine=False,
+        num_attention_heads=config["num_heads"],
+        attention_head_dim=config["hidden_size"] // config["num_heads"],
+        in_channels=config["in_channels"],
+        out_channels=out_channels,
+        num_layers=config["depth"],
+        sample_size=config["input_size"],
+        patch_size=config["patch_size"],
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=config["num_classes"],
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
         norm_eps=1e-6,
     )
 
     def forward(x, t, y):
         return model(x, timestep=t, class_labels=y).sample
+
     return model, forward
 
 
@@ -103,6 +113,7 @@ def training_step(model, forward, batch, args, device):
         F.mse_loss(out.float(), target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -161,8 +172,10 @@ def main():
     config, in_channels, out_channels = dict(probe.config), probe.in_channels, probe.out_channels
     macs, _ = count_ops(args.model, args.input_size)
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"{args.model} latent {args.input_size} batch {args.batch_size} {args.dtype} compile={args.compile} "
-          f"on {hardware}, torch {torch.__version__}; forward {macs / 1e9:.2f} GMACs/image")
+    print(
+        f"{args.model} latent {args.input_size} batch {args.batch_size} {args.dtype} compile={args.compile} "
+        f"on {hardware}, torch {torch.__version__}; forward {macs / 1e9:.2f} GMACs/image"
+    )
     if device.type == "cuda" and args.dtype == "bf16":
         check_flash_attention(probe.to(device), args, device)
     del probe

@@ -6,6 +6,7 @@ one that joins a running one (`python -m pipeline.cluster run`), each up to its 
 Both variants run as fresh interpreters, alternately (A, B, A, B, ...), so machine noise hits both alike. Prints
 each variant's median seconds, the saving per stage, and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ assert ray.get(one.remote()) == 1
 
 def time_probe(env: dict) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", PROBE],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return time.perf_counter() - start
 
 
@@ -59,8 +66,10 @@ def main() -> None:
     a, b = statistics.median(own), statistics.median(joined)
     print(f"own local Ray per stage   median {a:6.2f} s  runs {' '.join(f'{t:.2f}' for t in own)}")
     print(f"join the DAG's local Ray  median {b:6.2f} s  runs {' '.join(f'{t:.2f}' for t in joined)}")
-    print(f"saving per Ray stage {a - b:.2f} s ({a / b:.2f}x); the default DAG has 3 Ray stages (encode, train, "
-          f"sample): {3 * (a - b):.1f} s")
+    print(
+        f"saving per Ray stage {a - b:.2f} s ({a / b:.2f}x); the default DAG has 3 Ray stages (encode, train, "
+        f"sample): {3 * (a - b):.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ paper's DDPM at 250 steps. Random weights cost what trained ones cost. On a GPU,
     python bench/bench_sample.py --device cuda --model DiT-XL/2 --latent-size 32 --vae-arch sd \
         --num-classes 1000 --num-images 64 --batch-size 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,11 +17,11 @@ import time
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
+from timing import synchronize
 
-from pipeline.model import DiT_models
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.generate import generate_images
-from timing import synchronize
+from pipeline.model import DiT_models
 
 VAE_ARCHS = {  # (block_out_channels, layers_per_block): the small VAE trained here, and SD's (sd-vae-ft-ema)
     "small": ((32, 64, 64), 1),
@@ -35,9 +36,15 @@ def random_models(args, device):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     channels, layers = VAE_ARCHS[args.vae_arch]
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * len(channels),
-                        up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
-                        layers_per_block=layers, latent_channels=4, norm_num_groups=32, scaling_factor=1.0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        layers_per_block=layers,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=1.0,
+    )
     return model.to(device).eval(), vae.to(device).eval()
 
 
@@ -46,11 +53,24 @@ def run(model, vae, args, sampler: str, steps: int, n: int, device) -> float:
     indices = np.arange(n, dtype=np.int64)
     synchronize(device)
     start = time.perf_counter()
-    generate_images(model, vae, indices % args.num_classes, indices, seed=0, sampler=sampler, steps=steps,
-                    cfg_scale=args.cfg_scale, cfg_channels=None, num_classes=args.num_classes,
-                    latent_shape=(4, args.latent_size, args.latent_size), device=device,
-                    batch_size=args.batch_size, micro_batch=args.micro_batch, precision=args.precision,
-                    diffusion={**DIT_DIFFUSION, "learn_sigma": model.config["learn_sigma"]})
+    generate_images(
+        model,
+        vae,
+        indices % args.num_classes,
+        indices,
+        seed=0,
+        sampler=sampler,
+        steps=steps,
+        cfg_scale=args.cfg_scale,
+        cfg_channels=None,
+        num_classes=args.num_classes,
+        latent_shape=(4, args.latent_size, args.latent_size),
+        device=device,
+        batch_size=args.batch_size,
+        micro_batch=args.micro_batch,
+        precision=args.precision,
+        diffusion={**DIT_DIFFUSION, "learn_sigma": model.config["learn_sigma"]},
+    )
     synchronize(device)
     return time.perf_counter() - start
 
@@ -77,14 +97,22 @@ def main() -> None:
     model, vae = random_models(args, device)
     run(model, vae, args, "ddim", 2, args.micro_batch, device)  # warm-up: allocator, kernels, lazy imports
     results = []
-    print(f"{args.model} latent {args.latent_size} vae {args.vae_arch} cfg {args.cfg_scale} on {device} "
-          f"({torch.get_num_threads()} threads), {args.num_images} images, batch {args.batch_size}")
+    print(
+        f"{args.model} latent {args.latent_size} vae {args.vae_arch} cfg {args.cfg_scale} on {device} "
+        f"({torch.get_num_threads()} threads), {args.num_images} images, batch {args.batch_size}"
+    )
     print(f"{'sampler':>14} {'steps':>6} {'seconds':>9} {'img/s':>9} {'img*steps/s':>12}")
     for spec in args.runs.split(","):
         sampler, steps = spec.split(":")
         seconds = run(model, vae, args, sampler, int(steps), args.num_images, device)
-        row = {"sampler": sampler, "steps": int(steps), "images": args.num_images, "seconds": seconds,
-               "img_per_s": args.num_images / seconds, "img_steps_per_s": args.num_images * int(steps) / seconds}
+        row = {
+            "sampler": sampler,
+            "steps": int(steps),
+            "images": args.num_images,
+            "seconds": seconds,
+            "img_per_s": args.num_images / seconds,
+            "img_steps_per_s": args.num_images * int(steps) / seconds,
+        }
         results.append(row)
         print(f"{sampler:>14} {steps:>6} {seconds:9.2f} {row['img_per_s']:9.2f} {row['img_steps_per_s']:12.1f}")
     if len(results) >= 2:
@@ -92,8 +120,18 @@ def main() -> None:
         print(f"{a['sampler']}/{a['steps']} is {ratio:.1f}x the img/s of {b['sampler']}/{b['steps']}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": str(device), "model": args.model, "latent_size": args.latent_size,
-                       "vae_arch": args.vae_arch, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+            json.dump(
+                {
+                    "device": str(device),
+                    "model": args.model,
+                    "latent_size": args.latent_size,
+                    "vae_arch": args.vae_arch,
+                    "threads": torch.get_num_threads(),
+                    "results": results,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

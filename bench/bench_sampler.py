@@ -8,6 +8,7 @@ the speed matters here. Example (the official DiT-XL/2 reaches ~1,010 img-steps/
     python bench/bench_sampler.py --model DiT-XL/2 --latent-size 32 --batch 256 --sampler ddpm --steps 250 \
         --cfg-scale 1.5 --dtype bf16 --compile --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,10 @@ import json
 import time
 
 import torch
+from timing import synchronize
 
 from pipeline.attention import attention_backend
 from pipeline.diffusion import DIT_DIFFUSION, SAMPLERS, sample
-from timing import synchronize
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,11 +34,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=1.5, help="1 = no guidance (no doubled batch)")
     p.add_argument("--cfg-channels", type=int, default=None, help="3 = the official sampler; default all")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="bf16 = bf16 autocast")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                   help="TF32 matmuls for fp32 (on in the official sample_ddp.py)")
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="TF32 matmuls for fp32 (on in the official sample_ddp.py)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the network's forward")
-    p.add_argument("--attention", default="auto", help="SDPA kernel: auto | math | flash | efficient | cudnn "
-                   "(pipeline/attention.py, the sample.attention param)")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="SDPA kernel: auto | math | flash | efficient | cudnn (pipeline/attention.py, the sample.attention param)",
+    )
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--warmup-steps", type=int, default=3, help="steps of the untimed warm-up run (compilation)")
     p.add_argument("--forward-iters", type=int, default=20, help="network-only timed passes; 0 skips them")
@@ -68,11 +76,25 @@ def time_sampling(model, args, steps: int, device: torch.device) -> float:
     shape = (args.batch, args.in_channels, args.latent_size, args.latent_size)
     synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"), \
-            attention_backend(args.attention):
-        z = sample(model, sampler=args.sampler, steps=steps, shape=shape, y=y, cfg_scale=args.cfg_scale,
-                   cfg_channels=args.cfg_channels, generators=generators, num_classes=args.num_classes,
-                   device=device, **DIT_DIFFUSION, learn_sigma=model.config["learn_sigma"])
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"),
+        attention_backend(args.attention),
+    ):
+        z = sample(
+            model,
+            sampler=args.sampler,
+            steps=steps,
+            shape=shape,
+            y=y,
+            cfg_scale=args.cfg_scale,
+            cfg_channels=args.cfg_channels,
+            generators=generators,
+            num_classes=args.num_classes,
+            device=device,
+            **DIT_DIFFUSION,
+            learn_sigma=model.config["learn_sigma"],
+        )
     synchronize(device)
     if not torch.isfinite(z).all():
         raise SystemExit("the sampler produced non-finite latents")
@@ -86,10 +108,16 @@ def time_network(model, args, device: torch.device) -> float:
     x = torch.randn(n, args.in_channels, args.latent_size, args.latent_size, device=device)
     t = torch.randint(0, 1000, (n,), device=device)
     y = torch.randint(0, args.num_classes, (n,), device=device)
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"), \
-            attention_backend(args.attention):
-        call = (lambda: model.forward_with_cfg(x, t, y, args.cfg_scale, args.cfg_channels)) if guided else (
-            lambda: model(x, t, y))
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, torch.bfloat16, enabled=args.dtype == "bf16"),
+        attention_backend(args.attention),
+    ):
+        call = (
+            (lambda: model.forward_with_cfg(x, t, y, args.cfg_scale, args.cfg_channels))
+            if guided
+            else (lambda: model(x, t, y))
+        )
         call()
         synchronize(device)
         start = time.perf_counter()
@@ -110,23 +138,34 @@ def main(argv=None) -> dict:
     seconds = time_sampling(model, args, args.steps, device)
     rate = args.batch * args.steps / seconds
     result = {
-        "model": args.model, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "model": args.model,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "latent_size": args.latent_size, "batch": args.batch, "sampler": args.sampler, "steps": args.steps,
-        "cfg_scale": args.cfg_scale, "dtype": args.dtype, "tf32": args.tf32, "compile": args.compile,
+        "latent_size": args.latent_size,
+        "batch": args.batch,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "cfg_scale": args.cfg_scale,
+        "dtype": args.dtype,
+        "tf32": args.tf32,
+        "compile": args.compile,
         "attention": args.attention,
-        "warmup_s": round(warmup_s, 2), "seconds": round(seconds, 3), "img_steps_per_s": round(rate, 1),
+        "warmup_s": round(warmup_s, 2),
+        "seconds": round(seconds, 3),
+        "img_steps_per_s": round(rate, 1),
         "hours_for_protocol": round(args.num_images * args.protocol_steps / rate / 3600, 3),
     }
     if args.forward_iters:
         result["network_img_steps_per_s"] = round(args.batch / time_network(model, args, device), 1)
     if device.type == "cuda":
-        result["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    print(f"{args.model} {args.sampler}-{args.steps} batch {args.batch} cfg {args.cfg_scale} {args.dtype} "
-          f"attention {args.attention}"
-          f"{' compiled' if args.compile else ''} on {result['device']}: {rate:,.1f} img-steps/s; "
-          f"{args.num_images:,} images x {args.protocol_steps} steps would take "
-          f"{result['hours_for_protocol']:.2f} h")
+        result["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    print(
+        f"{args.model} {args.sampler}-{args.steps} batch {args.batch} cfg {args.cfg_scale} {args.dtype} "
+        f"attention {args.attention}"
+        f"{' compiled' if args.compile else ''} on {result['device']}: {rate:,.1f} img-steps/s; "
+        f"{args.num_images:,} images x {args.protocol_steps} steps would take "
+        f"{result['hours_for_protocol']:.2f} h"
+    )
     print(json.dumps(result))
     return result
 

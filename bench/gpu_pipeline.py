@@ -1,7 +1,8 @@
 """The pipeline itself on one GPU: every stage's entry point in DAG order, in-process, with profiles/gpu-smoke.yaml.
 
     python bench/gpu_pipeline.py                 # on the device (bench/gpu_checks.sh runs it)
-    python bench/gpu_pipeline.py --cpu-dry-run   # the same code path on the CPU at tiny sizes (tests/test_gpu_pipeline.py)
+    python bench/gpu_pipeline.py --cpu-dry-run   # the same code path on the CPU at tiny sizes
+                                                 # (tests/test_gpu_pipeline.py)
 
 The device has torch and diffusers but no Ray, MLflow or DVC, so: tracking is off (the profile), `train` and
 `sample` take their in-process paths (num_workers 0, the profile), and `encode`, whose stage always runs Ray Data,
@@ -16,6 +17,7 @@ Checks, each an assertion (a failed one exits non-zero):
 - `train`'s steady-state img/s (the median of its logged intervals after the first, which holds the compile) is at
   least 0.9x bench/bench_train.py's step on the same params, measured in the same process right after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
 from pipeline.params.train import TrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,11 +48,27 @@ CPU_DRY_RUN = {
     "ingest": {"image_size": 64, "synthetic": {"num_images": 96}},
     "vae": {"holdout": 8},
     "encode": {"batch_size": 32, "micro_batch": 16, "use_gpu": False},
-    "train": {"model": "DiT-Ti/2", "global_batch_size": 8, "train_steps": 4, "log_every": 2, "ckpt_every": 4,
-              "precision": "fp32", "compile": False, "use_gpu": False},
+    "train": {
+        "model": "DiT-Ti/2",
+        "global_batch_size": 8,
+        "train_steps": 4,
+        "log_every": 2,
+        "ckpt_every": 4,
+        "precision": "fp32",
+        "compile": False,
+        "use_gpu": False,
+    },
     "reference": {"classifier_steps": 2, "holdout": 16, "batch_size": 32, "use_gpu": False},
-    "sample": {"num_fid_samples": 32, "batch_size": 16, "micro_batch": 16, "shard_size": 16, "steps": 2,
-               "precision": "fp32", "compile": False, "use_gpu": False},
+    "sample": {
+        "num_fid_samples": 32,
+        "batch_size": 16,
+        "micro_batch": 16,
+        "shard_size": 16,
+        "steps": 2,
+        "precision": "fp32",
+        "compile": False,
+        "use_gpu": False,
+    },
     "evaluate": {"kid_subsets": 2, "kid_subset_size": 16, "batch_size": 32, "use_gpu": False},
     "curve": {"precision": "fp32", "use_gpu": False},
 }
@@ -66,8 +85,10 @@ def write_params(workdir: Path, dry_run: bool) -> Path:
     """params.yaml + profiles/gpu-smoke.yaml (+ the tiny sizes of a dry run), validated as `make exp` would."""
     from pipeline.profiles import validate
 
-    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()),
-                   yaml.safe_load((ROOT / "profiles" / "gpu-smoke.yaml").read_text()))
+    params = merge(
+        yaml.safe_load((ROOT / "params.yaml").read_text()),
+        yaml.safe_load((ROOT / "profiles" / "gpu-smoke.yaml").read_text()),
+    )
     if dry_run:
         params = merge(params, CPU_DRY_RUN)
     else:
@@ -87,9 +108,18 @@ def write_random_sd_vae(workdir: Path, params_path: Path, dry_run: bool) -> None
     size = yaml.safe_load(params_path.read_text())["ingest"]["image_size"]
     channels, groups = ((16, 32, 32, 32), 8) if dry_run else ((128, 256, 512, 512), 32)
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=channels, layers_per_block=2,
-                        latent_channels=4, norm_num_groups=groups, sample_size=size, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=groups,
+        sample_size=size,
+        scaling_factor=0.18215,
+    )
     save_snapshot(vae, workdir / SNAPSHOT)
 
 
@@ -109,9 +139,9 @@ def cuda_allocations() -> int:
 def run_stage(name: str, params_path: Path) -> float:
     start = time.perf_counter()
     if name == "encode":  # the stage runs Ray Data; its in-process path runs the same encoder
-        from pipeline.params.load import load_section
         from pipeline.encode import encode_local
         from pipeline.params.encode import EncodeParams
+        from pipeline.params.load import load_section
 
         p = load_section(EncodeParams, "encode", params_path)
         encode_local(p, "data/images", "models/vae", "data/latents", "cuda" if p.use_gpu else "cpu")
@@ -145,8 +175,14 @@ def bench_train_img_per_s(params_path: Path, dry_run: bool) -> float:
     p = load_section(TrainParams, "train", params_path)
     manifest = json.loads(Path("data/latents/manifest.json").read_text())
     torch._dynamo.reset()  # the stage's compiled graphs must not serve the benchmark's model
-    r = bench_train.bench_one(p, tuple(manifest["latent_shape"]), manifest["num_classes"],
-                              "cuda" if p.use_gpu else "cpu", warmup=2 if dry_run else 15, steps=2 if dry_run else 50)
+    r = bench_train.bench_one(
+        p,
+        tuple(manifest["latent_shape"]),
+        manifest["num_classes"],
+        "cuda" if p.use_gpu else "cpu",
+        warmup=2 if dry_run else 15,
+        steps=2 if dry_run else 50,
+    )
     return r["img_per_s"]
 
 
@@ -183,17 +219,26 @@ def main() -> None:
         allocations = cuda_allocations() - before
         on_gpu = allocations > 0
         report["stages"][name] = {"seconds": round(seconds, 1), "cuda_allocations": allocations}
-        print(f"[gpu_pipeline] {name:<10} {seconds:7.1f} s  cuda allocations {allocations:>8}"
-              + (f"  (CPU by design: {CPU_BY_DESIGN[name]})" if name in CPU_BY_DESIGN else ""), flush=True)
+        print(
+            f"[gpu_pipeline] {name:<10} {seconds:7.1f} s  cuda allocations {allocations:>8}"
+            + (f"  (CPU by design: {CPU_BY_DESIGN[name]})" if name in CPU_BY_DESIGN else ""),
+            flush=True,
+        )
         if not dry and name not in CPU_BY_DESIGN:
             assert on_gpu, f"stage {name} made no CUDA allocation: it ran on the CPU"
         if name == "train":
             stage = steady_train_img_per_s(Path("plots/train.csv"))
             bench = bench_train_img_per_s(params_path, dry)
-            report["train_img_per_s"] = {"stage_steady": round(stage, 1), "bench_train": round(bench, 1),
-                                         "ratio": round(stage / bench, 3)}
-            print(f"[gpu_pipeline] train stage {stage:.1f} img/s vs bench_train {bench:.1f} img/s: "
-                  f"{stage / bench:.2f}x (need >= {MIN_TRAIN_RATIO})", flush=True)
+            report["train_img_per_s"] = {
+                "stage_steady": round(stage, 1),
+                "bench_train": round(bench, 1),
+                "ratio": round(stage / bench, 3),
+            }
+            print(
+                f"[gpu_pipeline] train stage {stage:.1f} img/s vs bench_train {bench:.1f} img/s: "
+                f"{stage / bench:.2f}x (need >= {MIN_TRAIN_RATIO})",
+                flush=True,
+            )
             if not dry:
                 assert stage >= MIN_TRAIN_RATIO * bench, report["train_img_per_s"]
     report["outputs"] = check_outputs()

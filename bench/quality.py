@@ -13,6 +13,7 @@ Prints, for one seeded set of conditional samples scored with the reference stag
 
 FID at a small N is biased upward: compare rows of one run (same N, labels and noise), not with other N.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,15 @@ import time
 import numpy as np
 import torch
 
-from pipeline.params.load import load_section
 from pipeline.features import load_extractor
 from pipeline.formats.images import read_images
 from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.reference_stats import load_reference
 from pipeline.generate import generate_images, load_models, make_labels
 from pipeline.metrics import evaluate_images
-from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT
+from pipeline.params.evaluate import EvaluateParams
+from pipeline.params.load import load_section
 from pipeline.params.sample import SampleParams
 from pipeline.vae import reconstruct
 
@@ -69,32 +70,64 @@ def main() -> None:
     rows = []
     real, real_labels, _ = read_images(args.images)
     pick = np.concatenate([np.flatnonzero(real_labels == c)[: -(-n // num_classes)] for c in range(num_classes)])[:n]
-    m = evaluate_images(reconstruct(vae, real[pick], sp.micro_batch).numpy(), real_labels[pick], reference,
-                        extractor, ev)
-    rows.append({"model": "vae reconstruction of real images (ceiling)", "num_samples": len(pick),
-                 "fid": round(m["fid"], 2), "class_consistency": m["class_consistency"]})
+    m = evaluate_images(
+        reconstruct(vae, real[pick], sp.micro_batch).numpy(), real_labels[pick], reference, extractor, ev
+    )
+    rows.append(
+        {
+            "model": "vae reconstruction of real images (ceiling)",
+            "num_samples": len(pick),
+            "fid": round(m["fid"], 2),
+            "class_consistency": m["class_consistency"],
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     for name, model, sampler, steps in runs:
         t0 = time.perf_counter()
-        images = generate_images(model, vae, labels, indices, seed=sp.seed, sampler=sampler, steps=steps,
-                                 cfg_scale=sp.cfg_scale, cfg_channels=sp.cfg_channels, num_classes=num_classes,
-                                 latent_shape=tuple(card["latent_shape"]), device="cpu", batch_size=sp.batch_size,
-                                 micro_batch=sp.micro_batch, precision="fp32",
-                                 diffusion=read_diffusion(card, f"{args.dit}/model.json"))
+        images = generate_images(
+            model,
+            vae,
+            labels,
+            indices,
+            seed=sp.seed,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=sp.cfg_scale,
+            cfg_channels=sp.cfg_channels,
+            num_classes=num_classes,
+            latent_shape=tuple(card["latent_shape"]),
+            device="cpu",
+            batch_size=sp.batch_size,
+            micro_batch=sp.micro_batch,
+            precision="fp32",
+            diffusion=read_diffusion(card, f"{args.dit}/model.json"),
+        )
         m = evaluate_images(images, labels, reference, extractor, ev)
-        rows.append({"model": name, "sampler": f"{sampler}-{steps}", "cfg_scale": sp.cfg_scale, "num_samples": n,
-                     "fid": round(m["fid"], 2), "class_consistency": m["class_consistency"],
-                     "seconds": round(time.perf_counter() - t0, 1)})
+        rows.append(
+            {
+                "model": name,
+                "sampler": f"{sampler}-{steps}",
+                "cfg_scale": sp.cfg_scale,
+                "num_samples": n,
+                "fid": round(m["fid"], 2),
+                "class_consistency": m["class_consistency"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     untrained_row, trained_row = rows[1], rows[2]
     ratio = trained_row["fid"] / untrained_row["fid"]
     cc = trained_row["class_consistency"]
-    print(f"FID trained / untrained = {trained_row['fid']:.2f} / {untrained_row['fid']:.2f} = {ratio:.3f} "
-          f"(bar <= {BAR_FID_RATIO}: {'met' if ratio <= BAR_FID_RATIO else 'NOT met'})")
+    print(
+        f"FID trained / untrained = {trained_row['fid']:.2f} / {untrained_row['fid']:.2f} = {ratio:.3f} "
+        f"(bar <= {BAR_FID_RATIO}: {'met' if ratio <= BAR_FID_RATIO else 'NOT met'})"
+    )
     if cc is not None:
-        print(f"class consistency at cfg {sp.cfg_scale} = {cc:.3f} "
-              f"(bar >= {BAR_CLASS_CONSISTENCY}: {'met' if cc >= BAR_CLASS_CONSISTENCY else 'NOT met'})")
+        print(
+            f"class consistency at cfg {sp.cfg_scale} = {cc:.3f} "
+            f"(bar >= {BAR_CLASS_CONSISTENCY}: {'met' if cc >= BAR_CLASS_CONSISTENCY else 'NOT met'})"
+        )
 
 
 if __name__ == "__main__":

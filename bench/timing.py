@@ -1,5 +1,6 @@
 """What every benchmark here shares: waiting for the device, and timing a call (`python bench/x.py` puts this folder
 on sys.path, so the scripts import it as `timing`)."""
+
 from __future__ import annotations
 
 import time

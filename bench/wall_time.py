@@ -12,6 +12,7 @@ is process launch to first useful work, from the timings each stage records when
 (pipeline/timing.py: `ready` is marked by the stage at its first step or batch, even inside a Ray worker; a stage
 without that mark counts its imports only). Revisions older than those records show wall times only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,9 @@ def set_params(repo: Path, overrides: list[str]) -> None:
 
 def clone(rev: str, into: Path) -> str:
     """A fresh clone of this repository at `rev` (detached); returns the full commit id."""
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(into)], check=True)
     subprocess.run(["git", "checkout", "-q", "--detach", commit], cwd=into, check=True)
     return commit
@@ -63,10 +65,18 @@ def clone(rev: str, into: Path) -> str:
 def run_env(venv: Path, repo: Path) -> dict:
     """The environment of a new user's shell with the venv first on PATH: no PYTHONPATH from this session (the
     clone's own `pipeline` must run), offline hub, Ray with token authentication, timings recorded."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIPELINE_TIMINGS_DIR", "PIPELINE_STAGE",
-                                                             "PIPELINE_LOCAL_RAY")}
-    env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", RAY_AUTH_MODE="token", PIPELINE_TIMINGS_DIR=str(repo / TIMINGS))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PIPELINE_TIMINGS_DIR", "PIPELINE_STAGE", "PIPELINE_LOCAL_RAY")
+    }
+    env.update(
+        PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        RAY_AUTH_MODE="token",
+        PIPELINE_TIMINGS_DIR=str(repo / TIMINGS),
+    )
     return env
 
 
@@ -108,8 +118,15 @@ def one_run(rev: str, venv: Path, how: str, keep: bool, overrides: list[str] = (
         start = time.perf_counter()
         events: list[tuple[float, str]] = []
         log = []
-        with subprocess.Popen(repro_command(how, venv), cwd=repo, env=run_env(venv, repo), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        with subprocess.Popen(
+            repro_command(how, venv),
+            cwd=repo,
+            env=run_env(venv, repo),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        ) as proc:
             for line in proc.stdout:
                 log.append(line)
                 found = RUNNING.search(line)
@@ -126,9 +143,16 @@ def one_run(rev: str, venv: Path, how: str, keep: bool, overrides: list[str] = (
         for name in ("eval", "train"):
             path = repo / "metrics" / f"{name}.json"
             metrics[name] = json.loads(path.read_text()) if path.is_file() else None
-        return {"rev": rev, "commit": commit, "total": total, "walls": walls, "startups": startups,
-                "before_first_stage": events[0][0] if events else total, "metrics": metrics,
-                "overrides": list(overrides)}
+        return {
+            "rev": rev,
+            "commit": commit,
+            "total": total,
+            "walls": walls,
+            "startups": startups,
+            "before_first_stage": events[0][0] if events else total,
+            "metrics": metrics,
+            "overrides": list(overrides),
+        }
     finally:
         if keep:
             print(f"kept {repo}", file=sys.stderr)
@@ -144,8 +168,10 @@ def summarise(runs: list[dict]) -> str:
     """A table of the median wall time and start-up of every stage over `runs` (one revision), and the totals."""
     stages = list(dict.fromkeys(s for r in runs for s in r["walls"]))
     changed = f", NOT the default: --set {' '.join(runs[0]['overrides'])}" if runs[0].get("overrides") else ""
-    lines = [f"rev {runs[0]['rev']} ({runs[0]['commit'][:10]}), {len(runs)} run(s), medians{changed}",
-             f"{'stage':<12}{'wall s':>9}{'start-up s':>12}{'share':>8}"]
+    lines = [
+        f"rev {runs[0]['rev']} ({runs[0]['commit'][:10]}), {len(runs)} run(s), medians{changed}",
+        f"{'stage':<12}{'wall s':>9}{'start-up s':>12}{'share':>8}",
+    ]
     startup_total = 0.0
     for s in stages:
         wall = statistics.median(r["walls"][s] for r in runs if s in r["walls"])
@@ -156,13 +182,19 @@ def summarise(runs: list[dict]) -> str:
         lines.append(f"{s:<12}{wall:9.1f}{(f'{up:12.1f}' if up is not None else f'{chr(32) * 9}n/a')}{share}")
     totals = [r["total"] for r in runs]
     median = statistics.median(totals)
-    lines.append(f"{'total':<12}{median:9.1f}{startup_total:12.1f}{100 * startup_total / median:7.0f}%   "
-                 f"= {fmt_min(median)}; runs: {', '.join(fmt_min(t) for t in totals)}")
-    lines.append(f"before the first stage (make, dvc start-up): {statistics.median(r['before_first_stage'] for r in runs):.1f} s")
+    lines.append(
+        f"{'total':<12}{median:9.1f}{startup_total:12.1f}{100 * startup_total / median:7.0f}%   "
+        f"= {fmt_min(median)}; runs: {', '.join(fmt_min(t) for t in totals)}"
+    )
+    lines.append(
+        f"before the first stage (make, dvc start-up): {statistics.median(r['before_first_stage'] for r in runs):.1f} s"
+    )
     for r in runs:
         ev = r["metrics"].get("eval") or {}
-        lines.append(f"  run {r['commit'][:10]}: fid {ev.get('fid')}, class consistency "
-                     f"{ev.get('class_consistency')}, train img/s {(r['metrics'].get('train') or {}).get('img_per_s')}")
+        lines.append(
+            f"  run {r['commit'][:10]}: fid {ev.get('fid')}, class consistency "
+            f"{ev.get('class_consistency')}, train img/s {(r['metrics'].get('train') or {}).get('img_per_s')}"
+        )
     return "\n".join(lines)
 
 
@@ -175,8 +207,13 @@ def main() -> None:
     ap.add_argument("--how", choices=["make", "dvc"], default="make", help="`make repro` (default) or `dvc repro`")
     ap.add_argument("--json", type=Path, default=None, help="also write every run's figures here")
     ap.add_argument("--keep", action="store_true", help="keep the clones (their reports/timings/) for inspection")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a param in the clone (smoke runs only: then it is not the default's time)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param in the clone (smoke runs only: then it is not the default's time)",
+    )
     args = ap.parse_args()
     revs = args.rev or ["HEAD"]
     if args.runs < 1:

@@ -12,6 +12,7 @@ A reference batch such as `VIRTUAL_imagenet256_labeled.npz` holds
 Each statistics pair is optional here (a plain npz of images is a batch without stored statistics), but a pair is
 whole or absent.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,10 @@ def _pair(data, keys: tuple[str, str], path: Path) -> tuple[np.ndarray | None, n
     if not present:
         return None, None
     if len(present) == 1:
-        raise ArtifactError(f"{path} has {present[0]} but not {[k for k in keys if k not in present][0]}; "
-                            f"a reference batch stores both or neither")
+        raise ArtifactError(
+            f"{path} has {present[0]} but not {[k for k in keys if k not in present][0]}; "
+            f"a reference batch stores both or neither"
+        )
     mu, sigma = np.asarray(data[keys[0]], np.float64), np.asarray(data[keys[1]], np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise ArtifactError(f"{path}: {keys[0]} must be (D,) and {keys[1]} (D, D), got {mu.shape} and {sigma.shape}")

@@ -4,6 +4,7 @@ Every stage output that another stage reads carries a `manifest.json` with a `fo
 states which format it expects and which stage produces it, so a missing or stale artifact fails with the command
 that fixes it (`dvc repro <stage>`) instead of a KeyError deep inside a stage.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pipeline.errors import UserError
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -70,6 +70,7 @@ def atomic_torch_save(path: str | Path, obj: Any) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
+
     return atomic_write(path, write)
 
 
@@ -148,8 +149,10 @@ def write_manifest(directory: str | Path, format: str, version: int, **fields: A
     """`directory/manifest.json`: the format, its fields, and the versions of the packages that change numbers."""
     from pipeline.provenance import package_versions
 
-    return atomic_write_json(Path(directory) / "manifest.json",
-                             {"format": format, "version": version, **fields, "packages": package_versions()})
+    return atomic_write_json(
+        Path(directory) / "manifest.json",
+        {"format": format, "version": version, **fields, "packages": package_versions()},
+    )
 
 
 def read_manifest(directory: str | Path, format: str, version: int, stage: str) -> dict:

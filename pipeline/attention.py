@@ -12,6 +12,7 @@ FlashAttention kernels differ in speed by shape and dtype, so the choice is a pa
 A named backend is the only one allowed inside the block, so a shape or dtype it cannot run fails loudly
 (`No available kernel`) rather than silently falling back to another kernel.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -20,17 +21,18 @@ from typing import ContextManager
 from pipeline.params.load import ParamsError
 
 
-
-
-
 def attention_backend(backend: str) -> ContextManager:
     """A context in which every scaled_dot_product_attention call runs `backend` (a no-op for `auto`)."""
     if backend == "auto":
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    kernels = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
-               "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    kernels = {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+    }
     if backend not in kernels:
         raise ParamsError(f"attention backend {backend!r} is not one of auto, {', '.join(kernels)}")
     return sdpa_kernel(kernels[backend])

@@ -6,6 +6,7 @@ Pixels are in [-1, 1] as in DiT; latents leave `encode_images` unscaled and ente
 weights are made (a pretrained download, or the small VAE trained here) is the `vae` stage's business
 (pipeline/vae.py), kept apart so that editing the trainer reruns only that stage.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

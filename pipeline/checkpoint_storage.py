@@ -12,6 +12,7 @@
 S3 settings come from the environment, as for every pyarrow / boto user: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL for an S3-compatible server. Each node's Ray must be started with them.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,11 @@ def _checkpoint_file(fs, directory: str):
     """The one ckpt-*.pt file of a reported checkpoint directory on `fs`."""
     import pyarrow.fs
 
-    files = [f for f in fs.get_file_info(pyarrow.fs.FileSelector(directory))
-             if f.type == pyarrow.fs.FileType.File and f.base_name.startswith("ckpt-") and f.base_name.endswith(".pt")]
+    files = [
+        f
+        for f in fs.get_file_info(pyarrow.fs.FileSelector(directory))
+        if f.type == pyarrow.fs.FileType.File and f.base_name.startswith("ckpt-") and f.base_name.endswith(".pt")
+    ]
     if len(files) != 1:
         raise FileNotFoundError(f"{directory} holds {len(files)} ckpt-*.pt files, expected one")
     return files[0]
@@ -126,6 +130,7 @@ def worker_store(config: dict, keep: int, rank: int):
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 
+
 def seed_run(storage_path: str, run_name: str, checkpoints_dir: str | Path) -> str | None:
     """Upload the latest checkpoint of `checkpoints_dir` (already checked resumable) to the run's storage; its URI,
     or None when there is none (a fresh run)."""
@@ -137,8 +142,12 @@ def seed_run(storage_path: str, run_name: str, checkpoints_dir: str | Path) -> s
     uri = f"{location_uri(storage_path)}/{run_name}/{INITIAL}"
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     fs.create_dir(path)
-    pyarrow.fs.copy_files(str(ckpts[-1]), f"{path}/{ckpts[-1].name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                          destination_filesystem=fs)
+    pyarrow.fs.copy_files(
+        str(ckpts[-1]),
+        f"{path}/{ckpts[-1].name}",
+        source_filesystem=pyarrow.fs.LocalFileSystem(),
+        destination_filesystem=fs,
+    )
     return uri
 
 

@@ -1,4 +1,5 @@
 """Ray as an engine: join the cluster named by RAY_ADDRESS, or start a local one sized to this machine."""
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,11 @@ def cluster_runtime_env() -> dict:
     once per content hash, unpacked on each node, first on the workers' sys.path). A node needs Python and the
     dependencies, not the repository: its workers run the code this driver runs, whatever `pipeline` the node has."""
     env = timing.worker_env()
-    return {"py_modules": [str(Path(pipeline.__file__).resolve().parent)], "excludes": ["__pycache__"],
-            **({"env_vars": env} if env else {})}
+    return {
+        "py_modules": [str(Path(pipeline.__file__).resolve().parent)],
+        "excludes": ["__pycache__"],
+        **({"env_vars": env} if env else {}),
+    }
 
 
 def local_runtime_env() -> dict:
@@ -70,8 +74,10 @@ def local_runtime_env() -> dict:
     stage's timings (pipeline/timing.py) when the benchmark asks."""
     checkout = str(Path(pipeline.__file__).resolve().parents[1])
     python_path = os.pathsep.join(filter(None, [checkout, os.environ.get("PYTHONPATH")]))
-    return {"env_vars": {"PYTHONPATH": python_path, **timing.worker_env()},
-            "worker_process_setup_hook": _quiet_local_noise}
+    return {
+        "env_vars": {"PYTHONPATH": python_path, **timing.worker_env()},
+        "worker_process_setup_hook": _quiet_local_noise,
+    }
 
 
 def run_with_local_cluster(command: list[str], num_cpus: int | None = None) -> int:
@@ -111,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     argv = sys.argv[1:] if argv is None else argv
-    own, command = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    ap = argparse.ArgumentParser(prog="python -m pipeline.cluster",
-                                 description="run a command (after --) beside one local Ray that its stages join")
+    own, command = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.cluster",
+        description="run a command (after --) beside one local Ray that its stages join",
+    )
     ap.add_argument("action", choices=["run"])
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     args = ap.parse_args(own)

@@ -7,6 +7,7 @@ changed), and the versions of the packages that change its numbers (`provenance.
 files leave package versions out, so that they read the same on every machine; a persisted cache keeps them,
 because resuming a half-made set under another torch would mix two numerics in one result.
 """
+
 from __future__ import annotations
 
 from pipeline.fingerprint import fingerprint
@@ -29,6 +30,9 @@ def stamp_mismatch(old: dict | None, new: dict) -> list[str]:
     if old["fingerprint"] != new["fingerprint"]:
         changed = sorted(f for f in old["code"].keys() | new["code"].keys() if old["code"].get(f) != new["code"].get(f))
         why.append("code changed: " + ", ".join(changed))
-    why += [f"{name} {old['packages'].get(name)} -> {version}" for name, version in new["packages"].items()
-            if old["packages"].get(name) != version]
+    why += [
+        f"{name} {old['packages'].get(name)} -> {version}"
+        for name, version in new["packages"].items()
+        if old["packages"].get(name) != version
+    ]
     return why

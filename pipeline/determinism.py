@@ -1,4 +1,5 @@
 """Helpers that keep results the same bytes on every machine: a fixed torch thread count and seeded row splits."""
+
 from __future__ import annotations
 
 import random

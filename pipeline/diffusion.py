@@ -11,6 +11,7 @@ tensor of row i from generator i, so a sample does not depend on which batch it 
 StackedRandomGenerator idea). `sample(...)` is the one entry point of the sample stage and the served model: DDPM,
 DDIM or DPM-Solver++ (through diffusers' scheduler), with classifier-free guidance.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ def named_beta_schedule(name: str, num_steps: int) -> np.ndarray:
         start, end = linear_beta_range(num_steps)
         return np.linspace(start, end, num_steps, dtype=np.float64)
     if name == "squaredcos_cap_v2":  # Improved DDPM eq. 17, s = 0.008, betas capped at 0.999
+
         def alpha_bar(s: float) -> float:
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
         steps = np.arange(num_steps, dtype=np.float64)
         betas = [1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps) for i in steps]
         return np.minimum(np.array(betas, dtype=np.float64), 0.999)
@@ -57,7 +60,7 @@ def space_timesteps(num_steps: int, section_counts: str | Sequence[int]) -> list
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_steps):
                 if len(range(0, num_steps, stride)) == desired:
                     return list(range(0, num_steps, stride))
@@ -88,14 +91,15 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
 def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
     """log p(x) of a Gaussian integrated over the 8-bit bin of x in [-1, 1] (DDPM's decoder L_0), elementwise."""
+
     def cdf(v):  # the tanh approximation of the standard normal CDF, as in the official code
-        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+
     centered, inv_std = x - means, torch.exp(-log_scales)
     cdf_plus, cdf_min = cdf(inv_std * (centered + 1 / 255)), cdf(inv_std * (centered - 1 / 255))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
@@ -104,8 +108,9 @@ def discretized_gaussian_log_likelihood(x, means, log_scales) -> torch.Tensor:
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
-def randn_rows(shape: Sequence[int], generators: Sequence[torch.Generator] | None, device,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn_rows(
+    shape: Sequence[int], generators: Sequence[torch.Generator] | None, device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Standard normal noise of `shape`; row i from `generators[i]` (drawn on the CPU in float32, then moved, so the
     values do not depend on the device or on the batch), or from the global RNG when `generators` is None."""
     if generators is None:
@@ -123,8 +128,15 @@ def randn_rows(shape: Sequence[int], generators: Sequence[torch.Generator] | Non
 class GaussianDiffusion:
     """A (respaced) Gaussian diffusion over `len(betas)` steps; `timestep_map[k]` is step k's original timestep."""
 
-    def __init__(self, betas: np.ndarray, timestep_map: Sequence[int], mean_type: str, var_type: str,
-                 loss_type: str, original_num_steps: int):
+    def __init__(
+        self,
+        betas: np.ndarray,
+        timestep_map: Sequence[int],
+        mean_type: str,
+        var_type: str,
+        loss_type: str,
+        original_num_steps: int,
+    ):
         for value, allowed in ((mean_type, MEAN_TYPES), (var_type, VAR_TYPES), (loss_type, LOSS_TYPES)):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
@@ -169,14 +181,15 @@ class GaussianDiffusion:
     def q_sample(self, x_start, t, noise=None):
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM eq. 4)."""
         noise = torch.randn_like(x_start) if noise is None else noise
-        return (self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
-                + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise)
+        return (
+            self._extract("sqrt_alphas_cumprod", t, x_start.ndim) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.ndim) * noise
+        )
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         n = x_t.ndim
-        mean = (self._extract("posterior_mean_coef1", t, n) * x_start
-                + self._extract("posterior_mean_coef2", t, n) * x_t)
+        mean = self._extract("posterior_mean_coef1", t, n) * x_start + self._extract("posterior_mean_coef2", t, n) * x_t
         return mean, self._extract("posterior_variance", t, n), self._extract("posterior_log_variance_clipped", t, n)
 
     # --- reverse process ---------------------------------------------------------------------------------------
@@ -186,17 +199,22 @@ class GaussianDiffusion:
         out = model(x, self._on("timestep_map", t.device)[t], **(model_kwargs or {}))
         channels = x.shape[1] * (2 if self.var_type == "learned_range" else 1)
         if out.shape != (x.shape[0], channels, *x.shape[2:]):
-            raise ValueError(f"the model returned {tuple(out.shape)} for x of {tuple(x.shape)}; expected "
-                             f"{channels} channels (var_type={self.var_type!r})")
+            raise ValueError(
+                f"the model returned {tuple(out.shape)} for x of {tuple(x.shape)}; expected "
+                f"{channels} channels (var_type={self.var_type!r})"
+            )
         return out.to(x.dtype)  # a bf16-autocast model output is upcast before the float32 diffusion math
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
-                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps)
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim) * eps
+        )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_xstart)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.ndim))
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.ndim) * x_t - pred_xstart) / self._extract(
+            "sqrt_recipm1_alphas_cumprod", t, x_t.ndim
+        )
 
     def _p_from_output(self, out, x, t, clip_denoised, denoised_fn) -> dict:
         """p(x_{t-1} | x_t) from a model output: mean, variance, log_variance, pred_xstart."""
@@ -215,8 +233,12 @@ class GaussianDiffusion:
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
-        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
-                "pred_xstart": pred_xstart}
+        return {
+            "mean": mean,
+            "variance": torch.exp(log_variance),
+            "log_variance": log_variance,
+            "pred_xstart": pred_xstart,
+        }
 
     def p_mean_variance(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None) -> dict:
         out = self._model_output(model, x, t, model_kwargs)
@@ -227,32 +249,71 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         noise = randn_rows(x.shape, generators, x.device, x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
-        return {"sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
-                "pred_xstart": out["pred_xstart"]}
+        return {
+            "sample": out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise,
+            "pred_xstart": out["pred_xstart"],
+        }
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0,
-                    generators=None):
+    def ddim_sample(
+        self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0, generators=None
+    ):
         """One DDIM step (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 is DDPM-like."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])  # re-derived, as for start_x models
         abar, abar_prev = self._extract("alphas_cumprod", t, x.ndim), self._extract("alphas_cumprod_prev", t, x.ndim)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
-        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
         noise = randn_rows(x.shape, generators, x.device, x.dtype)
         nonzero = (t != 0).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
         return {"sample": mean + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
 
-    def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                      device=None, progress=False, generators=None) -> torch.Tensor:
+    def p_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generators=None,
+    ) -> torch.Tensor:
         """Ancestral sampling from x_T ~ N(0, I) (or `noise`) down to x_0; returns (N, C, H, W)."""
-        return self._loop(self.p_sample, model, shape, noise, device, progress, generators,
-                          dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs))
+        return self._loop(
+            self.p_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            generators,
+            dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs),
+        )
 
-    def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, model_kwargs=None,
-                         device=None, progress=False, eta=0.0, generators=None) -> torch.Tensor:
-        return self._loop(self.ddim_sample, model, shape, noise, device, progress, generators,
-                          dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs,
-                               eta=eta))
+    def ddim_sample_loop(
+        self,
+        model,
+        shape,
+        noise=None,
+        clip_denoised=True,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        generators=None,
+    ) -> torch.Tensor:
+        return self._loop(
+            self.ddim_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            generators,
+            dict(clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs, eta=eta),
+        )
 
     def _loop(self, step, model, shape, noise, device, progress, generators, step_kwargs) -> torch.Tensor:
         if device is None:
@@ -303,9 +364,16 @@ class GaussianDiffusion:
 DIT_DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000}
 
 
-def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
-                     predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False,
-                     diffusion_steps=1000) -> GaussianDiffusion:
+def create_diffusion(
+    timestep_respacing,
+    noise_schedule="linear",
+    use_kl=False,
+    sigma_small=False,
+    predict_xstart=False,
+    learn_sigma=True,
+    rescale_learned_sigmas=False,
+    diffusion_steps=1000,
+) -> GaussianDiffusion:
     """The official `create_diffusion`: "" or None = all steps, "250" / "10,15,20" = ADM respacing, "ddim50" = DDIM.
 
     Respacing keeps the alphas_cumprod of the kept steps and recomputes betas from them (ADM's SpacedDiffusion).
@@ -318,8 +386,14 @@ def create_diffusion(timestep_respacing, noise_schedule="linear", use_kl=False, 
     betas = 1.0 - alphas_cumprod / np.append(1.0, alphas_cumprod[:-1])
     loss_type = "rescaled_kl" if use_kl else "rescaled_mse" if rescale_learned_sigmas else "mse"
     var_type = "learned_range" if learn_sigma else "fixed_small" if sigma_small else "fixed_large"
-    return GaussianDiffusion(betas, kept, mean_type="start_x" if predict_xstart else "epsilon", var_type=var_type,
-                             loss_type=loss_type, original_num_steps=diffusion_steps)
+    return GaussianDiffusion(
+        betas,
+        kept,
+        mean_type="start_x" if predict_xstart else "epsilon",
+        var_type=var_type,
+        loss_type=loss_type,
+        original_num_steps=diffusion_steps,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,12 +425,18 @@ def dpm_solver_scheduler(noise_schedule: str, diffusion_steps: int):
     else:
         named_beta_schedule(noise_schedule, diffusion_steps)  # rejects an unknown name with the list of known ones
         betas = dict(beta_schedule=noise_schedule)  # diffusers' squaredcos_cap_v2 is Improved DDPM's, as ours
-    return DPMSolverMultistepScheduler(num_train_timesteps=diffusion_steps, algorithm_type="dpmsolver++",
-                                       prediction_type="epsilon", solver_order=2, **betas)
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=diffusion_steps,
+        algorithm_type="dpmsolver++",
+        prediction_type="epsilon",
+        solver_order=2,
+        **betas,
+    )
 
 
-def dpm_solver_sample_loop(model, shape, steps: int, scheduler, noise: torch.Tensor, model_kwargs=None,
-                           progress=False) -> torch.Tensor:
+def dpm_solver_sample_loop(
+    model, shape, steps: int, scheduler, noise: torch.Tensor, model_kwargs=None, progress=False
+) -> torch.Tensor:
     """Integrate from `noise` to x_0 with `scheduler` (see `dpm_solver_scheduler`) in `steps` model calls.
 
     The scheduler gets eps = out[:, :C] sliced here: its own learned-range handling keeps only 3 channels.
@@ -376,17 +456,38 @@ def guided(model, cfg_scale: float, cfg_channels: int | None, num_classes: int) 
     The official sampler runs the batch [x; x] with labels [y; null] through `forward_with_cfg` and keeps the first
     half; `forward_with_cfg` only reads the first half of x, so carrying the second half along changes nothing.
     """
+
     def forward(x, t, y):
         y_null = torch.full_like(y, num_classes)  # the null label is `num_classes` (label dropout's id)
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, y_null]),
-                                     cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+        out = model.forward_with_cfg(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            y=torch.cat([y, y_null]),
+            cfg_scale=cfg_scale,
+            cfg_channels=cfg_channels,
+        )
         return out[: x.shape[0]]
+
     return forward
 
 
-def sample(model, *, sampler: str, steps: int, shape: Sequence[int], y: torch.Tensor, cfg_scale: float,
-           cfg_channels: int | None, generators: Sequence[torch.Generator] | None, num_classes: int, device,
-           noise_schedule: str, diffusion_steps: int, learn_sigma: bool, progress=False) -> torch.Tensor:
+def sample(
+    model,
+    *,
+    sampler: str,
+    steps: int,
+    shape: Sequence[int],
+    y: torch.Tensor,
+    cfg_scale: float,
+    cfg_channels: int | None,
+    generators: Sequence[torch.Generator] | None,
+    num_classes: int,
+    device,
+    noise_schedule: str,
+    diffusion_steps: int,
+    learn_sigma: bool,
+    progress=False,
+) -> torch.Tensor:
     """Class-conditional samples (N, C, H, W) in model space (still scaled by the VAE's scaling factor).
 
     sampler: "ddpm" (ADM respacing to `steps`, clip_denoised=False: the official protocol), "ddim" (eta = 0) or
@@ -403,19 +504,29 @@ def sample(model, *, sampler: str, steps: int, shape: Sequence[int], y: torch.Te
         scheduler = dpm_solver_scheduler(noise_schedule, diffusion_steps)
         return dpm_solver_sample_loop(net, shape, steps, scheduler, noise, model_kwargs, progress)
     respacing = str(steps) if sampler == "ddpm" else f"ddim{steps}"
-    diffusion = create_diffusion(respacing, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
-                                 learn_sigma=learn_sigma)
+    diffusion = create_diffusion(
+        respacing, noise_schedule=noise_schedule, diffusion_steps=diffusion_steps, learn_sigma=learn_sigma
+    )
     loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
-    return loop(net, shape, noise=noise, clip_denoised=False, model_kwargs=model_kwargs, device=device,
-                progress=progress, generators=generators)
+    return loop(
+        net,
+        shape,
+        noise=noise,
+        clip_denoised=False,
+        model_kwargs=model_kwargs,
+        device=device,
+        progress=progress,
+        generators=generators,
+    )
 
 
-def _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes,
-                       diffusion_steps) -> None:
+def _check_sample_args(model, sampler, steps, shape, y, cfg_scale, cfg_channels, num_classes, diffusion_steps) -> None:
     limit = max_steps(sampler, diffusion_steps)
     if not isinstance(steps, int) or not 1 <= steps <= limit:
-        raise ValueError(f"steps must be an integer in [1, {limit}] for {sampler} on a {diffusion_steps}-step "
-                         f"diffusion, got {steps!r}")
+        raise ValueError(
+            f"steps must be an integer in [1, {limit}] for {sampler} on a {diffusion_steps}-step "
+            f"diffusion, got {steps!r}"
+        )
     if len(shape) != 4 or y.shape != (shape[0],):
         raise ValueError(f"shape must be (N, C, H, W) and y of shape (N,); got {tuple(shape)} and {tuple(y.shape)}")
     if y.numel() and not (0 <= int(y.min()) and int(y.max()) < num_classes):

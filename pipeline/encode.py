@@ -13,6 +13,7 @@ output), where key hashes what determines its bytes: the images, the VAE, the pa
 code and package stamp. A killed run skips the shards found there; the output links (or copies) them, so it has
 the bytes of an uninterrupted run. Shards of another key are moved aside to `data/superseded/`, never deleted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,14 +31,14 @@ import torch
 from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_dir, sha256_file, staged_dir
+from pipeline.autoencoder import encode_images, load_vae
 from pipeline.cluster import init_ray
-from pipeline.params.load import ParamsError
+from pipeline.code_stamp import stamp
 from pipeline.determinism import torch_threads
 from pipeline.formats import images as image_shards
-from pipeline.autoencoder import encode_images, load_vae
-from pipeline.code_stamp import stamp
 from pipeline.formats.latents import map_shard, shard_name, write_latents_manifest, write_shard
 from pipeline.params.encode import EncodeParams
+from pipeline.params.load import ParamsError
 from pipeline.persisted import open_keyed_dir, superseded_root
 from pipeline.shared_storage import on_this_node, publish
 from pipeline.timing import mark_ready
@@ -46,8 +47,6 @@ from pipeline.timing import mark_ready
 # conv kernels split work by thread count and round differently (measured: 1 vs 2 threads changes the last bits), so
 # latents would depend on the machine's core count. More CPU throughput comes from more actors (encode.num_actors).
 CPU_THREADS = 1
-
-
 
 
 def decode_rows(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -87,7 +86,7 @@ class LatentEncoder:
         image's latent depends on the image alone, not on how Ray happened to cut the rows into batches."""
         means, stds = [], []
         for i in range(0, len(x), self.micro_batch):
-            chunk = x[i:i + self.micro_batch]
+            chunk = x[i : i + self.micro_batch]
             pad = self.micro_batch - len(chunk)
             if pad:
                 chunk = torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))])
@@ -99,11 +98,14 @@ class LatentEncoder:
 
 def posterior_sample(mean: np.ndarray, std: np.ndarray, indices: np.ndarray, seed: int) -> np.ndarray:
     """One fixed draw z = mean + std * eps per image; image i's eps comes from (seed, i) alone."""
-    eps = np.stack([
-        np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)])))
-        .standard_normal(mean.shape[1:], dtype=np.float32)
-        for i in indices
-    ])
+    eps = np.stack(
+        [
+            np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, int(i)]))).standard_normal(
+                mean.shape[1:], dtype=np.float32
+            )
+            for i in indices
+        ]
+    )
     return mean + std * eps
 
 
@@ -125,8 +127,9 @@ class ShardWriter:
         """`batch`: {index (n,) global row indices, label (n,), mean, std (n, F, C, h, w)}, any rows in any order."""
         index = np.asarray(batch["index"], dtype=np.int64)
         if len(index) and (index.min() < 0 or index.max() >= self.starts[-1]):
-            raise ArtifactError(f"row index outside the {self.starts[-1]} images of the manifest; "
-                                "run `dvc repro ingest`")
+            raise ArtifactError(
+                f"row index outside the {self.starts[-1]} images of the manifest; run `dvc repro ingest`"
+            )
         stored = self.to_stored(batch, index)
         shard_of = np.searchsorted(self.starts, index, side="right") - 1
         for s in np.unique(shard_of).tolist():
@@ -149,8 +152,12 @@ class ShardWriter:
         for s, shard in enumerate(self.shards):
             path = self.out_dir / shard_name(shard["file"])
             if s not in self.written and path.is_file():
-                self.written[s] = {"file": path.name, "count": shard["count"], "size": path.stat().st_size,
-                                   "sha256": sha256_file(path)}
+                self.written[s] = {
+                    "file": path.name,
+                    "count": shard["count"],
+                    "size": path.stat().st_size,
+                    "sha256": sha256_file(path),
+                }
                 stored = map_shard(path)
                 self.latent_shape = list(stored["mean" if "mean" in stored else "sample"].shape[2:])
         return [s for s in range(len(self.shards)) if s not in self.written]
@@ -181,26 +188,47 @@ def shards_key(images_dir: str | Path, vae_dir: str | Path, params: EncodeParams
     """Hash of what determines the latents' bytes: the images, the VAE, the params that change numbers (not
     batch_size, num_actors or storage_path), and the code and packages that run (`provenance.stamp`)."""
     determining = {
-        "images_manifest_sha256": sha256_file(Path(images_dir) / "manifest.json"), "vae_sha256": sha256_dir(vae_dir),
-        "flip": params.flip, "store": params.store, "dtype": params.dtype, "micro_batch": params.micro_batch,
-        "seed": params.seed, "use_gpu": params.use_gpu,  # GPU kernels round otherwise
+        "images_manifest_sha256": sha256_file(Path(images_dir) / "manifest.json"),
+        "vae_sha256": sha256_dir(vae_dir),
+        "flip": params.flip,
+        "store": params.store,
+        "dtype": params.dtype,
+        "micro_batch": params.micro_batch,
+        "seed": params.seed,
+        "use_gpu": params.use_gpu,  # GPU kernels round otherwise
         "stamp": stamp("encode"),
     }
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_writer(images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path, params: EncodeParams,
-                shards_dir: str | Path | None) -> ShardWriter:
+def open_writer(
+    images_dir: str | Path,
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    params: EncodeParams,
+    shards_dir: str | Path | None,
+) -> ShardWriter:
     """The writer into the persisted shards of this setting (`shards_dir`, default `<out_dir>-shards`), with the
     shards of other settings moved aside after checking the disk holds as many again."""
     shards_dir = Path(shards_dir) if shards_dir else Path(f"{out_dir}-shards")
-    key_dir = open_keyed_dir(shards_dir, shards_key(images_dir, vae_dir, params), superseded_root(shards_dir),
-                             "encode", need_bytes=lambda moved_bytes: moved_bytes)
+    key_dir = open_keyed_dir(
+        shards_dir,
+        shards_key(images_dir, vae_dir, params),
+        superseded_root(shards_dir),
+        "encode",
+        need_bytes=lambda moved_bytes: moved_bytes,
+    )
     return ShardWriter(key_dir, image_shards.read_manifest(images_dir), params)
 
 
-def write_latents(batches: Iterable[dict[str, np.ndarray]], writer: ShardWriter, images_dir: str | Path,
-                  vae_dir: str | Path, out_dir: str | Path, params: EncodeParams) -> dict:
+def write_latents(
+    batches: Iterable[dict[str, np.ndarray]],
+    writer: ShardWriter,
+    images_dir: str | Path,
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    params: EncodeParams,
+) -> dict:
     """Drain encoded `batches` (rows with their global `index`) into the writer's shards, then write `out_dir`:
     every shard, linked (or copied) from the persisted ones, and the manifest."""
     images = image_shards.read_manifest(images_dir)
@@ -214,10 +242,17 @@ def write_latents(batches: Iterable[dict[str, np.ndarray]], writer: ShardWriter,
         for shard in shards:
             link_or_copy(writer.out_dir / shard["file"], tmp / shard["file"])
         manifest = dict(
-            count=images["count"], latent_shape=writer.latent_shape, dtype=params.dtype, flip=params.flip,
-            store=params.store, scaling_factor=load_vae(vae_dir).config.scaling_factor,
-            vae_sha256=sha256_dir(vae_dir), images_manifest_sha256=sha256_file(Path(images_dir) / "manifest.json"),
-            num_classes=images["num_classes"], class_names=images["class_names"], image_size=images["image_size"],
+            count=images["count"],
+            latent_shape=writer.latent_shape,
+            dtype=params.dtype,
+            flip=params.flip,
+            store=params.store,
+            scaling_factor=load_vae(vae_dir).config.scaling_factor,
+            vae_sha256=sha256_dir(vae_dir),
+            images_manifest_sha256=sha256_file(Path(images_dir) / "manifest.json"),
+            num_classes=images["num_classes"],
+            class_names=images["class_names"],
+            image_size=images["image_size"],
             shards=shards,
         )
         write_latents_manifest(tmp, **manifest)
@@ -232,8 +267,15 @@ def link_or_copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, target)
 
 
-def encode_local(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
-                 device: str = "cpu", *, shards_dir: str | Path | None = None) -> dict:
+def encode_local(
+    params: EncodeParams,
+    images_dir: str | Path,
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    device: str = "cpu",
+    *,
+    shards_dir: str | Path | None = None,
+) -> dict:
     """The same encoding in this process, without Ray: the reference the Ray path must match bit for bit."""
     writer = open_writer(images_dir, vae_dir, out_dir, params, shards_dir)
     todo = writer.todo()
@@ -262,18 +304,25 @@ def row_index(images_dir: str | Path, images_manifest: dict, todo: list[int]) ->
             continue
         keys = image_shards.read_keys(images_dir, shard)
         if len(set(keys)) != len(keys):
-            raise ArtifactError(f"{images_dir}/{shard['file']} repeats keys; keys must be unique, "
-                                "run `dvc repro ingest`")
+            raise ArtifactError(
+                f"{images_dir}/{shard['file']} repeats keys; keys must be unique, run `dvc repro ingest`"
+            )
         lookup.update({(shard["file"], key): start + i for i, key in enumerate(keys)})
         start += len(keys)
     return lookup
 
 
-def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
-               shards_dir: str | Path | None = None) -> tuple[dict, int]:
+def encode_ray(
+    params: EncodeParams,
+    images_dir: str | Path,
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    shards_dir: str | Path | None = None,
+) -> tuple[dict, int]:
     """The manifest, and the number of images this run encoded: the shards left to encode (`shards_dir`: see
-    `open_writer`), with Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors` LatentEncoder actors (one GPU
-    each, or CPU) -> rows streamed back to the driver, which places them by index and writes the shards."""
+    `open_writer`), with Ray Data: read_parquet -> PNG decoding in tasks -> a fixed pool of `num_actors`
+    LatentEncoder actors (one GPU each, or CPU) -> rows streamed back to the driver, which places them by index and
+    writes the shards."""
     import ray  # here, not at the top: importing this module needs no Ray
     from ray.util.annotations import RayDeprecationWarning
 
@@ -297,8 +346,9 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
     # Parquet reads bin-pack small shards into ~128 MiB read tasks; cut them (streaming) into blocks of batch_size
     # rows, so that every actor gets work, not just the one that receives the single block.
     ds = ds.repartition(target_num_rows_per_block=params.batch_size)
-    ds = ds.map_batches(decode_rows, fn_kwargs={"image_size": images["image_size"]}, batch_size=params.batch_size,
-                        batch_format="numpy")
+    ds = ds.map_batches(
+        decode_rows, fn_kwargs={"image_size": images["image_size"]}, batch_size=params.batch_size, batch_format="numpy"
+    )
     # Ray Data restarts pool actors forever by default, and passes them its own plan through the object store, so
     # Ray core logs an error for each actor that "the actor restart will fail" (ray-project/ray#57733, #53727). A
     # dead encoder means a bug or out-of-memory, which a restart repeats: fail, `dvc repro` reruns. Ray 2.60
@@ -309,11 +359,17 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
         ds = ds.map_batches(
             LatentEncoder,
-            fn_constructor_kwargs=dict(vae_dir=vae_at, flip=params.flip,
-                                       micro_batch=params.micro_batch, device="cuda" if params.use_gpu else "cpu"),
+            fn_constructor_kwargs=dict(
+                vae_dir=vae_at,
+                flip=params.flip,
+                micro_batch=params.micro_batch,
+                device="cuda" if params.use_gpu else "cpu",
+            ),
             compute=ray.data.ActorPoolStrategy(size=params.num_actors),
-            batch_size=params.batch_size, batch_format="numpy",
-            num_gpus=1 if params.use_gpu else 0, num_cpus=CPU_THREADS,
+            batch_size=params.batch_size,
+            batch_format="numpy",
+            num_gpus=1 if params.use_gpu else 0,
+            num_cpus=CPU_THREADS,
             max_restarts=0,
         )
 
@@ -321,8 +377,9 @@ def encode_ray(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path
         for batch in batches:
             yield {**batch, "index": np.array([lookup[Path(p).name, k] for p, k in zip(batch["path"], batch["key"])])}
 
-    manifest = write_latents(indexed(ds.iter_batches(batch_size=None, batch_format="numpy")), writer, images_dir,
-                             vae_dir, out_dir, params)
+    manifest = write_latents(
+        indexed(ds.iter_batches(batch_size=None, batch_format="numpy")), writer, images_dir, vae_dir, out_dir, params
+    )
     return manifest, sum(images["shards"][s]["count"] for s in todo)
 
 
@@ -333,28 +390,44 @@ def check_resources(params: EncodeParams) -> None:
     have = ray.cluster_resources()
     need_cpus = params.num_actors * CPU_THREADS + 1
     if have.get("CPU", 0) < need_cpus:
-        raise ParamsError(f"encode.num_actors={params.num_actors} needs {need_cpus} CPUs in the Ray cluster "
-                           f"({CPU_THREADS} per actor + 1 for reading and PNG decoding), it has {have.get('CPU', 0)}; "
-                           "lower encode.num_actors or join a larger cluster with RAY_ADDRESS")
+        raise ParamsError(
+            f"encode.num_actors={params.num_actors} needs {need_cpus} CPUs in the Ray cluster "
+            f"({CPU_THREADS} per actor + 1 for reading and PNG decoding), it has {have.get('CPU', 0)}; "
+            "lower encode.num_actors or join a larger cluster with RAY_ADDRESS"
+        )
     if params.use_gpu and have.get("GPU", 0) < params.num_actors:
-        raise ParamsError(f"encode.use_gpu with num_actors={params.num_actors} needs one GPU per actor, the Ray "
-                           f"cluster has {have.get('GPU', 0)}; lower encode.num_actors or set encode.use_gpu: false")
+        raise ParamsError(
+            f"encode.use_gpu with num_actors={params.num_actors} needs one GPU per actor, the Ray "
+            f"cluster has {have.get('GPU', 0)}; lower encode.num_actors or set encode.use_gpu: false"
+        )
 
 
-def run_encode(params: EncodeParams, images_dir: str | Path, vae_dir: str | Path, out_dir: str | Path,
-               metrics_path: str | Path, shards_dir: str | Path | None = None) -> dict:
+def run_encode(
+    params: EncodeParams,
+    images_dir: str | Path,
+    vae_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    shards_dir: str | Path | None = None,
+) -> dict:
     """The stage: encode with Ray (resuming the persisted shards of `shards_dir`), print the throughput, write
     `metrics_path` (seconds, img/s); returns them with the count and the number of actors. img/s counts the images
     encoded by this run, and is absent when a killed run had encoded them all."""
     start = time.perf_counter()
     manifest, encoded = encode_ray(params, images_dir, vae_dir, out_dir, shards_dir)
     seconds = time.perf_counter() - start
-    metrics = {"count": manifest["count"], "encoded": encoded, "seconds": round(seconds, 2),
-               "num_actors": params.num_actors}
+    metrics = {
+        "count": manifest["count"],
+        "encoded": encoded,
+        "seconds": round(seconds, 2),
+        "num_actors": params.num_actors,
+    }
     if encoded:
         metrics["img_per_s"] = round(encoded / seconds, 1)
-    print(f"encoded {encoded} of {metrics['count']} images in {metrics['seconds']} s "
-          f"({metrics.get('img_per_s', 0)} img/s) with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} "
-          "actor(s)")
+    print(
+        f"encoded {encoded} of {metrics['count']} images in {metrics['seconds']} s "
+        f"({metrics.get('img_per_s', 0)} img/s) with {params.num_actors} {'GPU' if params.use_gpu else 'CPU'} "
+        "actor(s)"
+    )
     atomic_write_json(metrics_path, {k: metrics[k] for k in ("seconds", "img_per_s") if k in metrics})
     return metrics

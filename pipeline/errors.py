@@ -5,6 +5,7 @@ derive from `UserError` and are raised deep down with a message that names the f
 (`python -m stages.X`, `python -m pipeline.X`) runs its `main` through `run_main`, which prints such an error as
 one line on stderr, as DVC and git do, and exits 1. Any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 import sys

@@ -11,6 +11,7 @@ CLI (any ADM-format npz, arr_0 uint8 (N, H, W, 3), against any reference):
 An ADM reference batch (VIRTUAL_imagenet256_labeled.npz) as REAL.npz gives ADM's protocol: FID against the stored
 whole-dataset mu/sigma, sFID against the stored mu_s/sigma_s, KID and precision/recall against arr_0's features.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,17 @@ from pipeline.metrics import evaluate_images
 from pipeline.params.evaluate import EvaluateParams
 from pipeline.params.load import load_section
 
-
 # What evaluate copies from the sample stage's manifest into the protocol.
-SAMPLE_PROTOCOL_KEYS = ("num_samples", "sampler", "steps", "cfg_scale", "cfg_channels", "labels", "seed",
-                        "checkpoint_sha256")
+SAMPLE_PROTOCOL_KEYS = (
+    "num_samples",
+    "sampler",
+    "steps",
+    "cfg_scale",
+    "cfg_channels",
+    "labels",
+    "seed",
+    "checkpoint_sha256",
+)
 
 
 def sample_protocol(samples_dir: str | Path, model_dir: str | Path) -> dict:
@@ -46,22 +54,26 @@ def sample_protocol(samples_dir: str | Path, model_dir: str | Path) -> dict:
     if "ema_sha256" not in model:
         raise ArtifactError(f"{model_dir}/model.json lacks ema_sha256; run `dvc repro train`")
     if model["ema_sha256"] != manifest["checkpoint_sha256"]:
-        raise ArtifactError(f"{samples_dir} was sampled from checkpoint {manifest['checkpoint_sha256'][:12]}…, "
-                            f"{model_dir} holds {model['ema_sha256'][:12]}…; run `dvc repro sample`")
+        raise ArtifactError(
+            f"{samples_dir} was sampled from checkpoint {manifest['checkpoint_sha256'][:12]}…, "
+            f"{model_dir} holds {model['ema_sha256'][:12]}…; run `dvc repro sample`"
+        )
     # The sampling seed is renamed so it cannot be confused with the evaluation's KID seed.
     return {("sample_seed" if k == "seed" else k): manifest[k] for k in SAMPLE_PROTOCOL_KEYS}
 
 
-def evaluate_stage(samples_dir: str | Path, reference_dir: str | Path, model_dir: str | Path,
-                   params: EvaluateParams) -> dict:
+def evaluate_stage(
+    samples_dir: str | Path, reference_dir: str | Path, model_dir: str | Path, params: EvaluateParams
+) -> dict:
     """Run the stage: the metrics with the full protocol (sample settings + reference + evaluation settings)."""
     sampling = sample_protocol(samples_dir, model_dir)
     images, labels = read_samples(Path(samples_dir) / SAMPLES_FILE)
     if len(images) != sampling["num_samples"]:
         raise ArtifactError(f"{samples_dir}: {len(images)} images, the manifest says {sampling['num_samples']}")
     device = select_device(params.use_gpu, "evaluate")
-    result = evaluate_images(images, labels, load_reference(reference_dir), load_extractor(reference_dir, device),
-                             params)
+    result = evaluate_images(
+        images, labels, load_reference(reference_dir), load_extractor(reference_dir, device), params
+    )
     evaluation = result.pop("protocol")
     samples_sha256 = sha256_file(Path(samples_dir) / SAMPLES_FILE)
     return {**result, "protocol": {**sampling, "samples_sha256": samples_sha256, **evaluation}}
@@ -82,19 +94,37 @@ def reference_from_adm_batch(path: Path, extractor: Extractor, batch_size: int) 
     features = extractor.extract(batch.images, batch_size).features
     stored = batch.mu is not None
     mu, sigma = (batch.mu, batch.sigma) if stored else (features.mean(axis=0), np.cov(features, rowvar=False))
-    description = {"extractor": extractor.name, "extractor_mode": extractor.mode, "feature_dim": features.shape[1],
-                   "reference_count": None if stored else len(features), "reference_features": len(features),
-                   "reference_stats": "stored mu/sigma of ADM reference batch" if stored else "features of arr_0",
-                   "reference_features_from": "arr_0 (KID, precision/recall)", "reference_npz_sha256": batch.sha256}
-    return Reference(mu, sigma, features.astype(np.float32), batch.images.shape[1], None, description,
-                     batch.spatial_mu, batch.spatial_sigma)
+    description = {
+        "extractor": extractor.name,
+        "extractor_mode": extractor.mode,
+        "feature_dim": features.shape[1],
+        "reference_count": None if stored else len(features),
+        "reference_features": len(features),
+        "reference_stats": "stored mu/sigma of ADM reference batch" if stored else "features of arr_0",
+        "reference_features_from": "arr_0 (KID, precision/recall)",
+        "reference_npz_sha256": batch.sha256,
+    }
+    return Reference(
+        mu,
+        sigma,
+        features.astype(np.float32),
+        batch.images.shape[1],
+        None,
+        description,
+        batch.spatial_mu,
+        batch.spatial_sigma,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("samples", type=Path, help="ADM-format npz: arr_0 uint8 (N, H, W, 3) [+ labels]")
-    p.add_argument("--reference", type=Path, required=True,
-                   help="a reference stage directory, or an ADM reference batch / npz of images")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        required=True,
+        help="a reference stage directory, or an ADM reference batch / npz of images",
+    )
     p.add_argument("--params", default="params.yaml", help="params file with the `evaluate` section")
     p.add_argument("--out", type=Path, help="write the metrics JSON here (default: print it)")
     p.add_argument("--mode", choices=["clean", "legacy_tensorflow"], help="Inception mode for an npz reference")
@@ -109,8 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.mode is None:
             p.error("an npz reference needs --mode (its features are computed here with Inception)")
         if args.mode != "legacy_tensorflow" and stores_statistics(args.reference):
-            p.error("the npz stores ADM's mu/sigma, which are TF Inception features of TF's resize: "
-                    "use --mode legacy_tensorflow")
+            p.error(
+                "the npz stores ADM's mu/sigma, which are TF Inception features of TF's resize: "
+                "use --mode legacy_tensorflow"
+            )
         extractor = InceptionExtractor(resolve_inception_weights(args.inception_weights), args.mode, device)
         reference = reference_from_adm_batch(args.reference, extractor, params.batch_size)
     images, labels = read_samples(args.samples)

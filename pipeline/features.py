@@ -15,6 +15,7 @@ Both map uint8 images (N, H, W, 3) to float64 features (N, D) and, where they ha
 The reference stage records the extractor in `extractor.json`; `load_extractor` rebuilds exactly that one, so
 evaluate always compares features of one network.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,8 +97,9 @@ class Extractor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def extract(self, images: np.ndarray, batch_size: int, pbar: tqdm | None = None,
-                spatial: bool = False) -> Extracted:
+    def extract(
+        self, images: np.ndarray, batch_size: int, pbar: tqdm | None = None, spatial: bool = False
+    ) -> Extracted:
         """uint8 (N, H, W, 3) -> features and logits (and sFID's spatial features with `spatial`, which
         `spatial_unavailable` must allow); `pbar` lets a caller show one bar over several calls."""
         _check_images(images)
@@ -108,7 +110,7 @@ class Extractor:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             x = self._to_tensor(batch)
-            f, l, *s = self._batch_spatial(x) if spatial else self._batch(x)
+            f, l, *s = self._batch_spatial(x) if spatial else self._batch(x)  # noqa: E741 (features, logits, spatial taps)
             features.append(f.double().cpu().numpy())
             logits.append(None if l is None else l.float().cpu().numpy())
             spatials += [s[0].double().cpu().numpy()] if spatial else []
@@ -178,8 +180,12 @@ class ClassifierNet(nn.Module):
 
 def classifier_arch(num_classes: int, image_size: int) -> dict:
     """The constructor kwargs of the classifier for a dataset: what extractor.json records."""
-    return dict(num_classes=num_classes, image_size=image_size, channels=list(CLASSIFIER_CHANNELS),
-                feature_dim=CLASSIFIER_FEATURE_DIM)
+    return dict(
+        num_classes=num_classes,
+        image_size=image_size,
+        channels=list(CLASSIFIER_CHANNELS),
+        feature_dim=CLASSIFIER_FEATURE_DIM,
+    )
 
 
 def build_classifier(arch: dict) -> ClassifierNet:
@@ -201,8 +207,13 @@ class ClassifierExtractor(Extractor):
         return f, self.net.head(f)
 
     def config(self) -> dict:
-        return {"extractor": self.name, "mode": None, "feature_dim": self.feature_dim, "arch": self.arch,
-                "weights": CLASSIFIER_FILE}
+        return {
+            "extractor": self.name,
+            "mode": None,
+            "feature_dim": self.feature_dim,
+            "arch": self.arch,
+            "weights": CLASSIFIER_FILE,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,7 +289,8 @@ def read_weights(path: Path) -> bytes:
                 f"{path} is in a folder other users can write to, and is owned by uid {info.st_uid} with mode "
                 f"{stat.filemode(info.st_mode)}: it may not be clean-fid's file. Delete it and download "
                 f"{INCEPTION_URL} yourself, or set reference.inception_weights to a copy only you can write "
-                f"(`dvc add` it)")
+                f"(`dvc add` it)"
+            )
         return f.read()
 
 
@@ -319,14 +331,20 @@ class InceptionExtractor(Extractor):
         return f, F.linear(f, self.output_weight)
 
     def config(self) -> dict:
-        return {"extractor": self.name, "mode": self.mode, "feature_dim": self.feature_dim,
-                "weights_sha256": self.weights_sha256}
+        return {
+            "extractor": self.name,
+            "mode": self.mode,
+            "feature_dim": self.feature_dim,
+            "weights_sha256": self.weights_sha256,
+        }
 
     def spatial_unavailable(self) -> str | None:
         block = dict(self.model.layers.named_children()).get(SFID_BLOCK)
         if block is None or SFID_LAYER not in dict(block.named_children()):
-            return (f"{self.weights} has no layers.{SFID_BLOCK}.{SFID_LAYER}, the TorchScript Inception's "
-                    f"mixed_6/conv whose spatial features sFID compares")
+            return (
+                f"{self.weights} has no layers.{SFID_BLOCK}.{SFID_LAYER}, the TorchScript Inception's "
+                f"mixed_6/conv whose spatial features sFID compares"
+            )
         return None
 
     def _net_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -351,7 +369,8 @@ class InceptionExtractor(Extractor):
             raise SpatialReplayMismatch(
                 f"the replayed input path of {self.weights.name} in mode {self.mode} gives pool3 features "
                 f"{float((replayed - f).abs().max()):.3g} away from the net's own; its mixed_6/conv taps would not "
-                f"be the net's features")
+                f"be the net's features"
+            )
         # ADM flattens TF's NHWC tensor: channel fastest, then width, then height; the stored sigma_s is in that order.
         return f, logits, tap[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(x), -1)
 
@@ -402,12 +421,15 @@ def load_extractor(directory: str | Path, device: torch.device, inception_weight
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return ClassifierExtractor(net, config["arch"], device)
     if config["extractor"] == "inception":
-        extractor = InceptionExtractor(resolve_inception_weights(inception_weights or config["weights_param"]),
-                                       config["mode"], device)
+        extractor = InceptionExtractor(
+            resolve_inception_weights(inception_weights or config["weights_param"]), config["mode"], device
+        )
         if extractor.weights_sha256 != config["weights_sha256"]:
-            raise ArtifactError(f"{extractor.weights} has sha256 {extractor.weights_sha256[:12]}…, the reference "
-                                f"used {config['weights_sha256'][:12]}…; use the file the reference stage used, or "
-                                "rerun it")
+            raise ArtifactError(
+                f"{extractor.weights} has sha256 {extractor.weights_sha256[:12]}…, the reference "
+                f"used {config['weights_sha256'][:12]}…; use the file the reference stage used, or "
+                "rerun it"
+            )
         return extractor
     raise ArtifactError(f"{path}: unknown extractor {config['extractor']!r}; run `dvc repro reference`")
 

@@ -5,8 +5,8 @@ A stage's code is its script `stages/<name>.py` and every `pipeline/` module tha
 file is parsed and reduced to its syntax tree without docstrings; comments, blank lines and formatting never reach
 the tree. The fingerprint is the sha256 of those trees, so:
 
-- a comment, a docstring, a blank line or a reformat leaves every fingerprint's bytes as they were, and DVC, which
-  hashes files, reruns nothing downstream;
+- a comment, a docstring, a blank line, a reformat or a re-sorted block of imports leaves every fingerprint's bytes
+  as they were, and DVC, which hashes files, reruns nothing downstream;
 - any change to what runs (a statement, a default, an import) changes the fingerprint of every stage that runs it,
   and DVC reruns exactly those stages.
 
@@ -15,6 +15,7 @@ text, never an output. `fingerprints/<stage>.json` lists the stage's modules wit
 visible where a user looks; the stages of dvc.yaml depend on that file instead of on the sources. The same
 fingerprint stamps the persisted caches (checkpoints, shards): see provenance.stamp.
 """
+
 from __future__ import annotations
 
 import ast
@@ -31,10 +32,11 @@ THIS_STAGE = "fingerprint"  # its own output depends on every source file, so it
 # Code a stage runs besides its script's imports: MLflow loads the registered pyfunc from its file at serving time.
 EXTRA_ROOTS = {"register": ["pipeline/pyfunc.py"]}
 # Bumped when the normalisation changes, which changes every fingerprint once.
-NORMALISATION = 1
+NORMALISATION = 2
 
 
 # --- the import closure ------------------------------------------------------------------------------------------
+
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:
     """`pipeline.a.b` -> pipeline/a/b.py or pipeline/a/b/__init__.py (None when neither exists)."""
@@ -104,12 +106,16 @@ def stage_names(root: Path = ROOT) -> list[str]:
 
 # --- what runs ---------------------------------------------------------------------------------------------------
 
+
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             first = node.body[0] if node.body else None
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
-                    and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 node.body = node.body[1:] or [ast.Pass()]
     return tree
 
@@ -118,16 +124,28 @@ def _canonical(node) -> object:
     """A node as plain data: its type and its fields, without positions. Empty and None fields are left out, so the
     form does not change when a Python release adds a field that this code does not use (3.12's type_params)."""
     if isinstance(node, ast.AST):
-        fields = {name: _canonical(value) for name, value in ast.iter_fields(node)
-                  if value is not None and value != []}
+        fields = {name: _canonical(value) for name, value in ast.iter_fields(node) if value is not None and value != []}
         return [type(node).__name__, fields]
     if isinstance(node, list):
-        return [_canonical(item) for item in node]
+        return _sorted_import_runs([_canonical(item) for item in node])
     if isinstance(node, (bytes, complex)) or (isinstance(node, float) and node != node):
         return repr(node)
     if node is Ellipsis:
         return "..."
     return node
+
+
+def _sorted_import_runs(items: list) -> list:
+    """Each run of consecutive import statements as a sorted list of one-name imports: the order and grouping that a
+    linter sorts imports into (`from x import a, b` or two lines) is layout, not code."""
+    out, run = [], []
+    for item in [*items, None]:
+        if isinstance(item, list) and item and item[0] in ("Import", "ImportFrom"):
+            run += [[item[0], {**item[1], "names": [alias]}] for alias in item[1]["names"]]
+            continue
+        out += sorted(run, key=lambda imp: json.dumps(imp, sort_keys=True)) + ([item] if item is not None else [])
+        run = []
+    return out
 
 
 def code_hash(source: str, filename: str = "<source>") -> str:

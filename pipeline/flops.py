@@ -12,6 +12,7 @@ Table 1 prints one decimal: the two-decimal figures rounded once more (`paper_ro
 
 `python -m pipeline.flops` prints parameters and Gflops of every preset.
 """
+
 from __future__ import annotations
 
 import argparse

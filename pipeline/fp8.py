@@ -11,6 +11,7 @@ and the most sensitive to rounding.
 `emulate` runs the same casts and scales with float32 matmuls: a CPU check of the numerics (tests/test_fp8.py), no
 speed. torchao is the optional extra `pip install -e '.[gpu]'`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,12 +21,14 @@ from pipeline.params.load import ParamsError
 GEMM_MULTIPLE = 16  # torch._scaled_mm needs both dims of each float8 GEMM to be multiples of 16
 
 
-
-
 def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
     """The filter: Linear layers of the transformer blocks whose GEMM dims float8 supports."""
-    return (isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.")
-            and module.in_features % GEMM_MULTIPLE == 0 and module.out_features % GEMM_MULTIPLE == 0)
+    return (
+        isinstance(module, torch.nn.Linear)
+        and fqn.startswith("blocks.")
+        and module.in_features % GEMM_MULTIPLE == 0
+        and module.out_features % GEMM_MULTIPLE == 0
+    )
 
 
 def convert_to_fp8(model: torch.nn.Module, mode: str) -> int:

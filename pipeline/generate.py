@@ -9,6 +9,7 @@ i % micro_batch (see `pipeline.sample` for why fixed shapes make the bytes indep
 The diffusion that samples is the one the model was trained with, read from its model card or checkpoint
 (`diffusion`: noise_schedule, diffusion_steps, learn_sigma), never a default.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,15 +22,16 @@ from tqdm import tqdm
 
 from pipeline.artifacts import ArtifactError
 from pipeline.attention import attention_backend
+from pipeline.autoencoder import decode_latents, load_vae
 from pipeline.diffusion import sample as diffusion_sample
 from pipeline.model import DiT
 from pipeline.numerics import autocast, float32_mode
-from pipeline.autoencoder import decode_latents, load_vae
 
 GRID_MAX_CLASSES = 32  # display only: 1000 rows of 256 px images would make a 256k-pixel-tall PNG
 
 
 # --- seeds and labels -------------------------------------------------------------------------------------------
+
 
 def sample_seed(seed: int, index: int, stream: str) -> int:
     """63-bit generator seed of sample `index`'s `stream` ("noise" or "label"): a hash, so unlike seed * K + i no
@@ -54,6 +56,7 @@ def make_labels(mode: str, indices: np.ndarray, num_classes: int, seed: int) -> 
 
 # --- the model ----------------------------------------------------------------------------------------------------
 
+
 def build_dit(card: dict, device) -> DiT:
     """The model rebuilt from the card's own config, EMA weights loaded strictly, in eval mode."""
     model = DiT.from_config(card["model_kwargs"])
@@ -63,8 +66,10 @@ def build_dit(card: dict, device) -> DiT:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{card['checkpoint']} does not fit {card['model']} {card['model_kwargs']} (for an "
-                            f"official checkpoint, check --model and --image-size): {e}") from e
+        raise ArtifactError(
+            f"{card['checkpoint']} does not fit {card['model']} {card['model_kwargs']} (for an "
+            f"official checkpoint, check --model and --image-size): {e}"
+        ) from e
     return model.to(device).eval()
 
 
@@ -73,12 +78,15 @@ def load_models(card: dict, vae_dir: str | Path, device):
     model, vae = build_dit(card, device), load_vae(vae_dir, device)
     trained_scale = card["scaling_factor"]
     if trained_scale is not None and not math.isclose(trained_scale, vae.config.scaling_factor, rel_tol=1e-6):
-        raise ArtifactError(f"the DiT was trained on latents scaled by {trained_scale} but {vae_dir} has "
-                            f"scaling_factor {vae.config.scaling_factor}; run `dvc repro encode train`")
+        raise ArtifactError(
+            f"the DiT was trained on latents scaled by {trained_scale} but {vae_dir} has "
+            f"scaling_factor {vae.config.scaling_factor}; run `dvc repro encode train`"
+        )
     return model, vae
 
 
 # --- generation -------------------------------------------------------------------------------------------------
+
 
 class FixedShapeNet:
     """The DiT as the sampler sees it, run on blocks of exactly `rows` rows whatever the batch, so that every
@@ -92,21 +100,38 @@ class FixedShapeNet:
 
     def __call__(self, x, t, y):  # (N, C, H, W), (N,), (N,) -> (N, 2C, H, W)
         r = self.rows
-        return torch.cat([self.model(x[s:s + r], t[s:s + r], y[s:s + r]) for s in range(0, len(x), r)])
+        return torch.cat([self.model(x[s : s + r], t[s : s + r], y[s : s + r]) for s in range(0, len(x), r)])
 
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels):  # x (2N, C, H, W) = [cond; uncond]
         n, r = len(x) // 2, self.rows
         outs = []
         for s in range(0, n, r):
-            pair = [torch.cat([v[s:s + r], v[n + s:n + s + r]]) for v in (x, t, y)]
+            pair = [torch.cat([v[s : s + r], v[n + s : n + s + r]]) for v in (x, t, y)]
             outs.append(self.model.forward_with_cfg(*pair, cfg_scale=cfg_scale, cfg_channels=cfg_channels))
         return torch.cat([o[:r] for o in outs] + [o[r:] for o in outs])
 
 
-def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed: int, sampler: str, steps: int,
-                    cfg_scale: float, cfg_channels: int | None, num_classes: int, latent_shape: tuple, device,
-                    batch_size: int, micro_batch: int, precision: str, diffusion: dict,
-                    progress: bool = False, attention: str = "auto") -> np.ndarray:
+def generate_images(
+    model,
+    vae,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    *,
+    seed: int,
+    sampler: str,
+    steps: int,
+    cfg_scale: float,
+    cfg_channels: int | None,
+    num_classes: int,
+    latent_shape: tuple,
+    device,
+    batch_size: int,
+    micro_batch: int,
+    precision: str,
+    diffusion: dict,
+    progress: bool = False,
+    attention: str = "auto",
+) -> np.ndarray:
     """uint8 (N, H, W, 3) images of global samples `indices` (N,) with classes `labels` (N,); `diffusion` is the
     model's training diffusion (model_card.read_diffusion: noise_schedule, diffusion_steps, learn_sigma).
 
@@ -115,8 +140,10 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
     one sampler loop. `attention` names the SDPA kernel (pipeline/attention.py)."""
     labels, indices = np.asarray(labels, dtype=np.int64), np.asarray(indices, dtype=np.int64)
     if labels.shape != indices.shape or labels.ndim != 1 or len(np.unique(indices)) != len(indices):
-        raise ValueError(f"labels and indices must be 1-D of one length with distinct indices, got "
-                         f"{labels.shape} and {indices.shape}")
+        raise ValueError(
+            f"labels and indices must be 1-D of one length with distinct indices, got "
+            f"{labels.shape} and {indices.shape}"
+        )
     if batch_size < 1 or (indices < 0).any():
         raise ValueError(f"need batch_size >= 1 (got {batch_size}) and indices >= 0")
     wanted = dict(zip(indices.tolist(), labels.tolist()))
@@ -124,14 +151,23 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
     per_loop = math.ceil(batch_size / micro_batch)
     net, found = FixedShapeNet(model, micro_batch), {}
     for start in tqdm(range(0, len(blocks), per_loop), desc="batches", disable=not progress):
-        rows = (blocks[start:start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
+        rows = (blocks[start : start + per_loop, None] * micro_batch + np.arange(micro_batch)).reshape(-1)
         y = torch.tensor([wanted.get(i, 0) for i in rows.tolist()])  # rows nobody asked for are padding
         with torch.inference_mode(), float32_mode(precision):
             with autocast(precision, device), attention_backend(attention):
-                z = diffusion_sample(net, sampler=sampler, steps=steps, shape=(len(rows), *latent_shape), y=y,
-                                     cfg_scale=cfg_scale, cfg_channels=cfg_channels,
-                                     generators=generators(seed, rows, "noise"), num_classes=num_classes,
-                                     device=device, **diffusion)
+                z = diffusion_sample(
+                    net,
+                    sampler=sampler,
+                    steps=steps,
+                    shape=(len(rows), *latent_shape),
+                    y=y,
+                    cfg_scale=cfg_scale,
+                    cfg_channels=cfg_channels,
+                    generators=generators(seed, rows, "noise"),
+                    num_classes=num_classes,
+                    device=device,
+                    **diffusion,
+                )
             images = torch.cat([decode_latents(vae, block) for block in z.split(micro_batch)]).numpy()
         found.update((i, image) for i, image in zip(rows.tolist(), images) if i in wanted)
     if not len(indices):
@@ -140,6 +176,7 @@ def generate_images(model, vae, labels: np.ndarray, indices: np.ndarray, *, seed
 
 
 # --- grids ------------------------------------------------------------------------------------------------------
+
 
 def make_grid(images: np.ndarray, labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
     """uint8 (rows * H, per_class * W, 3): row c holds the first `per_class` samples of class c in index order,

@@ -14,6 +14,7 @@ source's roots, regular files of at most `max_file_bytes`), an image whose heade
 The shards are written through `pipeline.formats.images`, which is also their one reader: vae, encode and reference
 read them from there, without importing the sources here.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,8 +23,8 @@ import multiprocessing
 import os
 import warnings
 from collections import Counter, deque
-from contextlib import closing
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,10 +37,9 @@ from tqdm import tqdm
 from pipeline import artifacts, synthetic
 from pipeline.errors import UserError
 from pipeline.formats.images import ShardWriter, encode_png, write_images_manifest
-from pipeline.inputs import Rejected as _Reject
-from pipeline.inputs import Skip, check_size, list_files, read_file, real_roots
-from pipeline.provenance import NO_INPUT, local_input
+from pipeline.inputs import Rejected as _Reject, Skip, check_size, list_files, read_file, real_roots
 from pipeline.params.ingest import HFParams, IngestParams
+from pipeline.provenance import NO_INPUT, local_input
 
 CHUNK_ROWS = 128  # inputs per worker task: large enough to amortise IPC, small enough to bound memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -51,6 +51,7 @@ class IngestError(UserError, RuntimeError):
 
 class Row(NamedTuple):
     """One input's outcome: `png` is set for a kept image, `reason` (+ `detail`) for a rejected one."""
+
     key: str
     label: int | None
     png: bytes | None
@@ -68,6 +69,7 @@ class Source:
 
 
 # ----------------------------------------------------------------------------------------------- preprocessing
+
 
 def center_crop_adm(img: Image.Image, image_size: int) -> np.ndarray:
     """ADM's center crop (guided-diffusion `center_crop_arr`, used by DiT's train.py): RGB PIL -> (S, S, 3) uint8.
@@ -122,8 +124,9 @@ def preprocess(data: bytes, image_size: int, min_image_side: int, max_image_pixe
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # Pillow's own bomb warning rejects too
             with Image.open(io.BytesIO(data)) as img:  # reads the header only
                 if img.width * img.height > max_image_pixels:
-                    raise _Reject("too_many_pixels", f"{img.width}x{img.height} > ingest.max_image_pixels = "
-                                                     f"{max_image_pixels}")
+                    raise _Reject(
+                        "too_many_pixels", f"{img.width}x{img.height} > ingest.max_image_pixels = {max_image_pixels}"
+                    )
                 img.load()  # decode fully now: truncation shows up here, not later
                 if min(img.size) < min_image_side:
                     raise _Reject("too_small", f"{img.width}x{img.height} < ingest.min_image_side = {min_image_side}")
@@ -141,9 +144,15 @@ def preprocess(data: bytes, image_size: int, min_image_side: int, max_image_pixe
     return encode_png(center_crop_adm(rgb, image_size))
 
 
-def _decode_chunk(items: list[tuple[str, int | None, bytes | str | Skip | None]], image_size: int,
-                  min_image_side: int, num_classes: int, max_image_pixels: int, max_file_bytes: int,
-                  roots: tuple[str, ...]) -> list[Row]:
+def _decode_chunk(
+    items: list[tuple[str, int | None, bytes | str | Skip | None]],
+    image_size: int,
+    min_image_side: int,
+    num_classes: int,
+    max_image_pixels: int,
+    max_file_bytes: int,
+    roots: tuple[str, ...],
+) -> list[Row]:
     """Work items (key, label, file bytes, a local path inside `roots`, or a Skip) -> Rows. Runs in a worker."""
     rows = []
     for key, label, payload in items:
@@ -165,6 +174,7 @@ def _decode_chunk(items: list[tuple[str, int | None, bytes | str | Skip | None]]
 
 # --------------------------------------------------------------------------------------------------- sources
 
+
 def _chunked(items: Iterable, size: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
@@ -173,9 +183,15 @@ def _chunked(items: Iterable, size: int) -> Iterator[list]:
 
 def _decode_work(params: IngestParams, num_classes: int, roots: tuple[str, ...]) -> Callable[[list], list[Row]]:
     """The decoding of work items; a local path is read only if it lies inside `roots` (`inputs.real_roots`)."""
-    return partial(_decode_chunk, image_size=params.image_size, min_image_side=params.min_image_side,
-                   num_classes=num_classes, max_image_pixels=params.max_image_pixels,
-                   max_file_bytes=params.max_file_bytes, roots=roots)
+    return partial(
+        _decode_chunk,
+        image_size=params.image_size,
+        min_image_side=params.min_image_side,
+        num_classes=num_classes,
+        max_image_pixels=params.max_image_pixels,
+        max_file_bytes=params.max_file_bytes,
+        roots=roots,
+    )
 
 
 def _synthetic_chunk(indices: list[int], seed: int, num_classes: int, image_size: int) -> list[Row]:
@@ -189,35 +205,50 @@ def _synthetic_chunk(indices: list[int], seed: int, num_classes: int, image_size
 def open_synthetic(params: IngestParams) -> Source:
     p = params.synthetic
     work = partial(_synthetic_chunk, seed=p.seed, num_classes=p.num_classes, image_size=params.image_size)
-    info = {"kind": "synthetic", "seed": p.seed, "num_images": p.num_images,
-            "generator_version": synthetic.GENERATOR_VERSION}
-    return Source(list(synthetic.CLASSES[:p.num_classes]), _chunked(range(p.num_images), CHUNK_ROWS), work,
-                  p.num_images, info)
+    info = {
+        "kind": "synthetic",
+        "seed": p.seed,
+        "num_images": p.num_images,
+        "generator_version": synthetic.GENERATOR_VERSION,
+    }
+    return Source(
+        list(synthetic.CLASSES[: p.num_classes]), _chunked(range(p.num_images), CHUNK_ROWS), work, p.num_images, info
+    )
 
 
 def open_imagefolder(params: IngestParams) -> Source:
     """torchvision ImageFolder layout: classes = sorted subdirectory names, label = index; files in sorted order."""
     root = Path(params.imagefolder.root)
     if local_input(str(root)) is None:
-        raise IngestError(f"ingest.imagefolder.root is {NO_INPUT}, which holds no images: put the class folders "
-                          "under inputs/<name>/, run `dvc add inputs/<name>` and set ingest.imagefolder.root to it")
+        raise IngestError(
+            f"ingest.imagefolder.root is {NO_INPUT}, which holds no images: put the class folders "
+            "under inputs/<name>/, run `dvc add inputs/<name>` and set ingest.imagefolder.root to it"
+        )
     if not root.is_dir():
-        raise IngestError(f"ingest.imagefolder.root = {root}: not a directory; point it at a folder of "
-                          "<class_name>/ subfolders holding the images")
+        raise IngestError(
+            f"ingest.imagefolder.root = {root}: not a directory; point it at a folder of "
+            "<class_name>/ subfolders holding the images"
+        )
     try:
         entries = sorted(os.scandir(root), key=lambda d: d.name)
     except OSError as e:
-        raise IngestError(f"ingest.imagefolder.root = {root}: cannot be listed ({e.strerror}); check its "
-                          "permissions") from e
+        raise IngestError(
+            f"ingest.imagefolder.root = {root}: cannot be listed ({e.strerror}); check its permissions"
+        ) from e
     # A linked class folder is not followed (it could lead out of the root): it is counted, not read.
     class_names = [d.name for d in entries if d.is_dir(follow_symlinks=False)]
-    items = [(f"{d.name}/", None, Skip("symlinked_folder", f"links to {os.path.realpath(d.path)}"))
-             for d in entries if d.is_symlink() and d.is_dir()]
+    items = [
+        (f"{d.name}/", None, Skip("symlinked_folder", f"links to {os.path.realpath(d.path)}"))
+        for d in entries
+        if d.is_symlink() and d.is_dir()
+    ]
     for label, name in enumerate(class_names):
         found = list_files(root, root / name, IMAGE_EXTENSIONS)
         if not found:
-            raise IngestError(f"{root / name}: class folder without images ({', '.join(IMAGE_EXTENSIONS)}); "
-                              "remove it, or it would become an empty class")
+            raise IngestError(
+                f"{root / name}: class folder without images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "remove it, or it would become an empty class"
+            )
         items += [(key, label, payload) for key, payload in found]
     if not class_names:
         raise IngestError(f"{root}: no class subfolders found; expected {root}/<class_name>/<image files>")
@@ -238,8 +269,10 @@ def open_hf(params: IngestParams) -> Source:
     h = params.hf
     path = h.path or h.local_dir
     if h.path is not None and os.path.exists(h.path):
-        raise IngestError(f"ingest.hf.path = {h.path!r} is a local path, which DVC cannot see there: run `dvc add "
-                          f"{h.path}`, then set ingest.hf.local_dir: {h.path} and ingest.hf.path: null")
+        raise IngestError(
+            f"ingest.hf.path = {h.path!r} is a local path, which DVC cannot see there: run `dvc add "
+            f"{h.path}`, then set ingest.hf.local_dir: {h.path} and ingest.hf.path: null"
+        )
     try:
         builder = datasets.load_dataset_builder(path, h.name, revision=h.revision)
         if h.streaming:
@@ -252,16 +285,25 @@ def open_hf(params: IngestParams) -> Source:
             f"could not load the Hugging Face dataset {h.path or h.local_dir!r} (name={h.name!r}, split={h.split!r}, "
             f"revision={h.revision!r}): {type(e).__name__}: {e}. Fix: check network access (unset HF_HUB_OFFLINE / "
             "HF_DATASETS_OFFLINE, or fill the cache on a connected machine first), set HF_TOKEN and accept the "
-            "terms on the dataset page for gated datasets, and check ingest.hf.path / name / revision.") from e
+            "terms on the dataset page for gated datasets, and check ingest.hf.path / name / revision."
+        ) from e
     class_names = _hf_class_names(ds.features, h)
     ds = ds.select_columns([h.image_column, h.label_column]).cast_column(h.image_column, datasets.Image(decode=False))
     rows = itertools.islice(_hf_items(ds, h), h.max_images)
     total = h.max_images if h.streaming else min(len(ds), h.max_images or len(ds))
-    info = {"kind": "hf", "path": h.path, "local_dir": local_input(h.local_dir), "name": h.name, "split": h.split,
-            "revision": h.revision,
-            "resolved_revision": builder.hash if h.path else None,  # the hub commit sha; dvc.lock pins local_dir
-            "streaming": h.streaming, "max_images": h.max_images,
-            "image_column": h.image_column, "label_column": h.label_column}
+    info = {
+        "kind": "hf",
+        "path": h.path,
+        "local_dir": local_input(h.local_dir),
+        "name": h.name,
+        "split": h.split,
+        "revision": h.revision,
+        "resolved_revision": builder.hash if h.path else None,  # the hub commit sha; dvc.lock pins local_dir
+        "streaming": h.streaming,
+        "max_images": h.max_images,
+        "image_column": h.image_column,
+        "label_column": h.label_column,
+    }
     # A row without image bytes names a file: read only from the dataset's own directory or the datasets cache.
     roots = real_roots(local_input(h.local_dir), datasets.config.HF_DATASETS_CACHE)
     return Source(class_names, _chunked(rows, CHUNK_ROWS), _decode_work(params, len(class_names), roots), total, info)
@@ -272,17 +314,21 @@ def _hf_class_names(features, h: HFParams) -> list[str]:
 
     source = h.path or h.local_dir
     if features is None:
-        raise IngestError(f"{source!r}: the dataset's features are unknown (some streaming datasets); "
-                          "set ingest.hf.streaming: false, or use a dataset whose card declares its features")
+        raise IngestError(
+            f"{source!r}: the dataset's features are unknown (some streaming datasets); "
+            "set ingest.hf.streaming: false, or use a dataset whose card declares its features"
+        )
     for key, column in (("image_column", h.image_column), ("label_column", h.label_column)):
         if column not in features:
             raise IngestError(f"ingest.hf.{key} = {column!r} is not a column of {source!r}; columns: {list(features)}")
     if not isinstance(features[h.image_column], datasets.Image):
         raise IngestError(f"{source!r}: column {h.image_column!r} is {features[h.image_column]}, not an Image")
     if not isinstance(features[h.label_column], datasets.ClassLabel):
-        raise IngestError(f"{source!r}: column {h.label_column!r} is {features[h.label_column]}, not a ClassLabel; "
-                          "class names cannot be known. Cast it first (Dataset.cast_column(col, ClassLabel(names=...)))"
-                          " and save the dataset, or choose the dataset's ClassLabel column")
+        raise IngestError(
+            f"{source!r}: column {h.label_column!r} is {features[h.label_column]}, not a ClassLabel; "
+            "class names cannot be known. Cast it first (Dataset.cast_column(col, ClassLabel(names=...)))"
+            " and save the dataset, or choose the dataset's ClassLabel column"
+        )
     return list(features[h.label_column].names)
 
 
@@ -299,6 +345,7 @@ SOURCES = {"synthetic": open_synthetic, "hf": open_hf, "imagefolder": open_image
 
 
 # ---------------------------------------------------------------------------------------------------- output
+
 
 def _ordered_map(work: Callable, chunks: Iterable[list], num_workers: int) -> Iterator[list[Row]]:
     """`map(work, chunks)`, on `num_workers` processes when > 0, in input order with a bounded look-ahead."""
@@ -343,9 +390,15 @@ def ingest(params: IngestParams, out_dir: str | Path) -> dict:
     _check_bad_fraction(len(skipped), seen, params.max_bad_fraction, report)
     count = sum(s["count"] for s in writer.shards)
     by_reason = dict(sorted(Counter(s["reason"] for s in skipped).items()))
-    write_images_manifest(out, count=count, image_size=params.image_size, class_names=source.class_names,
-                          source=source.info, shards=writer.shards,
-                          skipped={"count": len(skipped), "by_reason": by_reason})
+    write_images_manifest(
+        out,
+        count=count,
+        image_size=params.image_size,
+        class_names=source.class_names,
+        source=source.info,
+        shards=writer.shards,
+        skipped={"count": len(skipped), "by_reason": by_reason},
+    )
     print(f"ingest: {count} images in {len(writer.shards)} shards -> {out}; skipped {len(skipped)} {by_reason}")
     return {"count": count, "skipped": len(skipped)}  # the metrics; the rest is in the manifest
 
@@ -363,4 +416,5 @@ def _check_bad_fraction(bad: int, seen: int, max_bad_fraction: float, report: Pa
         raise IngestError(
             f"{bad} of {seen} inputs read ({bad / seen:.2%}) were rejected, more than ingest.max_bad_fraction = "
             f"{max_bad_fraction:.2%}; see {report} for each key and reason. Fix the source, or raise "
-            "max_bad_fraction if losing these images is acceptable")
+            "max_bad_fraction if losing these images is acceptable"
+        )

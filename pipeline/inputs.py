@@ -6,6 +6,7 @@ The reasons given here: `outside_root` (a link, or a dataset row's path, that le
 `symlinked_folder` (a linked folder: never descended, it could loop or leave the root), `unreadable_folder`,
 `unreadable`, `not_a_file` (a FIFO, a device, a folder), `file_too_large`.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from typing import NamedTuple
 
 class Skip(NamedTuple):
     """An input rejected before it is read: the work item's payload in place of its bytes or path."""
+
     reason: str
     detail: str
 

@@ -2,22 +2,20 @@
 arrays, and `evaluate_images`, which extracts the features of images against a reference and computes them all.
 The evaluate stage (pipeline/evaluate.py) and the curve stage share it.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import torch
 from cleanfid import fid as cleanfid
 from scipy.special import log_softmax
 
-from pipeline.features import (Extracted, Extractor, SpatialReplayMismatch)
+from pipeline.features import Extracted, Extractor, SpatialReplayMismatch
 from pipeline.formats.reference_stats import Reference
 from pipeline.params.evaluate import EvaluateParams
 
 SFID_PROTOCOL = "mixed_6/conv, first 7 channels, NHWC as ADM; against the stored mu_s/sigma_s"
 PR_CHUNK_ELEMENTS = 1 << 26  # distance-matrix block: 64M float32 = 256 MB, so 50K x 50K runs in pieces
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -31,8 +29,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     d = mu1.shape[0]
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"Frechet distance needs mu (D,) and sigma (D, D) on both sides, got "
-                         f"{mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape} (features of different nets?)")
+        raise ValueError(
+            f"Frechet distance needs mu (D,) and sigma (D, D) on both sides, got "
+            f"{mu1.shape}, {sigma1.shape} vs {mu2.shape}, {sigma2.shape} (features of different nets?)"
+        )
     return float(cleanfid.frechet_distance(mu1, sigma1, mu2, sigma2))
 
 
@@ -43,8 +43,9 @@ def fid_from_features(features: np.ndarray, ref_mu: np.ndarray, ref_sigma: np.nd
     return frechet_distance(features.mean(axis=0), np.cov(features, rowvar=False), ref_mu, ref_sigma)
 
 
-def kernel_inception_distance(fake: np.ndarray, real: np.ndarray, num_subsets: int, subset_size: int,
-                              seed: int) -> tuple[float, float]:
+def kernel_inception_distance(
+    fake: np.ndarray, real: np.ndarray, num_subsets: int, subset_size: int, seed: int
+) -> tuple[float, float]:
     """KID (Binkowski et al. 2018): the unbiased MMD^2 with kernel k(x, y) = (x.y / D + 1)^3, averaged over
     `num_subsets` random subsets of min(subset_size, N_fake, N_real) points from each side. Returns (mean, std).
 
@@ -93,19 +94,23 @@ def knn_sq_radii(x: torch.Tensor, k: int, max_elements: int = PR_CHUNK_ELEMENTS)
     if len(x) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} points per side, got {len(x)}")
     # Each point is its own nearest neighbour at distance 0, so the k-th other point is the (k+1)-th smallest.
-    return torch.cat([_sq_distances(x[rows], x).kthvalue(k + 1, dim=1).values
-                      for rows in _row_chunks(len(x), len(x), max_elements)])
+    return torch.cat(
+        [_sq_distances(x[rows], x).kthvalue(k + 1, dim=1).values for rows in _row_chunks(len(x), len(x), max_elements)]
+    )
 
 
 def _coverage(points: torch.Tensor, centers: torch.Tensor, sq_radii: torch.Tensor, max_elements: int) -> float:
     """Fraction of points inside at least one ball (center, radius)."""
-    inside = [(_sq_distances(points[rows], centers) <= sq_radii[None]).any(dim=1)
-              for rows in _row_chunks(len(points), len(centers), max_elements)]
+    inside = [
+        (_sq_distances(points[rows], centers) <= sq_radii[None]).any(dim=1)
+        for rows in _row_chunks(len(points), len(centers), max_elements)
+    ]
     return int(torch.cat(inside).sum()) / len(points)
 
 
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int, device: torch.device,
-                     max_elements: int = PR_CHUNK_ELEMENTS) -> tuple[float, float]:
+def precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int, device: torch.device, max_elements: int = PR_CHUNK_ELEMENTS
+) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019): each manifold is the union of balls around its
     points with radius the distance to the k-th nearest neighbour. Precision = fraction of fake points inside the
     real manifold; recall = fraction of real points inside the fake manifold. Distances go in row blocks."""
@@ -125,13 +130,20 @@ def class_consistency(logits: np.ndarray, labels: np.ndarray) -> float:
 # Putting them together
 
 
-def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Reference, extractor_name: str,
-                      params: EvaluateParams, device: torch.device) -> dict:
+def evaluate_features(
+    fake: Extracted,
+    labels: np.ndarray | None,
+    reference: Reference,
+    extractor_name: str,
+    params: EvaluateParams,
+    device: torch.device,
+) -> dict:
     """All metrics of the samples' features and logits against the reference.
     The single place that returns the metrics dict: stages log it as is. Null metrics carry a reason in `notes`."""
     fid = fid_from_features(fake.features, reference.mu, reference.sigma)
-    kid, kid_std = kernel_inception_distance(fake.features, reference.features, params.kid_subsets,
-                                             params.kid_subset_size, params.seed)
+    kid, kid_std = kernel_inception_distance(
+        fake.features, reference.features, params.kid_subsets, params.kid_subset_size, params.seed
+    )
     precision, recall = precision_recall(reference.features, fake.features, params.pr_k, device)
     notes = {}
     is_mean = is_std = consistency = None
@@ -144,12 +156,22 @@ def evaluate_features(fake: Extracted, labels: np.ndarray | None, reference: Ref
             notes["class_consistency"] = "the samples carry no labels"
         else:
             consistency = class_consistency(fake.logits, labels)
-    return {"fid": fid, "kid": kid, "kid_std": kid_std, "inception_score": is_mean, "inception_score_std": is_std,
-            "precision": precision, "recall": recall, "class_consistency": consistency, "notes": notes}
+    return {
+        "fid": fid,
+        "kid": kid,
+        "kid_std": kid_std,
+        "inception_score": is_mean,
+        "inception_score_std": is_std,
+        "precision": precision,
+        "recall": recall,
+        "class_consistency": consistency,
+        "notes": notes,
+    }
 
 
-def extract_for_reference(images: np.ndarray, reference: Reference, extractor: Extractor,
-                          batch_size: int) -> tuple[Extracted, str | None]:
+def extract_for_reference(
+    images: np.ndarray, reference: Reference, extractor: Extractor, batch_size: int
+) -> tuple[Extracted, str | None]:
     """The samples' features, with sFID's spatial ones where the reference stores spatial statistics; and why sFID
     cannot be computed, if it cannot (the extractor lacks the layer, or replaying its input path fails the check):
     then the other metrics still come, and the reason goes into the notes."""
@@ -164,33 +186,40 @@ def extract_for_reference(images: np.ndarray, reference: Reference, extractor: E
     return extractor.extract(images, batch_size), blocker
 
 
-def evaluate_images(images: np.ndarray, labels: np.ndarray | None, reference: Reference, extractor: Extractor,
-                    params: EvaluateParams) -> dict:
+def evaluate_images(
+    images: np.ndarray, labels: np.ndarray | None, reference: Reference, extractor: Extractor, params: EvaluateParams
+) -> dict:
     if images.shape[1:3] != (reference.image_size, reference.image_size):
-        raise ValueError(f"samples are {images.shape[1]}x{images.shape[2]}, the reference images "
-                         f"{reference.image_size}x{reference.image_size}: FID compares one resolution")
+        raise ValueError(
+            f"samples are {images.shape[1]}x{images.shape[2]}, the reference images "
+            f"{reference.image_size}x{reference.image_size}: FID compares one resolution"
+        )
     k = reference.num_classes
     if labels is not None and k is not None and not 0 <= labels.min() <= labels.max() < k:
         raise ValueError(f"sample labels span [{labels.min()}, {labels.max()}], outside [0, {k})")
     fake, sfid_blocker = extract_for_reference(images, reference, extractor, params.batch_size)
     metrics = evaluate_features(fake, labels, reference, extractor.name, params, extractor.device)
     if reference.spatial_mu is not None:  # sFID where the reference stores spatial statistics (ADM batches)
-        metrics["sfid"] = None if fake.spatial is None else fid_from_features(
-            fake.spatial, reference.spatial_mu, reference.spatial_sigma)
+        metrics["sfid"] = (
+            None
+            if fake.spatial is None
+            else fid_from_features(fake.spatial, reference.spatial_mu, reference.spatial_sigma)
+        )
         if sfid_blocker:
             metrics["notes"]["sfid"] = f"not computed: {sfid_blocker}"
     kid_subset_size = min(params.kid_subset_size, len(images), len(reference.features))  # as KID uses it
     sfid = {} if reference.spatial_mu is None else {"sfid_features": SFID_PROTOCOL}
-    protocol = {**reference.description, **sfid, "num_samples": len(images), "pr_k": params.pr_k,
-                "kid_subsets": params.kid_subsets, "kid_subset_size": kid_subset_size, "kid_seed": params.seed,
-                "is_splits": params.is_splits if metrics["inception_score"] is not None else None}
+    protocol = {
+        **reference.description,
+        **sfid,
+        "num_samples": len(images),
+        "pr_k": params.pr_k,
+        "kid_subsets": params.kid_subsets,
+        "kid_subset_size": kid_subset_size,
+        "kid_seed": params.seed,
+        "is_splits": params.is_splits if metrics["inception_score"] is not None else None,
+    }
     return {**metrics, "protocol": protocol}
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------

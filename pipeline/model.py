@@ -8,6 +8,7 @@ With the default adaLN-Zero conditioning the parameter names and shapes are thos
 so the official checkpoints (e.g. DiT-XL-2-256x256.pt) load with strict=True. The other three conditioning
 strategies of the paper's Fig. 3 (adaLN, cross-attention, in-context) are separate block classes, for Fig. 5.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -49,6 +50,7 @@ def sincos_2d(dim, grid_size):
 
 
 # ------------------------------ Embedders: patches, timesteps and labels
+
 
 class PatchEmbed(nn.Module):
     """Patchify (paper Fig. 4): (N, C, H, W) -> (N, T, D) with T = (H/p)(W/p) tokens in row-major order."""
@@ -108,6 +110,7 @@ class LabelEmbedder(nn.Module):
 
 
 # ------------------------------ Attention, MLP and the blocks
+
 
 class Attention(nn.Module):
     """Multi-head self-attention; the fused qkv projection's rows are ordered q, k, v."""
@@ -267,19 +270,40 @@ BLOCKS = {
 
 # ------------------------------ The DiT
 
+
 class DiT(nn.Module):
     """Diffusion transformer f(x_t, t, y). Keyword names follow the official constructor."""
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True,
-                 conditioning="adaLN-Zero", activation_checkpointing=False):
+    def __init__(
+        self,
+        input_size=32,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=1152,
+        depth=28,
+        num_heads=16,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=1000,
+        learn_sigma=True,
+        conditioning="adaLN-Zero",
+        activation_checkpointing=False,
+    ):
         super().__init__()
         check_config(input_size, patch_size, hidden_size, num_heads, class_dropout_prob, conditioning)
         # Plain dict of the constructor kwargs, saved with checkpoints so that they rebuild their own model.
         self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, conditioning=conditioning,
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            conditioning=conditioning,
             activation_checkpointing=activation_checkpointing,
         )
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -307,10 +331,12 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         """The official initialisation."""
+
         def _basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+
         self.apply(_basic_init)
         grid_size = self.input_size // self.patch_size
         self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid_size).unsqueeze(0))
@@ -426,6 +452,7 @@ def preset(depth, hidden_size, num_heads, patch_size):
         if fixed:
             raise ValueError(f"{sorted(fixed)} are fixed by the preset; build DiT(...) directly to change them")
         return DiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+
     return build
 
 

@@ -8,16 +8,13 @@
   plain fp32 under another name, so the params check refuses it there.
 - `bf16`: bf16 autocast of the DiT's forward, with TF32 for the parts autocast leaves in float32.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-
-
-
-
 
 
 def uses_tf32(precision: str) -> bool:

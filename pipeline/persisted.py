@@ -10,6 +10,7 @@ moved directory under its own name plus `superseded.json` (from where, when, why
 its disk space, so a stage that starts afresh first checks that the new run fits in what is left
 (`check_free_space`). `python -m pipeline.superseded` lists, restores and removes these sets.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,17 +70,23 @@ def move_aside(directory: str | Path, root: Path, name: str, why: list[str]) -> 
     would be neither atomic nor free."""
     directory = Path(directory)
     target = _claim(root, name)
-    atomic_write_json(target / RECORD, {
-        "moved_from": os.path.relpath(directory.resolve(), root.resolve().parent),
-        "moved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "why": why,
-    })
+    atomic_write_json(
+        target / RECORD,
+        {
+            "moved_from": os.path.relpath(directory.resolve(), root.resolve().parent),
+            "moved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "why": why,
+        },
+    )
     try:
         os.rename(directory, target / directory.name)
     except OSError as e:
         (target / RECORD).unlink()
         target.rmdir()
-        raise ArtifactError(f"cannot move {directory} aside to {target} ({e.strerror}): {root} must be on the same "
-                            f"file system as {directory}; move or remove {directory} yourself") from e
+        raise ArtifactError(
+            f"cannot move {directory} aside to {target} ({e.strerror}): {root} must be on the same "
+            f"file system as {directory}; move or remove {directory} yourself"
+        ) from e
     return target / directory.name
 
 
@@ -90,9 +97,16 @@ def superseded_sets(root: Path) -> list[dict]:
         if not entry.is_dir() or entry.name.startswith("."):
             continue
         record = json.loads((entry / RECORD).read_text()) if (entry / RECORD).is_file() else {}
-        sets.append({"name": entry.name, "path": entry, "bytes": tree_bytes(entry),
-                     "moved_from": record.get("moved_from"), "moved_at": record.get("moved_at"),
-                     "why": record.get("why")})
+        sets.append(
+            {
+                "name": entry.name,
+                "path": entry,
+                "bytes": tree_bytes(entry),
+                "moved_from": record.get("moved_from"),
+                "moved_at": record.get("moved_at"),
+                "why": record.get("why"),
+            }
+        )
     return sets
 
 
@@ -105,7 +119,8 @@ def check_free_space(directory: Path, need_bytes: int, what: str, root: Path) ->
         raise ArtifactError(
             f"not enough disk for a fresh run in {directory}: {what} needs about {human(need_bytes)}, "
             f"{human(free)} is free; the superseded sets in {root} hold {human(held)}: see `{CLI} list`, "
-            f"then `{CLI} remove NAME` for those you no longer need")
+            f"then `{CLI} remove NAME` for those you no longer need"
+        )
 
 
 def held_note(root: Path) -> str:
@@ -113,20 +128,30 @@ def held_note(root: Path) -> str:
 
 
 def continue_hint(moved: Path, original: Path) -> str:
-    return (f"to continue it, `{CLI} restore {moved.parent.name}` (it moves the current set aside, then "
-            f"`mv {moved} {original}`)")
+    return (
+        f"to continue it, `{CLI} restore {moved.parent.name}` (it moves the current set aside, then "
+        f"`mv {moved} {original}`)"
+    )
 
 
 # --- keyed shard directories ---------------------------------------------------------------------------------------
 
-def open_keyed_dir(shards_root: str | Path, key: str, aside_to: Path, label: str, code_stamp: dict | None = None,
-                   across_versions: bool = False, need_bytes: Callable[[int], int] | None = None) -> Path:
+
+def open_keyed_dir(
+    shards_root: str | Path,
+    key: str,
+    aside_to: Path,
+    label: str,
+    code_stamp: dict | None = None,
+    across_versions: bool = False,
+    need_bytes: Callable[[int], int] | None = None,
+) -> Path:
     """`shards_root/key`, the finished shards of one setting (`key` hashes what determines them), ready to resume.
 
     Directories of other keys under `shards_root`, and `key`'s own shards when `code_stamp` differs from the one
     they were made with (unless `across_versions`), are moved aside to `aside_to` (`superseded_root` of the DVC
-    output) and the stage prints one line saying so; `need_bytes(moved_bytes)` estimates the fresh run, checked against the
-    free disk. Temp files of killed writes are removed. `label` names the stage (`sample`, `encode`, ...).
+    output) and the stage prints one line saying so; `need_bytes(moved_bytes)` estimates the fresh run, checked
+    against the free disk. Temp files of killed writes are removed. `label` names the stage (`sample`, `encode`, ...).
     """
     shards_root, root = Path(shards_root), Path(aside_to)
     shards_root.mkdir(parents=True, exist_ok=True)
@@ -144,10 +169,12 @@ def open_keyed_dir(shards_root: str | Path, key: str, aside_to: Path, label: str
         moved = {move_aside(d, root, f"{label}-{d.name}", reasons): d for d, reasons in stale.items()}
         first, original = next(iter(moved.items()))
         reasons = sorted({r for d in stale.values() for r in d})
-        print(f"[{label}] moved {len(moved)} shard set(s) made by {'; '.join(reasons)} aside to "
-              f"{', '.join(str(m.parent) for m in moved)} ({human(sum(sizes.values()))}; {held_note(root)}); "
-              f"{continue_hint(first, original)}"
-              + ("; after a code or package change only, --resume-across-versions keeps them" if why else ""))
+        print(
+            f"[{label}] moved {len(moved)} shard set(s) made by {'; '.join(reasons)} aside to "
+            f"{', '.join(str(m.parent) for m in moved)} ({human(sum(sizes.values()))}; {held_note(root)}); "
+            f"{continue_hint(first, original)}"
+            + ("; after a code or package change only, --resume-across-versions keeps them" if why else "")
+        )
     target.mkdir(parents=True, exist_ok=True)
     for tmp in target.glob(".*.tmp"):  # left by a process killed mid-write
         tmp.unlink()
@@ -159,13 +186,16 @@ def open_keyed_dir(shards_root: str | Path, key: str, aside_to: Path, label: str
 def _stamp_why(target: Path, code_stamp: dict) -> list[str]:
     """Why the shards in `target` were not made by `code_stamp`'s code and packages (empty: they were, or none)."""
     record = target / STAMP_FILE
-    files = [f for f in target.iterdir() if f.is_file() and f != record and not f.name.startswith(".")] \
-        if target.is_dir() else []
+    files = (
+        [f for f in target.iterdir() if f.is_file() and f != record and not f.name.startswith(".")]
+        if target.is_dir()
+        else []
+    )
     return stamp_mismatch(json.loads(record.read_text()) if record.exists() else None, code_stamp) if files else []
 
 
-
 # --- a checkpoint set ----------------------------------------------------------------------------------------------
+
 
 def run_name(record: dict) -> str:
     """A short hash of what defines a run (its checkpoint's train params, model config, latents and code stamp), so
@@ -182,7 +212,9 @@ def move_checkpoints_aside(directory: str | Path, name: str, why: list[str], lab
     count, size = len(list(directory.glob("ckpt-*.pt"))), tree_bytes(directory)
     moved = move_aside(directory, root, name, why)
     directory.mkdir()
-    print(f"[{label}] moved {count} checkpoints of another run ({'; '.join(why)}) aside to {moved} "
-          f"({human(size)}; {held_note(root)}), and training starts afresh; {continue_hint(moved, directory)}; "
-          "when only code or packages changed, restore it and rerun with --resume-across-versions")
+    print(
+        f"[{label}] moved {count} checkpoints of another run ({'; '.join(why)}) aside to {moved} "
+        f"({human(size)}; {held_note(root)}), and training starts afresh; {continue_hint(moved, directory)}; "
+        "when only code or packages changed, restore it and rerun with --resume-across-versions"
+    )
     return moved

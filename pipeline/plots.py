@@ -5,6 +5,7 @@ The bytes depend on the numbers alone: a fixed size and dpi, no software-version
 its version into every PNG by default) and no timestamp, so an output that reruns to the same numbers is
 byte-identical and DVC sees no change. Plot only computed series here, never measured time.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,9 @@ SIZE_IN, DPI = (6.4, 4.0), 100  # 640 x 400 px
 PNG_METADATA = {"Software": None}  # None drops matplotlib's default "Software: Matplotlib version ..." chunk
 
 
-def line_plot(path: str | Path, x: list, series: dict[str, list], title: str, xlabel: str, ylabel: str,
-              empty: str = "no points") -> Path:
+def line_plot(
+    path: str | Path, x: list, series: dict[str, list], title: str, xlabel: str, ylabel: str, empty: str = "no points"
+) -> Path:
     """Write `path`: one line per entry of `series` (label -> y values, aligned with `x`; None is a gap), or the
     text `empty` when there is no x."""
     fig = Figure(figsize=SIZE_IN, dpi=DPI, layout="constrained")

@@ -12,6 +12,7 @@ Before printing, the resolved params (params.yaml with the profile applied) pass
 own section (`validate`: strict types, then each section's cross-field rules, which live in its dataclass's
 `__post_init__`), and one rule across sections: a GPU profile runs every stage that does work on the GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.params.load import ParamsError, from_dict, read_yaml
 from pipeline.model import CPU_SIZES
+from pipeline.params.load import ParamsError, from_dict, read_yaml
 from pipeline.provenance import local_input
 
 PROFILE_DIR = Path("profiles")
@@ -88,9 +89,9 @@ def section_classes() -> dict[str, type]:
     """Every params.yaml section and the dataclass its stage loads it into (imported here, not at the top: they
     pull in torch, Ray and MLflow)."""
     from pipeline.params.curve import CurveParams
-    from pipeline.params.ingest import IngestParams
     from pipeline.params.encode import EncodeParams
     from pipeline.params.evaluate import EvaluateParams
+    from pipeline.params.ingest import IngestParams
     from pipeline.params.reference import ReferenceParams
     from pipeline.params.register import RegisterParams
     from pipeline.params.sample import SampleParams
@@ -98,9 +99,18 @@ def section_classes() -> dict[str, type]:
     from pipeline.params.train import TrainParams
     from pipeline.params.vae import VAEParams
 
-    return {"ingest": IngestParams, "vae": VAEParams, "encode": EncodeParams, "train": TrainParams,
-            "reference": ReferenceParams, "sample": SampleParams, "evaluate": EvaluateParams,
-            "curve": CurveParams, "register": RegisterParams, "tracking": TrackingParams}
+    return {
+        "ingest": IngestParams,
+        "vae": VAEParams,
+        "encode": EncodeParams,
+        "train": TrainParams,
+        "reference": ReferenceParams,
+        "sample": SampleParams,
+        "evaluate": EvaluateParams,
+        "curve": CurveParams,
+        "register": RegisterParams,
+        "tracking": TrackingParams,
+    }
 
 
 def apply(params: dict, flat: dict[str, Any]) -> dict:
@@ -128,8 +138,7 @@ def validate(params: dict, source: str) -> dict[str, Any]:
 
 
 def is_gpu_profile(params: dict) -> bool:
-    return (any(params[s]["use_gpu"] for s in GPU_SECTIONS)
-            or not params["train"]["model"].startswith(CPU_MODEL_SIZES))
+    return any(params[s]["use_gpu"] for s in GPU_SECTIONS) or not params["train"]["model"].startswith(CPU_MODEL_SIZES)
 
 
 def check_gpu_profile(params: dict, source: str) -> None:
@@ -140,9 +149,12 @@ def check_gpu_profile(params: dict, source: str) -> None:
     idle = IDLE_WITH_OFFICIAL_CHECKPOINT if local_input(params["train"]["official_checkpoint"]) else ()
     on_cpu = [s for s in GPU_SECTIONS if s not in idle and not params[s]["use_gpu"]]
     if on_cpu:
-        raise ParamsError(f"{source}: a GPU profile (use_gpu somewhere, or train.model {params['train']['model']}) "
-                          f"would run '{on_cpu[0]}.use_gpu' false" + (f" (and {on_cpu[1:]})" if on_cpu[1:] else "")
-                          + f": set {on_cpu[0]}.use_gpu: true in the profile")
+        raise ParamsError(
+            f"{source}: a GPU profile (use_gpu somewhere, or train.model {params['train']['model']}) "
+            f"would run '{on_cpu[0]}.use_gpu' false"
+            + (f" (and {on_cpu[1:]})" if on_cpu[1:] else "")
+            + f": set {on_cpu[0]}.use_gpu: true in the profile"
+        )
 
 
 def overrides(name: str, params_path: str | Path = "params.yaml", profile_dir: str | Path = PROFILE_DIR) -> list[str]:
@@ -154,8 +166,9 @@ def overrides(name: str, params_path: str | Path = "params.yaml", profile_dir: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.profiles", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.profiles", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", nargs="?", help="profile name (profiles/<name>.yaml); omit to list them")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ Hub inputs (a dataset or VAE id) are pinned by the commit sha they resolved to, 
 
 Package versions are recorded in every manifest and MLflow run; persisted caches check theirs (code_stamp.py).
 """
+
 from __future__ import annotations
 
 import platform
@@ -27,6 +28,7 @@ RECORD_PACKAGES = KEY_PACKAGES + ("pillow", "pyarrow", "scipy", "clean-fid", "da
 
 # --- local and hub inputs ----------------------------------------------------------------------------------------
 
+
 def local_input(path: str | None) -> str | None:
     """The value of a local-input key, or None when it names no input (`NO_INPUT`)."""
     if path is None or Path(path) == Path(NO_INPUT):
@@ -34,18 +36,19 @@ def local_input(path: str | None) -> str | None:
     return path
 
 
-def hub_revision(repo_id: str, revision: str | None = None, repo_type: str = "model",
-                 cache_dir: str | Path | None = None) -> str | None:
+def hub_revision(
+    repo_id: str, revision: str | None = None, repo_type: str = "model", cache_dir: str | Path | None = None
+) -> str | None:
     """The commit sha that `repo_id`@`revision` resolved to in the local hub cache (which a `from_pretrained` fills),
     or None when the cache does not hold it. Snapshot folders are named by commit: `.../snapshots/<sha>/`."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "config.json", revision=revision, repo_type=repo_type,
-                                   cache_dir=cache_dir)
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision, repo_type=repo_type, cache_dir=cache_dir)
     return Path(found).parent.name if isinstance(found, str) else None
 
 
 # --- code and environment ----------------------------------------------------------------------------------------
+
 
 def package_versions(names: tuple[str, ...] = RECORD_PACKAGES) -> dict[str, str | None]:
     """Python's and each installed distribution's version (None when not installed); no imports needed."""
@@ -56,7 +59,6 @@ def package_versions(names: tuple[str, ...] = RECORD_PACKAGES) -> dict[str, str 
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
 
 
 # The instruction sets behind the kernels torch picks on a CPU (oneDNN and MKL dispatch on them): two CPUs that differ
@@ -80,5 +82,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "threads": torch.get_num_threads(),
-            "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }

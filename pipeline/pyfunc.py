@@ -24,6 +24,7 @@ MLflow stores this file and, to load, runs it and takes the model passed to `set
 `load_context` then reads the files.
 The `pipeline` package travels as code too, so loading needs no install of this repository.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,16 @@ from pipeline.serving import LIMITS_FILE, RequestError, check_request, read_limi
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT_PATH = "model"  # the LoggedModel's name inside the run
-SAMPLER_KEYS = ("seed", "sampler", "steps", "cfg_scale", "cfg_channels", "batch_size", "micro_batch", "precision")  # as `sample`
+SAMPLER_KEYS = (
+    "seed",
+    "sampler",
+    "steps",
+    "cfg_scale",
+    "cfg_channels",
+    "batch_size",
+    "micro_batch",
+    "precision",
+)  # as `sample`
 PARAM_KEYS = ("seed", "cfg_scale", "steps", "sampler")  # what a request may override
 # Third-party distributions the `pipeline` modules used by predict import; torch is left open because the serving
 # host brings its own CUDA build.
@@ -69,18 +79,34 @@ class DiTImageModel(mlflow.pyfunc.PythonModel):
         from pipeline.generate import generate_images
 
         try:
-            r = check_request(model_input, params, self.defaults, num_classes=self.card["num_classes"],
-                              max_labels=self.max_labels, diffusion_steps=self.diffusion["diffusion_steps"])
+            r = check_request(
+                model_input,
+                params,
+                self.defaults,
+                num_classes=self.card["num_classes"],
+                max_labels=self.max_labels,
+                diffusion_steps=self.diffusion["diffusion_steps"],
+            )
         except RequestError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None  # HTTP 400, no traceback
         with self.generating:
             return generate_images(
-                self.model, self.vae, r.labels, np.arange(len(r.labels), dtype=np.int64), seed=r.seed,
-                sampler=r.sampler, steps=r.steps, cfg_scale=r.cfg_scale, cfg_channels=self.defaults["cfg_channels"],
-                num_classes=self.card["num_classes"], device=self.device,
-                latent_shape=tuple(self.card["latent_shape"]), batch_size=int(self.defaults["batch_size"]),
+                self.model,
+                self.vae,
+                r.labels,
+                np.arange(len(r.labels), dtype=np.int64),
+                seed=r.seed,
+                sampler=r.sampler,
+                steps=r.steps,
+                cfg_scale=r.cfg_scale,
+                cfg_channels=self.defaults["cfg_channels"],
+                num_classes=self.card["num_classes"],
+                device=self.device,
+                latent_shape=tuple(self.card["latent_shape"]),
+                batch_size=int(self.defaults["batch_size"]),
                 micro_batch=int(self.defaults["micro_batch"]),  # fixes the pixels, as in the sample stage
-                precision=str(self.defaults["precision"]), diffusion=self.diffusion,
+                precision=str(self.defaults["precision"]),
+                diffusion=self.diffusion,
             )
 
 
@@ -109,8 +135,9 @@ def log_pyfunc(dit_dir: str | Path, vae_dir: str | Path, sampler_defaults: dict,
     card = read_model_json(dit_dir)
     h, w = image_size(dit_dir, vae_dir)
     example = np.arange(min(2, card["num_classes"]), dtype=np.int64)  # (2,) labels
-    inferred = infer_signature(example, np.zeros((len(example), h, w, 3), np.uint8),
-                               params={k: sampler_defaults[k] for k in PARAM_KEYS})
+    inferred = infer_signature(
+        example, np.zeros((len(example), h, w, 3), np.uint8), params={k: sampler_defaults[k] for k in PARAM_KEYS}
+    )
     # No input schema: predict checks the labels' type itself (see the module docstring).
     signature = ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
     with tempfile.TemporaryDirectory() as tmp:  # never write into another stage's DVC output
@@ -120,8 +147,12 @@ def log_pyfunc(dit_dir: str | Path, vae_dir: str | Path, sampler_defaults: dict,
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_PATH,
             python_model=str(Path(__file__).resolve()),  # models from code: see the module docstring
-            artifacts={"dit": str(dit_dir), "vae": str(vae_dir), "sampler": str(sampler_file),
-                       "limits": str(limits_file)},
+            artifacts={
+                "dit": str(dit_dir),
+                "vae": str(vae_dir),
+                "sampler": str(sampler_file),
+                "limits": str(limits_file),
+            },
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
             input_example=example,

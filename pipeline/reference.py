@@ -12,6 +12,7 @@ each under a key that hashes what determines it (inputs, params, code and packag
 them instead of training or extracting again, so its outputs have the bytes of an uninterrupted run; an ADM batch's
 import is not resumed (one pass over its images). Sets of other keys are moved aside to `data/superseded/`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,9 +29,18 @@ from pipeline.adm_batch import read_adm_batch
 from pipeline.artifacts import ArtifactError, atomic_write_json, sha256_file
 from pipeline.code_stamp import stamp
 from pipeline.determinism import holdout_split, torch_threads
-from pipeline.features import (EXTRACTOR_FILE, ClassifierExtractor, Extractor, InceptionExtractor,
-                               build_classifier, classifier_arch, load_extractor, resolve_inception_weights,
-                               save_extractor, select_device)
+from pipeline.features import (
+    EXTRACTOR_FILE,
+    ClassifierExtractor,
+    Extractor,
+    InceptionExtractor,
+    build_classifier,
+    classifier_arch,
+    load_extractor,
+    resolve_inception_weights,
+    save_extractor,
+    select_device,
+)
 from pipeline.formats import images as image_shards
 from pipeline.formats.reference_stats import STATS_FILE, write_npz, write_reference_manifest
 from pipeline.params.reference import ReferenceParams
@@ -41,15 +51,14 @@ from pipeline.timing import mark_ready
 ACCURACY_FILE = "accuracy.json"  # beside a saved classifier: its held-out accuracy, written last
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The classifier extractor, trained here
 
 
 @torch_threads(1)  # the same weights on a laptop and a 16-core node; a net this small gains little from threads
-def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int,
-                     params: ReferenceParams) -> ClassifierExtractor:
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, params: ReferenceParams
+) -> ClassifierExtractor:
     """Adam on cross-entropy for `classifier_steps` steps, on one CPU thread, with a seeded init and data order:
     the same images and params give the same weights. Images uint8 (N, H, W, 3); labels int64 in [0, num_classes)."""
     if labels.min() < 0 or labels.max() >= num_classes:
@@ -87,8 +96,13 @@ def classifier_accuracy(extractor: Extractor, images: np.ndarray, labels: np.nda
 # The stage
 
 
-def build_extractor(images: np.ndarray | None, labels: np.ndarray | None, num_classes: int,
-                    params: ReferenceParams, device: torch.device) -> tuple[Extractor, float | None]:
+def build_extractor(
+    images: np.ndarray | None,
+    labels: np.ndarray | None,
+    num_classes: int,
+    params: ReferenceParams,
+    device: torch.device,
+) -> tuple[Extractor, float | None]:
     """The configured extractor on `device`, and the classifier's held-out accuracy (None for Inception)."""
     if params.extractor == "inception":
         return InceptionExtractor(resolve_inception_weights(params.inception_weights), params.mode, device), None
@@ -126,8 +140,9 @@ def kept_rows(count: int, max_features: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(count, max_features, replace=False))
 
 
-def extract_dataset(images_dir: Path, manifest: dict, extractor: Extractor, params: ReferenceParams,
-                    features_dir: Path):
+def extract_dataset(
+    images_dir: Path, manifest: dict, extractor: Extractor, params: ReferenceParams, features_dir: Path
+):
     """Stream the shards: mu, sigma over every real image; features (M, D) float32 and labels of the kept rows.
     Each shard's features are saved in `features_dir` as they finish, and read from there when a killed run left
     them."""
@@ -163,22 +178,42 @@ def import_adm_batch(images_dir: Path, out_dir: Path, params: ReferenceParams, d
     if batch.mu is None:
         raise ArtifactError(f"reference.adm_batch {params.adm_batch} stores no mu/sigma: not an ADM reference batch")
     if batch.images.shape[1:3] != (manifest["image_size"],) * 2:
-        raise ArtifactError(f"reference.adm_batch {params.adm_batch} holds {batch.images.shape[1]} px images, the "
-                            f"ingested ones are {manifest['image_size']} px: FID compares one resolution")
+        raise ArtifactError(
+            f"reference.adm_batch {params.adm_batch} holds {batch.images.shape[1]} px images, the "
+            f"ingested ones are {manifest['image_size']} px: FID compares one resolution"
+        )
     extractor, _ = build_extractor(None, None, manifest["num_classes"], params, device)
     keep = kept_rows(len(batch.images), params.max_features, params.seed)
     features = extractor.extract(batch.images[keep], params.batch_size).features.astype(np.float32)
     spatial = {} if batch.spatial_mu is None else dict(spatial_mu=batch.spatial_mu, spatial_sigma=batch.spatial_sigma)
-    stats_path = write_npz(out_dir / STATS_FILE, mu=batch.mu, sigma=batch.sigma, features=features,
-                           labels=np.full(len(features), -1, np.int64), **spatial)  # the batch has no labels
+    stats_path = write_npz(
+        out_dir / STATS_FILE,
+        mu=batch.mu,
+        sigma=batch.sigma,
+        features=features,
+        labels=np.full(len(features), -1, np.int64),
+        **spatial,
+    )  # the batch has no labels
     config = save_extractor(out_dir, extractor, params.inception_weights)
     write_reference_manifest(
-        out_dir, extractor=extractor.name, mode=extractor.mode, count=None, feature_dim=len(batch.mu),
-        features_kept=len(features), image_size=manifest["image_size"], num_classes=manifest["num_classes"],
-        class_names=manifest["class_names"], classifier_holdout=None, classifier_accuracy=None,
-        images_manifest_sha256=sha256_file(images_dir / "manifest.json"), classifier_sha256=None,
-        inception_sha256=config["weights_sha256"], stats_sha256=sha256_file(stats_path),
-        adm_batch=params.adm_batch, adm_batch_sha256=batch.sha256, spatial_stats=bool(spatial),
+        out_dir,
+        extractor=extractor.name,
+        mode=extractor.mode,
+        count=None,
+        feature_dim=len(batch.mu),
+        features_kept=len(features),
+        image_size=manifest["image_size"],
+        num_classes=manifest["num_classes"],
+        class_names=manifest["class_names"],
+        classifier_holdout=None,
+        classifier_accuracy=None,
+        images_manifest_sha256=sha256_file(images_dir / "manifest.json"),
+        classifier_sha256=None,
+        inception_sha256=config["weights_sha256"],
+        stats_sha256=sha256_file(stats_path),
+        adm_batch=params.adm_batch,
+        adm_batch_sha256=batch.sha256,
+        spatial_stats=bool(spatial),
     )
     return {"classifier_accuracy": None, "count": len(features), "seconds": round(time.time() - start, 2)}
 
@@ -187,16 +222,24 @@ def persisted_key(**determining) -> str:
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resumed_extractor(images_dir: Path, manifest: dict, params: ReferenceParams, device: torch.device,
-                      shards_dir: Path) -> tuple[Extractor, float | None, dict]:
+def resumed_extractor(
+    images_dir: Path, manifest: dict, params: ReferenceParams, device: torch.device, shards_dir: Path
+) -> tuple[Extractor, float | None, dict]:
     """The extractor, the classifier's held-out accuracy and the extractor's record (its config with the weights'
     sha256). A trained classifier is saved in `shards_dir/classifier/<key>/` and loaded from there on a rerun."""
     if params.extractor == "inception":  # Inception needs no training data: features are extracted shard by shard
         extractor, accuracy = build_extractor(None, None, manifest["num_classes"], params, device)
         return extractor, accuracy, extractor.config()
-    key = persisted_key(images=sha256_file(images_dir / "manifest.json"), steps=params.classifier_steps,
-                        batch=params.classifier_batch_size, lr=params.classifier_lr, holdout=params.holdout,
-                        seed=params.seed, batch_size=params.batch_size, stamp=stamp("reference"))
+    key = persisted_key(
+        images=sha256_file(images_dir / "manifest.json"),
+        steps=params.classifier_steps,
+        batch=params.classifier_batch_size,
+        lr=params.classifier_lr,
+        holdout=params.holdout,
+        seed=params.seed,
+        batch_size=params.batch_size,
+        stamp=stamp("reference"),
+    )
     saved = open_keyed_dir(shards_dir / "classifier", key, superseded_root(shards_dir), "reference-classifier")
     if (saved / ACCURACY_FILE).is_file():  # written last: the classifier beside it is whole
         accuracy = json.loads((saved / ACCURACY_FILE).read_text())["classifier_accuracy"]
@@ -208,8 +251,9 @@ def resumed_extractor(images_dir: Path, manifest: dict, params: ReferenceParams,
     return extractor, accuracy, config
 
 
-def build_reference(images_dir: str | Path, out_dir: str | Path, params: ReferenceParams,
-                    shards_dir: str | Path | None = None) -> dict:
+def build_reference(
+    images_dir: str | Path, out_dir: str | Path, params: ReferenceParams, shards_dir: str | Path | None = None
+) -> dict:
     """Run the stage: write `out_dir` (dit-reference v1) and return the stage metrics. `shards_dir` (default
     `<out_dir>-shards`) keeps the classifier and the features of finished image shards across a kill."""
     start = time.time()
@@ -220,18 +264,36 @@ def build_reference(images_dir: str | Path, out_dir: str | Path, params: Referen
         return import_adm_batch(images_dir, out_dir, params, device)
     manifest = image_shards.read_manifest(images_dir)
     extractor, accuracy, record = resumed_extractor(images_dir, manifest, params, device, shards_dir)
-    key = persisted_key(images=sha256_file(images_dir / "manifest.json"), extractor=record,
-                        batch_size=params.batch_size, device=device.type, stamp=stamp("reference"))
-    features_dir = open_keyed_dir(shards_dir / "features", key, superseded_root(shards_dir), "reference-features",
-                                  need_bytes=lambda moved_bytes: moved_bytes)
+    key = persisted_key(
+        images=sha256_file(images_dir / "manifest.json"),
+        extractor=record,
+        batch_size=params.batch_size,
+        device=device.type,
+        stamp=stamp("reference"),
+    )
+    features_dir = open_keyed_dir(
+        shards_dir / "features",
+        key,
+        superseded_root(shards_dir),
+        "reference-features",
+        need_bytes=lambda moved_bytes: moved_bytes,
+    )
     mu, sigma, features, labels = extract_dataset(images_dir, manifest, extractor, params, features_dir)
     stats_path = write_npz(out_dir / STATS_FILE, mu=mu, sigma=sigma, features=features, labels=labels)
     config = save_extractor(out_dir, extractor, params.inception_weights)
     write_reference_manifest(
-        out_dir, extractor=extractor.name, mode=extractor.mode, count=manifest["count"], feature_dim=len(mu),
-        features_kept=len(features), image_size=manifest["image_size"], num_classes=manifest["num_classes"],
-        class_names=manifest["class_names"], classifier_holdout=params.holdout if accuracy is not None else None,
-        classifier_accuracy=accuracy, images_manifest_sha256=sha256_file(images_dir / "manifest.json"),
+        out_dir,
+        extractor=extractor.name,
+        mode=extractor.mode,
+        count=manifest["count"],
+        feature_dim=len(mu),
+        features_kept=len(features),
+        image_size=manifest["image_size"],
+        num_classes=manifest["num_classes"],
+        class_names=manifest["class_names"],
+        classifier_holdout=params.holdout if accuracy is not None else None,
+        classifier_accuracy=accuracy,
+        images_manifest_sha256=sha256_file(images_dir / "manifest.json"),
         classifier_sha256=config["weights_sha256"] if extractor.name == "classifier" else None,
         inception_sha256=config["weights_sha256"] if extractor.name == "inception" else None,
         stats_sha256=sha256_file(stats_path),

@@ -10,6 +10,7 @@ it when its holder exits, even on SIGKILL, so a crashed run never blocks the nex
 Runs on several hosts sharing one tracking server do not see each other's lock; docs/reliability.md states that
 limit.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -44,8 +45,9 @@ def registry_lock(store_uri: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"[register] another registration to this store is running on this host: waiting for {path}",
-                  flush=True)
+            print(
+                f"[register] another registration to this store is running on this host: waiting for {path}", flush=True
+            )
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

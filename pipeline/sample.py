@@ -28,6 +28,7 @@ models/vae holding a save_pretrained snapshot of stabilityai/sd-vae-ft-ema:
 
 Settings not given on the command line come from the `sample` section of --params (values are parsed as YAML).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,13 +47,13 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write, require_file, sha256_dir, sha256_file
-from pipeline.params.load import ParamsError, from_dict, read_yaml
+from pipeline.code_stamp import stamp
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.formats.model_card import read_diffusion, read_model_card
 from pipeline.formats.samples import save_npz, write_samples
 from pipeline.generate import generate_images, load_models, make_grid, make_labels
 from pipeline.model import DiT_models
-from pipeline.code_stamp import stamp
+from pipeline.params.load import ParamsError, from_dict, read_yaml
 from pipeline.params.sample import SampleParams
 from pipeline.persisted import open_keyed_dir, superseded_root
 from pipeline.shared_storage import on_this_node, publish
@@ -63,11 +64,8 @@ SHARD_VERSION = 1  # bump when the shard layout or the seeding changes: shards o
 OFFICIAL_NUM_CLASSES = 1000  # the official checkpoints are ImageNet-1k models
 
 
-
-
-
-
 # --- the checkpoint ---------------------------------------------------------------------------------------------
+
 
 def official_card(ckpt: str | Path, model: str, image_size: int, vae_dir: str | Path) -> dict:
     """The card of an official checkpoint, which carries no config: ImageNet classes, latent from the VAE."""
@@ -81,25 +79,45 @@ def official_card(ckpt: str | Path, model: str, image_size: int, vae_dir: str | 
         raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's downsample factor {downsample}")
     latent_shape = [vae_config["latent_channels"], image_size // downsample, image_size // downsample]
     with torch.device("meta"):  # only the constructor kwargs are wanted, not initialised weights
-        net = DiT_models[model](input_size=latent_shape[1], in_channels=latent_shape[0],
-                                num_classes=OFFICIAL_NUM_CLASSES)
-    return {"model": model, "model_kwargs": net.config, "latent_shape": latent_shape, "scaling_factor": None,
-            "diffusion": {**DIT_DIFFUSION, "learn_sigma": net.config["learn_sigma"]},
-            "num_classes": OFFICIAL_NUM_CLASSES, "class_names": None, "image_size": image_size,
-            "checkpoint": str(ckpt), "checkpoint_sha256": sha256_file(ckpt)}
+        net = DiT_models[model](
+            input_size=latent_shape[1], in_channels=latent_shape[0], num_classes=OFFICIAL_NUM_CLASSES
+        )
+    return {
+        "model": model,
+        "model_kwargs": net.config,
+        "latent_shape": latent_shape,
+        "scaling_factor": None,
+        "diffusion": {**DIT_DIFFUSION, "learn_sigma": net.config["learn_sigma"]},
+        "num_classes": OFFICIAL_NUM_CLASSES,
+        "class_names": None,
+        "image_size": image_size,
+        "checkpoint": str(ckpt),
+        "checkpoint_sha256": sha256_file(ckpt),
+    }
 
 
 # --- shards -----------------------------------------------------------------------------------------------------
 
+
 def settings_key(card: dict, vae_sha256: str, p: SampleParams) -> str:
     """Hash of everything that determines the pixels of a shard (not num_fid_samples: more samples extend a run)."""
     determining = {
-        "shard_version": SHARD_VERSION, "micro_batch": p.micro_batch, "precision": p.precision, "compile": p.compile,
+        "shard_version": SHARD_VERSION,
+        "micro_batch": p.micro_batch,
+        "precision": p.precision,
+        "compile": p.compile,
         "attention": p.attention,  # another kernel rounds differently
         "checkpoint_sha256": card["checkpoint_sha256"],
-        "vae_sha256": vae_sha256, "latent_shape": list(card["latent_shape"]), "num_classes": card["num_classes"],
-        "sampler": p.sampler, "steps": p.steps, "cfg_scale": p.cfg_scale, "cfg_channels": p.cfg_channels,
-        "labels": p.labels, "seed": p.seed, "shard_size": p.shard_size,
+        "vae_sha256": vae_sha256,
+        "latent_shape": list(card["latent_shape"]),
+        "num_classes": card["num_classes"],
+        "sampler": p.sampler,
+        "steps": p.steps,
+        "cfg_scale": p.cfg_scale,
+        "cfg_channels": p.cfg_channels,
+        "labels": p.labels,
+        "seed": p.seed,
+        "shard_size": p.shard_size,
     }
     return hashlib.sha256(json.dumps(determining, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -109,8 +127,15 @@ def open_shard_dir(out_dir: Path, key: str, resume_across_versions: bool = False
     `resume_across_versions`), are moved aside to `out_dir/superseded/`, beside the persisted `shards/`, after
     checking that the disk holds a fresh set the size of the one moved; temp files of killed writes are removed."""
     shards = out_dir / "shards"
-    return open_keyed_dir(shards, key, superseded_root(shards), "sample", stamp("sample"),
-                          resume_across_versions, need_bytes=lambda moved_bytes: moved_bytes)
+    return open_keyed_dir(
+        shards,
+        key,
+        superseded_root(shards),
+        "sample",
+        stamp("sample"),
+        resume_across_versions,
+        need_bytes=lambda moved_bytes: moved_bytes,
+    )
 
 
 def shard_path(shard_dir: Path, k: int) -> Path:
@@ -134,7 +159,10 @@ class ShardWorker:
 
     def __init__(self, card: dict, vae_dir: str, p: SampleParams, device: str):
         if "checkpoint_location" in card:  # published by the driver (sample.storage_path): this node's copy
-            card = {**card, "checkpoint": str(on_this_node(card["checkpoint_location"]) / Path(card["checkpoint"]).name)}
+            card = {
+                **card,
+                "checkpoint": str(on_this_node(card["checkpoint_location"]) / Path(card["checkpoint"]).name),
+            }
         self.model, self.vae = load_models(card, on_this_node(vae_dir), device)
         if p.compile:  # forward_with_cfg calls self.forward, so this covers guided sampling too
             self.model.forward = torch.compile(self.model.forward)
@@ -146,11 +174,25 @@ class ShardWorker:
         p, card = self.p, self.card
         indices = shard_indices(k, p)
         labels = make_labels(p.labels, indices, card["num_classes"], p.seed)
-        images = generate_images(self.model, self.vae, labels, indices, seed=p.seed, sampler=p.sampler,
-                                 steps=p.steps, cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels,
-                                 num_classes=card["num_classes"], latent_shape=tuple(card["latent_shape"]),
-                                 device=self.device, batch_size=p.batch_size, micro_batch=p.micro_batch,
-                                 precision=p.precision, diffusion=self.diffusion, attention=p.attention)
+        images = generate_images(
+            self.model,
+            self.vae,
+            labels,
+            indices,
+            seed=p.seed,
+            sampler=p.sampler,
+            steps=p.steps,
+            cfg_scale=p.cfg_scale,
+            cfg_channels=p.cfg_channels,
+            num_classes=card["num_classes"],
+            latent_shape=tuple(card["latent_shape"]),
+            device=self.device,
+            batch_size=p.batch_size,
+            micro_batch=p.micro_batch,
+            precision=p.precision,
+            diffusion=self.diffusion,
+            attention=p.attention,
+        )
         return k, images, labels, indices
 
 
@@ -174,8 +216,9 @@ def generate_shards(todo: list[int], card: dict, vae_dir: str, p: SampleParams) 
     # A lost actor (its process or node died) is restarted and its shard redone: a shard is written by the driver
     # only when it arrives whole, so no index goes missing or is written twice, and its pixels do not depend on
     # which actor drew it. The actors spread over the nodes: one per node first.
-    actor = ray.remote(ShardWorker).options(**options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS,
-                                            scheduling_strategy="SPREAD")
+    actor = ray.remote(ShardWorker).options(
+        **options, max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, scheduling_strategy="SPREAD"
+    )
     actors = [actor.remote(card, vae_dir, p, device) for _ in range(n)]
     try:
         yield from ActorPool(actors).map_unordered(lambda a, k: a.generate.remote(k), todo)
@@ -189,13 +232,17 @@ def actor_plan(p: SampleParams, num_shards: int, resources: dict) -> tuple[int, 
     if p.use_gpu:
         gpus = int(resources.get("GPU", 0))
         if gpus == 0:
-            raise ParamsError("sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu: false "
-                              "or point RAY_ADDRESS at a cluster with GPUs")
+            raise ParamsError(
+                "sample.use_gpu is true but the Ray cluster has no GPU; set sample.use_gpu: false "
+                "or point RAY_ADDRESS at a cluster with GPUs"
+            )
         return min(gpus, num_shards), {"num_gpus": 1, "num_cpus": 1}
     cpus = int(resources.get("CPU", 0))
     if p.num_workers > cpus:
-        raise ParamsError(f"sample.num_workers={p.num_workers} CPU actors need as many CPUs; the Ray cluster has "
-                          f"{cpus}. Lower sample.num_workers")
+        raise ParamsError(
+            f"sample.num_workers={p.num_workers} CPU actors need as many CPUs; the Ray cluster has "
+            f"{cpus}. Lower sample.num_workers"
+        )
     return min(p.num_workers, num_shards), {"num_cpus": 1}
 
 
@@ -214,6 +261,7 @@ def read_shards(shard_dir: Path, p: SampleParams) -> tuple[np.ndarray, np.ndarra
 
 # --- outputs ----------------------------------------------------------------------------------------------------
 
+
 def with_row_names(grid: np.ndarray, names: list[str], row_height: int) -> np.ndarray:
     """The grid with a white left margin carrying each row's class name."""
     font = ImageFont.load_default()
@@ -226,25 +274,40 @@ def with_row_names(grid: np.ndarray, names: list[str], row_height: int) -> np.nd
     return np.asarray(canvas)
 
 
-def write_outputs(out_dir: Path, images: np.ndarray, labels: np.ndarray, card: dict, p: SampleParams,
-                  vae_sha256: str) -> None:
+def write_outputs(
+    out_dir: Path, images: np.ndarray, labels: np.ndarray, card: dict, p: SampleParams, vae_sha256: str
+) -> None:
     grid = make_grid(images, labels, card["num_classes"], p.grid_per_class)
     if card.get("class_names"):
         rows = grid.shape[0] // images.shape[1]
         grid = with_row_names(grid, card["class_names"][:rows], row_height=images.shape[1])
     atomic_write(out_dir / "grid.png", lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     write_samples(
-        out_dir, images, labels, sampler=p.sampler, steps=p.steps,
-        cfg_scale=p.cfg_scale, cfg_channels=p.cfg_channels, labels=p.labels, seed=p.seed,
-        image_size=int(images.shape[1]), latent_shape=list(card["latent_shape"]), model=card["model"],
-        num_classes=card["num_classes"], class_names=card.get("class_names"),
-        checkpoint_sha256=card["checkpoint_sha256"], vae_sha256=vae_sha256, micro_batch=p.micro_batch, precision=p.precision,
+        out_dir,
+        images,
+        labels,
+        sampler=p.sampler,
+        steps=p.steps,
+        cfg_scale=p.cfg_scale,
+        cfg_channels=p.cfg_channels,
+        labels=p.labels,
+        seed=p.seed,
+        image_size=int(images.shape[1]),
+        latent_shape=list(card["latent_shape"]),
+        model=card["model"],
+        num_classes=card["num_classes"],
+        class_names=card.get("class_names"),
+        checkpoint_sha256=card["checkpoint_sha256"],
+        vae_sha256=vae_sha256,
+        micro_batch=p.micro_batch,
+        precision=p.precision,
         shard_size=p.shard_size,
     )
 
 
-def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | Path,
-               resume_across_versions: bool = False) -> dict:
+def run_sample(
+    p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | Path, resume_across_versions: bool = False
+) -> dict:
     """Generate (or finish) the samples of `card` into `out_dir`; returns the throughput metrics. Finished shards of
     other pipeline code or package versions are regenerated, unless `resume_across_versions`."""
     out_dir, vae_dir = Path(out_dir), str(vae_dir)
@@ -262,11 +325,17 @@ def run_sample(p: SampleParams, card: dict, vae_dir: str | Path, out_dir: str | 
     images, labels = read_shards(shard_dir, p)
     write_outputs(out_dir, images, labels, card, p, vae_sha256)
     img_per_s = generated / seconds if generated else None
-    return {"num_samples": p.num_fid_samples, "num_generated": generated, "seconds": round(seconds, 3),
-            "img_per_s": img_per_s, "img_steps_per_s": img_per_s * p.steps if img_per_s else None}
+    return {
+        "num_samples": p.num_fid_samples,
+        "num_generated": generated,
+        "seconds": round(seconds, 3),
+        "img_per_s": img_per_s,
+        "img_steps_per_s": img_per_s * p.steps if img_per_s else None,
+    }
 
 
 # --- command line: sample any checkpoint, e.g. the official DiT-XL/2 ----------------------------------------------
+
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SampleParams]:
     ap = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__.split("\n\n")[0])
@@ -280,8 +349,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, SampleParams
     ap.add_argument("--metrics", help="also write the throughput metrics to this JSON file")
     ap.add_argument("--params", default="params.yaml", help="its `sample` section supplies unset settings")
     for field in dataclasses.fields(SampleParams):
-        ap.add_argument("--" + field.name.replace("_", "-"), type=yaml.safe_load, default=argparse.SUPPRESS,
-                        help=f"sample.{field.name} (YAML value)")
+        ap.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=yaml.safe_load,
+            default=argparse.SUPPRESS,
+            help=f"sample.{field.name} (YAML value)",
+        )
     args = ap.parse_args(argv)
     if args.official_ckpt and (args.model is None or args.image_size is None):
         ap.error("--official-ckpt needs --model and --image-size (official checkpoints carry no config)")
@@ -297,8 +370,11 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.artifacts import atomic_write_json
 
     args, p = parse_args(argv)
-    card = (read_model_card(args.dit) if args.dit
-            else official_card(args.official_ckpt, args.model, args.image_size, args.vae))
+    card = (
+        read_model_card(args.dit)
+        if args.dit
+        else official_card(args.official_ckpt, args.model, args.image_size, args.vae)
+    )
     metrics = run_sample(p, card, args.vae, args.out)
     if args.metrics:
         atomic_write_json(args.metrics, metrics)

@@ -11,6 +11,7 @@ as JSON (~4 bytes each: 10,000 images of 256 px are ~2 GB of pixels and ~8 GB of
 A request outside them raises `RequestError`, whose message is one sentence naming the field, the bound and what
 was sent; the pyfunc returns it as HTTP 400.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,11 @@ class Request:
 
 
 def write_limits(path: str | Path, max_labels_per_request: int) -> Path:
-    if isinstance(max_labels_per_request, bool) or not isinstance(max_labels_per_request, int) \
-            or max_labels_per_request < 1:
+    if (
+        isinstance(max_labels_per_request, bool)
+        or not isinstance(max_labels_per_request, int)
+        or max_labels_per_request < 1
+    ):
         raise ValueError(f"max_labels_per_request must be a positive integer, got {max_labels_per_request!r}")
     Path(path).write_text(json.dumps({"max_labels_per_request": max_labels_per_request}, indent=2))
     return Path(path)
@@ -57,8 +61,10 @@ def read_limits(path: str | Path) -> dict:
     """The limits recorded at registration; a model registered without them is refused at load, not served
     unbounded."""
     if not Path(path).is_file():
-        raise ArtifactError(f"the registered model has no {LIMITS_FILE} (it predates request limits): register it "
-                            "again with `dvc repro register`")
+        raise ArtifactError(
+            f"the registered model has no {LIMITS_FILE} (it predates request limits): register it "
+            "again with `dvc repro register`"
+        )
     return json.loads(Path(path).read_text())
 
 
@@ -75,21 +81,25 @@ def check_labels(model_input: Any, num_classes: int, max_labels: int) -> np.ndar
     if labels.ndim != 1:
         raise RequestError(f"inputs must be a flat list of class labels, got an array of shape {labels.shape}.")
     if labels.size > max_labels:
-        raise RequestError(f"a request may ask for at most {max_labels} images, got {labels.size}: split it into "
-                           "several requests.")
+        raise RequestError(
+            f"a request may ask for at most {max_labels} images, got {labels.size}: split it into several requests."
+        )
     if labels.size and (labels.dtype == bool or not np.issubdtype(labels.dtype, np.integer)):
-        kind = {"b": "true/false", "f": "fractional numbers", "U": "text", "S": "text"}.get(labels.dtype.kind,
-                                                                                           labels.dtype.name)
-        raise RequestError(f"inputs must be integer class labels in [0, {num_classes}), got {kind} such as "
-                           f"{_shown(labels[0].item())}.")
+        kind = {"b": "true/false", "f": "fractional numbers", "U": "text", "S": "text"}.get(
+            labels.dtype.kind, labels.dtype.name
+        )
+        raise RequestError(
+            f"inputs must be integer class labels in [0, {num_classes}), got {kind} such as {_shown(labels[0].item())}."
+        )
     if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0]
         raise RequestError(f"inputs must be class labels in [0, {num_classes}), got {int(bad)}.")
     return labels.astype(np.int64)
 
 
-def check_request(model_input: Any, params: dict | None, defaults: dict, *, num_classes: int, max_labels: int,
-                  diffusion_steps: int) -> Request:
+def check_request(
+    model_input: Any, params: dict | None, defaults: dict, *, num_classes: int, max_labels: int, diffusion_steps: int
+) -> Request:
     """The request's labels and settings (`params` over the registered `defaults`), each checked against its
     bound; raises RequestError for the first that is not within it."""
     labels = check_labels(model_input, num_classes, max_labels)
@@ -101,9 +111,10 @@ def check_request(model_input: Any, params: dict | None, defaults: dict, *, num_
         raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {_shown(sampler)}.")
     limit = max_steps(sampler, diffusion_steps)
     if isinstance(steps, bool) or not isinstance(steps, Integral) or not 1 <= steps <= limit:
-        raise RequestError(f"steps must be an integer in [1, {limit}] for {sampler} on this model's "
-                           f"{diffusion_steps}-step diffusion, got {_shown(steps)}.")
-    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not math.isfinite(cfg_scale) \
-            or cfg_scale < 0:
+        raise RequestError(
+            f"steps must be an integer in [1, {limit}] for {sampler} on this model's "
+            f"{diffusion_steps}-step diffusion, got {_shown(steps)}."
+        )
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, Real) or not math.isfinite(cfg_scale) or cfg_scale < 0:
         raise RequestError(f"cfg_scale must be a finite number >= 0, got {_shown(cfg_scale)}.")
     return Request(labels, int(seed), str(sampler), int(steps), float(cfg_scale))

@@ -17,6 +17,7 @@ So a node downloads each artifact once, whatever its number of workers, and the 
 files (the latents: one copy in the node's page cache, pipeline/formats/latents.py). S3 credentials come from each
 node's environment, as for Ray Train's storage (pipeline/checkpoint_storage.py).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -38,8 +39,6 @@ CACHE_ENV = "DIT_NODE_CACHE"
 def is_location(value: str | None) -> bool:
     """Whether `value` is a published location (a URI) rather than a path on the driver's file system."""
     return bool(value) and "://" in value
-
-
 
 
 def location_uri(storage_path: str) -> str:
@@ -83,8 +82,12 @@ def publish(local: str | Path, storage_path: str, kind: str) -> str:
         return uri
     for name in record:  # file by file: a killed upload leaves no COMPLETE record, and the next one redoes it
         fs.create_dir(f"{root}/{name}".rsplit("/", 1)[0])  # a shared directory needs its parents; S3 makes markers
-        pyarrow.fs.copy_files(str(files[name]), f"{root}/{name}", source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=fs)
+        pyarrow.fs.copy_files(
+            str(files[name]),
+            f"{root}/{name}",
+            source_filesystem=pyarrow.fs.LocalFileSystem(),
+            destination_filesystem=fs,
+        )
     with fs.open_output_stream(f"{root}/{COMPLETE}") as out:
         out.write(json.dumps(record, indent=1, sort_keys=True).encode())
     return uri
@@ -105,7 +108,8 @@ def node_cache() -> Path:
             f"the node cache {root} is not a private directory of this user (uid {os.getuid()}): it is "
             f"{'a directory' if stat.S_ISDIR(info.st_mode) else 'not a directory'} owned by uid {info.st_uid} with "
             f"mode {stat.S_IMODE(info.st_mode):o}, so another user may have made it or written to it. Remove it, or "
-            f"set {CACHE_ENV} to a directory only you can write")
+            f"set {CACHE_ENV} to a directory only you can write"
+        )
     if info.st_mode & 0o077:
         root.chmod(0o700)  # readable by others (an earlier version made it so), writable by no one else
     return root
@@ -137,8 +141,9 @@ def on_this_node(location: str | Path) -> Path:
             with fs.open_input_stream(f"{root}/{COMPLETE}") as f:
                 raw = f.read(MAX_RECORD_BYTES + 1)
         except (FileNotFoundError, OSError) as e:
-            raise ArtifactError(f"{location} is not a whole published artifact (no {COMPLETE}): publish it again "
-                                f"from the driver ({e})") from e
+            raise ArtifactError(
+                f"{location} is not a whole published artifact (no {COMPLETE}): publish it again from the driver ({e})"
+            ) from e
         record = check_record(raw, sha, str(location))
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{sha}."))
         try:
@@ -164,16 +169,24 @@ def _location_name(location: str) -> tuple[str, str]:
     """(kind, sha256) of `<storage>/<kind>/<sha256>`, each a single plain path component of the node cache."""
     kind, sha = location.rstrip("/").rsplit("/", 2)[-2:]
     if not _SHA256.fullmatch(sha) or not _KIND.fullmatch(kind) or kind in (".", ".."):
-        raise ArtifactError(f"{location} is not a published location (<storage>/<kind>/<sha256 of its files>); "
-                            "pass the URI that `publish` returned")
+        raise ArtifactError(
+            f"{location} is not a published location (<storage>/<kind>/<sha256 of its files>); "
+            "pass the URI that `publish` returned"
+        )
     return kind, sha
 
 
 def safe_name(name: object) -> str:
     """A record's file name, if it is a plain relative path that stays inside the directory it is joined to."""
     parts = name.split("/") if isinstance(name, str) else []
-    if (not parts or name.startswith("/") or "\\" in name or "\0" in name or name == COMPLETE
-            or any(p in ("", ".", "..") for p in parts)):
+    if (
+        not parts
+        or name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or name == COMPLETE
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         raise ArtifactError(f"a {COMPLETE} record names the file {name!r}, which is not a plain relative path")
     return name
 
@@ -189,8 +202,14 @@ def check_record(raw: bytes, sha: str, location: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{location}/{COMPLETE} is not JSON ({e}); {fix}") from e
     if not isinstance(record, dict) or not all(
-            isinstance(v, dict) and set(v) == {"size", "sha256"} and type(v["size"]) is int and v["size"] >= 0
-            and isinstance(v["sha256"], str) and _SHA256.fullmatch(v["sha256"]) for v in record.values()):
+        isinstance(v, dict)
+        and set(v) == {"size", "sha256"}
+        and type(v["size"]) is int
+        and v["size"] >= 0
+        and isinstance(v["sha256"], str)
+        and _SHA256.fullmatch(v["sha256"])
+        for v in record.values()
+    ):
         raise ArtifactError(f"{location}/{COMPLETE} is not a record of {{name: {{size, sha256}}}}; {fix}")
     for name in record:
         safe_name(name)
@@ -217,9 +236,11 @@ def _download(fs, root: str, record: dict, tmp: Path, location: str) -> None:
         info = fs.get_file_info(f"{root}/{name}")
         if info.type != pyarrow.fs.FileType.File or info.size != record[name]["size"]:
             found = f"{info.size} bytes" if info.type == pyarrow.fs.FileType.File else "missing"
-            raise ArtifactError(f"{location}/{name} is {found}, its {COMPLETE} record says {record[name]['size']} "
-                                "bytes: the storage copy is damaged; delete that location and rerun the stage to "
-                                "publish it again")
+            raise ArtifactError(
+                f"{location}/{name} is {found}, its {COMPLETE} record says {record[name]['size']} "
+                "bytes: the storage copy is damaged; delete that location and rerun the stage to "
+                "publish it again"
+            )
         dest = inside(tmp, name)
         dest.parent.mkdir(parents=True, exist_ok=True)
         pyarrow.fs.copy_files(f"{root}/{name}", str(dest), source_filesystem=fs, destination_filesystem=local)
@@ -240,5 +261,7 @@ def _check(directory: Path, record: dict, location: str) -> None:
     got = file_record({name: directory / name for name in record})
     bad = [name for name in record if got[name] != record[name]]
     if bad:
-        raise ArtifactError(f"{location} differs from its {COMPLETE} record ({bad}): the storage copy is damaged; "
-                            "delete that location and rerun the stage to publish it again")
+        raise ArtifactError(
+            f"{location} differs from its {COMPLETE} record ({bad}): the storage copy is damaged; "
+            "delete that location and rerun the stage to publish it again"
+        )

@@ -10,6 +10,7 @@ Superseded sets live in `superseded/` beside each persisted DVC output of dvc.ya
 node cache is `DIT_NODE_CACHE` (default `<tmp>/dit-node-cache-<uid>`, pipeline/shared_storage.py): each entry is
 one published artifact that this node downloaded, which the next run downloads again if removed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ CACHE_PREFIX = "node-cache"  # the names of node cache entries: node-cache/<kind
 def default_roots(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
     """`superseded/` beside every `persist: true` output of `dvc_yaml`, as the stages place them."""
     if not dvc_yaml.is_file():
-        raise ArtifactError(f"{dvc_yaml} is missing: run from the repository root, or name the superseded "
-                            "directories with --root")
+        raise ArtifactError(
+            f"{dvc_yaml} is missing: run from the repository root, or name the superseded directories with --root"
+        )
     roots = []
     for stage in (yaml.safe_load(dvc_yaml.read_text()).get("stages") or {}).values():
         for out in stage.get("outs", []):
@@ -49,15 +51,28 @@ def default_roots(dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
 
 def entries(roots: list[Path]) -> list[dict]:
     """Every superseded set under `roots` and every node cache entry: {name, path, bytes, note}."""
-    found = [{**s, "note": f"from {s['moved_from']} at {s['moved_at']}: {'; '.join(s['why'] or [])}"
-              if s["moved_from"] else "no record"} for root in roots for s in superseded_sets(root)]
+    found = [
+        {
+            **s,
+            "note": f"from {s['moved_from']} at {s['moved_at']}: {'; '.join(s['why'] or [])}"
+            if s["moved_from"]
+            else "no record",
+        }
+        for root in roots
+        for s in superseded_sets(root)
+    ]
     cache = node_cache()
     for kind in sorted(d for d in cache.iterdir() if d.is_dir()) if cache.is_dir() else ():
         for entry in sorted(d for d in kind.iterdir() if d.is_dir()):
             whole = (entry / COMPLETE).is_file()
-            found.append({"name": f"{CACHE_PREFIX}/{kind.name}/{entry.name}", "path": entry,
-                          "bytes": tree_bytes(entry), "note": "node cache" if whole else
-                          "node cache: a download killed before it completed"})
+            found.append(
+                {
+                    "name": f"{CACHE_PREFIX}/{kind.name}/{entry.name}",
+                    "path": entry,
+                    "bytes": tree_bytes(entry),
+                    "note": "node cache" if whole else "node cache: a download killed before it completed",
+                }
+            )
     return found
 
 
@@ -67,8 +82,9 @@ def find(found: list[dict], name: str) -> dict:
     matches = exact or [e for e in found if e["name"].startswith(name)]
     if len(matches) != 1:
         what = "no" if not matches else f"{len(matches)}"
-        raise ArtifactError(f"{what} superseded set or node cache entry named {name!r}; see `python -m "
-                            "pipeline.superseded list`")
+        raise ArtifactError(
+            f"{what} superseded set or node cache entry named {name!r}; see `python -m pipeline.superseded list`"
+        )
     return matches[0]
 
 
@@ -88,16 +104,21 @@ def restore(found: list[dict], name: str) -> Path:
     """Move the set `name` back where it was moved from; the set there now, if any, is moved aside first."""
     entry = find(found, name)
     if entry["name"].startswith(CACHE_PREFIX + "/") or not entry.get("moved_from"):
-        raise ArtifactError(f"{entry['name']} records no place to go back to (only superseded sets with "
-                            f"{RECORD} can be restored)")
+        raise ArtifactError(
+            f"{entry['name']} records no place to go back to (only superseded sets with {RECORD} can be restored)"
+        )
     root = entry["path"].parent
     original = root.parent / entry["moved_from"]
     moved = entry["path"] / original.name
     occupied = any(original.iterdir()) if original.is_dir() else original.exists()
     if occupied:
         label = entry["name"].split("-", 1)[0]
-        aside = move_aside(original, root, f"{label}-replaced-{time.strftime('%Y%m%d-%H%M%S')}",
-                           [f"replaced by {entry['name']}, restored"])
+        aside = move_aside(
+            original,
+            root,
+            f"{label}-replaced-{time.strftime('%Y%m%d-%H%M%S')}",
+            [f"replaced by {entry['name']}, restored"],
+        )
         print(f"moved the current {original} aside to {aside}")
     elif original.is_dir():
         original.rmdir()  # empty: nothing to keep
@@ -110,8 +131,12 @@ def restore(found: list[dict], name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.superseded", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", action="append", type=Path,
-                    help="a superseded directory (repeatable); default: those beside dvc.yaml's persisted outputs")
+    ap.add_argument(
+        "--root",
+        action="append",
+        type=Path,
+        help="a superseded directory (repeatable); default: those beside dvc.yaml's persisted outputs",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the superseded sets and node cache entries, with their sizes")
     rm = sub.add_parser("remove", help="delete sets or cache entries, by name (or a unique prefix)")

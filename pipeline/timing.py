@@ -10,6 +10,7 @@ driver, and Ray workers, which may run elsewhere on one machine). Each event is 
 opened with O_APPEND, which the OS never interleaves, so several processes can append safely without a lock; it
 is a measurement log, not an artifact, hence no atomic replace.
 """
+
 from __future__ import annotations
 
 import json

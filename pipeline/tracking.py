@@ -14,6 +14,7 @@ everything written or printed (tracking.json, the train run's config that Ray wo
 Workers on other nodes authenticate the MLflow way, with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or
 MLFLOW_TRACKING_TOKEN in their own environment.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.params.load import load_section
 from pipeline.errors import UserError
+from pipeline.params.load import load_section
 from pipeline.params.tracking import TrackingParams
 
 STORE_FILE = "mlflow.db"
@@ -34,8 +35,6 @@ ARTIFACT_DIR = "mlartifacts"
 CONNECT_TIMEOUT_S = 5.0  # a server that does not accept a TCP connection in this time is reported as down
 HOSTED_STORES = ("databricks", "databricks-uc", "uc")  # bare words MLflow reads as hosted stores, not paths
 SECRET_WORDS = ("password", "passwd", "secret", "token", "key")  # query parameters public_uri drops
-
-
 
 
 class TrackingError(UserError):
@@ -84,8 +83,13 @@ def public_uri(uri: str | None) -> str | None:
         return uri
     parts = urllib.parse.urlsplit(uri)
     netloc = parts.netloc.rpartition("@")[2]
-    query = urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-                                    if not any(word in k.lower() for word in SECRET_WORDS)])
+    query = urllib.parse.urlencode(
+        [
+            (k, v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+            if not any(word in k.lower() for word in SECRET_WORDS)
+        ]
+    )
     if netloc == parts.netloc and query == parts.query:
         return uri
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
@@ -103,18 +107,23 @@ def check_store(uri: str) -> None:
         try:
             _tracking_store_registry.get_store_builder(uri)
         except MlflowException as e:
-            raise TrackingError(f"MLFLOW_TRACKING_URI {public_uri(uri)!r} is not a tracking store MLflow knows: use "
-                                "http(s)://host:port, sqlite:///path.db, a directory, or unset it for the local "
-                                "store (mlflow.db)") from e
+            raise TrackingError(
+                f"MLFLOW_TRACKING_URI {public_uri(uri)!r} is not a tracking store MLflow knows: use "
+                "http(s)://host:port, sqlite:///path.db, a directory, or unset it for the local "
+                "store (mlflow.db)"
+            ) from e
         if urllib.parse.urlsplit(uri).scheme in ("", "file"):  # a file store: cheap to open, and MLflow may refuse it
             try:
                 _tracking_store_registry.get_store(uri)
             except MlflowException as e:
-                raise TrackingError(f"MLflow refuses the file store {public_uri(uri)} (newer MLflow opens one only "
-                                    "with MLFLOW_ALLOW_FILE_STORE=true): set that, or use sqlite:///path.db") from e
+                raise TrackingError(
+                    f"MLflow refuses the file store {public_uri(uri)} (newer MLflow opens one only "
+                    "with MLFLOW_ALLOW_FILE_STORE=true): set that, or use sqlite:///path.db"
+                ) from e
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).parent.is_dir():
-        raise TrackingError(f"the directory of the sqlite store {uri} does not exist: create it, or point "
-                            "MLFLOW_TRACKING_URI elsewhere")
+        raise TrackingError(
+            f"the directory of the sqlite store {uri} does not exist: create it, or point MLFLOW_TRACKING_URI elsewhere"
+        )
     check_reachable(uri)
 
 
@@ -132,7 +141,8 @@ def check_reachable(uri: str) -> None:
         raise TrackingError(
             f"cannot reach the MLflow tracking server {server} ({e.strerror or type(e).__name__}): start it "
             "(`mlflow server ...`), point MLFLOW_TRACKING_URI at a running one, unset MLFLOW_TRACKING_URI to use "
-            "the local store (mlflow.db), or set tracking.enabled: false") from e
+            "the local store (mlflow.db), or set tracking.enabled: false"
+        ) from e
 
 
 def load_tracking(params_path: str | Path) -> TrackingParams:
@@ -199,7 +209,9 @@ class Tracker:
             mlflow.create_experiment(self.experiment, artifact_location=artifact_location(self.uri))
         mlflow.set_experiment(self.experiment)
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str], system_metrics: bool = True) -> str | None:
+    def start(
+        self, run_name: str, params: dict[str, Any], tags: dict[str, str], system_metrics: bool = True
+    ) -> str | None:
         if not self.enabled:
             return None
         run = self._mlflow.start_run(run_name=run_name, tags=tags, log_system_metrics=system_metrics)
@@ -242,8 +254,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_to_training_run(params: TrackingParams, dit_dir: str | Path, metrics: dict, prefix: str,
-                        images: dict[str, np.ndarray] | None = None, artifacts: dict[str, str] | None = None) -> str | None:
+def log_to_training_run(
+    params: TrackingParams,
+    dit_dir: str | Path,
+    metrics: dict,
+    prefix: str,
+    images: dict[str, np.ndarray] | None = None,
+    artifacts: dict[str, str] | None = None,
+) -> str | None:
     """Log a downstream stage's results into the training's run (its id is in `dit_dir/tracking.json`); a no-op
     when tracking is off or the training recorded no run. `images`: key -> uint8 (H, W, 3); `artifacts`: file ->
     artifact dir. Returns the run id used."""

@@ -18,6 +18,7 @@ memory-maps the latents, so a node holds one copy of them in its page cache what
 worker makes Ray Train restart the group from the latest checkpoint. Only rank 0 writes checkpoints, the CSV log,
 MLflow records and the progress bar. The driver, `train(...)`, exports the EMA.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,31 +33,40 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import (
-    ArtifactError, atomic_write, atomic_write_json, require_file, sha256_file,
+    ArtifactError,
+    atomic_write,
+    atomic_write_json,
+    require_file,
+    sha256_file,
 )
 from pipeline.attention import attention_backend
 from pipeline.checkpoint_storage import LocalCheckpoints, fill_local, seed_run, worker_store
 from pipeline.checkpoints import (
-    CHECKPOINT_FORMAT, capture_rng, check_resumable, latest_checkpoint, list_checkpoints,
-    restore_rng, resume_mismatch,
+    CHECKPOINT_FORMAT,
+    capture_rng,
+    check_resumable,
+    latest_checkpoint,
+    list_checkpoints,
+    restore_rng,
+    resume_mismatch,
 )
-from pipeline.params.load import from_dict, to_dict
+from pipeline.code_stamp import stamp
 from pipeline.determinism import seed_everything
 from pipeline.diffusion import DIT_DIFFUSION, create_diffusion
 from pipeline.formats.latents import LatentSet, open_latents, read_latents_manifest
-from pipeline.fp8 import convert_to_fp8
 from pipeline.formats.model_card import write_model_card
+from pipeline.fp8 import convert_to_fp8
 from pipeline.model import DiT, DiT_models
-from pipeline.code_stamp import stamp
 from pipeline.numerics import set_float32_mode
+from pipeline.params.load import from_dict, to_dict
 from pipeline.params.tracking import TrackingParams
+from pipeline.params.train import TrainParams, check_batch_fits
 from pipeline.persisted import check_free_space, move_checkpoints_aside, run_name, superseded_root
 from pipeline.provenance import local_input
 from pipeline.shared_storage import on_this_node, publish
 from pipeline.timing import mark_ready
 from pipeline.tracking import Tracker, public_uri, run_tags, use_recorded_store
 from pipeline.train_log import Reporter, csv_text, write_log_plot
-from pipeline.params.train import TrainParams, check_batch_fits
 
 LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at most this share of its free memory
 # A lost worker (its process or node died) makes Ray Train restart the whole group, which resumes from the latest
@@ -65,13 +75,8 @@ LATENTS_GPU_FRACTION = 0.25  # keep the latents on the GPU when they take at mos
 WORKER_GROUP_RESTARTS = 3
 
 
-
-
-
-
-
-
 # --- randomness ---------------------------------------------------------------------------------------------------
+
 
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The seed of everything rank `rank` draws at 0-based step `step` (SeedSequence mixes the three well)."""
@@ -79,6 +84,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
+
 
 class LatentBatches:
     """The latents artifact as training batches: x (b, C, h, w) float32, scaled, and y (b,) int64, on `device`.
@@ -93,8 +99,9 @@ class LatentBatches:
     there once. A dict of tensors in memory (tests, benchmarks) counts as one shard.
     """
 
-    def __init__(self, latents: LatentSet | dict[str, torch.Tensor], scaling_factor: float, seed: int,
-                 device: torch.device):
+    def __init__(
+        self, latents: LatentSet | dict[str, torch.Tensor], scaling_factor: float, seed: int, device: torch.device
+    ):
         latents = LatentSet([latents]) if isinstance(latents, dict) else latents
         keep_on_device = device.type == "cuda" and _fits_on_gpu(latents.nbytes(), device)
         self.store = device if keep_on_device else torch.device("cpu")
@@ -118,7 +125,7 @@ class LatentBatches:
     def batch(self, step: int, rank: int, world: int, global_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         b = global_batch // world
         epoch, start = self.position(step, global_batch)
-        idx = self.permutation(epoch)[start + rank * b: start + (rank + 1) * b]  # (b,)
+        idx = self.permutation(epoch)[start + rank * b : start + (rank + 1) * b]  # (b,)
         flip = torch.randint(0, self.flips, (b,), device=self.store)  # index 0 = original, 1 = flipped
         parts = [self.latents.take("label", idx)]
         parts += [self.latents.take(k, idx, flip) for k in (("mean", "std") if self.posterior else ("sample",))]
@@ -142,14 +149,20 @@ def load_latent_batches(latents_dir: str | Path, seed: int, device: torch.device
 
 # --- model, EMA, optimiser and the step ---------------------------------------------------------------------------
 
+
 def build_model(p: TrainParams, latent_shape, num_classes: int, overrides: dict | None = None) -> DiT:
     """The preset `p.model` for latents (C, h, w); `overrides` (tests, ablations) replace any constructor kwarg."""
     channels, h, w = latent_shape
     if h != w:
         raise ValueError(f"DiT needs square latents, got {h}x{w}")
-    model = DiT_models[p.model](input_size=h, in_channels=channels, num_classes=num_classes,
-                                class_dropout_prob=p.class_dropout_prob, conditioning=p.conditioning,
-                                activation_checkpointing=p.activation_checkpointing)
+    model = DiT_models[p.model](
+        input_size=h,
+        in_channels=channels,
+        num_classes=num_classes,
+        class_dropout_prob=p.class_dropout_prob,
+        conditioning=p.conditioning,
+        activation_checkpointing=p.activation_checkpointing,
+    )
     return DiT.from_config({**model.config, **overrides}) if overrides else model
 
 
@@ -210,8 +223,10 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
     if s.params.compile:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse last step's buffers
     t = torch.randint(0, s.diffusion.num_timesteps, (x.shape[0],), device=x.device)
-    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"), \
-            attention_backend(s.params.attention):  # the backward runs the same kernel's gradient
+    with (
+        torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"),
+        attention_backend(s.params.attention),
+    ):  # the backward runs the same kernel's gradient
         terms = s.diffusion.training_losses(s.net, x, t, model_kwargs=dict(y=y))
     loss = terms["loss"].mean()
     s.opt.zero_grad(set_to_none=True)
@@ -236,6 +251,7 @@ def run_step(s: TrainState, data: LatentBatches, step: int, rank: int, world: in
 
 
 # --- the loop -----------------------------------------------------------------------------------------------------
+
 
 def worker_context(distributed: bool, use_gpu: bool) -> tuple[int, int, torch.device]:
     """(rank, world size, this worker's local device)."""
@@ -267,7 +283,7 @@ class Loop:
         self.start = ckpt["step"] if ckpt else 0
         self.timing = dict(ckpt["timing"]) if ckpt else {"train_s": 0.0}  # seconds in training steps, all sessions
         self.sums = torch.zeros(4, device=state.device, dtype=torch.float64)  # loss, mse, vb, grad_norm
-        self.first_bad = torch.full((), 2 ** 62, device=state.device, dtype=torch.int64)
+        self.first_bad = torch.full((), 2**62, device=state.device, dtype=torch.int64)
         self.interval_steps, self.interval_s = 0, 0.0
         self.reporter: Reporter | None = None
 
@@ -282,8 +298,12 @@ class Loop:
             self.interval_steps += 1
             if self.reporter:
                 self.reporter.pbar.update(1)
-            if done % self.p.log_every == 0 or done % self.p.ckpt_every == 0 or done % self.p.sample_every == 0 \
-                    or done == self.p.train_steps:
+            if (
+                done % self.p.log_every == 0
+                or done % self.p.ckpt_every == 0
+                or done % self.p.sample_every == 0
+                or done == self.p.train_steps
+            ):
                 self.housekeeping(done)
 
     def housekeeping(self, done: int) -> None:
@@ -309,7 +329,8 @@ class Loop:
             raise FloatingPointError(
                 f"the training loss became NaN or Inf at step {bad_step}; stopped at step {done} without "
                 f"checkpointing. The last good checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}; "
-                "lower train.lr, set train.grad_clip or use precision fp32, then rerun to resume from it.")
+                "lower train.lr, set train.grad_clip or use precision fp32, then rerun to resume from it."
+            )
 
     def log(self, done: int) -> None:
         sums = self.sums.clone()
@@ -329,14 +350,21 @@ class Loop:
             return
         epoch, position = self.data.position(done, self.p.global_batch_size)
         payload = {
-            "format": CHECKPOINT_FORMAT[0], "version": CHECKPOINT_FORMAT[1], "step": done,
-            "model": self.s.model.state_dict(), "ema": self.s.ema.state_dict(), "opt": self.s.opt.state_dict(),
+            "format": CHECKPOINT_FORMAT[0],
+            "version": CHECKPOINT_FORMAT[1],
+            "step": done,
+            "model": self.s.model.state_dict(),
+            "ema": self.s.ema.state_dict(),
+            "opt": self.s.opt.state_dict(),
             "rng": capture_rng({"seed": self.p.seed, "epoch": epoch, "position": position}),
-            "model_config": self.s.model.config, "diffusion": diffusion_record(self.s.model.config),
+            "model_config": self.s.model.config,
+            "diffusion": diffusion_record(self.s.model.config),
             "train_params": to_dict(self.p),
-            "latents_sha256": self.config["latents_sha256"], "provenance": self.config["provenance"],
+            "latents_sha256": self.config["latents_sha256"],
+            "provenance": self.config["provenance"],
             "mlflow_run_id": self.reporter.tracker.run_id,
-            "log": list(self.reporter.rows), "timing": dict(self.timing),
+            "log": list(self.reporter.rows),
+            "timing": dict(self.timing),
         }
         self.store.save(done, payload)
 
@@ -357,12 +385,26 @@ def train_loop_per_worker(config: dict) -> None:
     if ckpt is not None:
         check_resumable(ckpt, Path(where), p, model.config, config["latents_sha256"], _required_stamp(config))
         restore_rng(ckpt["rng"])
-    loop = Loop(make_train_state(model, p, device, world, ckpt), data, {**config, "model_config": model.config},
-                rank, world, ckpt, store)
+    loop = Loop(
+        make_train_state(model, p, device, world, ckpt),
+        data,
+        {**config, "model_config": model.config},
+        rank,
+        world,
+        ckpt,
+        store,
+    )
     if rank == 0:
         store.clear_interrupted_writes()
-        loop.reporter = Reporter(loop.config, p, ckpt, loop.start, tuple(manifest["latent_shape"]),
-                                 manifest["num_classes"], diffusion_record(model.config))
+        loop.reporter = Reporter(
+            loop.config,
+            p,
+            ckpt,
+            loop.start,
+            tuple(manifest["latent_shape"]),
+            manifest["num_classes"],
+            diffusion_record(model.config),
+        )
     status = "FAILED"
     try:
         loop.run()
@@ -374,14 +416,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 # --- the driver ---------------------------------------------------------------------------------------------------
 
+
 def fit_with_ray(config: dict, p: TrainParams, run_name: str):
     """Ray Train's Result of the run."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.cluster import init_ray
-
-    import ray
 
     init_ray()
     # CPU workers share the cluster's CPUs (Ray sizes each worker's torch thread pool from this); GPU workers
@@ -389,20 +431,42 @@ def fit_with_ray(config: dict, p: TrainParams, run_name: str):
     per_worker = None if p.use_gpu else {"CPU": max(1, int(ray.cluster_resources().get("CPU", 1)) // p.num_workers)}
     # GPU workers pack onto as few nodes as hold them (DDP within a node is cheapest); CPU workers spread, one per
     # node first, since each takes a share of its node's cores.
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=per_worker,
-                            placement_strategy="PACK" if p.use_gpu else "SPREAD")
-    storage = dict(storage_path=p.storage_path, checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints)) \
-        if p.storage_path else {}
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=config, scaling_config=scaling,
-                           run_config=RunConfig(name=run_name, **storage,
-                                                failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)))
+    scaling = ScalingConfig(
+        num_workers=p.num_workers,
+        use_gpu=p.use_gpu,
+        resources_per_worker=per_worker,
+        placement_strategy="PACK" if p.use_gpu else "SPREAD",
+    )
+    storage = (
+        dict(storage_path=p.storage_path, checkpoint_config=CheckpointConfig(num_to_keep=p.keep_checkpoints))
+        if p.storage_path
+        else {}
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=run_name, **storage, failure_config=FailureConfig(max_failures=WORKER_GROUP_RESTARTS)
+        ),
+    )
     return trainer.fit()
 
 
-def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, checkpoints_dir: str | Path,
-          out_dir: str | Path, metrics_path: str | Path, plots_path: str | Path, vae_dir: str | Path | None = None,
-          model_overrides: dict | None = None, restart_on_mismatch: bool = False,
-          resume_across_versions: bool = False, plot_image_path: str | Path | None = None) -> dict:
+def train(
+    p: TrainParams,
+    tracking: TrackingParams,
+    latents_dir: str | Path,
+    checkpoints_dir: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    plots_path: str | Path,
+    vae_dir: str | Path | None = None,
+    model_overrides: dict | None = None,
+    restart_on_mismatch: bool = False,
+    resume_across_versions: bool = False,
+    plot_image_path: str | Path | None = None,
+) -> dict:
     """Train (or resume) up to `p.train_steps`, then write `out_dir`/{ema.pt, model.json, tracking.json} and the
     metrics (and the CSV log's PNG at `plot_image_path`, when given). Returns the
     metrics. A checkpoint of another run in `checkpoints_dir` is an error, unless
@@ -418,12 +482,18 @@ def train(p: TrainParams, tracking: TrackingParams, latents_dir: str | Path, che
         return import_official(p, tracking, manifest, out_dir, metrics_path, plots_path, plot_image_path)
     tracker = Tracker(tracking)  # creates the experiment once, from the driver
     config = {
-        "train": to_dict(p), "tracking": to_dict(tracking), "distributed": p.num_workers > 0,
-        "latents": str(Path(latents_dir).resolve()), "vae": str(Path(vae_dir).resolve()) if vae_dir else None,
-        "checkpoints": str(Path(checkpoints_dir).resolve()), "plots": str(Path(plots_path).resolve()),
-        "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"), "model_overrides": model_overrides,
+        "train": to_dict(p),
+        "tracking": to_dict(tracking),
+        "distributed": p.num_workers > 0,
+        "latents": str(Path(latents_dir).resolve()),
+        "vae": str(Path(vae_dir).resolve()) if vae_dir else None,
+        "checkpoints": str(Path(checkpoints_dir).resolve()),
+        "plots": str(Path(plots_path).resolve()),
+        "latents_sha256": sha256_file(Path(latents_dir) / "manifest.json"),
+        "model_overrides": model_overrides,
         "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None,  # Ray keeps the config: no secrets
-        "provenance": stamp("train"), "resume_across_versions": resume_across_versions,
+        "provenance": stamp("train"),
+        "resume_across_versions": resume_across_versions,
     }
     config["tags"] = run_tags(latents_manifest_sha256=config["latents_sha256"])
     resolve_checkpoints(p, manifest, config, restart_on_mismatch)
@@ -464,8 +534,12 @@ def resolve_checkpoints(p: TrainParams, manifest: dict, config: dict, restart: b
     if why and not restart:
         check_resumable(ckpt, path, p, model.config, config["latents_sha256"], _required_stamp(config))
     one = path.stat().st_size if path else 4 * 4 * sum(q.numel() for q in model.parameters())
-    check_free_space(directory, one * p.keep_checkpoints, f"train.keep_checkpoints={p.keep_checkpoints} checkpoints",
-                     superseded_root(directory))
+    check_free_space(
+        directory,
+        one * p.keep_checkpoints,
+        f"train.keep_checkpoints={p.keep_checkpoints} checkpoints",
+        superseded_root(directory),
+    )
     if ckpt is not None:
         LocalCheckpoints(directory, p.keep_checkpoints, rank=0).clear_interrupted_writes()  # not worth keeping
         run = {k: ckpt.get(k) for k in ("train_params", "model_config", "latents_sha256", "provenance")}
@@ -482,8 +556,10 @@ def _check_vae(vae_dir, manifest: dict) -> None:
         return
     scale = json.loads(require_file(Path(vae_dir) / "config.json", "vae").read_text())["scaling_factor"]
     if not math.isclose(scale, manifest["scaling_factor"], rel_tol=1e-6):
-        raise ArtifactError(f"{vae_dir} has scaling_factor {scale}, the latents {manifest['scaling_factor']}: they "
-                            "come from different VAEs; run `dvc repro encode`")
+        raise ArtifactError(
+            f"{vae_dir} has scaling_factor {scale}, the latents {manifest['scaling_factor']}: they "
+            "come from different VAEs; run `dvc repro encode`"
+        )
 
 
 def diffusion_record(model_config: dict) -> dict:
@@ -497,12 +573,15 @@ def write_model(out_dir, ema: dict, name: str, model_config: dict, manifest: dic
 
 
 def write_tracking_record(out_dir, tracker: Tracker) -> None:
-    atomic_write_json(Path(out_dir) / "tracking.json", {
-        "mlflow_run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None})
+    atomic_write_json(
+        Path(out_dir) / "tracking.json",
+        {"mlflow_run_id": tracker.run_id, "tracking_uri": public_uri(tracker.uri) if tracker.enabled else None},
+    )
 
 
-def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, out_dir, metrics_path,
-                    plots_path, plot_image_path=None) -> dict:
+def import_official(
+    p: TrainParams, tracking: TrackingParams, manifest: dict, out_dir, metrics_path, plots_path, plot_image_path=None
+) -> dict:
     """`train.official_checkpoint`: no training; the official EMA weights become this stage's model, after a
     strict load into the `train.model` preset at the latents' size (official checkpoints carry no config)."""
     path = require_file(p.official_checkpoint, "train")
@@ -512,12 +591,18 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ArtifactError(f"{path} does not fit {p.model} at latent {manifest['latent_shape']} with "
-                            f"{manifest['num_classes']} classes; set train.model to its preset") from e
+        raise ArtifactError(
+            f"{path} does not fit {p.model} at latent {manifest['latent_shape']} with "
+            f"{manifest['num_classes']} classes; set train.model to its preset"
+        ) from e
     write_model(out_dir, model.state_dict(), p.model, model.config, manifest, train_steps=0)
     tracker = Tracker(tracking)
-    tracker.start(f"official {p.model}", {"train": to_dict(p)}, run_tags(
-        official_checkpoint=Path(path).name, official_checkpoint_sha256=sha256_file(path)), system_metrics=False)
+    tracker.start(
+        f"official {p.model}",
+        {"train": to_dict(p)},
+        run_tags(official_checkpoint=Path(path).name, official_checkpoint_sha256=sha256_file(path)),
+        system_metrics=False,
+    )
     tracker.end()
     write_tracking_record(out_dir, tracker)
     atomic_write(plots_path, lambda tmp: tmp.write_text(csv_text([], header=True)))
@@ -528,8 +613,9 @@ def import_official(p: TrainParams, tracking: TrackingParams, manifest: dict, ou
     return metrics
 
 
-def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams, out_dir, metrics_path,
-           wall_s: float) -> dict:
+def export(
+    ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams, out_dir, metrics_path, wall_s: float
+) -> dict:
     """The stage outputs from the final checkpoint: the EMA in the official flat layout, its description, the
     MLflow run id and the metrics (loss = mean of the last log interval; its mse and vb terms are in the CSV log
     and MLflow). Returns the metrics with those terms and the seconds spent in training steps."""
@@ -538,9 +624,15 @@ def export(ckpt: dict, manifest: dict, p: TrainParams, tracking: TrackingParams,
     tracker = Tracker(tracking, ckpt["mlflow_run_id"] if tracking.enabled else None)
     write_tracking_record(out_dir, tracker)
     last = ckpt["log"][-1]
-    metrics = {"loss": last["loss"], "mse": last["mse"], "vb": last["vb"], "steps": ckpt["step"],
-               "img_per_s": ckpt["step"] * p.global_batch_size / ckpt["timing"]["train_s"],
-               "train_s": ckpt["timing"]["train_s"], "seconds": wall_s}
+    metrics = {
+        "loss": last["loss"],
+        "mse": last["mse"],
+        "vb": last["vb"],
+        "steps": ckpt["step"],
+        "img_per_s": ckpt["step"] * p.global_batch_size / ckpt["timing"]["train_s"],
+        "train_s": ckpt["timing"]["train_s"],
+        "seconds": wall_s,
+    }
     atomic_write_json(metrics_path, {k: metrics[k] for k in ("loss", "steps", "img_per_s", "seconds")})
     tracker.resume()
     tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=ckpt["step"])

@@ -3,6 +3,7 @@ MLflow run (metrics and EMA sample grids) and the progress bar; and the log's PN
 the driver once training ends. MLflow stays a side channel: with tracking off the
 tracker's calls do nothing, and the CSV and the checkpoints remain the record.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,9 @@ from tqdm.auto import tqdm
 
 from pipeline.artifacts import atomic_write
 from pipeline.params.load import to_dict
+from pipeline.params.tracking import TrackingParams
 from pipeline.shared_storage import is_location, on_this_node
 from pipeline.tracking import Tracker
-from pipeline.params.tracking import TrackingParams
 
 LOG_COLUMNS = ("step", "loss", "mse", "vb", "grad_norm", "img_per_s")
 # The PNG of the log (the CSV's offline view): the loss and its two terms (DiT Sec. 3.1: L_simple + L_vlb). Not
@@ -33,8 +34,7 @@ class Reporter:
     """Rank 0's outputs besides checkpoints: the CSV training log, the MLflow run (metrics, EMA sample grids) and
     the progress bar. The log rows live in the checkpoints too, so a resumed run rewrites the CSV up to its step."""
 
-    def __init__(self, config: dict, p, ckpt: dict | None, start: int, latent_shape, num_classes: int,
-                 diffusion: dict):
+    def __init__(self, config: dict, p, ckpt: dict | None, start: int, latent_shape, num_classes: int, diffusion: dict):
         self.rows = list(ckpt["log"]) if ckpt else []
         self.csv_path = Path(config["plots"]) if config["plots"] else None  # None: the driver writes it after
         if self.csv_path:
@@ -43,8 +43,11 @@ class Reporter:
         if self.tracker.run_id:
             self.tracker.resume(system_metrics=True)
         else:
-            self.tracker.start(os.environ.get("DVC_EXP_NAME") or f"train {p.model}",
-                               {"train": to_dict(p), "model": config["model_config"]}, config["tags"])
+            self.tracker.start(
+                os.environ.get("DVC_EXP_NAME") or f"train {p.model}",
+                {"train": to_dict(p), "model": config["model_config"]},
+                config["tags"],
+            )
         self.vae_dir, self.vae, self.latent_shape, self.num_classes = config["vae"], None, latent_shape, num_classes
         self.diffusion = diffusion
         self.vae_missing_said = False
@@ -69,18 +72,31 @@ class Reporter:
                 print(f"[train] no VAE at {self.vae_dir} on this node: the EMA sample grids are not logged to MLflow")
                 self.vae_missing_said = True
             return
-        from pipeline.generate import generate_images, make_grid
         from pipeline.autoencoder import load_vae
+        from pipeline.generate import generate_images, make_grid
 
         self.vae = self.vae or load_vae(on_this_node(self.vae_dir), device)
         rows = min(self.num_classes, GRID_CLASSES)
         labels = np.repeat(np.arange(rows, dtype=np.int64), GRID_PER_CLASS)  # (n,)
         guidance = GRID_CFG_SCALE if ema.config["class_dropout_prob"] > 0 else 1.0  # guidance needs the null label
-        images = generate_images(ema, self.vae, labels, np.arange(len(labels)), seed=GRID_SEED, sampler=GRID_SAMPLER,
-                                 steps=GRID_STEPS, cfg_scale=guidance, cfg_channels=None, num_classes=self.num_classes,
-                                 latent_shape=self.latent_shape, device=device, batch_size=len(labels),
-                                 micro_batch=len(labels), precision="bf16" if bf16 else "fp32",
-                                 diffusion=self.diffusion)
+        images = generate_images(
+            ema,
+            self.vae,
+            labels,
+            np.arange(len(labels)),
+            seed=GRID_SEED,
+            sampler=GRID_SAMPLER,
+            steps=GRID_STEPS,
+            cfg_scale=guidance,
+            cfg_channels=None,
+            num_classes=self.num_classes,
+            latent_shape=self.latent_shape,
+            device=device,
+            batch_size=len(labels),
+            micro_batch=len(labels),
+            precision="bf16" if bf16 else "fp32",
+            diffusion=self.diffusion,
+        )
         self.tracker.log_image(make_grid(images, labels, rows, GRID_PER_CLASS), key="ema_samples", step=step)
 
     def close(self, status: str) -> None:
@@ -104,9 +120,15 @@ def write_log_plot(rows: list[dict], path: str | Path) -> None:
     """`path`: PLOTTED_COLUMNS of the log `rows` (each the mean over its log interval) over training steps, a PNG."""
     from pipeline.plots import line_plot  # the driver's alone: rank 0 imports this module, and needs no matplotlib
 
-    line_plot(path, [row["step"] for row in rows], {k: [row[k] for row in rows] for k in PLOTTED_COLUMNS},
-              title="Training loss", xlabel="training steps", ylabel="mean over the log interval",
-              empty="no training log (train.official_checkpoint was imported)")
+    line_plot(
+        path,
+        [row["step"] for row in rows],
+        {k: [row[k] for row in rows] for k in PLOTTED_COLUMNS},
+        title="Training loss",
+        xlabel="training steps",
+        ylabel="mean over the log interval",
+        empty="no training log (train.official_checkpoint was imported)",
+    )
 
 
 def csv_text(rows: list[dict], header: bool) -> str:

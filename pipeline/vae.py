@@ -5,6 +5,7 @@ KL-VAE (downsample 4) trained here on the ingested images. Both end as a diffuse
 `models/vae/` whose `config.json` carries the latent `scaling_factor`; nothing downstream touches the hub again.
 Pixels are in [-1, 1] as in DiT; latents leave `encode_images` unscaled and enter `decode_latents` scaled.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,28 +19,19 @@ from huggingface_hub.errors import HFValidationError
 from tqdm import tqdm
 
 from pipeline.artifacts import atomic_write_json
-from pipeline.params.load import ParamsError
+from pipeline.autoencoder import decode_latents, encode_images, save_snapshot, to_pixels
 from pipeline.determinism import holdout_split
 from pipeline.formats import images as image_shards
+from pipeline.params.load import ParamsError
+from pipeline.params.vae import VAEParams
 from pipeline.provenance import NO_INPUT, hub_revision, local_input
 from pipeline.timing import mark_ready
-from pipeline.params.vae import VAEParams
-from pipeline.autoencoder import decode_latents, encode_images, save_snapshot, to_pixels
-
-
-
-
-
-
-
-
 
 
 def psnr_db(x: torch.Tensor, y: torch.Tensor) -> float:
     """PSNR of uint8 images, in dB, over the whole set (peak 255)."""
     mse = (x.double() - y.double()).pow(2).mean().item()
     return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
 
 
 def load_pretrained(name_or_path: str) -> AutoencoderKL:
@@ -55,11 +47,11 @@ def load_pretrained(name_or_path: str) -> AutoencoderKL:
             f"{NO_INPUT} to train the small VAE on the ingested images."
         ) from e
     if vae.config.shift_factor:  # SD3/FLUX-style VAEs: z = (x - shift) * scale, which the latent contract lacks
-        raise ValueError(f"vae.pretrained={name_or_path!r} has shift_factor={vae.config.shift_factor}; the latents "
-                         "contract (scale only, as in DiT and SD 1.x/2.x) cannot represent it")
+        raise ValueError(
+            f"vae.pretrained={name_or_path!r} has shift_factor={vae.config.shift_factor}; the latents "
+            "contract (scale only, as in DiT and SD 1.x/2.x) cannot represent it"
+        )
     return vae
-
-
 
 
 def source_record(params: VAEParams) -> dict:
@@ -72,17 +64,11 @@ def source_record(params: VAEParams) -> dict:
     return {"kind": "trained"}
 
 
-
-
-
-
-
-
 def reconstruct(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> uint8 (N, H, W, 3) through the posterior mean, in batches."""
     out = []
     for i in range(0, len(images_uint8), batch_size):
-        x = torch.from_numpy(images_uint8[i:i + batch_size]).permute(0, 3, 1, 2)
+        x = torch.from_numpy(images_uint8[i : i + batch_size]).permute(0, 3, 1, 2)
         mean, _ = encode_images(vae, x)
         out.append(decode_latents(vae, mean * vae.config.scaling_factor))
     return torch.cat(out)
@@ -90,20 +76,26 @@ def reconstruct(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int) -
 
 # --- training the small KL-VAE -----------------------------------------------------------------------------------
 
+
 def build_vae(params: VAEParams, image_size: int) -> AutoencoderKL:
     n = len(params.block_out_channels)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=params.block_out_channels, layers_per_block=params.layers_per_block,
-        latent_channels=params.latent_channels, norm_num_groups=params.norm_num_groups, sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=params.block_out_channels,
+        layers_per_block=params.layers_per_block,
+        latent_channels=params.latent_channels,
+        norm_num_groups=params.norm_num_groups,
+        sample_size=image_size,
         scaling_factor=1.0,  # replaced by 1/std of the trained latents (train_small_vae)
     )
     # quant_conv maps encoder features to the posterior's (mean, logvar) channels. Its default init gives std ~ 1,
     # and with kl_weight ~ 1e-6 only the reconstruction gradient shrinks it: measured, that costs a short run most
     # of its steps. Starting narrower lets the decoder see the signal from step 0.
     with torch.no_grad():
-        vae.quant_conv.bias[params.latent_channels:] = params.init_logvar
+        vae.quant_conv.bias[params.latent_channels :] = params.init_logvar
     return vae
 
 
@@ -112,7 +104,8 @@ def batch_order(num_images: int, batch_size: int, steps: int, seed: int) -> torc
     g = torch.Generator().manual_seed(seed)
     epochs = math.ceil(steps * batch_size / num_images)
     return torch.cat([torch.randperm(num_images, generator=g) for _ in range(epochs)])[: steps * batch_size].view(
-        steps, batch_size)
+        steps, batch_size
+    )
 
 
 def vae_loss(vae: AutoencoderKL, x: torch.Tensor, kl_weight: float, g: torch.Generator) -> torch.Tensor:
@@ -148,7 +141,7 @@ def latent_scale(vae: AutoencoderKL, images_uint8: np.ndarray, batch_size: int, 
     g = torch.Generator().manual_seed(seed)
     total, total_sq, n = 0.0, 0.0, 0
     for i in range(0, len(images_uint8), batch_size):
-        x = to_pixels(torch.from_numpy(images_uint8[i:i + batch_size]).permute(0, 3, 1, 2))
+        x = to_pixels(torch.from_numpy(images_uint8[i : i + batch_size]).permute(0, 3, 1, 2))
         z = vae.encode(x).latent_dist.sample(generator=g).double()
         total, total_sq, n = total + z.sum().item(), total_sq + z.pow(2).sum().item(), n + z.numel()
     variance = total_sq / n - (total / n) ** 2
@@ -167,6 +160,7 @@ def train_small_vae(images: np.ndarray, params: VAEParams) -> tuple[AutoencoderK
 
 # --- the stage ---------------------------------------------------------------------------------------------------
 
+
 def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict:
     """Write the VAE snapshot to `out_dir` and its metrics (holdout PSNR, seconds) to `metrics_path`; return them
     with the facts of the snapshot (latent shape, scale, steps), which its config and the encode stage record.
@@ -175,8 +169,10 @@ def run_vae(params: VAEParams, images_dir: str | Path, out_dir: str | Path, metr
     whole ImageNet-sized dataset to pick a few hundred images."""
     start = time.perf_counter()
     if params.pretrained is not None and Path(params.pretrained).exists():
-        raise ParamsError(f"vae.pretrained = {params.pretrained!r} is a local path, which DVC cannot see there: "
-                          "`dvc add` it, set vae.pretrained_dir to it and vae.pretrained: null")
+        raise ParamsError(
+            f"vae.pretrained = {params.pretrained!r} is a local path, which DVC cannot see there: "
+            "`dvc add` it, set vae.pretrained_dir to it and vae.pretrained: null"
+        )
     pretrained = params.pretrained or local_input(params.pretrained_dir)
     if pretrained is None:
         images, _, _ = image_shards.read_images(images_dir)

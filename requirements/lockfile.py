@@ -50,16 +50,19 @@ def in_torch_family(name: str) -> bool:
 
 # --- what a lock is compiled from ---------------------------------------------------------------------------------
 
+
 def dependency_spec(pyproject: Path = PYPROJECT) -> dict:
     """The parts of pyproject.toml that decide the lock: Python, the build backend, the dependencies and the extras."""
     import tomllib
 
     data = tomllib.loads(pyproject.read_text())
     project = data["project"]
-    return {"requires-python": project.get("requires-python"),
-            "build-system.requires": data.get("build-system", {}).get("requires", []),
-            "dependencies": project.get("dependencies", []),
-            "optional-dependencies": project.get("optional-dependencies", {})}
+    return {
+        "requires-python": project.get("requires-python"),
+        "build-system.requires": data.get("build-system", {}).get("requires", []),
+        "dependencies": project.get("dependencies", []),
+        "optional-dependencies": project.get("optional-dependencies", {}),
+    }
 
 
 def spec_sha256(spec: dict) -> str:
@@ -71,6 +74,7 @@ def stamp_line(extras: str, spec: dict) -> str:
 
 
 # --- reading a lock -----------------------------------------------------------------------------------------------
+
 
 def blocks(text: str) -> tuple[str, list[tuple[str, str, str]]]:
     """A pip-compile lock as its header and its (name, version, text) blocks: each pin with its hashes and `# via`."""
@@ -97,6 +101,7 @@ def without_torch(text: str) -> str:
 
 # --- the checks ---------------------------------------------------------------------------------------------------
 
+
 def check(path: Path, spec: dict | None = None) -> None:
     """Raise LockError unless the lock was compiled from pyproject.toml's current dependencies and pins a version of
     every requirement (for its extras, on this interpreter) that the requirement allows."""
@@ -122,8 +127,9 @@ def check(path: Path, spec: dict | None = None) -> None:
             continue
         version = versions.get(canonical(req.name))
         if version is None or not req.specifier.contains(version, prereleases=True):
-            raise LockError(f"{label} pins {req.name}=={version}, which pyproject.toml's {line!r} excludes: "
-                            f"run `make lock`")
+            raise LockError(
+                f"{label} pins {req.name}=={version}, which pyproject.toml's {line!r} excludes: run `make lock`"
+            )
 
 
 def check_consistent(paths: list[Path]) -> None:

@@ -4,6 +4,7 @@
         --vae models/vae --metrics metrics/curve.json --report reports/curve.json --plots plots/curve.csv \
         --plot-image plots/curve_fid.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,15 +38,17 @@ def main() -> None:
     evaluation = load_section(EvaluateParams, "evaluate", args.params)
     train = load_section(TrainParams, "train", args.params)
     tracking = load_tracking(args.params)
-    record = run_curve(params, evaluation, args.checkpoints, args.reference, args.vae,
-                       local_input(train.official_checkpoint))
+    record = run_curve(
+        params, evaluation, args.checkpoints, args.reference, args.vae, local_input(train.official_checkpoint)
+    )
     write_outputs(record, args.metrics, args.report, args.plots, args.plot_image)
     if record["steps"] and record["mlflow_run_id"]:  # the side channel: the curve in the training's MLflow run
         tracker = Tracker(tracking, record["mlflow_run_id"])
         tracker.resume()
         for i, step in enumerate(record["steps"]):
-            tracker.log_metrics({"curve/fid": record["fid"][i], "curve/class_consistency":
-                                 record["class_consistency"][i]}, step=step)
+            tracker.log_metrics(
+                {"curve/fid": record["fid"][i], "curve/class_consistency": record["class_consistency"][i]}, step=step
+            )
         tracker.end()
     print(json.dumps({k: record[k] for k in ("model", "steps", "fid", "gflops", "params_M")}))
 

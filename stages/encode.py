@@ -1,4 +1,5 @@
 """DVC stage `encode`: the image shards through the VAE encoder with Ray Data, into latent shards."""
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
     python -m stages.evaluate --params params.yaml --samples data/samples --reference data/reference \
         --model models/dit --metrics metrics/eval.json --report reports/eval.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ def main() -> None:
     numbers, report = split_evaluation(evaluate_stage(args.samples, args.reference, args.model, params))
     atomic_write_json(args.metrics, numbers)
     atomic_write_json(args.report, report)
-    log_to_training_run(tracking, args.model, numbers, "eval",
-                        artifacts={args.metrics: "eval/metrics", args.report: "eval/report"})
+    log_to_training_run(
+        tracking, args.model, numbers, "eval", artifacts={args.metrics: "eval/metrics", args.report: "eval/report"}
+    )
     print(json.dumps(numbers, indent=2))
 
 

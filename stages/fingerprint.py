@@ -3,6 +3,7 @@
 Every other stage depends on its `fingerprints/<stage>.json` instead of on the source files, so an edit that changes
 no code reruns nothing but this stage (a second or two).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,7 +1,8 @@
 """DVC stage `ingest`: the configured image source -> ADM-cropped parquet shards (`dit-images` v1).
 
-    python stages/ingest.py --params params.yaml --out data/images --metrics metrics/ingest.json
+python stages/ingest.py --params params.yaml --out data/images --metrics metrics/ingest.json
 """
+
 from __future__ import annotations
 
 import argparse

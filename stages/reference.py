@@ -1,4 +1,5 @@
 """Stage `reference`: feature statistics of the real images (data/images -> data/reference)."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,11 @@ def main() -> None:
     p.add_argument("--images", required=True, help="ingested images (dit-images v1)")
     p.add_argument("--out", required=True, help="output directory (dit-reference v1)")
     p.add_argument("--metrics", required=True)
-    p.add_argument("--shards", required=True,
-                   help="the classifier and finished shards' features, kept across a kill (data/reference-shards)")
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="the classifier and finished shards' features, kept across a kill (data/reference-shards)",
+    )
     args = p.parse_args()
     remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 

@@ -4,6 +4,7 @@ under the same evaluation protocol. With tracking.enabled false it registers not
     python -m stages.register --params params.yaml --dit models/dit --vae models/vae --eval metrics/eval.json \
         --eval-report reports/eval.json --images data/images --latents data/latents --report reports/register.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,9 +37,18 @@ def main() -> None:
     tracking = load_tracking(args.params)
     sample = load_section(SampleParams, "sample", args.params)
     sampler_defaults = {k: getattr(sample, k) for k in SAMPLER_KEYS}  # the pyfunc's predict() defaults
-    result = register(params, tracking, dit_dir=args.dit, vae_dir=args.vae, eval_path=args.eval,
-                      eval_report=args.eval_report, images_dir=args.images, latents_dir=args.latents,
-                      sampler_defaults=sampler_defaults, out_report=args.report)
+    result = register(
+        params,
+        tracking,
+        dit_dir=args.dit,
+        vae_dir=args.vae,
+        eval_path=args.eval,
+        eval_report=args.eval_report,
+        images_dir=args.images,
+        latents_dir=args.latents,
+        sampler_defaults=sampler_defaults,
+        out_report=args.report,
+    )
     print(json.dumps(result, indent=2))
 
 

@@ -3,6 +3,7 @@
     python stages/sample.py --params params.yaml --dit models/dit --vae models/vae --out data/samples \
         --metrics metrics/sample.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ def main() -> None:
     ap.add_argument("--vae", required=True, help="models/vae: the diffusers VAE snapshot")
     ap.add_argument("--out", required=True, help="data/samples")
     ap.add_argument("--metrics", required=True, help="metrics/sample.json")
-    ap.add_argument("--resume-across-versions", action="store_true",
-                    help="keep finished shards made by other pipeline code or package versions")
+    ap.add_argument(
+        "--resume-across-versions",
+        action="store_true",
+        help="keep finished shards made by other pipeline code or package versions",
+    )
     args = ap.parse_args()
     remove_stale_temps(args.out, args.metrics)  # what a killed run left behind
 
@@ -39,8 +43,14 @@ def main() -> None:
     throughput = ("seconds", "img_per_s", "img_steps_per_s")  # the counts are in the manifest and the log below
     atomic_write_json(args.metrics, {k: metrics[k] for k in throughput if metrics[k] is not None})
     grid = np.asarray(Image.open(Path(args.out) / "grid.png").convert("RGB"))
-    log_to_training_run(tracking, args.dit, metrics, "sample", images={"sample_grid": grid},
-                        artifacts={str(Path(args.out) / "manifest.json"): "samples"})
+    log_to_training_run(
+        tracking,
+        args.dit,
+        metrics,
+        "sample",
+        images={"sample_grid": grid},
+        artifacts={str(Path(args.out) / "manifest.json"): "samples"},
+    )
     print(f"[sample] {json.dumps(metrics)}")
 
 

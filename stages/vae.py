@@ -1,4 +1,5 @@
 """DVC stage `vae`: snapshot a pretrained KL-VAE, or train the small one on the ingested images."""
+
 from __future__ import annotations
 
 import argparse

@@ -31,24 +31,30 @@ if not os.environ.get("RAY_AUTH_TOKEN_PATH"):
 
 # After the environment above: pipeline.train imports ray, which reads RAY_AUTH_MODE once.
 import mlflow  # noqa: E402
+from synthetic import blob_images, make_shapes, write_images_dir
+from tiny_sample import (
+    DIFFUSION,
+    IMAGE as SAMPLE_IMAGE,
+    LATENT as SAMPLE_LATENT,
+    NUM_CLASSES as SAMPLE_CLASSES,
+    SCALE as SAMPLE_SCALE,
+)
+from tiny_train import write_latents
 
 from pipeline.artifacts import atomic_write_json, write_manifest
-from pipeline.params.load import load_section
-from pipeline.formats.model_card import write_model_card
 from pipeline.evaluate import evaluate_stage, split_evaluation
-from pipeline.params.evaluate import EvaluateParams
+from pipeline.formats.model_card import write_model_card
 from pipeline.model import DiT
-from pipeline.reference import build_reference
+from pipeline.params.evaluate import EvaluateParams
+from pipeline.params.load import load_section
 from pipeline.params.reference import ReferenceParams
-from pipeline.sample import read_model_card, run_sample
+from pipeline.params.register import RegisterParams
 from pipeline.params.sample import SampleParams
 from pipeline.params.tracking import TrackingParams
-from pipeline.train import export
 from pipeline.params.train import TrainParams
-from synthetic import blob_images, make_shapes, write_images_dir
-from tiny_sample import DIFFUSION, IMAGE as SAMPLE_IMAGE, LATENT as SAMPLE_LATENT, NUM_CLASSES as SAMPLE_CLASSES, SCALE as SAMPLE_SCALE
-from tiny_train import write_latents
-from pipeline.params.register import RegisterParams
+from pipeline.reference import build_reference
+from pipeline.sample import read_model_card, run_sample
+from pipeline.train import export
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +75,17 @@ def write_dit_card():
     from pipeline.formats.model_card import write_model_card
 
     def write(dit_dir, num_classes: int = 4) -> str:
-        latents = {"latent_shape": [4, 8, 8], "scaling_factor": 0.5, "image_size": 16, "num_classes": num_classes,
-                   "class_names": [f"class{c}" for c in range(num_classes)]}
+        latents = {
+            "latent_shape": [4, 8, 8],
+            "scaling_factor": 0.5,
+            "image_size": 16,
+            "num_classes": num_classes,
+            "class_names": [f"class{c}" for c in range(num_classes)],
+        }
         diffusion = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma": True}
         write_model_card(dit_dir, {"w": torch.arange(4.0)}, "DiT-Ti/2", {"input_size": 8}, diffusion, latents, 0)
         return json.loads((dit_dir / "model.json").read_text())["ema_sha256"]
+
     return write
 
 
@@ -82,10 +94,18 @@ def _tiny_vae(scaling_factor: float, seed: int = 0, block_out_channels=(8, 16), 
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=block_out_channels,
-                         layers_per_block=1, latent_channels=4, norm_num_groups=norm_num_groups, sample_size=16,
-                         scaling_factor=scaling_factor).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=norm_num_groups,
+        sample_size=16,
+        scaling_factor=scaling_factor,
+    ).eval()
 
 
 def _perturb(model: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
@@ -117,8 +137,16 @@ REPO = Path(__file__).resolve().parents[1]
 # The registry's tiny model (tests/test_registry.py, tests/test_s3.py): depth-1 DiT on 8x8 latents, 3 classes, 16 px.
 NAME, EXPERIMENT = "dit-test", "registry-test"
 NUM_CLASSES, LATENT, IMAGE, SCALE = 3, [4, 8, 8], 16, 0.5
-SAMPLER = {"seed": 0, "sampler": "dpm-solver++", "steps": 3, "cfg_scale": 1.5, "cfg_channels": None, "batch_size": 8,
-           "micro_batch": 4, "precision": "fp32"}
+SAMPLER = {
+    "seed": 0,
+    "sampler": "dpm-solver++",
+    "steps": 3,
+    "cfg_scale": 1.5,
+    "cfg_channels": None,
+    "batch_size": 8,
+    "micro_batch": 4,
+    "precision": "fp32",
+}
 TRACKING = TrackingParams(enabled=True, experiment=EXPERIMENT)
 NUM_SAMPLES = 24
 MAX_LABELS = 8  # register.max_labels_per_request of the tiny model
@@ -129,30 +157,57 @@ def tiny(tmp_path_factory, tiny_vae, perturb):
     """The upstream artifacts shared by all tests: DiT EMA weights, a VAE snapshot, image and latent manifests."""
     root = tmp_path_factory.mktemp("upstream")
     torch.manual_seed(0)
-    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
-                        num_classes=NUM_CLASSES), seed=1)
+    model = perturb(
+        DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=NUM_CLASSES),
+        seed=1,
+    )
     tiny_vae(SCALE, seed=1, norm_num_groups=8).save_pretrained(root / "vae")
     images, labels = make_shapes(60, NUM_CLASSES, IMAGE, seed=0)
     write_images_dir(root / "images", images, labels, NUM_CLASSES, shard_size=30)
-    write_manifest(root / "latents", "dit-latents", 1, count=60, latent_shape=LATENT, scaling_factor=SCALE,
-                   num_classes=NUM_CLASSES, class_names=["a", "b", "c"], image_size=IMAGE)
-    return {"root": root, "ema": model.state_dict(), "config": model.config, "vae": root / "vae",
-            "images": root / "images", "latents": root / "latents"}
+    write_manifest(
+        root / "latents",
+        "dit-latents",
+        1,
+        count=60,
+        latent_shape=LATENT,
+        scaling_factor=SCALE,
+        num_classes=NUM_CLASSES,
+        class_names=["a", "b", "c"],
+        image_size=IMAGE,
+    )
+    return {
+        "root": root,
+        "ema": model.state_dict(),
+        "config": model.config,
+        "vae": root / "vae",
+        "images": root / "images",
+        "latents": root / "latents",
+    }
 
 
 def training_run() -> str:
     """A finished run in the current store, standing for the train stage's run."""
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=(Path.cwd() / "artifacts").as_uri()
-                                 if mlflow.get_tracking_uri().startswith("sqlite") else None)
+        mlflow.create_experiment(
+            EXPERIMENT,
+            artifact_location=(Path.cwd() / "artifacts").as_uri()
+            if mlflow.get_tracking_uri().startswith("sqlite")
+            else None,
+        )
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name(EXPERIMENT).experiment_id) as run:
         return run.info.run_id
 
 
 def export_dit(tiny, out_dir: Path, run_id: str | None) -> Path:
     """models/dit (ema.pt, model.json, tracking.json) written by the train stage's own export."""
-    ckpt = {"ema": tiny["ema"], "model_config": tiny["config"], "step": 10, "mlflow_run_id": run_id,
-            "log": [{"step": 10, "loss": 0.5, "mse": 0.4, "vb": 0.1}], "timing": {"train_s": 1.0}}
+    ckpt = {
+        "ema": tiny["ema"],
+        "model_config": tiny["config"],
+        "step": 10,
+        "mlflow_run_id": run_id,
+        "log": [{"step": 10, "loss": 0.5, "mse": 0.4, "vb": 0.1}],
+        "timing": {"train_s": 1.0},
+    }
     manifest = json.loads((tiny["latents"] / "manifest.json").read_text())
     train_params = load_section(TrainParams, "train", REPO / "params.yaml")
     tracking = TRACKING if run_id else TrackingParams(enabled=False, experiment=EXPERIMENT)
@@ -165,16 +220,53 @@ def evaluation(tiny, tmp_path_factory) -> dict:
     """What the evaluate stage writes for the tiny DiT: `numbers` (metrics/eval.json) and `report`
     (reports/eval.json), from its samples by the sample stage, against a reference stage output of the images."""
     root = tmp_path_factory.mktemp("evaluated")
-    build_reference(tiny["images"], root / "reference", ReferenceParams(
-        extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=10, classifier_batch_size=16,
-        classifier_lr=2e-3, holdout=12, max_features=None, batch_size=32, use_gpu=False, seed=0, adm_batch="inputs/none"))
+    build_reference(
+        tiny["images"],
+        root / "reference",
+        ReferenceParams(
+            extractor="classifier",
+            mode="clean",
+            inception_weights="inputs/none",
+            classifier_steps=10,
+            classifier_batch_size=16,
+            classifier_lr=2e-3,
+            holdout=12,
+            max_features=None,
+            batch_size=32,
+            use_gpu=False,
+            seed=0,
+            adm_batch="inputs/none",
+        ),
+    )
     dit_dir = export_dit(tiny, root / "dit", run_id=None)
-    run_sample(SampleParams(num_fid_samples=NUM_SAMPLES, sampler="dpm-solver++", steps=3, cfg_scale=1.5,
-                            cfg_channels=None, labels="balanced", batch_size=8, micro_batch=4, precision="fp32",
-                            compile=False, num_workers=0, use_gpu=False, shard_size=8, seed=0, grid_per_class=2),
-               read_model_card(dit_dir), tiny["vae"], root / "samples")
-    result = evaluate_stage(root / "samples", root / "reference", dit_dir, EvaluateParams(
-        pr_k=3, kid_subsets=2, kid_subset_size=12, is_splits=2, batch_size=32, use_gpu=False, seed=0))
+    run_sample(
+        SampleParams(
+            num_fid_samples=NUM_SAMPLES,
+            sampler="dpm-solver++",
+            steps=3,
+            cfg_scale=1.5,
+            cfg_channels=None,
+            labels="balanced",
+            batch_size=8,
+            micro_batch=4,
+            precision="fp32",
+            compile=False,
+            num_workers=0,
+            use_gpu=False,
+            shard_size=8,
+            seed=0,
+            grid_per_class=2,
+        ),
+        read_model_card(dit_dir),
+        tiny["vae"],
+        root / "samples",
+    )
+    result = evaluate_stage(
+        root / "samples",
+        root / "reference",
+        dit_dir,
+        EvaluateParams(pr_k=3, kid_subsets=2, kid_subset_size=12, is_splits=2, batch_size=32, use_gpu=False, seed=0),
+    )
     numbers, report = split_evaluation(result)
     return {"numbers": numbers, "report": report}
 
@@ -195,24 +287,32 @@ def write_eval(path: Path, dit_dir: Path, evaluation: dict, **changes) -> tuple[
     return path, report
 
 
-def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", params=None, tracking=TRACKING
-             ) -> dict:
+def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", params=None, tracking=TRACKING) -> dict:
     from pipeline import register as R
 
     params = params or RegisterParams(model_name=NAME, metric="fid", max_labels_per_request=MAX_LABELS)
-    return R.register(params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER,
-                      Path(out))
-
+    return R.register(
+        params, tracking, dit_dir, tiny["vae"], *evaluated, tiny["images"], tiny["latents"], SAMPLER, Path(out)
+    )
 
 
 # --- a copy of this checkout as a fresh clone has it: the end-to-end and sweep tests ----------------------------
+
 
 def copy_repo(dest: Path) -> None:
     """Tracked and untracked-but-not-ignored files of this checkout, as a fresh clone would have them, into `dest`
     (the caller makes it a git repo)."""
     repo = Path(__file__).resolve().parents[1]
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for rel in filter(None, listed):
         src = repo / rel
         if src.is_file():
@@ -221,6 +321,7 @@ def copy_repo(dest: Path) -> None:
 
 
 # --- a stage's process killed mid-run: the encode and reference resume tests ---------------------------------------
+
 
 def kill_once(args: list[str], done, timeout_s: float = 300) -> None:
     """Run `args` with this checkout and tests/ importable, SIGKILL it as soon as `done()` holds, and fail if it
@@ -240,6 +341,7 @@ def kill_once(args: list[str], done, timeout_s: float = 300) -> None:
 
 
 # --- servers on loopback ------------------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -266,8 +368,9 @@ def start(args: list[str], env: dict) -> subprocess.Popen:
     """A server in its own process group (both servers fork workers, which must end with them). A thread drains its
     output into `proc.output` (the last lines): an unread pipe fills at 64 KB of access logs, and the server then
     blocks on its next log line, mid-request."""
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     proc.output = collections.deque(maxlen=2000)
     proc.drain = threading.Thread(target=lambda: proc.output.extend(proc.stdout), daemon=True)
     proc.drain.start()
@@ -290,8 +393,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 BUCKET = "dit"
 # Fake keys for the fake server. A user exports real ones (or uses a profile / instance role) the same way.
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id-4f1c", "AWS_SECRET_ACCESS_KEY": "test-secret-9b2e",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test-key-id-4f1c",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-9b2e",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture(scope="module")
@@ -305,11 +411,18 @@ def s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **CREDENTIALS,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                 region_name=CREDENTIALS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
+        **CREDENTIALS,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket=BUCKET)
     yield endpoint, env
     server.stop()
 
@@ -318,9 +431,13 @@ def keys(endpoint: str, prefix: str) -> list[str]:
     """The object keys under `prefix` in the bucket."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                          region_name=CREDENTIALS["AWS_DEFAULT_REGION"])
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
@@ -341,6 +458,7 @@ def aws_env(s3, monkeypatch):
 
 
 # --- the train and encode tests' inputs, shared with the curve, failure and cluster tests --------------------------
+
 
 @pytest.fixture(scope="session")
 def latents(tmp_path_factory) -> Path:
@@ -364,10 +482,19 @@ def sample_dirs(tmp_path_factory, tiny_vae, perturb):
     root = tmp_path_factory.mktemp("models")
     dit_dir, vae_dir = root / "dit", root / "vae"
     dit_dir.mkdir()
-    model = perturb(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                        num_classes=SAMPLE_CLASSES), seed=2).eval()
-    latents = {"latent_shape": list(SAMPLE_LATENT), "scaling_factor": SAMPLE_SCALE, "image_size": SAMPLE_IMAGE,
-               "num_classes": SAMPLE_CLASSES, "class_names": ["zero", "one", "two", "three"]}
+    model = perturb(
+        DiT(
+            input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=SAMPLE_CLASSES
+        ),
+        seed=2,
+    ).eval()
+    latents = {
+        "latent_shape": list(SAMPLE_LATENT),
+        "scaling_factor": SAMPLE_SCALE,
+        "image_size": SAMPLE_IMAGE,
+        "num_classes": SAMPLE_CLASSES,
+        "class_names": ["zero", "one", "two", "three"],
+    }
     write_model_card(dit_dir, model.state_dict(), "tiny", model.config, DIFFUSION, latents, train_steps=0)
     (dit_dir / "tracking.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None}))
     tiny_vae(SAMPLE_SCALE, seed=1, norm_num_groups=8).save_pretrained(vae_dir)

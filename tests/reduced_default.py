@@ -1,6 +1,7 @@
 """The reduced offline default that the end-to-end tests run with `dvc repro` in a fresh copy of the repository, and
 how two runs' outputs are compared: which files and fields may differ (measured time, MLflow run ids), and bitwise
 equality of everything else, checkpoints included."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from conftest import copy_repo
 
 STAGES = ("ingest", "vae", "encode", "train", "reference", "curve", "sample", "evaluate", "register")
@@ -64,6 +64,7 @@ def differing_fields(path: Path, before: Path) -> set[str]:
     """The JSON keys, or CSV columns, whose values differ between two versions of an output file."""
     if path.suffix == ".csv":
         import csv
+
         old, new = (list(csv.DictReader(open(p))) for p in (before, path))
         return {k for a, b in zip(old, new, strict=True) for k in a if a[k] != b[k]}
     old, new = json.loads(before.read_text()), json.loads(path.read_text())
@@ -103,9 +104,14 @@ def git_repo(repo: Path, params: dict) -> dict:
     repo.mkdir()
     copy_repo(repo)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "e2e", "GIT_AUTHOR_EMAIL": "e2e@example.com", "GIT_COMMITTER_NAME": "e2e",
-           "GIT_COMMITTER_EMAIL": "e2e@example.com"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "e2e",
+        "GIT_AUTHOR_EMAIL": "e2e@example.com",
+        "GIT_COMMITTER_NAME": "e2e",
+        "GIT_COMMITTER_EMAIL": "e2e@example.com",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the copy's root
     env.pop("RAY_ADDRESS", None)
     run(["git", "init", "-q"], repo, env)
@@ -114,14 +120,21 @@ def git_repo(repo: Path, params: dict) -> dict:
     return env
 
 
-def assert_same_outputs(repo: Path, reference: Path, reference_hashes: dict[str, str], may_differ=frozenset(),
-                        checkpoint_may_differ=frozenset()) -> set[str]:
+def assert_same_outputs(
+    repo: Path,
+    reference: Path,
+    reference_hashes: dict[str, str],
+    may_differ=frozenset(),
+    checkpoint_may_differ=frozenset(),
+) -> set[str]:
     """Every output of `repo` is that of `reference` (whose dvc.lock output hashes are `reference_hashes`), byte for
     byte, but for measured time and MLflow run ids (TIMED, RUN_RECORDS, CHECKPOINT_RECORDS) and the outputs and
     checkpoint fields the caller names. `reference` needs only the files those may differ in. Returns the outputs
     whose hash differs."""
     changed = {path for path, md5 in lock_hashes(repo).items() if reference_hashes.get(path) != md5}
-    assert changed <= {*TIMED, *RUN_RECORDS, "models/checkpoints", *may_differ}, f"not byte-identical: {sorted(changed)}"
+    assert changed <= {*TIMED, *RUN_RECORDS, "models/checkpoints", *may_differ}, (
+        f"not byte-identical: {sorted(changed)}"
+    )
     for rel, allowed in TIMED.items():
         assert differing_fields(repo / rel, reference / rel) <= allowed, rel
     for rel, allowed in RUN_RECORDS.items():

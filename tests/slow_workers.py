@@ -1,5 +1,6 @@
 """Ray's worker_process_setup_hook for tests/test_failures.py, in a module of its own so that every Ray worker
 imports only this and pipeline, not the test modules."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Test data: a small structured image set (coloured shapes), a `dit-images` v1 directory holding it, and a tiny
 TorchScript stand-in for clean-fid's Inception weights file."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,12 @@ def make_shapes(n: int, num_classes: int, size: int, seed: int) -> tuple[np.ndar
         cx, cy = rng.uniform(0.3, 0.7, 2) * size
         r = rng.uniform(0.15, 0.3) * size
         dx, dy = np.abs(xx - cx), np.abs(yy - cy)
-        mask = {"square": (dx < r) & (dy < r), "disk": dx**2 + dy**2 < r**2,
-                "hbar": (dx < 1.6 * r) & (dy < 0.5 * r), "vbar": (dx < 0.5 * r) & (dy < 1.6 * r)}[SHAPES[c % 4]]
+        mask = {
+            "square": (dx < r) & (dy < r),
+            "disk": dx**2 + dy**2 < r**2,
+            "hbar": (dx < 1.6 * r) & (dy < 0.5 * r),
+            "vbar": (dx < 0.5 * r) & (dy < 1.6 * r),
+        }[SHAPES[c % 4]]
         img = np.full((size, size, 3), rng.uniform(0, 90))
         img[mask] = PALETTE[c % 5] * rng.uniform(0.8, 1.1)
         images[i] = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
@@ -60,22 +65,36 @@ def png_bytes(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_images_dir(directory: Path, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                     shard_size: int) -> Path:
+def write_images_dir(
+    directory: Path, images: np.ndarray, labels: np.ndarray, num_classes: int, shard_size: int
+) -> Path:
     """A `dit-images` v1 directory as the ingest stage writes it."""
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for s, start in enumerate(range(0, len(images), shard_size)):
         rows = range(start, min(start + shard_size, len(images)))
-        table = pa.table({"image": pa.array([png_bytes(images[i]) for i in rows], pa.binary()),
-                          "label": pa.array(labels[list(rows)], pa.int64()),
-                          "key": pa.array([f"synthetic/{i:06d}" for i in rows], pa.string())})
+        table = pa.table(
+            {
+                "image": pa.array([png_bytes(images[i]) for i in rows], pa.binary()),
+                "label": pa.array(labels[list(rows)], pa.int64()),
+                "key": pa.array([f"synthetic/{i:06d}" for i in rows], pa.string()),
+            }
+        )
         path = directory / f"shard-{s:05d}.parquet"
         pq.write_table(table, path)
         shards.append({"file": path.name, "count": len(rows), "sha256": sha256_file(path)})
-    write_manifest(directory, "dit-images", 1, count=len(images), image_size=images.shape[1],
-                   num_classes=num_classes, class_names=[f"class{c}" for c in range(num_classes)],
-                   source={"kind": "synthetic"}, shards=shards, skipped={"count": 0, "by_reason": {}})
+    write_manifest(
+        directory,
+        "dit-images",
+        1,
+        count=len(images),
+        image_size=images.shape[1],
+        num_classes=num_classes,
+        class_names=[f"class{c}" for c in range(num_classes)],
+        source={"kind": "synthetic"},
+        shards=shards,
+        skipped={"count": 0, "by_reason": {}},
+    )
     return directory
 
 
@@ -98,8 +117,9 @@ class _TinyInception(nn.Module):
         self.layers = _TinyLayers()
         self.output = nn.Linear(2048, 1008)
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
         x = F.interpolate(img.to(torch.float32), size=(299, 299), mode="bilinear", align_corners=False)
         feats = self.layers((x - 128.0) / 128.0).reshape(-1, 2048)
         if return_features:
@@ -145,15 +165,22 @@ class _InceptionLike(nn.Module):
     """A small net with the TorchScript Inception's names and interface: `layers` holds conv, conv_1, conv_2, pool0,
     conv_3, conv_4, pool1, mixed, mixed_1 ... mixed_10, pool2 in order, the 17 x 17 grid from pool1 to mixed_7
     (mixed_6 has a `conv` branch of 12 channels), pool3 of 2048 from the whole grid; `forward` resizes to 299
-    inside, as TF1's resize_bilinear (written here as an affine grid: x_src = x_dst * W / 299) or, with `half_pixel`, with
-    F.interpolate's half-pixel centres (a wrong replay target), then normalizes (x - 128) / 128."""
+    inside, as TF1's resize_bilinear (written here as an affine grid: x_src = x_dst * W / 299) or, with
+    `half_pixel`, with F.interpolate's half-pixel centres (a wrong replay target), then normalizes (x - 128) / 128."""
 
     def __init__(self, half_pixel: bool):
         super().__init__()
         from collections import OrderedDict
-        units = [("conv", _Unit(3, 8)), ("conv_1", _Unit(8, 8)), ("conv_2", _Unit(8, 8)),
-                 ("pool0", nn.AvgPool2d(4)), ("conv_3", _Unit(8, 16, 3)), ("conv_4", _Unit(16, 16)),
-                 ("pool1", nn.AdaptiveAvgPool2d(17))]
+
+        units = [
+            ("conv", _Unit(3, 8)),
+            ("conv_1", _Unit(8, 8)),
+            ("conv_2", _Unit(8, 8)),
+            ("pool0", nn.AvgPool2d(4)),
+            ("conv_3", _Unit(8, 16, 3)),
+            ("conv_4", _Unit(16, 16)),
+            ("pool1", nn.AdaptiveAvgPool2d(17)),
+        ]
         units += [("mixed" + ("" if i == 0 else f"_{i}"), _Mixed(16, 8, 8)) for i in range(6)]
         units += [("mixed_6", _Mixed(16, 12, 4)), ("mixed_7", _Mixed(16, 8, 8)), ("pool_7", nn.AvgPool2d(2))]
         # mixed_10 sees the whole 8 x 8 grid at once, so that pool3, like the real one, depends on where things are
@@ -163,15 +190,19 @@ class _InceptionLike(nn.Module):
         self.output = nn.Linear(2048, 1008)
         self.half_pixel = half_pixel
 
-    def forward(self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
-                no_output_bias: bool = False) -> torch.Tensor:
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
         x = img.to(torch.float32)
         b, c, h, w = x.shape
         if self.half_pixel:
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         else:
-            theta = torch.tensor([[1.0, 0.0, 1.0 / w - 1.0 / 299], [0.0, 1.0, 1.0 / h - 1.0 / 299]],
-                                 device=x.device).unsqueeze(0).repeat(b, 1, 1)
+            theta = (
+                torch.tensor([[1.0, 0.0, 1.0 / w - 1.0 / 299], [0.0, 1.0, 1.0 / h - 1.0 / 299]], device=x.device)
+                .unsqueeze(0)
+                .repeat(b, 1, 1)
+            )
             grid = F.affine_grid(theta, [b, c, 299, 299], align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         feats = self.layers((x - 128.0) / 128.0).reshape(-1, 2048)

@@ -1,5 +1,6 @@
 """pipeline/artifacts.py: an atomic write is durable once it returns (the file, then its folder, is flushed), and
 the temp files and folders that a SIGKILL leaves are removed when a stage starts, and nothing else is."""
+
 from __future__ import annotations
 
 import os
@@ -64,8 +65,13 @@ def test_a_killed_stage_leaves_temps_that_the_next_start_removes(tmp_path):
     killed_midway(tmp_path, "with artifacts.staged_dir(root / 'data/images') as t: (t / 'x').write_text('x'); die()")
     left = sorted(tmp_path.rglob(".*"))
     assert len(left) == 3, left  # the shard's temp file, the metrics' one, the staged folder
-    keep = [out / "shard-00001.parquet", out / ".keep", tmp_path / "data" / ".latents.abcd1234",
-            tmp_path / "metrics" / ".train.json.abcd1234.tmp", tmp_path / "data" / "images.abcd1234"]
+    keep = [
+        out / "shard-00001.parquet",
+        out / ".keep",
+        tmp_path / "data" / ".latents.abcd1234",
+        tmp_path / "metrics" / ".train.json.abcd1234.tmp",
+        tmp_path / "data" / "images.abcd1234",
+    ]
     for path in keep:  # real files, another stage's temps, names that are not this module's
         path.write_text("keep")
 

@@ -1,6 +1,7 @@
 """`train.attention` / `sample.attention`: the param picks the SDPA kernel that runs, and every kernel available on
 the CPU gives the math kernel's numbers within float32 rounding (the CUDA-only ones are checked on the device, in
 bench/gpu_checks.sh)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -14,10 +15,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import pipeline.train as T
 from pipeline.attention import attention_backend
-from pipeline.params.rules import check_attention
-from pipeline.params.load import ParamsError, load_section
 from pipeline.diffusion import DIT_DIFFUSION
 from pipeline.generate import generate_images
+from pipeline.params.load import ParamsError, load_section
+from pipeline.params.rules import check_attention
 from pipeline.params.sample import SampleParams
 from pipeline.params.train import TrainParams
 
@@ -25,8 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = dict(depth=2, hidden_size=64, num_heads=2)
 LATENT_SHAPE, NUM_CLASSES = (4, 8, 8), 4
 # The aten op each CPU backend dispatches to (what the profiler sees inside scaled_dot_product_attention).
-CPU_KERNEL = {"math": "aten::_scaled_dot_product_attention_math",
-              "flash": "aten::_scaled_dot_product_flash_attention_for_cpu"}
+CPU_KERNEL = {
+    "math": "aten::_scaled_dot_product_attention_math",
+    "flash": "aten::_scaled_dot_product_flash_attention_for_cpu",
+}
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -56,8 +59,14 @@ def test_a_train_step_runs_the_chosen_kernel_forward_and_backward(backend, pertu
     updated weights agree with math's within float32 rounding."""
     results = {}
     for name in ("math", backend):
-        p = replace(load_section(TrainParams, "train", REPO / "params.yaml"), num_workers=0, use_gpu=False,
-                    precision="fp32", compile=False, attention=name)
+        p = replace(
+            load_section(TrainParams, "train", REPO / "params.yaml"),
+            num_workers=0,
+            use_gpu=False,
+            precision="fp32",
+            compile=False,
+            attention=name,
+        )
         torch.manual_seed(0)
         model = perturb(T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY), 0)  # adaLN-Zero would gate attention off
         state = T.make_train_state(model, p, torch.device("cpu"), world=1, ckpt=None)
@@ -77,9 +86,20 @@ def test_sampling_with_flash_matches_math(tiny_vae, perturb):
     p = replace(load_section(TrainParams, "train", REPO / "params.yaml"), num_workers=0, use_gpu=False)
     model = perturb(T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY), 0).eval()
     vae = tiny_vae(0.5)
-    kwargs = dict(seed=0, sampler="ddim", steps=3, cfg_scale=1.5, cfg_channels=None, num_classes=NUM_CLASSES,
-                  latent_shape=LATENT_SHAPE, device="cpu", batch_size=4, micro_batch=4, precision="fp32",
-                  diffusion={**DIT_DIFFUSION, "learn_sigma": True})
+    kwargs = dict(
+        seed=0,
+        sampler="ddim",
+        steps=3,
+        cfg_scale=1.5,
+        cfg_channels=None,
+        num_classes=NUM_CLASSES,
+        latent_shape=LATENT_SHAPE,
+        device="cpu",
+        batch_size=4,
+        micro_batch=4,
+        precision="fp32",
+        diffusion={**DIT_DIFFUSION, "learn_sigma": True},
+    )
     labels, indices = np.array([0, 1, 2, 3]), np.arange(4)
     images = {a: generate_images(model, vae, labels, indices, attention=a, **kwargs) for a in ("math", "flash")}
     auto = generate_images(model, vae, labels, indices, attention="auto", **kwargs)

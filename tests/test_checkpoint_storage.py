@@ -2,16 +2,17 @@
 127.0.0.1). Rank 0 reports each checkpoint to Ray Train, which uploads it; the driver fills models/checkpoints from
 the run's kept checkpoints, and seeds the next run with the latest of them. The weights, the training log and the
 kept files are those of a run that writes models/checkpoints directly."""
+
 from __future__ import annotations
 
 from dataclasses import replace
 
 import pytest
+from conftest import BUCKET, keys
+from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
 
 import pipeline.checkpoints as C
-from conftest import BUCKET, keys
 from pipeline.params.load import ParamsError
-from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
 
 pytestmark = pytest.mark.slow
 

@@ -3,6 +3,7 @@
 temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
 `encode` stage's actors, `train`'s DDP workers and `sample`'s actors spread one per node, with the bytes of a single
 process (encode) or of a local one-node Ray (train, sample)."""
+
 import contextlib
 import dataclasses
 import json
@@ -18,12 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BUCKET, CREDENTIALS, free_port, keys, start, stop, wait_http
+from tiny_encode import PARAMS as ENCODE_PARAMS, shard_hashes
+
 from pipeline.encode import encode_local
 from pipeline.shared_storage import CACHE_ENV as NODE_CACHE_ENV
-from tiny_encode import PARAMS as ENCODE_PARAMS
-from tiny_encode import shard_hashes
 
 pytestmark = pytest.mark.slow
 
@@ -55,17 +55,27 @@ def without_the_project(cmd: list[str], node_env: str, data: tuple[Path, ...] = 
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-ec", " && ".join(script)]
 
 
-def start_node(env: dict, head_port: int, head: bool, num_cpus: int,
-               hidden_data: tuple[Path, ...] = ()) -> tuple[subprocess.Popen, str]:
+def start_node(
+    env: dict, head_port: int, head: bool, num_cpus: int, hidden_data: tuple[Path, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     """`ray start --block` in its own process group: SIGTERM to it stops this node's processes and no other Ray's
     (`ray stop` would stop every Ray on the machine). Short temp dirs: Ray's socket paths must stay under 108 bytes.
     The worker node runs without the project and without `hidden_data` (`without_the_project`). Each node keeps
     the artifacts it copies from storage in a cache of its own (`<temp dir>/node-cache`), as separate machines do."""
     temp_dir = tempfile.mkdtemp(prefix="ray-")
     env = {**env, NODE_CACHE_ENV: f"{temp_dir}/node-cache"}
-    cmd = [RAY, "start", "--block", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1",
-           "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
-           f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    cmd = [
+        RAY,
+        "start",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
     if head:
         cmd += ["--head", f"--port={head_port}", "--include-dashboard=false"]
     else:
@@ -114,8 +124,14 @@ while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[1]):
 
 def wait_for_nodes(env: dict, address: str, count: int, seconds: float = 120) -> None:
     """Until `count` nodes are alive: a stage started before the worker node registers sees the head's CPUs only."""
-    done = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, str(count), str(seconds)], cwd=REPO,
-                          env={**env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=seconds + 60)
+    done = subprocess.run(
+        [sys.executable, "-c", WAIT_FOR_NODES, str(count), str(seconds)],
+        cwd=REPO,
+        env={**env, "RAY_ADDRESS": address},
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -160,8 +176,14 @@ def cluster(tmp_path_factory, s3):
 def node_cache(nodes, i: int) -> dict[str, list[str]]:
     """{kind: [content hashes]} that node `i` (0 = head, 1 = worker) copied from storage."""
     root = Path(nodes[i][1]) / "node-cache"
-    return {kind.name: sorted(d.name for d in kind.iterdir() if not d.name.startswith("."))
-            for kind in sorted(root.iterdir())} if root.is_dir() else {}
+    return (
+        {
+            kind.name: sorted(d.name for d in kind.iterdir() if not d.name.startswith("."))
+            for kind in sorted(root.iterdir())
+        }
+        if root.is_dir()
+        else {}
+    )
 
 
 # Runs in a fresh process (Ray reads its auth settings once per process): joins through the project's init_ray,
@@ -177,7 +199,8 @@ def code():
     # sha256 of every source file of the `pipeline` package this process imports
     import hashlib, pathlib
     root = pathlib.Path(pipeline.__file__).parent
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.py"))}
+    files = sorted(root.rglob("*.py"))
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 init_ray()
@@ -204,9 +227,14 @@ open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 # The scripts write their report to REPORT_PATH, not stdout: Ray forwards raylet warnings to the driver's stdout
 # whenever they come, even after the script's last print (CI once parsed such a warning as the report).
 def client(env: dict, address: str, script: str = CLIENT, report: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
-                            env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(report or os.devnull)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(report or os.devnull)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(cluster, tmp_path):
@@ -215,8 +243,11 @@ def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(clust
     # Plain Ray clients, as an outsider would run them: one with a token of its own, one that sends none (auth mode
     # unset and no ~/.ray/auth_token: an address given explicitly does not turn token auth on in the client).
     refused = {
-        "wrong token": client({**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
-                              address, "import ray; ray.init()"),
+        "wrong token": client(
+            {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+            address,
+            "import ray; ray.init()",
+        ),
         "no token": client({**no_token, "HOME": str(tmp_path)}, address, "import ray; ray.init()"),
     }
     admitted = client(env, address, report=tmp_path / "report.json")
@@ -263,10 +294,20 @@ def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, en
     params = dataclasses.replace(ENCODE_PARAMS, store="sample", num_actors=2, batch_size=3)
     encode_local(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "local")
     params = dataclasses.replace(params, storage_path=f"s3://{BUCKET}/cluster-encode")
-    args = [dataclasses.asdict(params), str(encode_inputs["images_dir"]), str(encode_inputs["vae_dir"]), str(tmp_path / "cluster")]
-    done = subprocess.run([sys.executable, "-c", ENCODE, json.dumps(args)], cwd=REPO,
-                          env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(tmp_path / "report.json")},
-                          capture_output=True, text=True, timeout=400)
+    args = [
+        dataclasses.asdict(params),
+        str(encode_inputs["images_dir"]),
+        str(encode_inputs["vae_dir"]),
+        str(tmp_path / "cluster"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", ENCODE, json.dumps(args)],
+        cwd=REPO,
+        env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(tmp_path / "report.json")},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
@@ -310,9 +351,9 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     the driver's paths and write models/checkpoints directly."""
     import numpy as np
     import torch
+    from tiny_train import write_latents
 
     from pipeline.artifacts import sha256_dir
-    from tiny_train import write_latents
 
     address, env, nodes = cluster
     latents = write_latents(tmp_path / "latents")
@@ -321,23 +362,38 @@ def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster
     reports = {}
     storage = {"cluster": f"s3://{BUCKET}/cluster-train", "local": ""}
     for where, extra in (("cluster", {"RAY_ADDRESS": address}), ("local", {})):
-        done = subprocess.run([sys.executable, "-c", TRAIN_AND_SAMPLE, str(tmp_path / where), str(latents),
-                               str(tmp_path / "vae"), storage[where]], cwd=REPO, capture_output=True, text=True, timeout=900,
-                              env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")})
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                TRAIN_AND_SAMPLE,
+                str(tmp_path / where),
+                str(latents),
+                str(tmp_path / "vae"),
+                storage[where],
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
     placed = reports["cluster"]
     assert len(set(placed["alive"])) == 2
     assert sorted(placed["train"]) == sorted(placed["alive"])  # one DDP worker per node
     assert sorted(placed["sample"]) == sorted(placed["alive"])  # one sampling actor per node
-    uploaded = sorted(k.rsplit("/", 1)[-1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-train/dit-train-")
-                      if k.endswith(".pt"))
+    uploaded = sorted(
+        k.rsplit("/", 1)[-1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-train/dit-train-") if k.endswith(".pt")
+    )
     assert uploaded == ["ckpt-0000003.pt", "ckpt-0000006.pt"], uploaded
     copied = node_cache(nodes, 1)  # what the worker node fetched from S3, by content hash (the module's tests)
     assert sha256_dir(latents) in copied["latents"] and sha256_dir(tmp_path / "vae") in copied["vae"]
     assert len(copied["model"]) == 1
-    assert [sorted(f.name for f in (tmp_path / w / "train" / "checkpoints").glob("ckpt-*.pt"))
-            for w in ("cluster", "local")] == [uploaded, uploaded]  # filled from S3 by the driver
+    assert [
+        sorted(f.name for f in (tmp_path / w / "train" / "checkpoints").glob("ckpt-*.pt")) for w in ("cluster", "local")
+    ] == [uploaded, uploaded]  # filled from S3 by the driver
     ema = [torch.load(tmp_path / w / "train" / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     samples = [np.load(tmp_path / w / "sample" / "samples.npz") for w in ("cluster", "local")]
@@ -365,7 +421,6 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_
     only measured time and MLflow run ids may differ, as between two local runs (tests/reduced_default.py)."""
     import torch
     import yaml
-
     from reduced_default import REDUCED, assert_same_outputs, differing_fields, git_repo, lock_hashes, merge, run
 
     address, cluster_env, nodes = cluster
@@ -379,10 +434,23 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_
     env = {k: v for k, v in git_repo(on_cluster, merge(params, storage)).items() if not k.startswith("RAY_")}
     env.update({k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "RAY_AUTH"))}, RAY_ADDRESS=address)
     port = free_port()
-    server = start([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-                    f"sqlite:///{tmp_path / 'mlflow-server.db'}", "--artifacts-destination", f"s3://{BUCKET}/mlflow",
-                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                   env={**env, "MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]})
+    server = start(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow-server.db'}",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**env, "MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
         env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"  # a node reaches the server, not the driver's files
@@ -405,10 +473,13 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_
 
     hashes = lock_hashes(one_node)
     assert lock_hashes(on_cluster).keys() == hashes.keys()
-    assert_same_outputs(on_cluster, one_node, hashes, may_differ={"reports/register.json"},
-                        checkpoint_may_differ={"train_params"})
+    assert_same_outputs(
+        on_cluster, one_node, hashes, may_differ={"reports/register.json"}, checkpoint_may_differ={"train_params"}
+    )
     for ckpt in sorted((one_node / "models/checkpoints").glob("ckpt-*.pt")):  # the run's settings, as recorded
-        settings = [torch.load(f, weights_only=True)["train_params"] for f in (ckpt, on_cluster / ckpt.relative_to(one_node))]
+        settings = [
+            torch.load(f, weights_only=True)["train_params"] for f in (ckpt, on_cluster / ckpt.relative_to(one_node))
+        ]
         assert {k for k in settings[0] if settings[0][k] != settings[1][k]} == {"storage_path"}
     assert differing_fields(on_cluster / "reports/register.json", one_node / "reports/register.json") <= REGISTRY_IDS
 
@@ -417,8 +488,14 @@ REGISTRY_IDS = {"run_id"}  # the MLflow run the model was logged in: another sto
 
 
 def _actor_table(env: dict, address: str, report: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", ACTORS], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(report)})
+    done = subprocess.run(
+        [sys.executable, "-c", ACTORS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(report)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(report.read_text())
 
@@ -448,7 +525,6 @@ def test_a_lost_node_is_replaced_by_the_remaining_one(tmp_path, s3):
     bit as a run on a local one-node Ray."""
     import psutil
     import torch
-
     from tiny_train import read_log, write_latents
 
     latents = write_latents(tmp_path / "latents")
@@ -456,9 +532,14 @@ def test_a_lost_node_is_replaced_by_the_remaining_one(tmp_path, s3):
         env = {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
         reports = {}
         for where, extra in (("local", {}), ("cluster", {"RAY_ADDRESS": address})):
-            driver = subprocess.Popen([sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents)], cwd=REPO,
-                                      env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            driver = subprocess.Popen(
+                [sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents)],
+                cwd=REPO,
+                env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             if where == "cluster":
                 first = tmp_path / where / "checkpoints" / "ckpt-0000050.pt"
                 deadline = time.monotonic() + 600

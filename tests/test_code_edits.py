@@ -4,6 +4,7 @@ and a training run that no longer matches its code is moved aside, never deleted
 
 The three tests share one repository and run in order: each leaves the sources as it found them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from reduced_default import REDUCED, git_repo, merge, run
 from test_lineage import edit_without_code
 
@@ -60,8 +60,9 @@ def test_comments_and_docstrings_everywhere_rerun_nothing(repo):
     after = lock(repo)
     assert after["fingerprint"]["deps"] != before["fingerprint"]["deps"]  # it saw the edit...
     assert after["fingerprint"]["outs"] == before["fingerprint"]["outs"]  # ...and wrote the same fingerprints
-    assert {s: e for s, e in after.items() if s != "fingerprint"} == \
-           {s: e for s, e in before.items() if s != "fingerprint"}
+    assert {s: e for s, e in after.items() if s != "fingerprint"} == {
+        s: e for s, e in before.items() if s != "fingerprint"
+    }
     restore_sources(repo, env)
     assert ran(run(["dvc", "repro"], repo, env)) == ["fingerprint"]
 
@@ -108,8 +109,11 @@ def test_a_change_to_the_training_loop_trains_afresh_and_moves_the_old_checkpoin
     assert all(sha256(checkpoints / name) != digest for name, digest in old.items() if (checkpoints / name).exists())
     moved = {p.name: sha256(p) for p in repo.rglob("ckpt-*.pt") if checkpoints not in p.parents}
     assert moved == old
-    outs = [next(iter(o)) if isinstance(o, dict) else o for s in yaml.safe_load((repo / "dvc.yaml").read_text())[
-        "stages"].values() for o in s.get("outs", [])]
+    outs = [
+        next(iter(o)) if isinstance(o, dict) else o
+        for s in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values()
+        for o in s.get("outs", [])
+    ]
     for path in repo.rglob("ckpt-*.pt"):
         if checkpoints not in path.parents:  # the superseded set lies outside every DVC output: never pushed
             assert not any(Path(repo / o) in [path, *path.parents] for o in outs), path

@@ -1,4 +1,5 @@
 """The curve stage on a tiny run: DiT-Ti/4 on 4x8x8 latents (4 tokens), a 16 px KL-VAE and a classifier reference."""
+
 from __future__ import annotations
 
 import csv
@@ -13,27 +14,47 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from synthetic import make_shapes, write_images_dir
+from tiny_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
 
 import pipeline.checkpoints as C
 import pipeline.curve as CV
 import pipeline.train as T
 from pipeline.artifacts import ArtifactError
 from pipeline.flops import count_gflops_latent
-from pipeline.params.evaluate import EvaluateParams
 from pipeline.model import DiT, DiT_models
-from pipeline.reference import build_reference
+from pipeline.params.curve import CurveParams, check_params as check_curve_params
+from pipeline.params.evaluate import EvaluateParams
 from pipeline.params.reference import ReferenceParams
-from synthetic import make_shapes, write_images_dir
-from tiny_train import NUM_CLASSES, OFF, REPO, TINY, base_params, write_latents
-from pipeline.params.curve import CurveParams
-from pipeline.params.curve import check_params as check_curve_params
+from pipeline.reference import build_reference
 
 MODEL = "DiT-Ti/4"  # a preset, so that pipeline.flops can count its Gflops; 4 tokens on 8x8 latents
-REFERENCE = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,
-                 classifier_batch_size=16, classifier_lr=2e-3, holdout=8, max_features=None, batch_size=16,
-                 use_gpu=False, seed=0, adm_batch="inputs/none")
-CURVE = CurveParams(num_samples=16, sampler="dpm-solver++", steps=3, cfg_scale=1.0, cfg_channels=None,
-                       batch_size=16, micro_batch=8, precision="fp32", use_gpu=False, seed=0)
+REFERENCE = dict(
+    extractor="classifier",
+    mode="clean",
+    inception_weights="inputs/none",
+    classifier_steps=20,
+    classifier_batch_size=16,
+    classifier_lr=2e-3,
+    holdout=8,
+    max_features=None,
+    batch_size=16,
+    use_gpu=False,
+    seed=0,
+    adm_batch="inputs/none",
+)
+CURVE = CurveParams(
+    num_samples=16,
+    sampler="dpm-solver++",
+    steps=3,
+    cfg_scale=1.0,
+    cfg_channels=None,
+    batch_size=16,
+    micro_batch=8,
+    precision="fp32",
+    use_gpu=False,
+    seed=0,
+)
 EVAL = EvaluateParams(pr_k=3, kid_subsets=2, kid_subset_size=8, is_splits=2, batch_size=16, use_gpu=False, seed=0)
 
 
@@ -52,12 +73,20 @@ def setup(tmp_path_factory, tiny_vae):
     root = tmp_path_factory.mktemp("curve")
     latents = write_latents(root / "latents")  # 64 examples, 4 classes; decoded by the VAE to 16 px
     images, labels = make_shapes(48, NUM_CLASSES, 16, seed=0)
-    build_reference(write_images_dir(root / "images", images, labels, NUM_CLASSES, shard_size=24),
-                    root / "reference", ReferenceParams(**REFERENCE))
+    build_reference(
+        write_images_dir(root / "images", images, labels, NUM_CLASSES, shard_size=24),
+        root / "reference",
+        ReferenceParams(**REFERENCE),
+    )
     tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(root / "vae")
     train_run(root / "run", latents)
-    return {"root": root, "latents": latents, "ckpts": root / "run" / "checkpoints", "reference": root / "reference",
-            "vae": root / "vae"}
+    return {
+        "root": root,
+        "latents": latents,
+        "ckpts": root / "run" / "checkpoints",
+        "reference": root / "reference",
+        "vae": root / "vae",
+    }
 
 
 def curve(setup, p=CURVE, ckpts=None, official=None) -> dict:
@@ -90,8 +119,13 @@ def test_model_description_counts_the_checkpoint(record):
 
 def test_protocol_is_recorded(record):
     p = record["protocol"]
-    assert (p["num_samples"], p["sampler"], p["sampling_steps"], p["cfg_scale"], p["labels"]) == \
-        (16, "dpm-solver++", 3, 1.0, "balanced")
+    assert (p["num_samples"], p["sampler"], p["sampling_steps"], p["cfg_scale"], p["labels"]) == (
+        16,
+        "dpm-solver++",
+        3,
+        1.0,
+        "balanced",
+    )
     assert p["extractor"] == "classifier" and p["reference_count"] == 48 and len(p["reference_stats_sha256"]) == 64
     assert p["kid_subset_size"] == 8 and len(p["vae_sha256"]) == 64 and len(p["latents_sha256"]) == 64
 
@@ -109,12 +143,20 @@ def test_keep_checkpoints_decides_the_points(setup, tmp_path):
 
 
 def test_outputs(record, tmp_path):
-    CV.write_outputs(record, tmp_path / "metrics" / "curve.json", tmp_path / "reports" / "curve.json",
-                     tmp_path / "plots" / "curve.csv")
+    CV.write_outputs(
+        record,
+        tmp_path / "metrics" / "curve.json",
+        tmp_path / "reports" / "curve.json",
+        tmp_path / "plots" / "curve.csv",
+    )
     assert json.loads((tmp_path / "reports" / "curve.json").read_text()) == json.loads(json.dumps(record))
     numbers = json.loads((tmp_path / "metrics" / "curve.json").read_text())  # the last point, scalars only
-    assert numbers == {"steps": record["steps"][-1], **{k: record[k][-1] for k in CV.POINT_METRICS},
-                       "gflops": record["gflops"], "params_M": record["params_M"]}
+    assert numbers == {
+        "steps": record["steps"][-1],
+        **{k: record[k][-1] for k in CV.POINT_METRICS},
+        "gflops": record["gflops"],
+        "params_M": record["params_M"],
+    }
     with open(tmp_path / "plots" / "curve.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == record["steps"]
@@ -158,12 +200,32 @@ def test_stage_script(setup, tmp_path, monkeypatch):
     params["evaluate"].update(kid_subset_size=8, kid_subsets=2)
     params["tracking"]["enabled"] = False
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = {"metrics": tmp_path / "metrics" / "curve.json", "report": tmp_path / "reports" / "curve.json",
-           "plots": tmp_path / "plots" / "curve.csv"}
-    monkeypatch.setattr(sys, "argv", ["curve.py", "--params", str(tmp_path / "params.yaml"), "--checkpoints",
-                                      str(setup["ckpts"]), "--reference", str(setup["reference"]), "--vae",
-                                      str(setup["vae"]), "--metrics", str(out["metrics"]), "--report",
-                                      str(out["report"]), "--plots", str(out["plots"])])
+    out = {
+        "metrics": tmp_path / "metrics" / "curve.json",
+        "report": tmp_path / "reports" / "curve.json",
+        "plots": tmp_path / "plots" / "curve.csv",
+    }
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "curve.py",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--checkpoints",
+            str(setup["ckpts"]),
+            "--reference",
+            str(setup["reference"]),
+            "--vae",
+            str(setup["vae"]),
+            "--metrics",
+            str(out["metrics"]),
+            "--report",
+            str(out["report"]),
+            "--plots",
+            str(out["plots"]),
+        ],
+    )
     runpy.run_path(str(REPO / "stages" / "curve.py"), run_name="__main__")
     written = json.loads(out["report"].read_text())
     assert written["steps"] == [5, 10, 15, 20] and written["protocol"]["sampling_steps"] == 2

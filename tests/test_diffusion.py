@@ -1,4 +1,5 @@
 """Tests of pipeline/diffusion.py against diffusers' schedulers and closed forms, on tiny CPU stand-in networks."""
+
 import math
 
 import numpy as np
@@ -137,7 +138,7 @@ def test_posterior_is_the_gaussian_conditional(respacing):
     precision = 1 / (1 - ab_prev) + alpha / (1 - alpha)
     x0, xt = torch.randn(3, C, H, W, dtype=torch.float64), torch.randn(3, C, H, W, dtype=torch.float64)
     view = lambda a: torch.tensor(a).view(-1, 1, 1, 1)  # noqa: E731
-    expected_mean = (view(np.sqrt(ab_prev) / (1 - ab_prev)) * x0 + view(np.sqrt(alpha) / (1 - alpha)) * xt)
+    expected_mean = view(np.sqrt(ab_prev) / (1 - ab_prev)) * x0 + view(np.sqrt(alpha) / (1 - alpha)) * xt
     expected_mean = expected_mean / view(precision)
     mean, var, log_var = d.q_posterior_mean_variance(x0, xt, t)
     torch.testing.assert_close(mean, expected_mean, rtol=1e-5, atol=1e-6)
@@ -145,8 +146,9 @@ def test_posterior_is_the_gaussian_conditional(respacing):
     torch.testing.assert_close(log_var.flatten().double(), torch.tensor(-np.log(precision)), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("respacing,t", [("", 1), ("", 10), ("", 500), ("", 999), ("250", 1), ("250", 120),
-                                         ("250", 249)])
+@pytest.mark.parametrize(
+    "respacing,t", [("", 1), ("", 10), ("", 500), ("", 999), ("250", 1), ("250", 120), ("250", 249)]
+)
 def test_p_mean_variance_matches_diffusers_learned_range(respacing, t):
     """Our p(x_{t-1} | x_t) for a fixed (eps, v) equals one DDPMScheduler(variance_type="learned_range") step.
 
@@ -167,8 +169,10 @@ def test_p_mean_variance_matches_diffusers_learned_range(respacing, t):
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     peer_mean = step.prev_sample - torch.exp(0.5 * peer_log_var) * noise
     err_mean, err_log_var = (out["mean"] - peer_mean).abs().max(), (out["log_variance"] - peer_log_var).abs().max()
-    print(f"diffusers learned_range parity at {respacing or 'full'} t={t}: mean {err_mean:.2e}, "
-          f"log_variance {err_log_var:.2e}")
+    print(
+        f"diffusers learned_range parity at {respacing or 'full'} t={t}: mean {err_mean:.2e}, "
+        f"log_variance {err_log_var:.2e}"
+    )
     assert err_mean < 1e-5 and err_log_var < 1e-5
 
 
@@ -245,10 +249,22 @@ def test_ddim_eta0_is_deterministic_and_matches_diffusers(net):
 def test_dpm_solver_matches_diffusers(net, cfg_scale):
     """sample() equals diffusers' DPM-Solver++ driven directly on the official doubled batch [z; z], [y; null]."""
     y, steps = torch.tensor([0, 3, 7]), 8
-    ours = sample(net, sampler="dpm-solver++", steps=steps, shape=(3, C, H, W), y=y, cfg_scale=cfg_scale,
-                  cfg_channels=None, generators=gens(range(3)), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
-    peer = DPMSolverMultistepScheduler(**LINEAR, algorithm_type="dpmsolver++", prediction_type="epsilon",
-                                       solver_order=2)
+    ours = sample(
+        net,
+        sampler="dpm-solver++",
+        steps=steps,
+        shape=(3, C, H, W),
+        y=y,
+        cfg_scale=cfg_scale,
+        cfg_channels=None,
+        generators=gens(range(3)),
+        num_classes=NUM_CLASSES,
+        device="cpu",
+        **TRAINED,
+    )
+    peer = DPMSolverMultistepScheduler(
+        **LINEAR, algorithm_type="dpmsolver++", prediction_type="epsilon", solver_order=2
+    )
     peer.set_timesteps(steps)
     z = torch.stack([torch.randn(C, H, W, generator=g) for g in gens(range(3))])
     x, y2 = torch.cat([z, z]), torch.cat([y, torch.full_like(y, NUM_CLASSES)])  # the official doubled batch
@@ -271,23 +287,41 @@ def test_dpm_solver_scheduler_uses_our_schedule(schedule, steps):
 def test_ddpm_guided_matches_official_doubled_batch(net):
     """sample() equals the official protocol: p_sample_loop on [z; z] with forward_with_cfg as the model."""
     y, cfg_scale, steps = torch.tensor([4, 9]), 3.0, 10
-    ours = sample(net, sampler="ddpm", steps=steps, shape=(2, C, H, W), y=y, cfg_scale=cfg_scale, cfg_channels=3,
-                  generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
+    ours = sample(
+        net,
+        sampler="ddpm",
+        steps=steps,
+        shape=(2, C, H, W),
+        y=y,
+        cfg_scale=cfg_scale,
+        cfg_channels=3,
+        generators=gens([0, 1]),
+        num_classes=NUM_CLASSES,
+        device="cpu",
+        **TRAINED,
+    )
     z = torch.stack([torch.randn(C, H, W, generator=g) for g in gens([0, 1])])
     first, second = gens([0, 1]), gens([5, 6])
     for g in first:
         torch.randn(C, H, W, generator=g)  # the initial draw; both halves then start from the same z
     y2 = torch.cat([y, torch.full_like(y, NUM_CLASSES)])
     official = create_diffusion(str(steps)).p_sample_loop(
-        net.forward_with_cfg, (4, C, H, W), noise=torch.cat([z, z]), clip_denoised=False,
-        model_kwargs=dict(y=y2, cfg_scale=cfg_scale, cfg_channels=3), generators=first + second)
+        net.forward_with_cfg,
+        (4, C, H, W),
+        noise=torch.cat([z, z]),
+        clip_denoised=False,
+        model_kwargs=dict(y=y2, cfg_scale=cfg_scale, cfg_channels=3),
+        generators=first + second,
+    )
     assert torch.equal(ours, official[:2])
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 10), ("ddim", 10), ("dpm-solver++", 6)])
 def test_samples_do_not_depend_on_the_batch_split(net, sampler, steps):
     y = torch.tensor([0, 1, 2, 3, 4])
-    kw = dict(sampler=sampler, steps=steps, cfg_scale=2.5, cfg_channels=None, num_classes=NUM_CLASSES, device="cpu", **TRAINED)
+    kw = dict(
+        sampler=sampler, steps=steps, cfg_scale=2.5, cfg_channels=None, num_classes=NUM_CLASSES, device="cpu", **TRAINED
+    )
     whole = sample(net, shape=(5, C, H, W), y=y, generators=gens(range(5)), **kw)
     parts = [sample(net, shape=(len(ix), C, H, W), y=y[ix], generators=gens(ix), **kw) for ix in ([0, 1, 2], [3, 4])]
     again = sample(net, shape=(5, C, H, W), y=y, generators=gens(range(5)), **kw)
@@ -299,8 +333,16 @@ def test_samples_do_not_depend_on_the_batch_split(net, sampler, steps):
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm-solver++"])
 def test_guidance_at_scale_one_equals_unguided(net, sampler):
     y = torch.tensor([1, 5, 8])
-    kw = dict(sampler=sampler, steps=6, shape=(3, C, H, W), y=y, cfg_channels=None, num_classes=NUM_CLASSES,
-              device="cpu", **TRAINED)
+    kw = dict(
+        sampler=sampler,
+        steps=6,
+        shape=(3, C, H, W),
+        y=y,
+        cfg_channels=None,
+        num_classes=NUM_CLASSES,
+        device="cpu",
+        **TRAINED,
+    )
     plain = sample(net, cfg_scale=1.0, generators=gens(range(3)), **kw)
     through_cfg = sample(guided_as_model(net), cfg_scale=1.0, generators=gens(range(3)), **kw)
     torch.testing.assert_close(plain, through_cfg, rtol=1e-4, atol=1e-5)  # uncond + 1 * (cond - uncond) rounds
@@ -316,8 +358,18 @@ def guided_as_model(net):
 
 
 def test_sample_rejects_bad_input(net):
-    kw = dict(sampler="ddpm", steps=5, shape=(2, C, H, W), y=torch.tensor([0, 1]), cfg_scale=1.5, cfg_channels=None,
-              generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
+    kw = dict(
+        sampler="ddpm",
+        steps=5,
+        shape=(2, C, H, W),
+        y=torch.tensor([0, 1]),
+        cfg_scale=1.5,
+        cfg_channels=None,
+        generators=gens([0, 1]),
+        num_classes=NUM_CLASSES,
+        device="cpu",
+        **TRAINED,
+    )
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(net, **{**kw, "sampler": "euler"})
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
@@ -332,8 +384,18 @@ def test_sample_rejects_bad_input(net):
 def test_steps_and_guidance_are_bounded(net, sampler):
     """Every sampler refuses more steps than trained timesteps (a request for 10^9 DPM-Solver++ steps would
     otherwise run 10^9 network calls) and a non-finite guidance scale (NaN passes `< 0`), before any sampling."""
-    kw = dict(sampler=sampler, steps=5, shape=(2, C, H, W), y=torch.tensor([0, 1]), cfg_scale=1.5, cfg_channels=None,
-              generators=gens([0, 1]), num_classes=NUM_CLASSES, device="cpu", **TRAINED)
+    kw = dict(
+        sampler=sampler,
+        steps=5,
+        shape=(2, C, H, W),
+        y=torch.tensor([0, 1]),
+        cfg_scale=1.5,
+        cfg_channels=None,
+        generators=gens([0, 1]),
+        num_classes=NUM_CLASSES,
+        device="cpu",
+        **TRAINED,
+    )
     assert max_steps(sampler, TRAINED["diffusion_steps"]) == 1000
     for steps in (0, 1001, 10**9):
         with pytest.raises(ValueError, match=rf"steps must be an integer in \[1, 1000\] for {sampler}"):
@@ -372,7 +434,7 @@ class GaussianOracle(nn.Module):
             return torch.cat([eps, torch.zeros_like(eps)], dim=1).float()
         c1, post, lo, hi = (table[t].view(-1, 1, 1, 1) for table in self.tables.values())
         var_x0 = self.s2 * (1 - ab) / denom
-        frac = ((post + c1 ** 2 * var_x0).log() - lo) / (hi - lo).clamp(min=1e-12)
+        frac = ((post + c1**2 * var_x0).log() - lo) / (hi - lo).clamp(min=1e-12)
         v = (2 * frac - 1).clamp(-1, 1).expand_as(eps)
         return torch.cat([eps, v], dim=1).float()
 
@@ -383,9 +445,9 @@ def ddim_std_ratio(s, stride):
     eps = sigma (y - mu) / (s^2 + sigma^2) is linear in y, so the std of y follows the same recursion."""
     abar = create_diffusion("").alphas_cumprod
     sigmas = np.sqrt(1 / abar[list(range(0, 1000, stride))[::-1]] - 1).tolist() + [0.0]  # DDIM's steps, then x_0
-    std = np.sqrt(s ** 2 + sigmas[0] ** 2)
+    std = np.sqrt(s**2 + sigmas[0] ** 2)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        std = std * (1 + (sigma_next - sigma) * sigma / (s ** 2 + sigma ** 2))
+        std = std * (1 + (sigma_next - sigma) * sigma / (s**2 + sigma**2))
     return std / s
 
 
@@ -401,8 +463,19 @@ def test_samplers_recover_a_known_gaussian(sampler, steps):
     oracle = GaussianOracle(mu, s, respacing and create_diffusion(respacing)).eval()
     n = 128
     y = torch.arange(n) % 2
-    x = sample(oracle, sampler=sampler, steps=steps, shape=(n, C, H, W), y=y, cfg_scale=1.0, cfg_channels=None,
-               generators=gens(range(n)), num_classes=2, device="cpu", **TRAINED).double()
+    x = sample(
+        oracle,
+        sampler=sampler,
+        steps=steps,
+        shape=(n, C, H, W),
+        y=y,
+        cfg_scale=1.0,
+        cfg_channels=None,
+        generators=gens(range(n)),
+        num_classes=2,
+        device="cpu",
+        **TRAINED,
+    ).double()
     expected_ratio = torch.tensor(ddim_std_ratio(s.numpy(), 1000 // steps)) if sampler == "ddim" else torch.ones(C)
     # DPM-Solver++ ends with a first-order jump to sigma = 0 from t = 40, which shrinks narrow data (s = 0.3) by ~9%
     std_tol = torch.tensor([0.12, 0.04, 0.04, 0.04]) if sampler == "dpm-solver++" else torch.full((C,), 0.03)
@@ -410,6 +483,8 @@ def test_samplers_recover_a_known_gaussian(sampler, steps):
         xc = x[y == cls].transpose(0, 1).reshape(C, -1)  # (C, 64 * H * W) values per channel
         err_mean = (xc.mean(dim=1) - mu[cls]).abs()
         err_std = (xc.std(dim=1) / s - expected_ratio).abs()
-        print(f"{sampler}-{steps} class {cls}: |mean - mu| {err_mean.numpy().round(3)}, "
-              f"|std / s - expected| {err_std.numpy().round(3)}, expected {expected_ratio.numpy().round(3)}")
+        print(
+            f"{sampler}-{steps} class {cls}: |mean - mu| {err_mean.numpy().round(3)}, "
+            f"|std / s - expected| {err_std.numpy().round(3)}, expected {expected_ratio.numpy().round(3)}"
+        )
         assert (err_mean < 0.05).all() and (err_std < std_tol).all()

@@ -1,5 +1,6 @@
 """The `encode` stage: latents that match the VAE, the `dit-latents` contract, and bytes that do not depend on Ray's
 actor count or on the batch size."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,15 +14,15 @@ import numpy as np
 import pytest
 import ray
 import torch
-
-from pipeline.artifacts import ArtifactError, sha256_dir, sha256_file
-from pipeline.params.load import load_section
-from pipeline.encode import LatentEncoder, encode_local, run_encode
-from pipeline.params.encode import EncodeParams
-from pipeline.formats.latents import load_latents
-from pipeline.autoencoder import encode_images, load_vae
 from conftest import kill_once
 from tiny_encode import PARAMS, shard_hashes
+
+from pipeline.artifacts import ArtifactError, sha256_dir, sha256_file
+from pipeline.autoencoder import encode_images, load_vae
+from pipeline.encode import LatentEncoder, encode_local, run_encode
+from pipeline.formats.latents import load_latents
+from pipeline.params.encode import EncodeParams
+from pipeline.params.load import load_section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,15 +48,27 @@ def test_latents_are_the_vae_posterior_of_each_image_and_its_flip(encode_inputs,
     assert torch.equal(latents["label"], torch.from_numpy(encode_inputs["labels"]))
     images_manifest = json.loads((encode_inputs["images_dir"] / "manifest.json").read_text())
     assert {k: manifest[k] for k in ("format", "version", "count", "latent_shape", "dtype", "flip", "store")} == {
-        "format": "dit-latents", "version": 1, "count": 20, "latent_shape": [4, 8, 8], "dtype": "float32",
-        "flip": True, "store": "posterior"}
+        "format": "dit-latents",
+        "version": 1,
+        "count": 20,
+        "latent_shape": [4, 8, 8],
+        "dtype": "float32",
+        "flip": True,
+        "store": "posterior",
+    }
     assert manifest["scaling_factor"] == 0.7  # copied from the VAE config; the latents themselves are unscaled
     assert manifest["vae_sha256"] == sha256_dir(encode_inputs["vae_dir"])
     assert manifest["images_manifest_sha256"] == sha256_file(encode_inputs["images_dir"] / "manifest.json")
     assert (manifest["num_classes"], manifest["class_names"], manifest["image_size"]) == (
-        images_manifest["num_classes"], images_manifest["class_names"], 16)
+        images_manifest["num_classes"],
+        images_manifest["class_names"],
+        16,
+    )
     assert [(s["file"], s["count"]) for s in manifest["shards"]] == [
-        ("latents-00000.safetensors", 8), ("latents-00001.safetensors", 8), ("latents-00002.safetensors", 4)]
+        ("latents-00000.safetensors", 8),
+        ("latents-00001.safetensors", 8),
+        ("latents-00002.safetensors", 4),
+    ]
     assert [s["sha256"] for s in manifest["shards"]] == shard_hashes(tmp_path / "latents")
 
 
@@ -66,9 +79,14 @@ def test_bytes_do_not_depend_on_the_batch_size(encode_inputs, tmp_path, store):
     assert runs[0] == runs[1]
 
 
-@pytest.mark.parametrize("flip, store, dtype", [
-    (False, "posterior", "float16"), (False, "sample", "float16"), (True, "sample", "float32"),
-])
+@pytest.mark.parametrize(
+    "flip, store, dtype",
+    [
+        (False, "posterior", "float16"),
+        (False, "sample", "float16"),
+        (True, "sample", "float32"),
+    ],
+)
 def test_options_give_the_documented_tensors(encode_inputs, tmp_path, flip, store, dtype):
     manifest, latents = encode(encode_inputs, tmp_path / "latents", flip=flip, store=store, dtype=dtype)
     keys = {"posterior": {"label", "mean", "std"}, "sample": {"label", "sample"}}[store]
@@ -84,7 +102,8 @@ def test_sample_is_one_draw_seeded_by_the_image_index(encode_inputs, tmp_path):
     _, reseeded = encode(encode_inputs, tmp_path / "reseeded", store="sample", seed=1)
     for i in (0, 13):  # image i's noise comes from (seed, i) alone
         eps = np.random.Generator(np.random.PCG64(np.random.SeedSequence([PARAMS.seed, i]))).standard_normal(
-            (2, 4, 8, 8), dtype=np.float32)
+            (2, 4, 8, 8), dtype=np.float32
+        )
         expected = posterior["mean"][i] + posterior["std"][i] * torch.from_numpy(eps)
         assert torch.equal(sample["sample"][i], expected)
     assert not torch.equal(sample["sample"], reseeded["sample"])
@@ -117,8 +136,9 @@ def test_ray_with_two_actors_equals_single_process_bit_for_bit(encode_inputs, tm
     params = dataclasses.replace(PARAMS, store="sample", num_actors=2, batch_size=3)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # Ray's own filter shows a RayDeprecationWarning once per module
-        metrics = run_encode(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray",
-                             tmp_path / "encode.json")
+        metrics = run_encode(
+            params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray", tmp_path / "encode.json"
+        )
     ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if Path(w.filename).is_relative_to(REPO)]
     assert not ours, ours  # a deprecated or unsafe call of ours, seen from the driver
     assert shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
@@ -127,8 +147,9 @@ def test_ray_with_two_actors_equals_single_process_bit_for_bit(encode_inputs, tm
     assert json.loads((tmp_path / "encode.json").read_text()) == {k: metrics[k] for k in ("seconds", "img_per_s")}
     (lost,) = (tmp_path / "ray-shards").glob("*/latents-00001.safetensors")  # as if killed before that shard
     lost.unlink()
-    again = run_encode(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray",
-                       tmp_path / "encode.json")
+    again = run_encode(
+        params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "ray", tmp_path / "encode.json"
+    )
     assert again["encoded"] == 8 and shard_hashes(tmp_path / "ray") == shard_hashes(tmp_path / "local")
 
 
@@ -152,8 +173,10 @@ E.encode_local(PARAMS, images, vae, out, shards_dir=shards)
 def test_a_killed_encode_resumes_its_finished_shards_and_gives_the_same_bytes(encode_inputs, tmp_path):
     images, vae = encode_inputs["images_dir"], encode_inputs["vae_dir"]
     out, shards = tmp_path / "latents", tmp_path / "latents-shards"
-    kill_once([sys.executable, "-c", SLOW_ENCODE, str(images), str(vae), str(out), str(shards)],
-              lambda: any(shards.glob("*/latents-00000.safetensors")))
+    kill_once(
+        [sys.executable, "-c", SLOW_ENCODE, str(images), str(vae), str(out), str(shards)],
+        lambda: any(shards.glob("*/latents-00000.safetensors")),
+    )
     assert not out.exists()
     (first,) = shards.glob("*/latents-00000.safetensors")
     finished = {f.name: f.stat().st_ino for f in first.parent.glob("latents-*.safetensors")}

@@ -2,32 +2,34 @@
 checkpoint; the EMA ends bit for bit as an uninterrupted run's) and a sampling actor killed mid-shard (Ray restarts
 it and redoes its shard; every index is written once, with the uninterrupted run's pixels).
 
-Both runs use a local Ray started here, whose workers run `slow_workers.slow_and_tell` first: it slows each training step and
-each shard a little, so the kill lands mid-run, and writes each worker's pid where the test finds it."""
+Both runs use a local Ray started here, whose workers run `slow_workers.slow_and_tell` first: it slows each training
+step and each shard a little, so the kill lands mid-run, and writes each worker's pid where the test finds it."""
+
 from __future__ import annotations
 
 import os
 import signal
 import threading
 import time
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
-
-import pipeline.checkpoints as C
-from pipeline import sample as S
-from pipeline.formats.model_card import read_model_card
 from conftest import BUCKET, keys
 from slow_workers import PID_DIR
 from tiny_sample import load_samples, params
 from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
 
+import pipeline.checkpoints as C
+from pipeline import sample as S
+from pipeline.formats.model_card import read_model_card
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture
 def local_ray(tmp_path):
     """A local Ray like pipeline.cluster.init_ray's (2 CPUs, token-locked), whose workers run slow_and_tell;
@@ -41,9 +43,15 @@ def local_ray(tmp_path):
     lock_ray()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as init_ray: one local node is never drained
     python_path = os.pathsep.join([str(REPO), str(REPO / "tests")])
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={
-        "env_vars": {"PYTHONPATH": python_path, PID_DIR: str(pid_dir)},
-        "worker_process_setup_hook": "slow_workers.slow_and_tell"})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={
+            "env_vars": {"PYTHONPATH": python_path, PID_DIR: str(pid_dir)},
+            "worker_process_setup_hook": "slow_workers.slow_and_tell",
+        },
+    )
     try:
         yield pid_dir
     finally:
@@ -53,6 +61,7 @@ def local_ray(tmp_path):
 def kill_when(ready, pid_file: Path, seconds: float = 300) -> threading.Thread:
     """In the background: once `ready()` holds and `pid_file` exists, SIGKILL the process it names (a Ray worker
     of this test's own Ray); `thread.killed` records (pid, what ready() returned)."""
+
     def watch():
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
 """Feature extractors: the classifier (training, determinism, clean-fid interop) and the Inception loading path."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,23 +12,42 @@ import torch
 from cleanfid import fid as cleanfid
 from cleanfid.resize import build_resizer
 from PIL import Image
+from synthetic import make_shapes, save_inception_like, save_tiny_inception
 
 from pipeline import features
 from pipeline.artifacts import ArtifactError
-from pipeline.features import (INCEPTION_FILE, SFID_CHANNELS, InceptionExtractor, WeightsUnavailable, load_extractor,
-                               resolve_inception_weights, save_extractor, tf_legacy_resize)
+from pipeline.features import (
+    INCEPTION_FILE,
+    SFID_CHANNELS,
+    InceptionExtractor,
+    WeightsUnavailable,
+    load_extractor,
+    resolve_inception_weights,
+    save_extractor,
+    tf_legacy_resize,
+)
 from pipeline.metrics import fid_from_features
-from pipeline.reference import build_extractor, train_classifier
 from pipeline.params.reference import ReferenceParams
-from synthetic import make_shapes, save_inception_like, save_tiny_inception
+from pipeline.reference import build_extractor, train_classifier
 
 CPU = torch.device("cpu")
 
 
 def params(**overrides) -> ReferenceParams:
-    base = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=150,
-                classifier_batch_size=32, classifier_lr=2e-3, holdout=100, max_features=None, batch_size=64, use_gpu=False, seed=0,
-                adm_batch="inputs/none")
+    base = dict(
+        extractor="classifier",
+        mode="clean",
+        inception_weights="inputs/none",
+        classifier_steps=150,
+        classifier_batch_size=32,
+        classifier_lr=2e-3,
+        holdout=100,
+        max_features=None,
+        batch_size=64,
+        use_gpu=False,
+        seed=0,
+        adm_batch="inputs/none",
+    )
     return ReferenceParams(**{**base, **overrides})
 
 
@@ -80,9 +100,17 @@ def test_classifier_plugs_into_cleanfid(trained, shapes, tmp_path):
     images = shapes[0]
     real, fake = images[:200], images[200:400]
     dir_real, dir_fake = write_folder(tmp_path / "real", real), write_folder(tmp_path / "fake", fake)
-    theirs = cleanfid.compute_fid(dir_fake, dir_real, mode="clean", custom_feat_extractor=extractor.net,
-                                  custom_fn_resize=lambda x: x.astype(np.float32),  # keep 16 px: no 299 resize
-                                  device=CPU, num_workers=0, batch_size=64, verbose=False)
+    theirs = cleanfid.compute_fid(
+        dir_fake,
+        dir_real,
+        mode="clean",
+        custom_feat_extractor=extractor.net,
+        custom_fn_resize=lambda x: x.astype(np.float32),  # keep 16 px: no 299 resize
+        device=CPU,
+        num_workers=0,
+        batch_size=64,
+        verbose=False,
+    )
     f_real, f_fake = extractor.features(real, 64), extractor.features(fake, 64)
     ours = fid_from_features(f_fake, f_real.mean(axis=0), np.cov(f_real, rowvar=False))
     assert ours == pytest.approx(theirs, rel=1e-4)
@@ -146,8 +174,15 @@ def test_inception_follows_cleanfid_protocol(tiny_inception, tmp_path, mode):
     images = make_shapes(6, 4, 16, seed=1)[0]
     extractor = InceptionExtractor(resolve_inception_weights(str(tiny_inception)), mode, CPU)
     ours = extractor.extract(images, 4)
-    theirs = cleanfid.get_folder_features(write_folder(tmp_path / "imgs", images), extractor.model, num_workers=0,
-                                          batch_size=4, device=CPU, mode=mode, verbose=False)
+    theirs = cleanfid.get_folder_features(
+        write_folder(tmp_path / "imgs", images),
+        extractor.model,
+        num_workers=0,
+        batch_size=4,
+        device=CPU,
+        mode=mode,
+        verbose=False,
+    )
     np.testing.assert_allclose(ours.features, theirs, rtol=1e-4, atol=1e-4)
     weight = torch.jit.load(str(tiny_inception)).output.weight.detach().numpy()
     np.testing.assert_allclose(ours.logits, ours.features @ weight.T, rtol=1e-4, atol=1e-4)
@@ -159,8 +194,9 @@ def test_inception_extractor_round_trip_checks_the_weights(tiny_inception, tmp_p
     extractor = InceptionExtractor(tiny_inception, "clean", CPU)
     save_extractor(tmp_path / "ref", extractor, str(tiny_inception))
     images = make_shapes(3, 4, 16, seed=2)[0]
-    np.testing.assert_array_equal(load_extractor(tmp_path / "ref", CPU).features(images, 3),
-                                  extractor.features(images, 3))
+    np.testing.assert_array_equal(
+        load_extractor(tmp_path / "ref", CPU).features(images, 3), extractor.features(images, 3)
+    )
     other = save_tiny_inception(tmp_path / "other" / INCEPTION_FILE, seed=1)
     with pytest.raises(ArtifactError, match="sha256"):
         load_extractor(tmp_path / "ref", CPU, inception_weights=str(other))
@@ -189,22 +225,37 @@ def test_spatial_features_are_mixed_6_conv_first_7_channels_in_nhwc_order(tmp_pa
     x = extractor._to_tensor(images)
     h = tf_legacy_resize(x, 299) if mode == "legacy_tensorflow" else x
     h = (h - 128) / 128
-    for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1", "mixed", "mixed_1", "mixed_2",
-                 "mixed_3", "mixed_4", "mixed_5"):
+    for name in (
+        "conv",
+        "conv_1",
+        "conv_2",
+        "pool0",
+        "conv_3",
+        "conv_4",
+        "pool1",
+        "mixed",
+        "mixed_1",
+        "mixed_2",
+        "mixed_3",
+        "mixed_4",
+        "mixed_5",
+    ):
         h = getattr(layers, name)(h)
     with torch.no_grad():
         tap = layers.mixed_6.conv(h).double().numpy()  # (N, 12, 17, 17)
     assert out.spatial.shape == (3, 17 * 17 * SFID_CHANNELS)
     n, c, y, x_ = 1, 5, 3, 11  # ADM flattens NHWC: index (y * 17 + x) * 7 + c
     assert out.spatial[n, (y * 17 + x_) * SFID_CHANNELS + c] == pytest.approx(tap[n, c, y, x_], rel=1e-4, abs=1e-5)
-    np.testing.assert_allclose(out.spatial, tap[:, :SFID_CHANNELS].transpose(0, 2, 3, 1).reshape(3, -1),
-                               rtol=1e-4, atol=1e-5)  # batches of 2 vs 3: float sums differ
+    np.testing.assert_allclose(
+        out.spatial, tap[:, :SFID_CHANNELS].transpose(0, 2, 3, 1).reshape(3, -1), rtol=1e-4, atol=1e-5
+    )  # batches of 2 vs 3: float sums differ
 
 
 def test_spatial_replay_that_misses_the_nets_resize_is_an_error(tmp_path):
     """A net that resizes with half-pixel centres: replaying TF's resize would tap other features, and says so."""
-    extractor = InceptionExtractor(save_inception_like(tmp_path / INCEPTION_FILE, 0, half_pixel=True),
-                                   "legacy_tensorflow", CPU)
+    extractor = InceptionExtractor(
+        save_inception_like(tmp_path / INCEPTION_FILE, 0, half_pixel=True), "legacy_tensorflow", CPU
+    )
     with pytest.raises(features.SpatialReplayMismatch, match="replayed input path"):
         extractor.extract(make_shapes(2, 4, 32, seed=3)[0], 2, spatial=True)
 

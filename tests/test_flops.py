@@ -1,8 +1,8 @@
 """Tests of the Gflops counter against the paper's Table 1 and against the closed-form count of a DiT."""
+
 import pytest
 
 from pipeline.flops import count_gflops, count_gflops_latent, count_ops, count_parameters, paper_round
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -24,8 +24,15 @@ def test_closed_form_count_of_dit_s2():
     macs, normalised = count_ops("DiT-S/2", latent_size=32)
     assert macs == blocks + embed + final
     assert normalised == (2 * depth + 1) * T * D
-    params = (depth * (18 * D * D + 15 * D) + (C * p * p * D + D) + (256 * D + D * D + 2 * D) + 1001 * D + T * D
-              + (2 * D * D + 2 * D) + (D + 1) * p * p * 2 * C)
+    params = (
+        depth * (18 * D * D + 15 * D)
+        + (C * p * p * D + D)
+        + (256 * D + D * D + 2 * D)
+        + 1001 * D
+        + T * D
+        + (2 * D * D + 2 * D)
+        + (D + 1) * p * p * 2 * C
+    )
     assert count_parameters("DiT-S/2", 32) == params
 
 

@@ -1,5 +1,6 @@
 """`train.fp8`: torchao's Float8 linear layers in the DiT blocks. On the CPU, torchao's emulation (the same float8
 casts and scales, float32 matmuls) checks the module swap and the numerics; the speed is measured on the device."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 import pipeline.train as T
-from pipeline.params.load import ParamsError, load_section
 from pipeline.fp8 import convert_to_fp8
+from pipeline.params.load import ParamsError, load_section
 from pipeline.params.rules import check_fp8
 from pipeline.params.train import TrainParams
 
@@ -23,8 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def params(**changes) -> TrainParams:
     p = load_section(TrainParams, "train", REPO / "params.yaml")
-    return replace(p, num_workers=0, use_gpu=False, precision="fp32", compile=False, lr=1e-3, warmup_steps=0,
-                   **changes)
+    return replace(p, num_workers=0, use_gpu=False, precision="fp32", compile=False, lr=1e-3, warmup_steps=0, **changes)
 
 
 def test_fp8_on_needs_cuda_and_bf16():

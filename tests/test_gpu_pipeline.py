@@ -1,5 +1,6 @@
 """bench/gpu_checks.sh runs on a device lent for minutes, so its pipeline step is rehearsed here: the same script and
 the same stage entry points at tiny sizes on the CPU (`--cpu-dry-run`)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ def test_gpu_smoke_profile_validates_and_is_gpu_everywhere():
 @pytest.mark.slow
 def test_gpu_checks_cpu_dry_run_runs_every_stage(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}  # `make test` leaves the venv off PATH
-    done = subprocess.run(["bash", "bench/gpu_checks.sh", "--cpu-dry-run"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", "bench/gpu_checks.sh", "--cpu-dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "gpu_checks.log").read_text()
     assert "### gpu_pipeline_dry: rc=0" in log, log

@@ -1,4 +1,5 @@
 """The ingest stage: sources, ADM crop, mode conversion, bad inputs, deterministic shards, the manifest contract."""
+
 import copy
 import io
 import json
@@ -16,19 +17,34 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from pipeline import ingest as data, synthetic
-from pipeline.formats import images as image_shards
 from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.formats import images as image_shards
+from pipeline.params.ingest import IngestParams
 from pipeline.params.load import ParamsError, from_dict, load_section
 from pipeline.provenance import NO_INPUT
-from pipeline.params.ingest import IngestParams
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {
-    "source": "synthetic", "image_size": 16, "shard_size": 16, "max_bad_fraction": 0.01, "min_image_side": 8,
-    "max_image_pixels": 1_000_000, "max_file_bytes": 1_000_000, "num_workers": 0,
+    "source": "synthetic",
+    "image_size": 16,
+    "shard_size": 16,
+    "max_bad_fraction": 0.01,
+    "min_image_side": 8,
+    "max_image_pixels": 1_000_000,
+    "max_file_bytes": 1_000_000,
+    "num_workers": 0,
     "synthetic": {"num_images": 40, "num_classes": 10, "seed": 0},
-    "hf": {"path": "unused", "local_dir": NO_INPUT, "name": None, "split": "train", "revision": None, "image_column": "img",
-           "label_column": "label", "streaming": False, "max_images": None},
+    "hf": {
+        "path": "unused",
+        "local_dir": NO_INPUT,
+        "name": None,
+        "split": "train",
+        "revision": None,
+        "image_column": "img",
+        "label_column": "label",
+        "streaming": False,
+        "max_images": None,
+    },
     "imagefolder": {"root": "unused"},
 }
 
@@ -65,23 +81,28 @@ def noise(rng, h, w, c=3) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------- params
 
+
 def test_params_yaml_section_loads():
     params = load_section(IngestParams, "ingest", REPO / "params.yaml")
     assert params.synthetic.num_classes <= len(synthetic.CLASSES)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("synthetic.num_classes", 11, "num_classes' must be in 1..10"),
-    ("max_bad_fraction", 1.0, "max_bad_fraction' must be in [0, 1)"),
-    ("image_size", 0, "image_size' must be >= 1"),
-    ("source", "folder", "must be one of ['synthetic', 'hf', 'imagefolder']"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("synthetic.num_classes", 11, "num_classes' must be in 1..10"),
+        ("max_bad_fraction", 1.0, "max_bad_fraction' must be in [0, 1)"),
+        ("image_size", 0, "image_size' must be >= 1"),
+        ("source", "folder", "must be one of ['synthetic', 'hf', 'imagefolder']"),
+    ],
+)
 def test_bad_params_are_named(key, value, message):
     with pytest.raises(ParamsError, match=re.escape(message)):
         make_params(**{key: value})
 
 
 # ------------------------------------------------------------------------------------------------ synthetic
+
 
 def test_synthetic_is_deterministic_balanced_and_independent_of_workers(tmp_path, monkeypatch):
     params = make_params()
@@ -132,8 +153,12 @@ def _train_small_cnn(torch, x_train, y_train, x_test, y_test, steps):
     torch.manual_seed(0)
     layers = []
     for c_in, c_out in ((3, 16), (16, 32), (32, 64)):
-        layers += [torch.nn.Conv2d(c_in, c_out, 3, padding=1), torch.nn.BatchNorm2d(c_out), torch.nn.ReLU(),
-                   torch.nn.MaxPool2d(2)]
+        layers += [
+            torch.nn.Conv2d(c_in, c_out, 3, padding=1),
+            torch.nn.BatchNorm2d(c_out),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+        ]
     net = torch.nn.Sequential(*layers[:-1], torch.nn.AdaptiveMaxPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
@@ -162,6 +187,7 @@ def test_rerun_removes_stale_shards_and_reads_back(tmp_path):
 
 # ------------------------------------------------------------------------------------------- preprocessing
 
+
 def adm_center_crop_reference(pil_image, image_size):
     """ADM's center_crop_arr written out plainly, as in guided-diffusion."""
     while min(*pil_image.size) >= 2 * image_size:
@@ -171,7 +197,7 @@ def adm_center_crop_reference(pil_image, image_size):
     arr = np.array(pil_image)
     crop_y = (arr.shape[0] - image_size) // 2
     crop_x = (arr.shape[1] - image_size) // 2
-    return arr[crop_y:crop_y + image_size, crop_x:crop_x + image_size]
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
 
 
 @pytest.mark.parametrize("image_size", [16, 32])
@@ -204,6 +230,7 @@ def test_to_rgb_modes():
 
 # -------------------------------------------------------------------------------------------- imagefolder
 
+
 def plant_imagefolder(root: Path) -> tuple[set[str], dict[str, str]]:
     """A tree of valid images in many modes plus bad files; returns (valid keys, {bad key: reason})."""
     rng = np.random.default_rng(0)
@@ -235,8 +262,9 @@ def test_imagefolder_bad_inputs_are_reported_and_valid_ones_kept(tmp_path):
     root = tmp_path / "raw"
     valid, bad = plant_imagefolder(root)
     out = tmp_path / "images"
-    metrics = data.ingest(make_params(source="imagefolder", max_bad_fraction=0.4, **{"imagefolder.root": str(root)}),
-                          out)
+    metrics = data.ingest(
+        make_params(source="imagefolder", max_bad_fraction=0.4, **{"imagefolder.root": str(root)}), out
+    )
     assert metrics == {"count": len(valid), "skipped": len(bad)}
     table = rows(out)
     assert {r["key"] for r in table} == valid
@@ -275,8 +303,14 @@ def test_imagefolder_parallel_matches_serial(tmp_path, monkeypatch):
     params = make_params(source="imagefolder", max_bad_fraction=0.4, **{"imagefolder.root": str(root)})
     data.ingest(params, tmp_path / "serial")
     monkeypatch.setattr(data, "CHUNK_ROWS", 3)
-    data.ingest(make_params(num_workers=2, **{k: getattr(params, k) for k in ("source", "max_bad_fraction")},
-                            **{"imagefolder.root": str(root)}), tmp_path / "parallel")
+    data.ingest(
+        make_params(
+            num_workers=2,
+            **{k: getattr(params, k) for k in ("source", "max_bad_fraction")},
+            **{"imagefolder.root": str(root)},
+        ),
+        tmp_path / "parallel",
+    )
     assert shard_hashes(tmp_path / "parallel") == shard_hashes(tmp_path / "serial")
     assert (tmp_path / "parallel/skipped.json").read_bytes() == (tmp_path / "serial/skipped.json").read_bytes()
 
@@ -287,6 +321,7 @@ def test_imagefolder_missing_root(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ inputs that must not stop it
+
 
 def hostile_root(tmp_path: Path) -> Path:
     """Two classes of two valid images each: the hostile file under test is added beside them."""
@@ -325,13 +360,16 @@ def test_a_header_claiming_too_many_pixels_is_refused_before_decoding(tmp_path):
     # over max_image_pixels; over Pillow's decompression-bomb warning (89 MP); over its error (179 MP)
     for name, side in (("wide.png", 2000), ("warned.png", 10000), ("huge.png", 20000)):
         header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-        (root / "dog" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b""))
-                                          + png_chunk(b"IEND", b""))
+        (root / "dog" / name).write_bytes(
+            b"\x89PNG\r\n\x1a\n" + header + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")
+        )
     too_many = {"dog/huge.png": "too_many_pixels", "dog/warned.png": "too_many_pixels"}
     assert skipped_after_ingest(tmp_path, root) == {**too_many, "dog/wide.png": "too_many_pixels"}
     # Pillow's decompression-bomb warning and error reject too, where the param would allow the image
     assert skipped_after_ingest(tmp_path, root, max_image_pixels=10**9) == {
-        **too_many, "dog/wide.png": "corrupt"}  # 2000 x 2000 claimed, no pixel data
+        **too_many,
+        "dog/wide.png": "corrupt",
+    }  # 2000 x 2000 claimed, no pixel data
 
 
 def test_a_file_over_max_file_bytes_is_not_read(tmp_path, monkeypatch):
@@ -364,8 +402,15 @@ def test_an_unreadable_subfolder_is_counted(tmp_path, monkeypatch):
     (root / "dog" / "locked").chmod(0)
     if os.geteuid() == 0:  # root reads any folder: make the listing fail as it does for everyone else
         scandir = os.scandir
-        monkeypatch.setattr(os, "scandir", lambda path=".": scandir(path) if Path(path) != root / "dog" / "locked"
-                            else (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path))))
+        monkeypatch.setattr(
+            os,
+            "scandir",
+            lambda path=".": (
+                scandir(path)
+                if Path(path) != root / "dog" / "locked"
+                else (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
+            ),
+        )
     try:
         assert skipped_after_ingest(tmp_path, root) == {"dog/locked/": "unreadable_folder"}
     finally:
@@ -395,14 +440,16 @@ def test_hf_rows_read_local_files_only_inside_the_dataset(tmp_path, hf_dir):
 
 # -------------------------------------------------------------------------------------------- Hugging Face
 
+
 @pytest.fixture
 def hf_dir(tmp_path, monkeypatch):
     """A local parquet dataset (Image + ClassLabel features), loaded through the same path as a hub id."""
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     rng = np.random.default_rng(0)
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"]),
-                                  "extra": datasets.Value("int64")})
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=["ant", "bee"]), "extra": datasets.Value("int64")}
+    )
     images = [{"bytes": png_bytes(Image.fromarray(noise(rng, 20, 28))), "path": None} for _ in range(12)]
     labels = [i % 2 for i in range(10)] + [-1, None]  # the last two have no usable label
     root = tmp_path / "hf_dataset"
@@ -458,6 +505,7 @@ def test_imagefolder_root_none_names_the_fix(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- stage
 
+
 def test_stage_script_end_to_end(tmp_path):
     raw = copy.deepcopy(BASE)
     (tmp_path / "params.yaml").write_text(json.dumps({"ingest": raw}))  # JSON is YAML
@@ -466,8 +514,20 @@ def test_stage_script_end_to_end(tmp_path):
     for path in leftovers:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
-    subprocess.run([sys.executable, str(REPO / "stages/ingest.py"), "--params", str(tmp_path / "params.yaml"),
-                    "--out", str(out), "--metrics", str(metrics)], check=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages/ingest.py"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--out",
+            str(out),
+            "--metrics",
+            str(metrics),
+        ],
+        check=True,
+        cwd=tmp_path,
+    )
     assert json.loads(metrics.read_text()) == {"count": 40, "skipped": 0}
     assert image_shards.read_manifest(out)["count"] == 40
     assert not any(p.exists() for p in leftovers)

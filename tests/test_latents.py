@@ -1,5 +1,6 @@
 """The `dit-latents` reader: memory-mapped shards hold the bytes safetensors' own reader returns, training batches
 drawn from them equal those of the whole set concatenated in memory, and opening a set copies nothing."""
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,26 @@ def write_set(directory: Path, store: str = "posterior", dtype=torch.float16, co
         tensors.update({k: torch.randn(n, 2, 4, 8, 8, generator=g).to(dtype) for k in keys})
         name = f"latents-{s:05d}.safetensors"
         save_file(tensors, directory / name)
-        entries.append({"file": name, "count": n, "size": (directory / name).stat().st_size,
-                        "sha256": sha256_file(directory / name)})
-    write_manifest(directory, "dit-latents", 1, count=sum(counts), latent_shape=[4, 8, 8], scaling_factor=0.5,
-                   store=store, flip=True, num_classes=5, shards=entries)
+        entries.append(
+            {
+                "file": name,
+                "count": n,
+                "size": (directory / name).stat().st_size,
+                "sha256": sha256_file(directory / name),
+            }
+        )
+    write_manifest(
+        directory,
+        "dit-latents",
+        1,
+        count=sum(counts),
+        latent_shape=[4, 8, 8],
+        scaling_factor=0.5,
+        store=store,
+        flip=True,
+        num_classes=5,
+        shards=entries,
+    )
     return directory
 
 
@@ -42,7 +59,10 @@ def concatenated(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_mapped_shard_equals_safetensors_load_file(tmp_path, dtype):
     directory = write_set(tmp_path / "latents", dtype=dtype, counts=(5,))
-    mapped, loaded = map_shard(directory / "latents-00000.safetensors"), load_file(directory / "latents-00000.safetensors")
+    mapped, loaded = (
+        map_shard(directory / "latents-00000.safetensors"),
+        load_file(directory / "latents-00000.safetensors"),
+    )
     assert mapped.keys() == loaded.keys()
     for key in loaded:
         assert mapped[key].dtype == loaded[key].dtype and torch.equal(mapped[key], loaded[key])

@@ -5,6 +5,7 @@ The closure walker of pipeline/fingerprint.py is checked three ways: on a made-u
 source file); and in the end-to-end run (tests/test_pipeline_e2e.py), against the `pipeline` modules each stage's
 processes actually loaded, Ray workers included.
 """
+
 from __future__ import annotations
 
 import re
@@ -61,8 +62,10 @@ def test_a_stage_is_named_like_its_script_and_its_module(name):
 def test_a_stage_module_reaches_only_its_own_stage():
     """Editing one stage's module reruns that stage alone: no other stage's closure holds it."""
     closures = {s: set(F.stage_code(s)) for s in CODE_STAGES}
-    shared = {f"pipeline/{s}.py": sorted(t for t in CODE_STAGES if t != s and f"pipeline/{s}.py" in closures[t])
-              for s in CODE_STAGES}
+    shared = {
+        f"pipeline/{s}.py": sorted(t for t in CODE_STAGES if t != s and f"pipeline/{s}.py" in closures[t])
+        for s in CODE_STAGES
+    }
     assert not {m: ts for m, ts in shared.items() if ts}
 
 
@@ -80,13 +83,21 @@ def test_closure_sees_lazy_relative_and_package_imports(tmp_path):
     (pkg / "unused.py").write_text("")
     (tmp_path / "stages").mkdir()
     (tmp_path / "stages" / "s.py").write_text("from pipeline.a import f\n")
-    assert F.stage_code("s", tmp_path) == ["pipeline/a.py", "pipeline/b.py", "pipeline/c.py",
-                                           "pipeline/sub/__init__.py", "pipeline/sub/d.py", "stages/s.py"]
+    assert F.stage_code("s", tmp_path) == [
+        "pipeline/a.py",
+        "pipeline/b.py",
+        "pipeline/c.py",
+        "pipeline/sub/__init__.py",
+        "pipeline/sub/d.py",
+        "stages/s.py",
+    ]
     assert F.stage_names(tmp_path) == ["s"]
 
 
 SOURCE = '''"""Module docstring."""
 import math
+import os
+from pathlib import Path, PurePath
 
 
 def f(x, y=2):
@@ -103,20 +114,24 @@ def test_the_code_hash_ignores_comments_docstrings_and_layout_but_not_code():
         SOURCE.replace('    """Function docstring."""\n', ""),
         SOURCE.replace("def f(x, y=2):", "def f(\n    x,\n    y = 2,\n):").replace("\n\n\n", "\n\n\n\n"),
         SOURCE.replace("return math.sqrt(x) + y", "return (math.sqrt(x)\n            + y)  # trailing"),
+        SOURCE.replace("import math\nimport os", "import os\nimport math"),  # a linter's sort
+        SOURCE.replace("from pathlib import Path, PurePath", "from pathlib import PurePath\nfrom pathlib import Path"),
     ]
     different = [
         SOURCE.replace("y=2", "y=3"),
         SOURCE.replace("math.sqrt(x) + y", "y + math.sqrt(x)"),
         SOURCE.replace("    return", "    x = float(x)\n    return"),
-        SOURCE.replace("import math", "import math\nimport os"),
+        SOURCE.replace("import os\n", "import sys\n"),
+        SOURCE.replace("    return", "    import os\n    return"),
     ]
     base = F.code_hash(SOURCE)
     assert all(F.code_hash(s) == base for s in same)
     assert len({F.code_hash(s) for s in different} | {base}) == len(different) + 1
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("pipeline/**/*.py"),
-                                                                                   *ROOT.glob("stages/*.py")]))
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(ROOT).as_posix() for p in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/*.py")])
+)
 def test_every_source_file_keeps_its_code_hash_under_a_comment_and_a_docstring_edit(path):
     text = (ROOT / path).read_text()
     assert F.code_hash(text) == F.code_hash(edit_without_code(text)), path
@@ -129,6 +144,8 @@ def edit_without_code(text: str) -> str:
         lines[0] = lines[0].replace('"""', '"""Edited. ', 1)
     else:
         lines.insert(0, '"""A new docstring."""\n')
-    lines.insert(len(lines) // 2 if not lines[len(lines) // 2].startswith((" ", "\t", ")")) else len(lines),
-                 "# an edited comment\n")
+    lines.insert(
+        len(lines) // 2 if not lines[len(lines) // 2].startswith((" ", "\t", ")")) else len(lines),
+        "# an edited comment\n",
+    )
     return "".join(lines) + "\n# a trailing comment\n"

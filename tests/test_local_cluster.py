@@ -1,6 +1,7 @@
 """`python -m pipeline.cluster run -- CMD` (make repro): one local Ray that the command's stages join, stopped after.
 A real Ray on 127.0.0.1 with token authentication; the command is a stand-in stage that joins it through init_ray,
 runs a remote task that records its first useful work (pipeline/timing.py), and reports what it saw."""
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,23 @@ open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))  # not stdout: Ra
 @pytest.mark.slow
 def test_run_starts_one_local_ray_that_stages_join_and_stops_it(tmp_path):
     timings = tmp_path / "timings"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PIPELINE_TIMINGS_DIR": str(timings), "PIPELINE_STAGE": "probe",
-           "REPORT_PATH": str(tmp_path / "report.json")}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "PIPELINE_TIMINGS_DIR": str(timings),
+        "PIPELINE_STAGE": "probe",
+        "REPORT_PATH": str(tmp_path / "report.json"),
+    }
     for name in ("RAY_ADDRESS", "PIPELINE_LOCAL_RAY"):
         env.pop(name, None)
-    done = subprocess.run([sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "1", "--",
-                           sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "1", "--", sys.executable, "-c", PROBE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads((tmp_path / "report.json").read_text())
     assert seen["address"] and seen["gcs"] == seen["address"]  # joined the run's Ray, did not start its own
@@ -58,6 +69,11 @@ def test_run_starts_one_local_ray_that_stages_join_and_stops_it(tmp_path):
 
 
 def test_run_needs_a_command():
-    done = subprocess.run([sys.executable, "-m", "pipeline.cluster", "run"], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cluster", "run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 2 and "give the command to run after --" in done.stderr

@@ -69,11 +69,14 @@ def test_venv_matches_its_lock():
         installed_from = record.read_text()
         keep_torch = "torch" not in lockfile.pins(record)
         committed = [p.read_text() for p in (LOCK, LOCK_GPU)]
-        assert installed_from in (committed + [lockfile.without_torch(t) for t in committed]), \
+        assert installed_from in (committed + [lockfile.without_torch(t) for t in committed]), (
             "the venv was built from another lock than the committed ones: `make venv` rebuilds it"
+        )
     else:
         keep_torch = False
         record = LOCK_GPU if lockfile.frozen(False).get("torchao") else LOCK
     differences = lockfile.diff(lockfile.pins(record), lockfile.frozen(keep_torch), keep_torch)
-    assert not differences, f"this venv is not its lock ({record.name}); `rm -rf .venv && make test` rebuilds it:\n" \
+    assert not differences, (
+        f"this venv is not its lock ({record.name}); `rm -rf .venv && make test` rebuilds it:\n"
         + "\n".join(differences)
+    )

@@ -1,4 +1,5 @@
 """Metrics: closed forms and peer-library parity for the math; the evaluate stage and the CLI end to end."""
+
 from __future__ import annotations
 
 import json
@@ -11,26 +12,49 @@ import torch
 from cleanfid import fid as cleanfid
 from scipy import linalg
 from scipy.spatial.distance import cdist
+from synthetic import make_shapes, save_tiny_inception, write_images_dir
 
 from pipeline.adm_batch import read_adm_batch
 from pipeline.artifacts import ArtifactError, sha256_file, write_manifest
-from pipeline.features import (INCEPTION_FILE, ClassifierExtractor, Extracted, SpatialReplayMismatch,
-                               load_extractor)
-from pipeline.metrics import Reference, class_consistency, evaluate_features, evaluate_images, fid_from_features, frechet_distance, inception_score, kernel_inception_distance, precision_recall
-from pipeline.formats.reference_stats import load_reference
 from pipeline.evaluate import evaluate_stage, main, reference_from_adm_batch
+from pipeline.features import INCEPTION_FILE, ClassifierExtractor, Extracted, SpatialReplayMismatch, load_extractor
+from pipeline.formats.reference_stats import load_reference
+from pipeline.metrics import (
+    Reference,
+    class_consistency,
+    evaluate_features,
+    evaluate_images,
+    fid_from_features,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 from pipeline.params.evaluate import EvaluateParams
-from pipeline.reference import build_reference
 from pipeline.params.reference import ReferenceParams
-from synthetic import make_shapes, save_tiny_inception, write_images_dir
+from pipeline.reference import build_reference
 
 CPU = torch.device("cpu")
 EVAL = EvaluateParams(pr_k=3, kid_subsets=4, kid_subset_size=40, is_splits=2, batch_size=32, use_gpu=False, seed=0)
-EVAL_YAML = ("evaluate:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in vars(EVAL).items())
-             + "tracking:\n  enabled: false\n  experiment: test\n")
-REF = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=60,
-           classifier_batch_size=32, classifier_lr=2e-3, holdout=20, max_features=None, batch_size=64, use_gpu=False, seed=0,
-           adm_batch="inputs/none")
+EVAL_YAML = (
+    "evaluate:\n"
+    + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in vars(EVAL).items())
+    + "tracking:\n  enabled: false\n  experiment: test\n"
+)
+REF = dict(
+    extractor="classifier",
+    mode="clean",
+    inception_weights="inputs/none",
+    classifier_steps=60,
+    classifier_batch_size=32,
+    classifier_lr=2e-3,
+    holdout=20,
+    max_features=None,
+    batch_size=64,
+    use_gpu=False,
+    seed=0,
+    adm_batch="inputs/none",
+)
 
 
 def gaussian_stats(rng, d):
@@ -67,7 +91,8 @@ def test_frechet_distance_general_case():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
     x, y = rng.normal(size=(300, 10)), rng.normal(size=(200, 10)) * 1.5 + 0.3
     assert fid_from_features(x, y.mean(axis=0), np.cov(y, rowvar=False)) == pytest.approx(
-        cleanfid.fid_from_feats(x, y), rel=1e-10)
+        cleanfid.fid_from_feats(x, y), rel=1e-10
+    )
 
 
 def test_frechet_distance_rejects_mismatched_dimensions():
@@ -82,8 +107,10 @@ def test_frechet_distance_rejects_mismatched_dimensions():
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_shift():
     rng = np.random.default_rng(3)
     real = rng.normal(size=(600, 16))
-    kids = [kernel_inception_distance(rng.normal(size=(600, 16)) + s, real, 10, 300, seed=0)[0]
-            for s in (0.0, 0.25, 0.5, 1.0)]
+    kids = [
+        kernel_inception_distance(rng.normal(size=(600, 16)) + s, real, 10, 300, seed=0)[0]
+        for s in (0.0, 0.25, 0.5, 1.0)
+    ]
     assert abs(kids[0]) < 0.01 < kids[1] < kids[2] < kids[3]
 
 
@@ -149,8 +176,16 @@ def data(tmp_path_factory):
 def write_samples(directory, images, labels, checkpoint="c0ffee" * 10, **overrides):
     directory.mkdir(parents=True, exist_ok=True)
     np.savez(directory / "samples.npz", arr_0=images, labels=labels)
-    settings = dict(num_samples=len(images), sampler="ddpm", steps=250, cfg_scale=1.5, cfg_channels=3,
-                    labels="balanced", seed=0, checkpoint_sha256=checkpoint)
+    settings = dict(
+        num_samples=len(images),
+        sampler="ddpm",
+        steps=250,
+        cfg_scale=1.5,
+        cfg_channels=3,
+        labels="balanced",
+        seed=0,
+        checkpoint_sha256=checkpoint,
+    )
     write_manifest(directory, "dit-samples", 1, **{**settings, **overrides})
     return directory
 
@@ -160,9 +195,25 @@ def test_evaluate_stage_records_protocol_and_ranks_samples(data, tmp_path, monke
     good, labels = make_shapes(100, 4, 16, seed=1)  # fresh draws of the real distribution
     write_samples(tmp_path / "good", good, labels, checkpoint=ema_sha256)
     metrics, report = tmp_path / "metrics" / "eval.json", tmp_path / "reports" / "eval.json"
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--params", str(data / "params.yaml"), "--samples",
-                                      str(tmp_path / "good"), "--reference", str(data / "reference"), "--model",
-                                      str(tmp_path / "dit"), "--metrics", str(metrics), "--report", str(report)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "evaluate.py",
+            "--params",
+            str(data / "params.yaml"),
+            "--samples",
+            str(tmp_path / "good"),
+            "--reference",
+            str(data / "reference"),
+            "--model",
+            str(tmp_path / "dit"),
+            "--metrics",
+            str(metrics),
+            "--report",
+            str(report),
+        ],
+    )
     runpy.run_path("stages/evaluate.py", run_name="__main__")
     numbers = json.loads(metrics.read_text())
     assert set(numbers) == {"fid", "kid", "kid_std", "precision", "recall", "class_consistency"}  # no IS: no nulls
@@ -175,13 +226,21 @@ def test_evaluate_stage_records_protocol_and_ranks_samples(data, tmp_path, monke
     assert result["class_consistency"] > 0.9 and result["precision"] > 0.5 and result["recall"] > 0.5
 
     noise = np.random.default_rng(0).integers(0, 256, good.shape, dtype=np.uint8)
-    bad = evaluate_stage(write_samples(tmp_path / "bad", noise, labels, checkpoint=ema_sha256), data / "reference", tmp_path / "dit", EVAL)
+    bad = evaluate_stage(
+        write_samples(tmp_path / "bad", noise, labels, checkpoint=ema_sha256),
+        data / "reference",
+        tmp_path / "dit",
+        EVAL,
+    )
     assert bad["fid"] > 2 * result["fid"] and bad["kid"] > result["kid"]
     assert bad["precision"] < 0.5 * result["precision"]
     assert result["protocol"]["samples_sha256"] == sha256_file(tmp_path / "good" / "samples.npz")
-    shuffled = evaluate_stage(write_samples(tmp_path / "perm", good, (labels + 1) % 4, checkpoint=ema_sha256),
-                              data / "reference",
-                              tmp_path / "dit", EVAL)
+    shuffled = evaluate_stage(
+        write_samples(tmp_path / "perm", good, (labels + 1) % 4, checkpoint=ema_sha256),
+        data / "reference",
+        tmp_path / "dit",
+        EVAL,
+    )
     assert shuffled["class_consistency"] < 0.1 and shuffled["fid"] == pytest.approx(result["fid"])
 
 
@@ -204,15 +263,34 @@ def test_cli_on_an_adm_npz(data, tmp_path):
     with np.load(tmp_path / "batch.npz") as f:
         assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (60, 16, 16, 3)
     out = tmp_path / "m.json"
-    main([str(tmp_path / "batch.npz"), "--reference", str(data / "reference"), "--params",
-          str(data / "params.yaml"), "--out", str(out)])
+    main(
+        [
+            str(tmp_path / "batch.npz"),
+            "--reference",
+            str(data / "reference"),
+            "--params",
+            str(data / "params.yaml"),
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.read_text())
-    assert result["fid"] > 0 and result["class_consistency"] is None and "no labels" in result["notes"][
-        "class_consistency"]
+    assert (
+        result["fid"] > 0
+        and result["class_consistency"] is None
+        and "no labels" in result["notes"]["class_consistency"]
+    )
     assert result["protocol"]["num_samples"] == 60 and result["protocol"]["samples_npz_sha256"]
     with pytest.raises(ValueError, match="one resolution"):
-        main([str(_write_npz(tmp_path / "big.npz", 8, 24)), "--reference", str(data / "reference"), "--params",
-              str(data / "params.yaml")])
+        main(
+            [
+                str(_write_npz(tmp_path / "big.npz", 8, 24)),
+                "--reference",
+                str(data / "reference"),
+                "--params",
+                str(data / "params.yaml"),
+            ]
+        )
 
 
 def _write_npz(path, n, size):
@@ -315,8 +393,9 @@ def test_fid_against_an_adm_batch_uses_its_stored_statistics(adm_batch):
 def test_sfid_is_null_with_the_reason_when_the_extractor_has_no_spatial_features(adm_batch, data):
     path, _, _, _ = adm_batch
     plain = load_extractor(data / "reference", CPU)  # the classifier: no mixed_6/conv
-    result = evaluate_images(make_shapes(30, 4, 16, seed=8)[0], None, reference_from_adm_batch(path, plain, 64),
-                             plain, EVAL)
+    result = evaluate_images(
+        make_shapes(30, 4, 16, seed=8)[0], None, reference_from_adm_batch(path, plain, 64), plain, EVAL
+    )
     assert result["sfid"] is None and "mixed_6/conv" in result["notes"]["sfid"]
     assert np.isfinite(result["fid"])
 
@@ -334,8 +413,9 @@ def test_sfid_is_null_with_the_reason_when_the_replay_check_fails(adm_batch):
     samples = make_shapes(30, 4, 16, seed=8)[0]
     result = evaluate_images(samples, None, reference_from_adm_batch(path, extractor, 64), extractor, EVAL)
     assert result["sfid"] is None and "replayed input path" in result["notes"]["sfid"]
-    assert result["fid"] == pytest.approx(evaluate_images(samples, None, reference_from_adm_batch(path, spatial, 64),
-                                                          spatial, EVAL)["fid"])
+    assert result["fid"] == pytest.approx(
+        evaluate_images(samples, None, reference_from_adm_batch(path, spatial, 64), spatial, EVAL)["fid"]
+    )
 
 
 def test_adm_batch_format_errors(tmp_path):

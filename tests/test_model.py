@@ -1,4 +1,5 @@
 """Tests of the DiT network: official layout, parity with diffusers, init, guidance, label dropout, training."""
+
 import json
 from pathlib import Path
 
@@ -60,7 +61,6 @@ def test_presets():
         DiT_models["DiT-S/2"](depth=3)
 
 
-
 def test_cpu_presets_are_one_depth_width_family():
     """The offline sweep's model sizes (docs/study-plan.md): width = 32 x depth, heads = depth / 2, mlp ratio 4,
     so each is a point on one line; Ti/1 gives 64 tokens on the default's 8x8 latents."""
@@ -70,8 +70,11 @@ def test_cpu_presets_are_one_depth_width_family():
             shape = (len(m.blocks), m.config["hidden_size"], m.blocks[0].attn.num_heads)
             assert shape == (depth, 32 * depth, depth // 2)
             assert m.blocks[0].mlp.fc1.out_features == 4 * 32 * depth
-        assert {p: DiT_models[f"DiT-Ti/{p}"](input_size=8, num_classes=10).pos_embed.shape[1]
-                for p in (1, 2, 4)} == {1: 64, 2: 16, 4: 4}
+        assert {p: DiT_models[f"DiT-Ti/{p}"](input_size=8, num_classes=10).pos_embed.shape[1] for p in (1, 2, 4)} == {
+            1: 64,
+            2: 16,
+            4: 4,
+        }
 
 
 def test_state_dict_round_trip_loads_strict(tmp_path, perturb):
@@ -103,7 +106,10 @@ def to_diffusers(state, depth):
     """Our (= official) state_dict in diffusers' DiTTransformer2DModel layout, following the key mapping of
     diffusers' scripts/convert_dit_to_diffusers.py: the t/y embedders are copied into every block's norm1.emb,
     qkv is split into to_q/to_k/to_v, the final adaLN becomes proj_out_1 and the final linear proj_out_2."""
-    out = {"pos_embed.proj.weight": state["x_embedder.proj.weight"], "pos_embed.proj.bias": state["x_embedder.proj.bias"]}
+    out = {
+        "pos_embed.proj.weight": state["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": state["x_embedder.proj.bias"],
+    }
     for i in range(depth):
         ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
         emb = theirs + "norm1.emb."
@@ -114,7 +120,11 @@ def to_diffusers(state, depth):
         for kind in ("weight", "bias"):
             out[f"{theirs}norm1.linear.{kind}"] = state[f"{ours}adaLN_modulation.1.{kind}"]
             q, k, v = state[f"{ours}attn.qkv.{kind}"].chunk(3, dim=0)
-            out[f"{theirs}attn1.to_q.{kind}"], out[f"{theirs}attn1.to_k.{kind}"], out[f"{theirs}attn1.to_v.{kind}"] = q, k, v
+            out[f"{theirs}attn1.to_q.{kind}"], out[f"{theirs}attn1.to_k.{kind}"], out[f"{theirs}attn1.to_v.{kind}"] = (
+                q,
+                k,
+                v,
+            )
             out[f"{theirs}attn1.to_out.0.{kind}"] = state[f"{ours}attn.proj.{kind}"]
             out[f"{theirs}ff.net.0.proj.{kind}"] = state[f"{ours}mlp.fc1.{kind}"]
             out[f"{theirs}ff.net.2.{kind}"] = state[f"{ours}mlp.fc2.{kind}"]
@@ -127,10 +137,17 @@ def to_diffusers(state, depth):
 def diffusers_peer(model, official_timesteps=True):
     cfg = model.config
     peer = DiTTransformer2DModel(
-        num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
-        in_channels=cfg["in_channels"], out_channels=model.out_channels, num_layers=cfg["depth"],
-        sample_size=cfg["input_size"], patch_size=cfg["patch_size"], activation_fn="gelu-approximate",
-        num_embeds_ada_norm=cfg["num_classes"], norm_type="ada_norm_zero", norm_elementwise_affine=False,
+        num_attention_heads=cfg["num_heads"],
+        attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
+        in_channels=cfg["in_channels"],
+        out_channels=model.out_channels,
+        num_layers=cfg["depth"],
+        sample_size=cfg["input_size"],
+        patch_size=cfg["patch_size"],
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=cfg["num_classes"],
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
         norm_eps=1e-6,  # the official pre-MLP LayerNorm eps (diffusers' default is 1e-5)
     )
     if official_timesteps:
@@ -154,7 +171,9 @@ def test_parity_with_diffusers(perturb):
         assert torch.equal(ours, theirs), f"relative error {rel_err(ours, theirs):.2e}"  # bit for bit (fp32, CPU)
     # diffusers' own timestep frequencies really differ from the official ones: the adjustment above matters.
     with torch.no_grad():
-        assert rel_err(diffusers_peer(model, official_timesteps=False)(x, timestep=t, class_labels=y).sample, ours) > 1e-3
+        assert (
+            rel_err(diffusers_peer(model, official_timesteps=False)(x, timestep=t, class_labels=y).sample, ours) > 1e-3
+        )
 
 
 # --------------------------------------------------------------------------- initialisation

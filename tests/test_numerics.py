@@ -1,9 +1,10 @@
 """The precision param: TF32 switches per mode (set and restored), autocast only for bf16, tf32 only on CUDA."""
+
 import pytest
 import torch
 
-from pipeline.params.load import ParamsError
 from pipeline.numerics import autocast, float32_mode, set_float32_mode
+from pipeline.params.load import ParamsError
 from pipeline.params.rules import check_precision
 
 

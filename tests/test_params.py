@@ -23,8 +23,15 @@ class Section:
     inner: Inner
 
 
-GOOD = {"lr": 1e-4, "steps": 10, "flip": True, "sampler": "ddpm", "channels": [32, 64], "clip": None,
-        "inner": {"path": "x", "revision": None}}
+GOOD = {
+    "lr": 1e-4,
+    "steps": 10,
+    "flip": True,
+    "sampler": "ddpm",
+    "channels": [32, 64],
+    "clip": None,
+    "inner": {"path": "x", "revision": None},
+}
 
 
 def test_round_trip():
@@ -34,17 +41,20 @@ def test_round_trip():
     assert isinstance(from_dict(Section, {**GOOD, "lr": 1}, "train").lr, float)  # ints are valid floats
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lrr": 1.0}, "unknown key 'train.lrr'"),
-    ({"steps": 1.5}, "'train.steps' must be an integer"),
-    ({"steps": True}, "'train.steps' must be an integer"),
-    ({"flip": "yes"}, "'train.flip' must be bool"),
-    ({"sampler": "dpm"}, "'train.sampler' must be one of ['ddpm', 'ddim']"),
-    ({"lr": "1e-4"}, "write 1.0e-4"),
-    ({"channels": [32, "a"]}, "'train.channels[1]' must be an integer"),
-    ({"inner": {"path": "x", "revision": None, "extra": 1}}, "unknown key 'train.inner.extra'"),
-    ({"inner": {"path": "x", "revision": 3}}, "'train.inner.revision' must be str"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lrr": 1.0}, "unknown key 'train.lrr'"),
+        ({"steps": 1.5}, "'train.steps' must be an integer"),
+        ({"steps": True}, "'train.steps' must be an integer"),
+        ({"flip": "yes"}, "'train.flip' must be bool"),
+        ({"sampler": "dpm"}, "'train.sampler' must be one of ['ddpm', 'ddim']"),
+        ({"lr": "1e-4"}, "write 1.0e-4"),
+        ({"channels": [32, "a"]}, "'train.channels[1]' must be an integer"),
+        ({"inner": {"path": "x", "revision": None, "extra": 1}}, "unknown key 'train.inner.extra'"),
+        ({"inner": {"path": "x", "revision": 3}}, "'train.inner.revision' must be str"),
+    ],
+)
 def test_bad_values_name_the_key(change, message):
     with pytest.raises(ParamsError) as e:
         from_dict(Section, {**GOOD, **change}, "train")

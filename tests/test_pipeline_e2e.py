@@ -1,6 +1,7 @@
 """End to end: `dvc repro` of a reduced offline default in a fresh copy of the repository, then again (no-op);
 then versioning: `dvc push` to a local remote and `dvc pull` in a git clone restore every output without
 recomputing, and `git checkout` + `dvc checkout` of an earlier commit bring back its metrics and samples."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,9 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from reduced_default import REDUCED, RUN_RECORDS, STAGES, TIMED, assert_same_outputs, git_repo, lock_hashes, merge, run
 
 from pipeline import fingerprint as F
-
-from reduced_default import REDUCED, RUN_RECORDS, STAGES, TIMED, assert_same_outputs, git_repo, lock_hashes, merge, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,8 +62,16 @@ def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
     # PYTHONWARNINGS=default prints every warning once per call site, with the file that made the call, in each
     # stage's process and (through the environment the local Ray inherits) in its Ray workers, whose output Ray
     # forwards; Ray's own filter, which would hide repeats, stands aside when the variable is set.
-    first = run(["dvc", "repro"], repo, {**env, "PIPELINE_IMPORT_LOG": str(imports), "PYTHONWARNINGS": "default",
-                                         "PYTHONPATH": str(REPO / "tests" / "import_log")})
+    first = run(
+        ["dvc", "repro"],
+        repo,
+        {
+            **env,
+            "PIPELINE_IMPORT_LOG": str(imports),
+            "PYTHONWARNINGS": "default",
+            "PYTHONPATH": str(REPO / "tests" / "import_log"),
+        },
+    )
     for stage in ("fingerprint", *STAGES):
         assert f"Running stage '{stage}'" in first, first[-3000:]
     # No warning from this project's own calls: a deprecated API, an unsafe conversion (third-party code warning
@@ -159,10 +167,13 @@ def test_a_changed_input_image_reruns_ingest_and_downstream(tmp_path):
             folder.mkdir(parents=True, exist_ok=True)
             pixels = rng.integers(0, 100, (12, 12, 3)) + 150 * c
             Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i:02d}.png")
-    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), {
-        "ingest": {"source": "imagefolder", "image_size": 8, "imagefolder": {"root": "inputs/faces"}},
-        "vae": {"train_steps": 2, "holdout": 4, "batch_size": 4, "block_out_channels": [8, 8, 8]},
-    })
+    params = merge(
+        yaml.safe_load((REPO / "params.yaml").read_text()),
+        {
+            "ingest": {"source": "imagefolder", "image_size": 8, "imagefolder": {"root": "inputs/faces"}},
+            "vae": {"train_steps": 2, "holdout": 4, "batch_size": 4, "block_out_channels": [8, 8, 8]},
+        },
+    )
     repo = tmp_path / "repo"
     env = git_repo(repo, params)
     shutil.copytree(tmp_path / "faces", repo / "inputs/faces")

@@ -1,6 +1,7 @@
 """The PNG plots that `dvc plots show` renders offline (pipeline/plots.py): bytes that depend on the numbers alone,
 the training log's and the curve's; and, on a reduced `dvc repro curve`, a page whose images a real headless
 Chromium loads with every host unreachable."""
+
 from __future__ import annotations
 
 import html
@@ -15,18 +16,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from reduced_default import REDUCED, git_repo, merge, run
 
 from pipeline.curve import skipped_record, write_fid_plot
 from pipeline.params.curve import CurveParams
 from pipeline.params.load import load_section
 from pipeline.plots import DPI, SIZE_IN, line_plot
 from pipeline.train_log import write_log_plot
-from reduced_default import REDUCED, git_repo, merge, run
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTH, HEIGHT = round(SIZE_IN[0] * DPI), round(SIZE_IN[1] * DPI)
-ROWS = [{"step": s, "loss": 1 / s, "mse": 0.8 / s, "vb": 0.2 / s, "grad_norm": 2.0, "img_per_s": 100.0 + s}
-        for s in (5, 10, 15, 20)]
+ROWS = [
+    {"step": s, "loss": 1 / s, "mse": 0.8 / s, "vb": 0.2 / s, "grad_norm": 2.0, "img_per_s": 100.0 + s}
+    for s in (5, 10, 15, 20)
+]
 
 
 def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -34,15 +37,17 @@ def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     chunks, i = [], 8
     while i < len(data):
-        length, kind = struct.unpack(">I4s", data[i:i + 8])
-        chunks.append((kind, data[i + 8:i + 8 + length]))
+        length, kind = struct.unpack(">I4s", data[i : i + 8])
+        chunks.append((kind, data[i + 8 : i + 8 + length]))
         i += 12 + length  # length, type, data, CRC
     return chunks
 
 
 def plot_in_a_new_process(path: Path, hash_seed: str) -> bytes:
-    code = ("import sys; from pipeline.plots import line_plot; "
-            "line_plot(sys.argv[1], [5, 10, 15], {'loss': [0.3, 0.2, None], 'vb': [0.1, 0.05, 0.01]}, 't', 'x', 'y')")
+    code = (
+        "import sys; from pipeline.plots import line_plot; "
+        "line_plot(sys.argv[1], [5, 10, 15], {'loss': [0.3, 0.2, None], 'vb': [0.1, 0.05, 0.01]}, 't', 'x', 'y')"
+    )
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code, str(path)], env=env, check=True, cwd=REPO)
     return path.read_bytes()
@@ -90,9 +95,16 @@ def test_the_curve_plot_draws_the_record_or_says_there_is_none(tmp_path):
 
 # Headless, without the sandbox (it needs privileges a container lacks), a GPU or background traffic; every host
 # unresolvable, so the page renders as it does offline.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                  "--host-resolver-rules=MAP * ~NOTFOUND"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+]
 # Appended to a copy of the page: once every <img> has loaded or failed (the load event), each one's naturalWidth
 # (0: not loaded) goes into the DOM that --dump-dom prints.
 IMAGE_CHECK = """<script>
@@ -123,8 +135,13 @@ def loaded_images(browser: str, page: Path, profile: Path) -> dict[str, int]:
     assert "</body>" in text
     head, _, tail = text.rpartition("</body>")
     probe.write_text(head + IMAGE_CHECK + "</body>" + tail)
-    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     found = re.search(r'<pre id="image-check">(.*?)</pre>', dom, re.S)
     assert found, f"the check did not run:\n{dom[-2000:]}"
     return dict(json.loads(html.unescape(found.group(1))))

@@ -1,5 +1,6 @@
 """params.yaml and every profile pass every check a stage makes on its params, in one place
 (`pipeline.profiles.validate`): strict types, each section's cross-field rules, and the GPU rule across sections."""
+
 from pathlib import Path
 
 import pytest

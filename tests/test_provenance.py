@@ -1,4 +1,5 @@
 """Provenance: the code and package stamp of persisted caches, and local-input placeholders."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import provenance as P
-from pipeline.fingerprint import fingerprint
 from pipeline.code_stamp import stamp, stamp_mismatch
+from pipeline.fingerprint import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
 """The reference stage end to end on a few dozen images: outputs, determinism, and bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -8,21 +9,32 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
-from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.params.load import ParamsError
-from pipeline.features import INCEPTION_FILE
-from pipeline.formats.reference_stats import load_reference
-from pipeline.determinism import holdout_split
-import pipeline.reference as R
-from pipeline.reference import Moments, build_reference, kept_rows
-from pipeline.params.reference import ReferenceParams
 from conftest import kill_once
 from synthetic import make_shapes, save_inception_like, write_images_dir
 
-PARAMS = dict(extractor="classifier", mode="clean", inception_weights="inputs/none", classifier_steps=20,
-              classifier_batch_size=16, classifier_lr=2e-3, holdout=10, max_features=None, batch_size=16, use_gpu=False, seed=0,
-              adm_batch="inputs/none")
+import pipeline.reference as R
+from pipeline.artifacts import ArtifactError, sha256_file
+from pipeline.determinism import holdout_split
+from pipeline.features import INCEPTION_FILE
+from pipeline.formats.reference_stats import load_reference
+from pipeline.params.load import ParamsError
+from pipeline.params.reference import ReferenceParams
+from pipeline.reference import Moments, build_reference, kept_rows
+
+PARAMS = dict(
+    extractor="classifier",
+    mode="clean",
+    inception_weights="inputs/none",
+    classifier_steps=20,
+    classifier_batch_size=16,
+    classifier_lr=2e-3,
+    holdout=10,
+    max_features=None,
+    batch_size=16,
+    use_gpu=False,
+    seed=0,
+    adm_batch="inputs/none",
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +95,23 @@ def test_stage_script(images_dir, tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
     params.write_text("reference:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in PARAMS.items()))
     out, metrics = tmp_path / "ref", tmp_path / "metrics" / "reference.json"
-    monkeypatch.setattr(sys, "argv", ["reference.py", "--params", str(params), "--images", str(images_dir),
-                                      "--out", str(out), "--metrics", str(metrics), "--shards", str(tmp_path / "s")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "reference.py",
+            "--params",
+            str(params),
+            "--images",
+            str(images_dir),
+            "--out",
+            str(out),
+            "--metrics",
+            str(metrics),
+            "--shards",
+            str(tmp_path / "s"),
+        ],
+    )
     runpy.run_path("stages/reference.py", run_name="__main__")
     assert set(json.loads(metrics.read_text())) == {"classifier_accuracy", "seconds"}  # the count is in the manifest
     assert (out / "manifest.json").exists()
@@ -119,11 +146,16 @@ def test_adm_batch_import_keeps_the_stored_statistics(images_dir, tmp_path):
     rng = np.random.default_rng(0)
     mu, mu_s = rng.normal(size=2048), rng.normal(size=2023)
     sigma, sigma_s = np.diag(rng.uniform(1, 2, 2048)), np.diag(rng.uniform(1, 2, 2023))
-    np.savez(tmp_path / "batch.npz", make_shapes(12, 4, 16, seed=1)[0], mu=mu, sigma=sigma, mu_s=mu_s,
-             sigma_s=sigma_s)
+    np.savez(tmp_path / "batch.npz", make_shapes(12, 4, 16, seed=1)[0], mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     weights = save_inception_like(tmp_path / "w" / INCEPTION_FILE, seed=0)
-    adm = {**PARAMS, "extractor": "inception", "mode": "legacy_tensorflow", "inception_weights": str(weights),
-           "adm_batch": str(tmp_path / "batch.npz"), "max_features": 5}
+    adm = {
+        **PARAMS,
+        "extractor": "inception",
+        "mode": "legacy_tensorflow",
+        "inception_weights": str(weights),
+        "adm_batch": str(tmp_path / "batch.npz"),
+        "max_features": 5,
+    }
     metrics = build_reference(images_dir, tmp_path / "ref", ReferenceParams(**adm))
     manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
     assert metrics["count"] == 5 and manifest["count"] is None and manifest["features_kept"] == 5
@@ -139,8 +171,9 @@ def test_adm_batch_import_keeps_the_stored_statistics(images_dir, tmp_path):
         ReferenceParams(**{**adm, "mode": "clean"})
     np.savez(tmp_path / "plain.npz", make_shapes(4, 4, 16, seed=1)[0])
     with pytest.raises(ArtifactError, match="stores no mu/sigma"):
-        build_reference(images_dir, tmp_path / "ref2",
-                        ReferenceParams(**{**adm, "adm_batch": str(tmp_path / "plain.npz")}))
+        build_reference(
+            images_dir, tmp_path / "ref2", ReferenceParams(**{**adm, "adm_batch": str(tmp_path / "plain.npz")})
+        )
 
 
 # A subprocess that extracts features slowly enough to be killed mid-run: every image shard waits first.
@@ -159,8 +192,10 @@ build_reference(images, out, ReferenceParams(**json.loads(params)), shards_dir=s
 
 def test_a_killed_reference_resumes_without_training_or_extracting_again(images_dir, tmp_path, monkeypatch):
     out, shards = tmp_path / "ref", tmp_path / "ref-shards"
-    kill_once([sys.executable, "-c", SLOW_REFERENCE, str(images_dir), str(out), str(shards), json.dumps(PARAMS)],
-              lambda: any(shards.glob("features/*/features-00000.npz")))
+    kill_once(
+        [sys.executable, "-c", SLOW_REFERENCE, str(images_dir), str(out), str(shards), json.dumps(PARAMS)],
+        lambda: any(shards.glob("features/*/features-00000.npz")),
+    )
     assert not (out / "manifest.json").exists()
     (first,) = shards.glob("features/*/features-00000.npz")
     finished = {f.name: f.stat().st_ino for f in first.parent.glob("features-*.npz")}

@@ -2,6 +2,7 @@
 `mlflow server`, and `mlflow models serve` for the pyfunc model. Tiny DiT (depth 1, 8x8 latents, 3 classes) and a
 tiny KL-VAE (16 px images), exported as the train and vae stages write them, sampled by the sample stage and scored
 by the evaluate stage against a reference stage output of real images; CPU only, loopback only."""
+
 import json
 import os
 import runpy
@@ -16,13 +17,28 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
+from conftest import (
+    EXPERIMENT,
+    IMAGE,
+    MAX_LABELS,
+    NAME,
+    NUM_SAMPLES,
+    REPO,
+    SAMPLER,
+    export_dit,
+    free_port,
+    register,
+    start,
+    stop,
+    training_run,
+    wait_http,
+    write_eval,
+)
 
 from pipeline import register as R
 from pipeline.artifacts import ArtifactError, sha256_file
-from pipeline.params.load import read_yaml
 from pipeline.errors import UserError
-from conftest import (EXPERIMENT, IMAGE, MAX_LABELS, NAME, NUM_SAMPLES, REPO, SAMPLER, export_dit, free_port, register,
-                      start, stop, training_run, wait_http, write_eval)
+from pipeline.params.load import read_yaml
 from pipeline.params.register import RegisterParams
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -69,6 +85,7 @@ def aliases() -> dict[str, str]:
 
 # --- promotion rules, end to end through the registry -----------------------------------------------------------
 
+
 def test_promotion_rules(tiny, dit, evaluation, tmp_path, monkeypatch):
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(git + ["init", "-q"], check=True)  # the working directory (tmp_path) as a git checkout
@@ -77,8 +94,9 @@ def test_promotion_rules(tiny, dit, evaluation, tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "exp-test")
 
     def step(name, **changes):
-        return register(tiny, dit, write_eval(tmp_path / f"eval-{name}.json", dit, evaluation, **changes),
-                        f"{name}.json")
+        return register(
+            tiny, dit, write_eval(tmp_path / f"eval-{name}.json", dit, evaluation, **changes), f"{name}.json"
+        )
 
     missing = step("missing", fid=None)
     assert missing["registered"] and not missing["promoted"] and missing["champion_version"] is None
@@ -109,8 +127,9 @@ def test_promotion_rules(tiny, dit, evaluation, tmp_path, monkeypatch):
     assert mv.tags["checkpoint_sha256"] == json.loads((dit / "model.json").read_text())["ema_sha256"]
     assert mv.tags["latents_sha256"] == sha256_file(tiny["latents"] / "manifest.json")
     assert mv.tags["dataset_sha256"] == sha256_file(tiny["images"] / "manifest.json")
-    assert mv.tags["eval_sha256"] == R.evaluation_sha256(tmp_path / "eval-reference.json",
-                                                         tmp_path / "eval-reference.report.json")
+    assert mv.tags["eval_sha256"] == R.evaluation_sha256(
+        tmp_path / "eval-reference.json", tmp_path / "eval-reference.report.json"
+    )
     assert "fid" not in client.get_model_version(NAME, "1").tags
     assert json.loads(client.get_registered_model(NAME).tags[R.HISTORY_TAG]) == ["2", "7"]
 
@@ -138,19 +157,45 @@ def test_training_run_missing_from_the_store_is_a_clear_error(tiny, evaluation, 
 
 # --- idempotence, the stage script and tracking off -------------------------------------------------------------
 
+
 def write_params(path: Path, enabled: bool) -> Path:
     sample = {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER}  # the repository's section, our sampler
-    path.write_text(yaml.safe_dump({"register": {"model_name": NAME, "metric": "fid",
-                                                 "max_labels_per_request": MAX_LABELS}, "sample": sample,
-                                    "tracking": {"enabled": enabled, "experiment": EXPERIMENT}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "register": {"model_name": NAME, "metric": "fid", "max_labels_per_request": MAX_LABELS},
+                "sample": sample,
+                "tracking": {"enabled": enabled, "experiment": EXPERIMENT},
+            }
+        )
+    )
     return path
 
 
 def run_stage(tiny, params: Path, dit_dir: Path, evaluated: tuple[Path, Path], out: Path, monkeypatch) -> dict:
-    monkeypatch.setattr(sys, "argv", [
-        "stages/register.py", "--params", str(params), "--dit", str(dit_dir), "--vae", str(tiny["vae"]),
-        "--eval", str(evaluated[0]), "--eval-report", str(evaluated[1]), "--images", str(tiny["images"]),
-        "--latents", str(tiny["latents"]), "--report", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "stages/register.py",
+            "--params",
+            str(params),
+            "--dit",
+            str(dit_dir),
+            "--vae",
+            str(tiny["vae"]),
+            "--eval",
+            str(evaluated[0]),
+            "--eval-report",
+            str(evaluated[1]),
+            "--images",
+            str(tiny["images"]),
+            "--latents",
+            str(tiny["latents"]),
+            "--report",
+            str(out),
+        ],
+    )
     runpy.run_path(str(REPO / "stages" / "register.py"), run_name="__main__")
     return json.loads(out.read_text())
 
@@ -164,8 +209,14 @@ def test_unchanged_inputs_register_no_duplicate(tiny, dit, evaluation, tmp_path,
     assert again["version"] == 1 and not again["new_version"] and not again["promoted"]
     assert "already champion" in again["reason"]
     assert [mv.version for mv in mlflow.MlflowClient().search_model_versions(f"name = '{NAME}'")] == [1]
-    assert len(mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name(EXPERIMENT)
-                                                           .experiment_id], output_format="list")) == 1
+    assert (
+        len(
+            mlflow.search_logged_models(
+                experiment_ids=[mlflow.get_experiment_by_name(EXPERIMENT).experiment_id], output_format="list"
+            )
+        )
+        == 1
+    )
     other = register(tiny, dit, write_eval(tmp_path / "eval2.json", dit, evaluation, fid=9.0))  # a new evaluation
     assert other["version"] == 2 and other["new_version"]
 
@@ -173,8 +224,14 @@ def test_unchanged_inputs_register_no_duplicate(tiny, dit, evaluation, tmp_path,
 def test_tracking_off_registers_nothing_and_says_why(tiny, evaluation, tmp_path, monkeypatch):
     dit_dir = export_dit(tiny, tmp_path / "dit", run_id=None)
     params = write_params(tmp_path / "params.yaml", enabled=False)
-    result = run_stage(tiny, params, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation),
-                       tmp_path / "register.json", monkeypatch)
+    result = run_stage(
+        tiny,
+        params,
+        dit_dir,
+        write_eval(tmp_path / "eval.json", dit_dir, evaluation),
+        tmp_path / "register.json",
+        monkeypatch,
+    )
     assert result["registered"] is False and "tracking.enabled is false" in result["reason"]
     assert mlflow.MlflowClient().search_experiments(filter_string=f"name = '{EXPERIMENT}'") == []
 
@@ -187,6 +244,7 @@ def test_no_training_run_logs_into_a_register_run(tiny, evaluation, tmp_path):
 
 
 # --- the pyfunc model -------------------------------------------------------------------------------------------
+
 
 def test_pyfunc_round_trip(tiny, dit, evaluation, tmp_path):
     register(tiny, dit, write_eval(tmp_path / "eval.json", dit, evaluation))
@@ -212,6 +270,7 @@ def test_pyfunc_round_trip(tiny, dit, evaluation, tmp_path):
 
 
 # --- the CLI: show, promote, rollback ---------------------------------------------------------------------------
+
 
 def cli(tmp_path, *args):
     R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True)), *args])
@@ -244,12 +303,27 @@ def test_promote_and_rollback(tiny, dit, evaluation, tmp_path, capsys):
 
 # --- real servers -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_register_and_promote_through_a_tracking_server(tiny, evaluation, empty_db, tmp_path, monkeypatch):
     port = free_port()
-    server = start([str(MLFLOW), "server", "--backend-store-uri", new_store(empty_db, tmp_path / "server.db"),
-                    "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-                    "--port", str(port), "--workers", "1"], env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    server = start(
+        [
+            str(MLFLOW),
+            "server",
+            "--backend-store-uri",
+            new_store(empty_db, tmp_path / "server.db"),
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=120)
         uri = f"http://127.0.0.1:{port}"
@@ -275,15 +349,34 @@ def test_models_serve_answers_invocations(tiny, dit, evaluation, tmp_path, store
     register(tiny, dit, write_eval(tmp_path / "eval.json", dit, evaluation))
     port = free_port()
     # `mlflow models serve` execs a bare `uvicorn`: the venv's bin must be on PATH (an activated venv)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1",
-           "PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}"}
-    server = start([str(MLFLOW), "models", "serve", "-m", f"models:/{NAME}@{R.CHAMPION}", "--env-manager", "local",
-                    "-h", "127.0.0.1", "-p", str(port)], env=env)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    server = start(
+        [
+            str(MLFLOW),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{NAME}@{R.CHAMPION}",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", server, timeout_s=120)
         body = json.dumps({"inputs": [0, 1], "params": {"seed": 1}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 images = np.array(json.loads(response.read())["predictions"])

@@ -1,5 +1,6 @@
 """Three `register` stages at once against one real `mlflow server` (pipeline/registry_lock.py): one version per
 checkpoint, and `champion` is the best FID whatever order they finish in. Tiny model of tests/conftest.py."""
+
 import json
 import os
 import subprocess
@@ -9,13 +10,24 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import (
+    EXPERIMENT,
+    MAX_LABELS,
+    NAME,
+    REPO,
+    SAMPLER,
+    export_dit,
+    free_port,
+    start,
+    stop,
+    wait_http,
+    write_eval,
+)
 
 from pipeline import register as R
 from pipeline.artifacts import atomic_write_json
 from pipeline.params.load import read_yaml
 from pipeline.registry_lock import lock_path, registry_lock
-from conftest import (EXPERIMENT, MAX_LABELS, NAME, REPO, SAMPLER, export_dit, free_port, start, stop, wait_http,
-                      write_eval)
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 
@@ -46,12 +58,25 @@ def another_checkpoint(tiny, dit_dir: Path, evaluation: dict, fid: float, out: P
 
 
 @pytest.mark.slow
-def test_three_concurrent_registers_make_one_version_per_checkpoint_and_the_best_champion(tiny, evaluation,
-                                                                                          tmp_path):
+def test_three_concurrent_registers_make_one_version_per_checkpoint_and_the_best_champion(tiny, evaluation, tmp_path):
     port = free_port()
-    server = start([str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                    "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-                    "--port", str(port), "--workers", "1"], env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    server = start(
+        [
+            str(MLFLOW),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
         uri = f"http://127.0.0.1:{port}"
@@ -60,20 +85,49 @@ def test_three_concurrent_registers_make_one_version_per_checkpoint_and_the_best
         dit_b = tmp_path / "dit-b"
         eval_b = another_checkpoint(tiny, dit_b, evaluation, 8.0, tmp_path / "eval-b.json")
         params = tmp_path / "params.yaml"
-        params.write_text(yaml.safe_dump({
-            "register": {"model_name": NAME, "metric": "fid", "max_labels_per_request": MAX_LABELS},
-            "sample": {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER},
-            "tracking": {"enabled": True, "experiment": EXPERIMENT}}))
+        params.write_text(
+            yaml.safe_dump(
+                {
+                    "register": {"model_name": NAME, "metric": "fid", "max_labels_per_request": MAX_LABELS},
+                    "sample": {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER},
+                    "tracking": {"enabled": True, "experiment": EXPERIMENT},
+                }
+            )
+        )
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
         # checkpoint A (FID 10), and checkpoint B (FID 8) registered twice at once with the same evaluation
         jobs = [(dit_a, eval_a, "a"), (dit_b, eval_b, "b1"), (dit_b, eval_b, "b2")]
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "stages.register", "--params", str(params), "--dit", str(dit), "--vae",
-             str(tiny["vae"]), "--eval", str(ev[0]), "--eval-report", str(ev[1]), "--images", str(tiny["images"]),
-             "--latents", str(tiny["latents"]), "--report", str(tmp_path / f"register-{tag}.json")],
-            # to files, not pipes: one process blocked on a full pipe while it holds the lock would stall the others
-            cwd=REPO, env=env, stdout=(tmp_path / f"register-{tag}.log").open("w"), stderr=subprocess.STDOUT)
-            for dit, ev, tag in jobs]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "stages.register",
+                    "--params",
+                    str(params),
+                    "--dit",
+                    str(dit),
+                    "--vae",
+                    str(tiny["vae"]),
+                    "--eval",
+                    str(ev[0]),
+                    "--eval-report",
+                    str(ev[1]),
+                    "--images",
+                    str(tiny["images"]),
+                    "--latents",
+                    str(tiny["latents"]),
+                    "--report",
+                    str(tmp_path / f"register-{tag}.json"),
+                ],
+                # to files, not pipes: one process blocked on a full pipe while it holds the lock would stall the others
+                cwd=REPO,
+                env=env,
+                stdout=(tmp_path / f"register-{tag}.log").open("w"),
+                stderr=subprocess.STDOUT,
+            )
+            for dit, ev, tag in jobs
+        ]
         for p in procs:
             p.wait(timeout=600)
         outputs = [(tmp_path / f"register-{tag}.log").read_text() for _, _, tag in jobs]

@@ -1,10 +1,20 @@
 """The promotion rule of pipeline.register.decide, case by case."""
+
 import pytest
 
 from pipeline.register import Candidate, decide
 
-P = {"num_samples": 1000, "sampler": "dpm-solver++", "steps": 25, "cfg_scale": 1.5, "cfg_channels": None,
-     "labels": "balanced", "extractor": "classifier", "extractor_mode": "clean", "reference_stats_sha256": "abc"}
+P = {
+    "num_samples": 1000,
+    "sampler": "dpm-solver++",
+    "steps": 25,
+    "cfg_scale": 1.5,
+    "cfg_channels": None,
+    "labels": "balanced",
+    "extractor": "classifier",
+    "extractor_mode": "clean",
+    "reference_stats_sha256": "abc",
+}
 
 
 def cand(version, score, **protocol):

@@ -1,6 +1,7 @@
 """The report: the decision rule, the claims from constructed records of the committed plan, pending studies, and
 rendering docs/results.md + figures from record files alone. `tests/test_sweep.py` writes real records from real
 `dvc exp` experiments."""
+
 from __future__ import annotations
 
 import json
@@ -20,14 +21,27 @@ from pipeline.study.plan import expand
 REPO = Path(__file__).resolve().parents[1]
 PLAN = yaml.safe_load((REPO / "sweeps/study-plan.yaml").read_text())
 # forward Gflops and parameters (M) on 8x8x4 latents, as pipeline.flops counts them (test_flops checks the counter)
-SHAPE = {("DiT-Ti/2", "adaLN-Zero"): (0.04473, 4.364), ("DiT-4x128/2", "adaLN-Zero"): (0.01344, 1.406),
-         ("DiT-8x256/2", "adaLN-Zero"): (0.10539, 10.004), ("DiT-Ti/4", "adaLN-Zero"): (0.01230, 4.389),
-         ("DiT-Ti/1", "adaLN-Zero"): (0.18110, 4.366), ("DiT-Ti/2", "adaLN"): (0.04429, 3.919),
-         ("DiT-Ti/2", "cross-attention"): (0.05139, 3.852), ("DiT-Ti/2", "in-context"): (0.04880, 2.961)}
+SHAPE = {
+    ("DiT-Ti/2", "adaLN-Zero"): (0.04473, 4.364),
+    ("DiT-4x128/2", "adaLN-Zero"): (0.01344, 1.406),
+    ("DiT-8x256/2", "adaLN-Zero"): (0.10539, 10.004),
+    ("DiT-Ti/4", "adaLN-Zero"): (0.01230, 4.389),
+    ("DiT-Ti/1", "adaLN-Zero"): (0.18110, 4.366),
+    ("DiT-Ti/2", "adaLN"): (0.04429, 3.919),
+    ("DiT-Ti/2", "cross-attention"): (0.05139, 3.852),
+    ("DiT-Ti/2", "in-context"): (0.04880, 2.961),
+}
 # paper-like final FIDs (lower = better): adaLN-Zero best; bigger and finer better
-FID = {("DiT-Ti/2", "adaLN-Zero"): 40.0, ("DiT-4x128/2", "adaLN-Zero"): 60.0, ("DiT-8x256/2", "adaLN-Zero"): 30.0,
-       ("DiT-Ti/4", "adaLN-Zero"): 80.0, ("DiT-Ti/1", "adaLN-Zero"): 25.0, ("DiT-Ti/2", "adaLN"): 50.0,
-       ("DiT-Ti/2", "cross-attention"): 45.0, ("DiT-Ti/2", "in-context"): 48.0}
+FID = {
+    ("DiT-Ti/2", "adaLN-Zero"): 40.0,
+    ("DiT-4x128/2", "adaLN-Zero"): 60.0,
+    ("DiT-8x256/2", "adaLN-Zero"): 30.0,
+    ("DiT-Ti/4", "adaLN-Zero"): 80.0,
+    ("DiT-Ti/1", "adaLN-Zero"): 25.0,
+    ("DiT-Ti/2", "adaLN"): 50.0,
+    ("DiT-Ti/2", "cross-attention"): 45.0,
+    ("DiT-Ti/2", "in-context"): 48.0,
+}
 
 
 def record(run, plan=PLAN, fid=None, seed_noise=0.5) -> dict:
@@ -40,17 +54,30 @@ def record(run, plan=PLAN, fid=None, seed_noise=0.5) -> dict:
     if cfg != 1.0:
         base_fid *= {1.5: 0.7, 2.0: 0.9, 3.0: 1.3, 4.0: 1.6}[cfg]
     cc = min(0.3 + 0.15 * cfg, 0.99)
-    rec = {"name": run.name, "kind": run.kind, "base": run.base, "studies": list(run.studies), "model": run.model,
-           "conditioning": run.conditioning, "seed": run.seed, "patch": int(run.model.split("/")[1]),
-           "size": run.model[4:].split("/")[0], "gflops": gflops, "params_M": params,
-           "plan": {"name": plan["name"], "commit": "c" * 40, "sha256": "s" * 64},
-           "params": {"train": {"global_batch_size": 32, "train_steps": 3000}, "sample": sample},
-           "eval": {"fid": fid if fid is not None else base_fid, "class_consistency": cc},
-           "wall_s": {"experiment": 100.0, "train": 80.0, "sample": 10.0}}
+    rec = {
+        "name": run.name,
+        "kind": run.kind,
+        "base": run.base,
+        "studies": list(run.studies),
+        "model": run.model,
+        "conditioning": run.conditioning,
+        "seed": run.seed,
+        "patch": int(run.model.split("/")[1]),
+        "size": run.model[4:].split("/")[0],
+        "gflops": gflops,
+        "params_M": params,
+        "plan": {"name": plan["name"], "commit": "c" * 40, "sha256": "s" * 64},
+        "params": {"train": {"global_batch_size": 32, "train_steps": 3000}, "sample": sample},
+        "eval": {"fid": fid if fid is not None else base_fid, "class_consistency": cc},
+        "wall_s": {"experiment": 100.0, "train": 80.0, "sample": 10.0},
+    }
     if run.kind == "train":
         f = rec["eval"]["fid"]
-        rec["curve"] = {"steps": [750, 1500, 2250, 3000], "fid": [f * 1.3, f * 1.2, f * 1.15, f * 1.1],
-                        "class_consistency": [0.1, 0.2, 0.3, 0.4]}
+        rec["curve"] = {
+            "steps": [750, 1500, 2250, 3000],
+            "fid": [f * 1.3, f * 1.2, f * 1.15, f * 1.1],
+            "class_consistency": [0.1, 0.2, 0.3, 0.4],
+        }
     return rec
 
 
@@ -59,6 +86,7 @@ def all_records(**kw) -> list[dict]:
 
 
 # --- the decision rule --------------------------------------------------------------------------------------------
+
 
 def test_rule_ordering_in_every_seed():
     p = V.Pair("A", "B", "FID", {0: 10.0, 1: 20.0, 2: 30.0}, {0: 10.5, 1: 20.5, 2: 30.5})
@@ -93,6 +121,7 @@ def test_rule_wrong_direction_gap_never_counts():
 
 
 # --- claims -------------------------------------------------------------------------------------------------------
+
 
 def test_paper_like_records_reproduce_every_claim():
     claims = R.claims(all_records(), PLAN)
@@ -160,6 +189,7 @@ def test_regime_check():
 
 # --- rendering ----------------------------------------------------------------------------------------------------
 
+
 def write_records(recs, runs_dir: Path) -> None:
     runs_dir.mkdir(parents=True)
     for r in recs:
@@ -175,8 +205,15 @@ def test_render_from_record_files(tmp_path):
     assert "Not yet run\n\n(none)" in md and "cccccccccccc" in md
     assert "Learning regime" in md and "met (cc by seed" in md
     pngs = sorted(p.name for p in (tmp_path / "fig").glob("*.png"))
-    assert pngs == ["fid_vs_gflops.png", "fid_vs_sampling_compute.png", "fid_vs_steps_conditioning.png",
-                    "fid_vs_steps_patch.png", "fid_vs_steps_size.png", "fid_vs_training_compute.png", "guidance.png"]
+    assert pngs == [
+        "fid_vs_gflops.png",
+        "fid_vs_sampling_compute.png",
+        "fid_vs_steps_conditioning.png",
+        "fid_vs_steps_patch.png",
+        "fid_vs_steps_size.png",
+        "fid_vs_training_compute.png",
+        "guidance.png",
+    ]
     for p in pngs:
         assert f"(fig/{p})" in md and Image.open(tmp_path / "fig" / p).size[0] > 500
     assert md.count("\n| Ti-p2-adaLN-Zero-s") == 3 + 12 + 4  # training runs, cfg runs, seed 0's DDPM runs

@@ -2,6 +2,7 @@
 (push, git clone, pull, status clean) and an MLflow tracking server whose artifacts live in S3, registering the
 project's pyfunc model and loading the champion back. Credentials come from the environment only: they must never
 land in a file that git or DVC tracks, and the MLflow client needs none (the server proxies the artifacts)."""
+
 import os
 import subprocess
 import sys
@@ -10,16 +11,29 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-
-from pipeline import register as R
 from conftest import (
-    BUCKET, CREDENTIALS, IMAGE, NAME, export_dit, free_port, keys, register, start, stop, training_run, wait_http,
+    BUCKET,
+    CREDENTIALS,
+    IMAGE,
+    NAME,
+    export_dit,
+    free_port,
+    keys,
+    register,
+    start,
+    stop,
+    training_run,
+    wait_http,
     write_eval,
 )
+
+from pipeline import register as R
 
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
+
+
 def sh(args: list[str], cwd: Path, env: dict) -> str:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
@@ -42,8 +56,14 @@ for i in range(3):
 
 def test_dvc_remote_on_s3_push_clone_pull(s3, tmp_path):
     endpoint, env = s3
-    env = {**env, "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env = {
+        **env,
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
     repo, clone = tmp_path / "repo", tmp_path / "clone"
     repo.mkdir()
     (repo / "dvc.yaml").write_text(DVC_YAML)
@@ -76,9 +96,23 @@ def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, e
     endpoint, env = s3
     port = free_port()
     # Only the server holds the S3 credentials; clients upload and download through it (mlflow-artifacts:/).
-    server = start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port", str(port),
-                    "--workers", "1"], env={**env, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": ""})
+    server = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**env, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": ""},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
         uri = f"http://127.0.0.1:{port}"

@@ -1,4 +1,5 @@
 """Tests of pipeline/sample.py on a tiny DiT (8x8 latents, depth 2) and a tiny KL-VAE (16 px images), on CPU."""
+
 import dataclasses
 import json
 import os
@@ -12,18 +13,15 @@ import torch
 import yaml
 from diffusers import AutoencoderKL
 from PIL import Image
+from tiny_sample import DIFFUSION, IMAGE, LATENT, MICRO, NUM_CLASSES, load_samples, params
 
-from pipeline import generate as G
-from pipeline import sample as S
+from pipeline import generate as G, sample as S
 from pipeline.artifacts import ArtifactError, read_manifest, sha256_file
-from pipeline.params.load import ParamsError, load_section
 from pipeline.formats.model_card import read_model_card
 from pipeline.model import DiT_models
+from pipeline.params.load import ParamsError, load_section
+from pipeline.params.sample import SampleParams, check_params as check_sample_params
 from pipeline.params.tracking import TrackingParams
-from tiny_sample import DIFFUSION, IMAGE, LATENT, MICRO, NUM_CLASSES, load_samples, params
-from pipeline.params.sample import SampleParams
-from pipeline.params.sample import check_params as check_sample_params
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -38,16 +36,25 @@ def models(sample_dirs):
 
 def generate(models, indices, labels, batch_size, seed=0, **kw):
     card, model, vae = models
-    settings = dict(seed=seed, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                    num_classes=NUM_CLASSES, latent_shape=LATENT, device="cpu", batch_size=batch_size,
-                    micro_batch=MICRO, precision="fp32", diffusion=DIFFUSION)
+    settings = dict(
+        seed=seed,
+        sampler="dpm-solver++",
+        steps=4,
+        cfg_scale=1.5,
+        cfg_channels=None,
+        num_classes=NUM_CLASSES,
+        latent_shape=LATENT,
+        device="cpu",
+        batch_size=batch_size,
+        micro_batch=MICRO,
+        precision="fp32",
+        diffusion=DIFFUSION,
+    )
     return G.generate_images(model, vae, labels, indices, **{**settings, **kw})
 
 
-
-
-
 # --- determinism ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sampler", ["dpm-solver++", "ddpm"])
 def test_batch_size_and_request_do_not_change_pixels(models, sampler):
@@ -68,8 +75,10 @@ def test_network_and_vae_always_see_one_shape(models):
     """The mechanism behind batch invariance: whatever the batch, every call has micro_batch rows (x2 with cfg)."""
     card, model, vae = models
     shapes = []
-    hooks = [model.x_embedder.register_forward_hook(lambda m, args, out: shapes.append(("dit", tuple(args[0].shape)))),
-             vae.decoder.register_forward_hook(lambda m, args, out: shapes.append(("vae", tuple(args[0].shape))))]
+    hooks = [
+        model.x_embedder.register_forward_hook(lambda m, args, out: shapes.append(("dit", tuple(args[0].shape)))),
+        vae.decoder.register_forward_hook(lambda m, args, out: shapes.append(("vae", tuple(args[0].shape)))),
+    ]
     try:
         for batch_size, n in ((3, 3), (5, 13), (20, 20)):
             generate(models, np.arange(n), np.zeros(n, np.int64), batch_size)
@@ -113,6 +122,7 @@ def test_ray_workers_do_not_change_pixels(sample_dirs, tmp_path):
 
 # --- resume -----------------------------------------------------------------------------------------------------
 
+
 def test_resume_after_kill_reuses_finished_shards(sample_dirs, tmp_path, monkeypatch):
     dit_dir, vae_dir = sample_dirs
     card, p, out = read_model_card(dit_dir), params(), tmp_path / "out"
@@ -150,23 +160,31 @@ def test_resume_after_kill_reuses_finished_shards(sample_dirs, tmp_path, monkeyp
     assert {f.name: sha256_file(f) for f in moved.iterdir()} == before
 
 
-def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(sample_dirs, tmp_path, monkeypatch, capsys):
+def test_shards_of_other_code_are_regenerated_unless_resumed_across_versions(
+    sample_dirs, tmp_path, monkeypatch, capsys
+):
     dit_dir, vae_dir = sample_dirs
     card, p, out = S.read_model_card(dit_dir), params(), tmp_path / "out"
     S.run_sample(p, card, vae_dir, out)
     original, calls = S.ShardWorker.generate, []
     monkeypatch.setattr(S.ShardWorker, "generate", lambda self, k: (calls.append(k), original(self, k))[1])
     now = S.stamp("sample")
-    monkeypatch.setattr(S, "stamp", lambda stage: {**now, "fingerprint": "0" * 64,
-                                                         "code": {**now["code"], "pipeline/diffusion.py": "x"}})
+    monkeypatch.setattr(
+        S,
+        "stamp",
+        lambda stage: {**now, "fingerprint": "0" * 64, "code": {**now["code"], "pipeline/diffusion.py": "x"}},
+    )
     S.run_sample(p, card, vae_dir, out, resume_across_versions=True)
     assert calls == [] and "across versions" in capsys.readouterr().out
     monkeypatch.setattr(S, "stamp", lambda stage: now)
     S.run_sample(p, card, vae_dir, out)  # the shards now carry the edited stamp: regenerated, saying why
     assert calls == [0, 1, 2] and "code changed: pipeline/diffusion.py" in capsys.readouterr().out
     (moved,) = [d for d in (out / "superseded").glob("sample-*/*") if d.is_dir()]  # the edited code's, kept aside
-    assert sorted(f.name for f in moved.glob("shard-*.npz")) == ["shard-00000.npz", "shard-00001.npz",
-                                                                 "shard-00002.npz"]
+    assert sorted(f.name for f in moved.glob("shard-*.npz")) == [
+        "shard-00000.npz",
+        "shard-00001.npz",
+        "shard-00002.npz",
+    ]
 
 
 def test_more_samples_extend_a_finished_run(sample_dirs, tmp_path, monkeypatch):
@@ -183,6 +201,7 @@ def test_more_samples_extend_a_finished_run(sample_dirs, tmp_path, monkeypatch):
 
 # --- outputs ----------------------------------------------------------------------------------------------------
 
+
 def test_outputs_in_adm_layout_with_manifest(sample_dirs, tmp_path):
     dit_dir, vae_dir = sample_dirs
     card = read_model_card(dit_dir)
@@ -193,10 +212,20 @@ def test_outputs_in_adm_layout_with_manifest(sample_dirs, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (20, IMAGE, IMAGE, 3)
     assert labels.dtype == np.int64 and labels.tolist() == [i % NUM_CLASSES for i in range(20)]
     manifest = read_manifest(tmp_path, "dit-samples", 1, stage="sample")
-    expected = dict(num_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                    labels="balanced", seed=0, image_size=IMAGE, num_classes=NUM_CLASSES, model="tiny",
-                    checkpoint_sha256=sha256_file(dit_dir / "ema.pt"),
-                    samples_sha256=sha256_file(tmp_path / "samples.npz"))
+    expected = dict(
+        num_samples=20,
+        sampler="dpm-solver++",
+        steps=4,
+        cfg_scale=1.5,
+        cfg_channels=None,
+        labels="balanced",
+        seed=0,
+        image_size=IMAGE,
+        num_classes=NUM_CLASSES,
+        model="tiny",
+        checkpoint_sha256=sha256_file(dit_dir / "ema.pt"),
+        samples_sha256=sha256_file(tmp_path / "samples.npz"),
+    )
     assert {k: manifest[k] for k in expected} == expected
     assert manifest["label_counts"] == [5, 5, 5, 5] and len(manifest["vae_sha256"]) == 64
     assert metrics["num_samples"] == metrics["num_generated"] == 20
@@ -211,10 +240,10 @@ def test_grid_one_row_per_class(sample_dirs, tmp_path):
     assert grid.shape == (NUM_CLASSES * IMAGE, 3 * IMAGE, 3)
     for c in range(NUM_CLASSES):  # row c: the first three samples of class c, in index order
         first = np.flatnonzero(labels == c)[:3]
-        np.testing.assert_array_equal(grid[c * IMAGE:(c + 1) * IMAGE], np.concatenate(images[first], axis=1))
+        np.testing.assert_array_equal(grid[c * IMAGE : (c + 1) * IMAGE], np.concatenate(images[first], axis=1))
     png = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
     assert png.shape[0] == grid.shape[0] and png.shape[1] > grid.shape[1]  # plus the class-name margin
-    np.testing.assert_array_equal(png[:, -grid.shape[1]:], grid)
+    np.testing.assert_array_equal(png[:, -grid.shape[1] :], grid)
 
 
 def test_grid_leaves_missing_samples_black():
@@ -224,6 +253,7 @@ def test_grid_leaves_missing_samples_black():
 
 
 # --- labels -----------------------------------------------------------------------------------------------------
+
 
 def test_balanced_labels():
     labels = G.make_labels("balanced", np.arange(1000), 10, seed=0)
@@ -243,10 +273,11 @@ def test_uniform_labels_are_seeded_per_index_and_uniform():
 
 def test_seeds_are_distinct_per_index_and_stream():
     seeds = {G.sample_seed(s, i, stream) for s in range(3) for i in range(1000) for stream in ("noise", "label")}
-    assert len(seeds) == 6000 and all(0 <= v < 2 ** 63 for v in seeds)
+    assert len(seeds) == 6000 and all(0 <= v < 2**63 for v in seeds)
 
 
 # --- checkpoints and params -------------------------------------------------------------------------------------
+
 
 def test_official_checkpoint_command(sample_dirs, tmp_path, perturb):
     """The Table 2 command path: a flat state_dict with no config, model and image size given."""
@@ -256,25 +287,83 @@ def test_official_checkpoint_command(sample_dirs, tmp_path, perturb):
     torch.save(model.state_dict(), tmp_path / "DiT-Ti-8-16x16.pt")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"sample": dataclasses.asdict(params())}))
     out = tmp_path / "samples_official"
-    metrics = S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/8",
-                      "--image-size", "16", "--vae", str(vae_dir), "--out", str(out), "--params",
-                      str(tmp_path / "params.yaml"), "--num-fid-samples", "12", "--sampler", "ddpm", "--steps", "3",
-                      "--cfg-scale", "1.5", "--cfg-channels", "3", "--labels", "uniform",
-                      "--metrics", str(tmp_path / "m.json")])
+    metrics = S.main(
+        [
+            "--official-ckpt",
+            str(tmp_path / "DiT-Ti-8-16x16.pt"),
+            "--model",
+            "DiT-Ti/8",
+            "--image-size",
+            "16",
+            "--vae",
+            str(vae_dir),
+            "--out",
+            str(out),
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--num-fid-samples",
+            "12",
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "3",
+            "--cfg-scale",
+            "1.5",
+            "--cfg-channels",
+            "3",
+            "--labels",
+            "uniform",
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ]
+    )
     arr, labels = load_samples(out)
     assert arr.shape == (12, IMAGE, IMAGE, 3) and labels.max() < 1000
     manifest = read_manifest(out, "dit-samples", 1, stage="sample")
     assert (manifest["model"], manifest["num_classes"], manifest["cfg_channels"], manifest["sampler"]) == (
-        "DiT-Ti/8", 1000, 3, "ddpm")
+        "DiT-Ti/8",
+        1000,
+        3,
+        "ddpm",
+    )
     assert json.loads((tmp_path / "m.json").read_text()) == metrics
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()  # the same pixels straight from the library function
-    direct = G.generate_images(model, vae, labels, np.arange(12), seed=0, sampler="ddpm", steps=3, cfg_scale=1.5,
-                               cfg_channels=3, num_classes=1000, latent_shape=LATENT, device="cpu", batch_size=12,
-                               micro_batch=8, precision="fp32", diffusion=DIFFUSION)
+    direct = G.generate_images(
+        model,
+        vae,
+        labels,
+        np.arange(12),
+        seed=0,
+        sampler="ddpm",
+        steps=3,
+        cfg_scale=1.5,
+        cfg_channels=3,
+        num_classes=1000,
+        latent_shape=LATENT,
+        device="cpu",
+        batch_size=12,
+        micro_batch=8,
+        precision="fp32",
+        diffusion=DIFFUSION,
+    )
     np.testing.assert_array_equal(arr, direct)
     with pytest.raises(ArtifactError, match="--model"):
-        S.main(["--official-ckpt", str(tmp_path / "DiT-Ti-8-16x16.pt"), "--model", "DiT-Ti/4", "--image-size",
-                "16", "--vae", str(vae_dir), "--out", str(tmp_path / "bad"), "--params", str(tmp_path / "params.yaml")])
+        S.main(
+            [
+                "--official-ckpt",
+                str(tmp_path / "DiT-Ti-8-16x16.pt"),
+                "--model",
+                "DiT-Ti/4",
+                "--image-size",
+                "16",
+                "--vae",
+                str(vae_dir),
+                "--out",
+                str(tmp_path / "bad"),
+                "--params",
+                str(tmp_path / "params.yaml"),
+            ]
+        )
 
 
 def test_sampling_uses_the_diffusion_the_model_card_records(models, sample_dirs, tmp_path):
@@ -290,8 +379,9 @@ def test_sampling_uses_the_diffusion_the_model_card_records(models, sample_dirs,
     old = tmp_path / "dit"
     old.mkdir()
     (old / "ema.pt").write_bytes((dit_dir / "ema.pt").read_bytes())
-    (old / "model.json").write_text(json.dumps({**card, "diffusion": {"noise_schedule": "linear",
-                                                                      "diffusion_steps": 1000}}))
+    (old / "model.json").write_text(
+        json.dumps({**card, "diffusion": {"noise_schedule": "linear", "diffusion_steps": 1000}})
+    )
     with pytest.raises(ArtifactError, match=r"learn_sigma.*dvc repro train"):
         read_model_card(old)
 
@@ -325,7 +415,9 @@ def test_actor_plan():
     assert S.actor_plan(params(num_workers=2), 5, {"CPU": 2.0}) == (2, {"num_cpus": 1})
     assert S.actor_plan(params(num_workers=2), 1, {"CPU": 2.0}) == (1, {"num_cpus": 1})
     assert S.actor_plan(params(use_gpu=True, num_workers=1), 9, {"CPU": 16, "GPU": 4.0}) == (
-        4, {"num_gpus": 1, "num_cpus": 1})
+        4,
+        {"num_gpus": 1, "num_cpus": 1},
+    )
     with pytest.raises(ParamsError, match="no GPU"):
         S.actor_plan(params(use_gpu=True), 9, {"CPU": 16})
     with pytest.raises(ParamsError, match="num_workers"):
@@ -333,6 +425,7 @@ def test_actor_plan():
 
 
 # --- the stage and its MLflow side channel ----------------------------------------------------------------------
+
 
 def test_grid_is_logged_into_the_training_run(sample_dirs, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
@@ -365,12 +458,28 @@ def test_grid_is_logged_into_the_training_run(sample_dirs, tmp_path, monkeypatch
 
 def test_stage_script(sample_dirs, tmp_path, monkeypatch):
     dit_dir, vae_dir = sample_dirs
-    settings = {"sample": dataclasses.asdict(params(num_fid_samples=8)),
-                "tracking": {"enabled": False, "experiment": "unused"}}
+    settings = {
+        "sample": dataclasses.asdict(params(num_fid_samples=8)),
+        "tracking": {"enabled": False, "experiment": "unused"},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
-    monkeypatch.setattr(sys, "argv", ["stages/sample.py", "--params", str(tmp_path / "params.yaml"), "--dit",
-                                      str(dit_dir), "--vae", str(vae_dir), "--out", str(tmp_path / "samples"),
-                                      "--metrics", str(tmp_path / "metrics" / "sample.json")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "stages/sample.py",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--dit",
+            str(dit_dir),
+            "--vae",
+            str(vae_dir),
+            "--out",
+            str(tmp_path / "samples"),
+            "--metrics",
+            str(tmp_path / "metrics" / "sample.json"),
+        ],
+    )
     runpy.run_path(str(Path(__file__).parents[1] / "stages" / "sample.py"), run_name="__main__")
     metrics = json.loads((tmp_path / "metrics" / "sample.json").read_text())
     assert metrics["img_per_s"] > 0 and load_samples(tmp_path / "samples")[0].shape == (8, IMAGE, IMAGE, 3)

@@ -1,6 +1,7 @@
 """The served model's bounds (pipeline/serving.py, pipeline/pyfunc.py): the request checks, one generation at a time,
 and a real `mlflow models serve` on 127.0.0.1 refusing hostile requests with a 400 and one sentence, fast and in
 bounded memory, while good requests keep their pixels. Tiny DiT and VAE from tests/conftest.py, CPU only."""
+
 import json
 import math
 import os
@@ -16,10 +17,10 @@ import mlflow
 import numpy as np
 import psutil
 import pytest
+from conftest import IMAGE, MAX_LABELS, NUM_CLASSES, SAMPLER, export_dit, free_port, start, stop, wait_http
 
 from pipeline import serving
 from pipeline.diffusion import SAMPLERS
-from conftest import IMAGE, MAX_LABELS, NUM_CLASSES, SAMPLER, export_dit, free_port, start, stop, wait_http
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 RSS_LIMIT = 4 * 2**30  # bytes: the server and its children while they answer hostile requests
@@ -29,31 +30,36 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def check(labels, **params):
-    return serving.check_request(labels, params, SAMPLER, num_classes=NUM_CLASSES, max_labels=MAX_LABELS,
-                                 diffusion_steps=1000)
+    return serving.check_request(
+        labels, params, SAMPLER, num_classes=NUM_CLASSES, max_labels=MAX_LABELS, diffusion_steps=1000
+    )
 
 
 # --- the request checks ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("labels, params, message", [
-    (list(range(3)) * 3, {}, r"at most 8 images, got 9: split it"),
-    ([[0, 1]], {}, r"flat list of class labels, got an array of shape \(1, 2\)"),
-    ([-1], {}, r"class labels in \[0, 3\), got -1"),
-    ([0, 3], {}, r"class labels in \[0, 3\), got 3"),
-    ([0.5], {}, r"integer class labels in \[0, 3\), got fractional numbers such as 0.5"),
-    ([True], {}, r"got true/false such as True"),
-    (["a"], {}, r"got text such as 'a'"),
-    ([0], {"steps": 0}, r"steps must be an integer in \[1, 1000\] for dpm-solver\+\+"),
-    ([0], {"steps": 10**9}, r"steps must be an integer in \[1, 1000\]"),
-    ([0], {"steps": 1001, "sampler": "ddim"}, r"in \[1, 1000\] for ddim"),
-    ([0], {"steps": 2.5}, r"steps must be an integer"),
-    ([0], {"cfg_scale": math.nan}, r"cfg_scale must be a finite number >= 0, got nan"),
-    ([0], {"cfg_scale": math.inf}, r"finite"),
-    ([0], {"cfg_scale": -1.0}, r">= 0"),
-    ([0], {"seed": -1}, r"seed must be an integer in \[0, 9223372036854775807\]"),
-    ([0], {"seed": 2**70}, r"seed must be"),
-    ([0], {"sampler": "euler"}, r"sampler must be one of ddpm, ddim, dpm-solver\+\+, got 'euler'"),
-])
+
+@pytest.mark.parametrize(
+    "labels, params, message",
+    [
+        (list(range(3)) * 3, {}, r"at most 8 images, got 9: split it"),
+        ([[0, 1]], {}, r"flat list of class labels, got an array of shape \(1, 2\)"),
+        ([-1], {}, r"class labels in \[0, 3\), got -1"),
+        ([0, 3], {}, r"class labels in \[0, 3\), got 3"),
+        ([0.5], {}, r"integer class labels in \[0, 3\), got fractional numbers such as 0.5"),
+        ([True], {}, r"got true/false such as True"),
+        (["a"], {}, r"got text such as 'a'"),
+        ([0], {"steps": 0}, r"steps must be an integer in \[1, 1000\] for dpm-solver\+\+"),
+        ([0], {"steps": 10**9}, r"steps must be an integer in \[1, 1000\]"),
+        ([0], {"steps": 1001, "sampler": "ddim"}, r"in \[1, 1000\] for ddim"),
+        ([0], {"steps": 2.5}, r"steps must be an integer"),
+        ([0], {"cfg_scale": math.nan}, r"cfg_scale must be a finite number >= 0, got nan"),
+        ([0], {"cfg_scale": math.inf}, r"finite"),
+        ([0], {"cfg_scale": -1.0}, r">= 0"),
+        ([0], {"seed": -1}, r"seed must be an integer in \[0, 9223372036854775807\]"),
+        ([0], {"seed": 2**70}, r"seed must be"),
+        ([0], {"sampler": "euler"}, r"sampler must be one of ddpm, ddim, dpm-solver\+\+, got 'euler'"),
+    ],
+)
 def test_requests_outside_the_bounds_are_refused_in_one_sentence(labels, params, message):
     with pytest.raises(serving.RequestError, match=message) as e:
         check(labels, **params)
@@ -78,6 +84,7 @@ def test_long_refused_values_are_cut_in_the_message():
 
 # --- one generation at a time ------------------------------------------------------------------------------------
 
+
 def write_limits(path: Path, max_labels: int = MAX_LABELS) -> str:
     return str(serving.write_limits(path, max_labels))
 
@@ -88,8 +95,12 @@ def artifacts(tiny, tmp_path_factory) -> dict:
     switches it flips are visible (they are plain flags on a CPU build)."""
     root = tmp_path_factory.mktemp("pyfunc")
     (root / "sampler.json").write_text(json.dumps({**SAMPLER, "precision": "tf32"}))
-    return {"dit": str(export_dit(tiny, root / "dit", run_id=None)), "vae": str(tiny["vae"]),
-            "sampler": str(root / "sampler.json"), "limits": write_limits(root / serving.LIMITS_FILE)}
+    return {
+        "dit": str(export_dit(tiny, root / "dit", run_id=None)),
+        "vae": str(tiny["vae"]),
+        "sampler": str(root / "sampler.json"),
+        "limits": write_limits(root / serving.LIMITS_FILE),
+    }
 
 
 def test_concurrent_predicts_do_not_interleave_their_precision_switches(artifacts, monkeypatch):
@@ -141,11 +152,13 @@ def test_a_model_without_recorded_limits_is_refused_at_load(artifacts):
     from pipeline.pyfunc import DiTImageModel
 
     with pytest.raises(ArtifactError, match="dvc repro register"):
-        DiTImageModel().load_context(types.SimpleNamespace(artifacts={k: v for k, v in artifacts.items()
-                                                                      if k != "limits"}))
+        DiTImageModel().load_context(
+            types.SimpleNamespace(artifacts={k: v for k, v in artifacts.items() if k != "limits"})
+        )
 
 
 # --- over HTTP, against `mlflow models serve` ------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
@@ -162,10 +175,16 @@ def server(tiny, tmp_path_factory):
         model_uri = log_pyfunc(dit_dir, tiny["vae"], SAMPLER, MAX_LABELS).model_uri
     port = free_port()
     # `mlflow models serve` execs a bare `uvicorn`: the venv's bin must be on PATH (an activated venv)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1",
-           "PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = start([str(MLFLOW), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1",
-                  "-p", str(port)], env=env)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{MLFLOW.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    proc = start(
+        [str(MLFLOW), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout_s=180)
         yield f"http://127.0.0.1:{port}", proc

@@ -1,6 +1,7 @@
 """pipeline/shared_storage.py: a directory published to the cluster's storage (a local S3 server, and a shared
 directory) comes back on a node byte for byte, once per node, named by the hash `artifacts.sha256_dir` computes;
 a damaged or partial upload is an error, never a silent half copy."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,8 @@ import stat
 import threading
 
 import pytest
-
 from conftest import BUCKET, keys
+
 from pipeline import shared_storage as S
 from pipeline.artifacts import ArtifactError, sha256_dir
 
@@ -25,7 +26,9 @@ def artifact(root):
 
 
 def same_files(a, b) -> bool:
-    names = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != S.COMPLETE)
+    def names(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != S.COMPLETE)
+
     return names(a) == names(b) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names(a))
 
 

@@ -1,5 +1,6 @@
 """Sets moved aside, never deleted (pipeline/persisted.py): unique names, the disk check before a fresh start, and
 `python -m pipeline.superseded` listing, restoring and removing them with the node cache."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,15 @@ def test_a_fresh_run_with_nothing_to_compare_is_sized_from_the_parameters(tmp_pa
 
 def cli(*args: str, cwd: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "DIT_NODE_CACHE": str(cache), "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pipeline.superseded", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.superseded", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_the_command_lists_restores_and_removes_sets_and_cache_entries(tmp_path):
@@ -74,8 +82,14 @@ def test_the_command_lists_restores_and_removes_sets_and_cache_entries(tmp_path)
     P.move_aside(samples, repo / "data" / "samples" / "superseded", "sample-k1", ["other settings"])
     (cache / "latents" / "f00d").mkdir(parents=True)
     (cache / "latents" / "f00d" / "latents-00000.safetensors").write_bytes(b"z" * 500)
-    sizes = [P.tree_bytes(d) for d in (repo / "data" / "samples" / "superseded" / "sample-k1",
-                                       repo / "models" / "superseded" / "train-aaa", cache / "latents" / "f00d")]
+    sizes = [
+        P.tree_bytes(d)
+        for d in (
+            repo / "data" / "samples" / "superseded" / "sample-k1",
+            repo / "models" / "superseded" / "train-aaa",
+            cache / "latents" / "f00d",
+        )
+    ]
 
     listed = cli("list", cwd=repo, cache=cache)
     assert listed.returncode == 0, listed.stderr
@@ -107,8 +121,11 @@ def test_superseded_places_are_outside_every_output_and_ignored_by_git():
 
     from pipeline.superseded import default_roots
 
-    outs = [Path(o if isinstance(o, str) else next(iter(o))) for stage in
-            yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values() for o in stage.get("outs", [])]
+    outs = [
+        Path(o if isinstance(o, str) else next(iter(o)))
+        for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+        for o in stage.get("outs", [])
+    ]
     roots = default_roots(REPO / "dvc.yaml")
     assert {r.as_posix() for r in roots} == {"models/superseded", "data/superseded", "data/samples/superseded"}
     assert not [(r, o) for r in roots for o in outs if o == r or o in r.parents or r in o.parents]

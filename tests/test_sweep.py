@@ -2,6 +2,7 @@
 for real in a copy of the repository with a tiny plan (a training run and two sampling runs of seconds each):
 queued `dvc exp` experiments, records read through dvc.api, the sampling runs on the training run's lock without
 training again, and a second invocation that finds everything done."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import copy_repo
 
 from pipeline.study.plan import expand, load_plan, number_tag, parts, run_name
-from conftest import copy_repo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,9 +27,15 @@ def test_the_committed_plan_expands_as_docs_study_plan_says():
     train = [r for r in runs if r.kind == "train"]
     assert (len(runs), len(train)) == (48, 24)  # docs/study-plan.md, Budget
     assert {(r.model, r.conditioning) for r in train} == {
-        ("DiT-Ti/2", "adaLN-Zero"), ("DiT-4x128/2", "adaLN-Zero"), ("DiT-8x256/2", "adaLN-Zero"),
-        ("DiT-Ti/4", "adaLN-Zero"), ("DiT-Ti/1", "adaLN-Zero"), ("DiT-Ti/2", "adaLN"),
-        ("DiT-Ti/2", "cross-attention"), ("DiT-Ti/2", "in-context")}
+        ("DiT-Ti/2", "adaLN-Zero"),
+        ("DiT-4x128/2", "adaLN-Zero"),
+        ("DiT-8x256/2", "adaLN-Zero"),
+        ("DiT-Ti/4", "adaLN-Zero"),
+        ("DiT-Ti/1", "adaLN-Zero"),
+        ("DiT-Ti/2", "adaLN"),
+        ("DiT-Ti/2", "cross-attention"),
+        ("DiT-Ti/2", "in-context"),
+    }
     ref = next(r for r in runs if r.name == "Ti-p2-adaLN-Zero-s0")
     assert set(ref.studies) >= {"conditioning", "size", "patch", "gflops", "compute", "guidance"}
     # sampling runs follow their training run and change only sample.* keys
@@ -37,7 +44,8 @@ def test_the_committed_plan_expands_as_docs_study_plan_says():
             assert runs.index(next(t for t in runs if t.name == r.base)) < i
             diff = {k for k, v in r.overrides(plan).items() if ref.overrides(plan).get(k) != v}
             assert {k.split(".")[0] for k in diff} <= {"sample", "train"} and not any(
-                k.startswith("train.") and k not in ("train.seed", "train.model") for k in diff)
+                k.startswith("train.") and k not in ("train.seed", "train.model") for k in diff
+            )
     chunks = parts(runs, plan, 2.0)
     assert all(plan["estimate"]["data_stages_s"] + sum(s for _, s in c) <= 2 * 3600 for c in chunks)
     total = sum(s for c in chunks for _, s in c) + len(chunks) * plan["estimate"]["data_stages_s"]
@@ -51,12 +59,28 @@ def test_names():
 
 # A plan of seconds: DiT-Ti/4 (4 tokens), one seed; its training run, one guidance run and one DDPM run.
 TINY = {
-    "ingest.synthetic.num_images": 240, "vae.train_steps": 40, "vae.holdout": 40,
-    "reference.classifier_steps": 30, "reference.holdout": 40, "train.train_steps": 20,
-    "train.global_batch_size": 16, "train.warmup_steps": 0, "train.ckpt_every": 10, "train.log_every": 5,
-    "train.sample_every": 10, "sample.num_fid_samples": 48, "sample.steps": 4, "sample.batch_size": 16,
-    "sample.micro_batch": 8, "sample.shard_size": 16, "evaluate.kid_subset_size": 24, "evaluate.kid_subsets": 2,
-    "curve.num_samples": 32, "curve.steps": 4, "curve.batch_size": 16, "tracking.enabled": False,
+    "ingest.synthetic.num_images": 240,
+    "vae.train_steps": 40,
+    "vae.holdout": 40,
+    "reference.classifier_steps": 30,
+    "reference.holdout": 40,
+    "train.train_steps": 20,
+    "train.global_batch_size": 16,
+    "train.warmup_steps": 0,
+    "train.ckpt_every": 10,
+    "train.log_every": 5,
+    "train.sample_every": 10,
+    "sample.num_fid_samples": 48,
+    "sample.steps": 4,
+    "sample.batch_size": 16,
+    "sample.micro_batch": 8,
+    "sample.shard_size": 16,
+    "evaluate.kid_subset_size": 24,
+    "evaluate.kid_subsets": 2,
+    "curve.num_samples": 32,
+    "curve.steps": 4,
+    "curve.batch_size": 16,
+    "tracking.enabled": False,
 }
 
 
@@ -65,11 +89,20 @@ def tiny_plan() -> dict:
     plan["base"].update(TINY)
     plan["seeds"] = [0]
     m = "DiT-Ti/4"
-    plan["studies"] = {"conditioning": {"model": m, "conditionings": ["adaLN-Zero"]}, "size": {"models": [m]},
-                       "patch": {"models": [m]},
-                       "sampling": {"models": [m], "seeds": [0], "sampler": "ddpm", "steps": [6],
-                                    "num_fid_samples": 48, "cfg_scale": 1.0},
-                       "guidance": {"model": m, "cfg_scales": [2.0], "num_fid_samples": 48}}
+    plan["studies"] = {
+        "conditioning": {"model": m, "conditionings": ["adaLN-Zero"]},
+        "size": {"models": [m]},
+        "patch": {"models": [m]},
+        "sampling": {
+            "models": [m],
+            "seeds": [0],
+            "sampler": "ddpm",
+            "steps": [6],
+            "num_fid_samples": 48,
+            "cfg_scale": 1.0,
+        },
+        "guidance": {"model": m, "cfg_scales": [2.0], "num_fid_samples": 48},
+    }
     return plan
 
 
@@ -84,8 +117,14 @@ def test_sweep_runs_and_records_real_experiments(tmp_path):
     # those named like the tiny plan's runs (the real study's Ti-p4-adaLN-Zero-s0 would count as done)
     for run in expand(plan):
         (repo / f"docs/results/runs/{run.name}.json").unlink(missing_ok=True)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(repo)}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "PYTHONPATH": str(repo),
+    }
 
     def sh(*cmd, check=True):
         return subprocess.run(cmd, cwd=repo, env=env, check=check, capture_output=True, text=True)
@@ -151,8 +190,9 @@ def test_applying_an_experiment_keeps_the_records_of_this_session(tmp_path, monk
     sh("git", "init", "-q", "-b", "main")
     sh("dvc", "init", "-q")
     (tmp_path / "params.yaml").write_text("n: 1\n")
-    (tmp_path / "dvc.yaml").write_text("stages:\n  count:\n    cmd: echo ${n} > out.txt\n"
-                                       "    params: [n]\n    outs: [out.txt]\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  count:\n    cmd: echo ${n} > out.txt\n    params: [n]\n    outs: [out.txt]\n"
+    )
     record = tmp_path / RUNS_DIR / "Ti-p2-adaLN-Zero-s0.json"
     record.parent.mkdir(parents=True)
     record.write_text('{"reference": "the earlier machine"}')

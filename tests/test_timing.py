@@ -1,4 +1,5 @@
 """The stages' start-up records (pipeline/timing.py) and bench/wall_time.py's reading of them."""
+
 from __future__ import annotations
 
 import json
@@ -83,16 +84,36 @@ def test_workers_take_the_stage_and_directory_only_when_timings_are_on(monkeypat
 def test_wall_time_table_from_stage_lines_and_records(tmp_path):
     walls = wall_time.stage_walls([(1.0, "ingest"), (4.0, "vae"), (10.0, "train")], end=30.0)
     assert walls == {"ingest": 3.0, "vae": 6.0, "train": 20.0}
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for e in [
-        {"event": "start", "t": 100.0, "pid": 1}, {"event": "imported", "t": 102.0, "pid": 1},
-        {"event": "ready", "t": 109.0, "pid": 2}, {"event": "ready", "t": 110.0, "pid": 3},
-        {"event": "end", "t": 120.0, "pid": 1}]))
-    (tmp_path / "vae.jsonl").write_text(json.dumps({"event": "start", "t": 5.0, "pid": 1}) + "\n" +
-                                       json.dumps({"event": "imported", "t": 7.5, "pid": 1}) + "\n")
+    (tmp_path / "train.jsonl").write_text(
+        "".join(
+            json.dumps(e) + "\n"
+            for e in [
+                {"event": "start", "t": 100.0, "pid": 1},
+                {"event": "imported", "t": 102.0, "pid": 1},
+                {"event": "ready", "t": 109.0, "pid": 2},
+                {"event": "ready", "t": 110.0, "pid": 3},
+                {"event": "end", "t": 120.0, "pid": 1},
+            ]
+        )
+    )
+    (tmp_path / "vae.jsonl").write_text(
+        json.dumps({"event": "start", "t": 5.0, "pid": 1})
+        + "\n"
+        + json.dumps({"event": "imported", "t": 7.5, "pid": 1})
+        + "\n"
+    )
     assert wall_time.startup_seconds(tmp_path / "train.jsonl") == 9.0  # the earliest worker's first step
     assert wall_time.startup_seconds(tmp_path / "vae.jsonl") == 2.5  # no ready mark: the imports only
     assert wall_time.startup_seconds(tmp_path / "ingest.jsonl") is None
-    run = {"rev": "HEAD", "commit": "0" * 40, "total": 40.0, "walls": walls, "before_first_stage": 1.0,
-           "startups": {"ingest": None, "vae": 2.5, "train": 9.0}, "metrics": {"eval": {"fid": 38.0}}, "overrides": []}
+    run = {
+        "rev": "HEAD",
+        "commit": "0" * 40,
+        "total": 40.0,
+        "walls": walls,
+        "before_first_stage": 1.0,
+        "startups": {"ingest": None, "vae": 2.5, "train": 9.0},
+        "metrics": {"eval": {"fid": 38.0}},
+        "overrides": [],
+    }
     table = wall_time.summarise([run, {**run, "total": 50.0}])
     assert "train" in table and "45.0" in table and "0 min 40.0 s, 0 min 50.0 s" in table

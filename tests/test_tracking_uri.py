@@ -3,6 +3,7 @@ store all take a real training run; a URI no store accepts is one line; credenti
 (tracking.json, the config Ray workers get, the registered model's artifacts, error messages), and a worker elsewhere
 authenticates from its own environment. Tiny training (tests/tiny_train.py) and a real `mlflow server` on
 127.0.0.1."""
+
 import json
 import os
 import sys
@@ -10,15 +11,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-import pipeline.train as T
-from pipeline import register as R
-from pipeline import tracking
-from pipeline.errors import UserError, one_line
-from pipeline.tracking import TrackingError
-from pipeline.params.tracking import TrackingParams
 from conftest import NAME, export_dit, free_port, register, start, stop, training_run, wait_http, write_eval
 from tiny_train import base_params, run
+
+import pipeline.train as T
+from pipeline import register as R, tracking
+from pipeline.errors import UserError, one_line
+from pipeline.params.tracking import TrackingParams
+from pipeline.tracking import TrackingError
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 SECRET = "s3cret-7f2a"
@@ -32,9 +32,23 @@ def server(tmp_path_factory):
     """A tracking server (sqlite backend, its own artifact store) on 127.0.0.1; yields its URL."""
     root = tmp_path_factory.mktemp("server")
     port = free_port()
-    proc = start([str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                  "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                  "--workers", "1"], env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    proc = start(
+        [
+            str(MLFLOW),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=180)
         yield f"http://127.0.0.1:{port}"
@@ -55,11 +69,14 @@ def repo(tmp_path, monkeypatch) -> Path:
 
 # --- the helpers ------------------------------------------------------------------------------------------------
 
+
 def test_public_uri_strips_credentials_only():
     assert tracking.public_uri(f"https://alice:{SECRET}@mlflow.example:8443/x") == "https://mlflow.example:8443/x"
     assert tracking.public_uri(f"http://token:{SECRET}@10.0.0.2:5000") == "http://10.0.0.2:5000"
-    assert tracking.public_uri(f"postgresql://u:{SECRET}@db/mlflow?sslmode=require&password={SECRET}") == \
-        "postgresql://db/mlflow?sslmode=require"
+    assert (
+        tracking.public_uri(f"postgresql://u:{SECRET}@db/mlflow?sslmode=require&password={SECRET}")
+        == "postgresql://db/mlflow?sslmode=require"
+    )
     for plain in ("sqlite:////abs/mlflow.db", "http://127.0.0.1:5000", "databricks", "/abs/mlruns", None):
         assert tracking.public_uri(plain) == plain
 
@@ -77,12 +94,15 @@ def test_relative_store_paths_resolve_against_the_repository(tmp_path):
 
 # --- each form a user writes takes a training run ---------------------------------------------------------------
 
+
 def store_forms(repo: Path, server: str) -> dict[str, tuple[str, str]]:
     """form -> (what the user exports, the store where the run must land)."""
-    return {"relative sqlite": ("sqlite:///mlflow.db", f"sqlite:///{repo / 'mlflow.db'}"),
-            "absolute sqlite": (f"sqlite:///{repo / 'abs.db'}", f"sqlite:///{repo / 'abs.db'}"),
-            "tracking server": (server, server),
-            "file store": ("mlruns", str(repo / "mlruns"))}
+    return {
+        "relative sqlite": ("sqlite:///mlflow.db", f"sqlite:///{repo / 'mlflow.db'}"),
+        "absolute sqlite": (f"sqlite:///{repo / 'abs.db'}", f"sqlite:///{repo / 'abs.db'}"),
+        "tracking server": (server, server),
+        "file store": ("mlruns", str(repo / "mlruns")),
+    }
 
 
 @pytest.mark.parametrize("form", ["relative sqlite", "absolute sqlite", "tracking server", "file store"])
@@ -100,9 +120,11 @@ def test_training_tracks_into_every_store_form(form, repo, server, latents, monk
 
 
 def test_a_uri_no_store_accepts_is_one_line(repo, monkeypatch):
-    for uri, message in [("nosuchscheme://host/x", "not a tracking store MLflow knows"),
-                         (f"sqlite:///{repo / 'missing' / 'm.db'}", "does not exist: create it"),
-                         ("mlruns", "MLFLOW_ALLOW_FILE_STORE=true")]:
+    for uri, message in [
+        ("nosuchscheme://host/x", "not a tracking store MLflow knows"),
+        (f"sqlite:///{repo / 'missing' / 'm.db'}", "does not exist: create it"),
+        ("mlruns", "MLFLOW_ALLOW_FILE_STORE=true"),
+    ]:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
         with pytest.raises(TrackingError, match=message) as e:
@@ -111,6 +133,7 @@ def test_a_uri_no_store_accepts_is_one_line(repo, monkeypatch):
 
 
 # --- credentials ------------------------------------------------------------------------------------------------
+
 
 def test_credentials_in_the_uri_are_written_nowhere(repo, server, tiny, evaluation, latents, monkeypatch):
     secret_uri = server.replace("http://", f"http://alice:{SECRET}@")
@@ -128,8 +151,9 @@ def test_credentials_in_the_uri_are_written_nowhere(repo, server, tiny, evaluati
     # 2. the registered model's artifacts
     dit_dir = export_dit(tiny, repo / "dit", training_run())
     result = register(tiny, dit_dir, write_eval(repo / "eval.json", dit_dir, evaluation))
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{result['version']}",
-                                                     dst_path=str(repo / "downloaded")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/{NAME}/{result['version']}", dst_path=str(repo / "downloaded"))
+    )
     files = [p for p in local.rglob("*") if p.is_file()]
     assert any(p.name == "tracking.json" for p in files)
     assert not [p for p in files if SECRET.encode() in p.read_bytes()]

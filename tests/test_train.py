@@ -1,4 +1,5 @@
 """The train stage on a tiny latents artifact (64 examples of 4x8x8, 4 classes) and a depth-2 DiT, on the CPU."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_train import (
+    LATENT_SHAPE,
+    NUM_CLASSES,
+    OFF,
+    REPO,
+    SCALING_FACTOR,
+    TINY,
+    assert_bitwise_equal,
+    base_params,
+    load_ema,
+    read_log,
+    run,
+)
 
 import pipeline.checkpoints as C
 import pipeline.train as T
@@ -20,9 +34,6 @@ from pipeline.artifacts import ArtifactError, sha256_file
 from pipeline.formats.latents import load_latents
 from pipeline.model import DiT
 from pipeline.params.tracking import TrackingParams
-from tiny_train import (LATENT_SHAPE, NUM_CLASSES, OFF, REPO, SCALING_FACTOR, TINY, assert_bitwise_equal, base_params,
-                        load_ema, read_log, run)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -37,9 +48,13 @@ def reference(tmp_path_factory, latents) -> Path:
 
 # --- learning, EMA, label dropout ---------------------------------------------------------------------------------
 
+
 def test_overfits_64_latents(tmp_path, latents):
-    metrics = run(tmp_path, latents, base_params(train_steps=400, global_batch_size=32, lr=3e-3, log_every=4,
-                                                 ckpt_every=400, ema_decay=0.99))
+    metrics = run(
+        tmp_path,
+        latents,
+        base_params(train_steps=400, global_batch_size=32, lr=3e-3, log_every=4, ckpt_every=400, ema_decay=0.99),
+    )
     losses = [float(row["loss"]) for row in read_log(tmp_path / "train.csv")]
     assert losses[0] > 0.8  # the adaLN-Zero model starts at eps = 0: MSE = E[eps^2] = 1
     assert metrics["loss"] == losses[-1] < 0.25, losses  # measured: 0.17 after 400 steps
@@ -105,18 +120,19 @@ def test_batches_are_disjoint_across_ranks_and_flip(latents):
     seen = []
     for step in range(steps_per_epoch):
         for rank in range(2):
-            idx = data.permutation(0)[step * 16 + rank * 8: step * 16 + (rank + 1) * 8]
+            idx = data.permutation(0)[step * 16 + rank * 8 : step * 16 + (rank + 1) * 8]
             seen += idx.tolist()
             x, y = data.batch(step, rank, 2, 16)
             assert x.shape == (8, *LATENT_SHAPE) and torch.equal(y, tensors["label"][idx])
     assert sorted(seen) == list(range(64))  # one epoch = every example once, split between ranks
     x, _ = data.batch(0, 0, 1, 64)
     unflipped = tensors["mean"][data.permutation(0), 0].float() * SCALING_FACTOR
-    close = ((x - unflipped).abs().flatten(1).amax(1) < 0.5)  # std 0.05 (x 0.5): flipped rows are far away
+    close = (x - unflipped).abs().flatten(1).amax(1) < 0.5  # std 0.05 (x 0.5): flipped rows are far away
     assert 0 < close.sum() < 64  # both the original and the mirrored latents are drawn
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
+
 
 def test_resume_after_exception_is_bit_exact(tmp_path, latents, reference, monkeypatch):
     original = T.LatentBatches.batch
@@ -165,8 +181,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, latents, reference):
     # would differ from the resuming parent's.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)]), "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "child.log", "w")
-    child = subprocess.Popen([sys.executable, str(script), str(tmp_path), str(latents)], env=env,
-                             stdout=log, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), str(latents)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 240
     while not C.list_checkpoints(tmp_path / "checkpoints"):
         assert child.poll() is None, (tmp_path / "child.log").read_text()[-3000:]
@@ -204,7 +221,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, laten
 
 def test_refuses_to_resume_a_different_run(tmp_path, latents):
     run(tmp_path, latents, base_params(train_steps=10))
-    with pytest.raises(ArtifactError, match=r"train\.lr: 0\.001 -> 0\.002.*--restart-on-mismatch to .* move its checkpoints aside"):
+    with pytest.raises(
+        ArtifactError, match=r"train\.lr: 0\.001 -> 0\.002.*--restart-on-mismatch to .* move its checkpoints aside"
+    ):
         run(tmp_path, latents, base_params(train_steps=20, lr=2e-3))
     with pytest.raises(ArtifactError, match="past train.train_steps"):
         run(tmp_path, latents, base_params(train_steps=5))
@@ -217,8 +236,17 @@ def test_restart_on_mismatch_trains_from_scratch_and_keeps_the_old_run_aside(tmp
     before = {f.name: sha256_file(f) for f in C.list_checkpoints(tmp_path / "a" / "checkpoints")}
     p = base_params(train_steps=10, lr=2e-3)
     capsys.readouterr()
-    T.train(p, OFF, latents, tmp_path / "a" / "checkpoints", tmp_path / "a" / "dit", tmp_path / "a" / "m.json",
-            tmp_path / "a" / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
+    T.train(
+        p,
+        OFF,
+        latents,
+        tmp_path / "a" / "checkpoints",
+        tmp_path / "a" / "dit",
+        tmp_path / "a" / "m.json",
+        tmp_path / "a" / "train.csv",
+        model_overrides=TINY,
+        restart_on_mismatch=True,
+    )
     run(tmp_path / "fresh", latents, p)
     assert_bitwise_equal(load_ema(tmp_path / "a"), load_ema(tmp_path / "fresh"))
     assert C.load_checkpoint(C.list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["train_params"]["lr"] == 2e-3
@@ -229,8 +257,9 @@ def test_restart_on_mismatch_trains_from_scratch_and_keeps_the_old_run_aside(tmp
     assert f"restore {moved.parent.name}" in lines[0] and "--resume-across-versions" in lines[0]
 
 
-def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_versions(tmp_path, latents, capsys,
-                                                                                       monkeypatch):
+def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_versions(
+    tmp_path, latents, capsys, monkeypatch
+):
     run(tmp_path, latents, base_params(train_steps=10))
     made = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"]
     assert made == T.stamp("train") and "pipeline/diffusion.py" in made["code"]
@@ -239,22 +268,41 @@ def test_checkpoints_of_other_code_or_packages_restart_unless_resumed_across_ver
 
     with pytest.raises(ArtifactError, match=r"torch .* -> 99\.0.*--resume-across-versions"):
         run(tmp_path, latents, base_params(train_steps=20))
-    T.train(base_params(train_steps=20), OFF, latents, tmp_path / "checkpoints", tmp_path / "dit",
-            tmp_path / "metrics.json", tmp_path / "train.csv", model_overrides=TINY, resume_across_versions=True)
+    T.train(
+        base_params(train_steps=20),
+        OFF,
+        latents,
+        tmp_path / "checkpoints",
+        tmp_path / "dit",
+        tmp_path / "metrics.json",
+        tmp_path / "train.csv",
+        model_overrides=TINY,
+        resume_across_versions=True,
+    )
     assert C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"] == made  # resumed
     assert C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000020.pt")["provenance"] == upgraded
 
     capsys.readouterr()
     edited = {**upgraded, "fingerprint": "0" * 64, "code": {**made["code"], "pipeline/diffusion.py": "edited"}}
     monkeypatch.setattr(T, "stamp", lambda stage: edited)
-    T.train(base_params(train_steps=20), OFF, latents, tmp_path / "checkpoints", tmp_path / "dit",
-            tmp_path / "metrics.json", tmp_path / "train.csv", model_overrides=TINY, restart_on_mismatch=True)
+    T.train(
+        base_params(train_steps=20),
+        OFF,
+        latents,
+        tmp_path / "checkpoints",
+        tmp_path / "dit",
+        tmp_path / "metrics.json",
+        tmp_path / "train.csv",
+        model_overrides=TINY,
+        restart_on_mismatch=True,
+    )
     assert "(code changed: pipeline/diffusion.py)" in capsys.readouterr().out  # the stage says why it restarts
     rewritten = C.load_checkpoint(tmp_path / "checkpoints" / "ckpt-0000010.pt")["provenance"]
     assert rewritten == edited  # trained afresh from step 0
 
 
 # --- safety -------------------------------------------------------------------------------------------------------
+
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, latents, monkeypatch):
     original = T.LatentBatches.batch
@@ -281,6 +329,7 @@ def test_bad_params_fail_clearly(tmp_path, latents):
 
 
 # --- outputs, tracking and the stage script -----------------------------------------------------------------------
+
 
 def test_outputs_and_mlflow_run(tmp_path, latents, monkeypatch, tiny_vae):
     from mlflow.tracking import MlflowClient
@@ -325,16 +374,34 @@ def test_stage_script_end_to_end(tmp_path, latents):
     params["tracking"]["enabled"] = False
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "models" / "dit"
-    subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(tmp_path / "params.yaml"),
-                    "--latents", str(latents), "--checkpoints", str(tmp_path / "ckpt"), "--out", str(out),
-                    "--metrics", str(tmp_path / "metrics" / "train.json"), "--plots", str(tmp_path / "train.csv")],
-                   check=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "stages" / "train.py"),
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--latents",
+            str(latents),
+            "--checkpoints",
+            str(tmp_path / "ckpt"),
+            "--out",
+            str(out),
+            "--metrics",
+            str(tmp_path / "metrics" / "train.json"),
+            "--plots",
+            str(tmp_path / "train.csv"),
+        ],
+        check=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert json.loads((out / "model.json").read_text())["model_kwargs"]["depth"] == 6
     assert json.loads((tmp_path / "metrics" / "train.json").read_text())["steps"] == 2
     assert json.loads((out / "tracking.json").read_text()) == {"mlflow_run_id": None, "tracking_uri": None}
 
 
 # --- Ray Train ----------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_ray_two_cpu_workers_resume(tmp_path, latents):
@@ -355,6 +422,7 @@ def test_ray_two_cpu_workers_resume(tmp_path, latents):
 
 # --- exporting an official checkpoint instead of training (profiles/official-xl2.yaml) ---------------------------
 
+
 def test_official_checkpoint_is_exported_without_training(tmp_path, latents):
     from pipeline.model import DiT_models
 
@@ -364,12 +432,20 @@ def test_official_checkpoint_is_exported_without_training(tmp_path, latents):
             param.add_(torch.randn_like(param))
     torch.save(official.state_dict(), tmp_path / "official.pt")  # flat, as released
     p = base_params(model="DiT-Ti/8", official_checkpoint=str(tmp_path / "official.pt"))
-    metrics = T.train(p, OFF, latents, tmp_path / "checkpoints", tmp_path / "dit", tmp_path / "metrics.json",
-                      tmp_path / "train.csv")
+    metrics = T.train(
+        p, OFF, latents, tmp_path / "checkpoints", tmp_path / "dit", tmp_path / "metrics.json", tmp_path / "train.csv"
+    )
     assert metrics["steps"] == 0 and not list((tmp_path / "checkpoints").iterdir())
     assert_bitwise_equal(load_ema(tmp_path), official.state_dict())
     card = json.loads((tmp_path / "dit" / "model.json").read_text())
     assert card["train_steps"] == 0 and card["model"] == "DiT-Ti/8"
     with pytest.raises(ArtifactError, match="set train.model"):
-        T.train(replace(p, model="DiT-Ti/4"), OFF, latents, tmp_path / "c2", tmp_path / "d2", tmp_path / "m2.json",
-                tmp_path / "t2.csv")
+        T.train(
+            replace(p, model="DiT-Ti/4"),
+            OFF,
+            latents,
+            tmp_path / "c2",
+            tmp_path / "d2",
+            tmp_path / "m2.json",
+            tmp_path / "t2.csv",
+        )

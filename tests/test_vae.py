@@ -1,4 +1,5 @@
 """The `vae` stage: the small KL-VAE trained here, the pretrained snapshot path, and the encode/decode helpers."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,16 +11,16 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from synthetic import blob_images, write_images_dir
 
 from pipeline.artifacts import sha256_dir
-from pipeline.params.load import ParamsError, load_section
+from pipeline.autoencoder import decode_latents, encode_images, load_vae, to_uint8
 from pipeline.determinism import holdout_split
 from pipeline.formats.images import read_images
+from pipeline.params.load import ParamsError, load_section
+from pipeline.params.vae import VAEParams
 from pipeline.provenance import NO_INPUT, hub_revision
 from pipeline.vae import psnr_db, run_vae
-from pipeline.autoencoder import decode_latents, encode_images, load_vae, to_uint8
-from pipeline.params.vae import VAEParams
-from synthetic import blob_images, write_images_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,10 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 # 16x16 images, downsample 2 -> 8x8 latents. 500 steps (~15 s of CPU) is about where this VAE leaves the flat-colour
 # plateau (measured: ~17 dB at 300 steps, ~22.7 dB at 500); 512 images so that it generalises rather than memorises.
-TINY = VAEParams(pretrained=None, pretrained_dir=NO_INPUT, block_out_channels=(8, 16), latent_channels=4,
-                 layers_per_block=1,
-                 norm_num_groups=4, train_steps=500, batch_size=16, lr=2e-3, kl_weight=1e-6, init_logvar=-6.0,
-                 holdout=32, seed=0)
+TINY = VAEParams(
+    pretrained=None,
+    pretrained_dir=NO_INPUT,
+    block_out_channels=(8, 16),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=4,
+    train_steps=500,
+    batch_size=16,
+    lr=2e-3,
+    kl_weight=1e-6,
+    init_logvar=-6.0,
+    holdout=32,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +74,9 @@ def test_small_vae_reconstructs_held_out_images(images_dir, trained):
     baseline_db = psnr_db(torch.from_numpy(flat), torch.from_numpy(holdout))
     assert metrics["psnr_db"] > 20.0 and metrics["psnr_db"] > baseline_db + 3.0, (metrics, baseline_db)
     assert metrics["latent_shape"] == [4, 8, 8] and metrics["train_steps"] == TINY.train_steps
-    assert json.loads((out.parent / "metrics" / "vae.json").read_text()) == {k: metrics[k] for k in ("psnr_db", "seconds")}
+    assert json.loads((out.parent / "metrics" / "vae.json").read_text()) == {
+        k: metrics[k] for k in ("psnr_db", "seconds")
+    }
 
 
 @pytest.mark.slow
@@ -73,7 +87,9 @@ def test_scaling_factor_is_inverse_latent_std_and_reloads(images_dir, trained):
     assert scale == metrics["scaling_factor"] and scale != 1.0
     assert json.loads((out / "config.json").read_text())["scaling_factor"] == scale
     images, _, _ = read_images(images_dir)
-    train = torch.from_numpy(images[holdout_split(len(images), TINY.holdout, TINY.seed, "vae.holdout")[0]]).permute(0, 3, 1, 2)
+    train = torch.from_numpy(images[holdout_split(len(images), TINY.holdout, TINY.seed, "vae.holdout")[0]]).permute(
+        0, 3, 1, 2
+    )
     mean, std = encode_images(vae, train)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(123))  # a fresh draw
     assert (z * scale).std().item() == pytest.approx(1.0, rel=0.02)
@@ -113,7 +129,10 @@ def test_pretrained_local_directory_is_snapshotted_unchanged(images_dir, tmp_pat
     params = dataclasses.replace(TINY, pretrained_dir=str(source))
     metrics = run_vae(params, images_dir, tmp_path / "vae", tmp_path / "vae.json")
     original, snapshot = load_vae(source), load_vae(tmp_path / "vae")
-    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # not _name_or_path
+
+    def public(config):  # not _name_or_path
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
     assert public(snapshot.config) == public(original.config)
     assert snapshot.config.scaling_factor == 0.18215  # a pretrained VAE keeps its own scale
     for (name, a), (_, b) in zip(original.state_dict().items(), snapshot.state_dict().items()):

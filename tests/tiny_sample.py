@@ -1,5 +1,6 @@
 """The sample tests' tiny setting, shared by the sample, failure and cluster tests (their models: conftest's
 `sample_dirs`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +14,23 @@ DIFFUSION = {"noise_schedule": "linear", "diffusion_steps": 1000, "learn_sigma":
 
 
 def params(**overrides) -> SampleParams:
-    base = dict(num_fid_samples=20, sampler="dpm-solver++", steps=4, cfg_scale=1.5, cfg_channels=None,
-                labels="balanced", batch_size=8, micro_batch=MICRO, precision="fp32", compile=False, num_workers=0, use_gpu=False, shard_size=8, seed=0,
-                grid_per_class=3)
+    base = dict(
+        num_fid_samples=20,
+        sampler="dpm-solver++",
+        steps=4,
+        cfg_scale=1.5,
+        cfg_channels=None,
+        labels="balanced",
+        batch_size=8,
+        micro_batch=MICRO,
+        precision="fp32",
+        compile=False,
+        num_workers=0,
+        use_gpu=False,
+        shard_size=8,
+        seed=0,
+        grid_per_class=3,
+    )
     return SampleParams(**{**base, **overrides})
 
 

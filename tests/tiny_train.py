@@ -1,5 +1,6 @@
 """The train tests' tiny run, shared by the train, curve and failure tests: a `dit-latents` artifact of 64 examples
 (4x8x8, 4 classes), a depth-2 DiT and the train params that run it in seconds on a CPU."""
+
 from __future__ import annotations
 
 import csv
@@ -34,27 +35,67 @@ def write_latents(directory: Path, count: int = 64, store: str = "posterior") ->
         tensors["sample"] = mean.half()
     directory.mkdir(parents=True)
     save_file(tensors, directory / "latents-00000.safetensors")
-    write_manifest(directory, "dit-latents", 1, count=count, latent_shape=list(LATENT_SHAPE), dtype="float16",
-                   flip=True, store=store, scaling_factor=SCALING_FACTOR, vae_sha256="0" * 64,
-                   images_manifest_sha256="0" * 64, num_classes=NUM_CLASSES,
-                   class_names=[f"class{i}" for i in range(NUM_CLASSES)], image_size=16,
-                   shards=[{"file": "latents-00000.safetensors", "count": count,
-                            "size": (directory / "latents-00000.safetensors").stat().st_size,
-                            "sha256": sha256_file(directory / "latents-00000.safetensors")}])
+    write_manifest(
+        directory,
+        "dit-latents",
+        1,
+        count=count,
+        latent_shape=list(LATENT_SHAPE),
+        dtype="float16",
+        flip=True,
+        store=store,
+        scaling_factor=SCALING_FACTOR,
+        vae_sha256="0" * 64,
+        images_manifest_sha256="0" * 64,
+        num_classes=NUM_CLASSES,
+        class_names=[f"class{i}" for i in range(NUM_CLASSES)],
+        image_size=16,
+        shards=[
+            {
+                "file": "latents-00000.safetensors",
+                "count": count,
+                "size": (directory / "latents-00000.safetensors").stat().st_size,
+                "sha256": sha256_file(directory / "latents-00000.safetensors"),
+            }
+        ],
+    )
     return directory
 
 
 def base_params(**changes) -> TrainParams:
     p = load_section(TrainParams, "train", REPO / "params.yaml")
-    p = replace(p, num_workers=0, use_gpu=False, train_steps=30, global_batch_size=16, lr=1e-3, ema_decay=0.9,
-                log_every=5, ckpt_every=10, sample_every=1000, precision="fp32", compile=False, seed=0)
+    p = replace(
+        p,
+        num_workers=0,
+        use_gpu=False,
+        train_steps=30,
+        global_batch_size=16,
+        lr=1e-3,
+        ema_decay=0.9,
+        log_every=5,
+        ckpt_every=10,
+        sample_every=1000,
+        precision="fp32",
+        compile=False,
+        seed=0,
+    )
     return replace(p, **changes)
 
 
 def run(root: Path, latents: Path, p: TrainParams, tracking=OFF, vae=None, **options) -> dict:
     """`options`: train's restart_on_mismatch, resume_across_versions."""
-    return T.train(p, tracking, latents, root / "checkpoints", root / "dit", root / "metrics.json",
-                   root / "train.csv", vae_dir=vae, model_overrides=TINY, **options)
+    return T.train(
+        p,
+        tracking,
+        latents,
+        root / "checkpoints",
+        root / "dit",
+        root / "metrics.json",
+        root / "train.csv",
+        vae_dir=vae,
+        model_overrides=TINY,
+        **options,
+    )
 
 
 def load_ema(root: Path) -> dict:

@@ -3,6 +3,7 @@
 Written by the ingest stage (`pipeline.ingest`, through `ShardWriter` and `write_images_manifest`); read by vae,
 encode and reference through the readers below, which import nothing of the ingest sources.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,6 +22,7 @@ PNG_COMPRESS_LEVEL = 6  # zlib's default; fixed so PNG bytes do not depend on a 
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
+
 
 def encode_png(rgb: np.ndarray) -> bytes:
     """(H, W, 3) uint8 -> PNG bytes. A fresh image carries no metadata (no ICC, EXIF or time chunks)."""
@@ -46,26 +48,57 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.rows:
             return
-        table = pa.table({"image": pa.array([r.png for r in self.rows], pa.binary()),
-                          "label": pa.array([r.label for r in self.rows], pa.int64()),
-                          "key": pa.array([r.key for r in self.rows], pa.string())})
+        table = pa.table(
+            {
+                "image": pa.array([r.png for r in self.rows], pa.binary()),
+                "label": pa.array([r.label for r in self.rows], pa.int64()),
+                "key": pa.array([r.key for r in self.rows], pa.string()),
+            }
+        )
         path = self.out_dir / f"shard-{len(self.shards):05d}.parquet"
         # Fixed writer options: bytes depend only on the rows (pyarrow stores no timestamps).
-        artifacts.atomic_write(path, lambda tmp: pq.write_table(
-            table, tmp, row_group_size=len(self.rows), compression="zstd", compression_level=3,
-            use_dictionary=False, write_statistics=["label"]))
+        artifacts.atomic_write(
+            path,
+            lambda tmp: pq.write_table(
+                table,
+                tmp,
+                row_group_size=len(self.rows),
+                compression="zstd",
+                compression_level=3,
+                use_dictionary=False,
+                write_statistics=["label"],
+            ),
+        )
         self.shards.append({"file": path.name, "count": len(self.rows), "sha256": artifacts.sha256_file(path)})
         self.rows = []
 
 
-def write_images_manifest(out_dir: str | Path, *, count: int, image_size: int, class_names: list[str],
-                          source: dict, shards: list[dict], skipped: dict) -> Path:
-    return artifacts.write_manifest(out_dir, FORMAT, VERSION, count=count, image_size=image_size,
-                                    num_classes=len(class_names), class_names=class_names, source=source,
-                                    shards=shards, skipped=skipped)
+def write_images_manifest(
+    out_dir: str | Path,
+    *,
+    count: int,
+    image_size: int,
+    class_names: list[str],
+    source: dict,
+    shards: list[dict],
+    skipped: dict,
+) -> Path:
+    return artifacts.write_manifest(
+        out_dir,
+        FORMAT,
+        VERSION,
+        count=count,
+        image_size=image_size,
+        num_classes=len(class_names),
+        class_names=class_names,
+        source=source,
+        shards=shards,
+        skipped=skipped,
+    )
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
+
 
 def read_manifest(images_dir: str | Path) -> dict:
     """The `dit-images` v1 manifest of `images_dir` (ArtifactError with the fix when missing or stale)."""
@@ -77,8 +110,10 @@ def decode_png(png: bytes, image_size: int, where: str) -> np.ndarray:
     ArtifactError naming the row (`where`), not a silent conversion."""
     with Image.open(io.BytesIO(png)) as img:
         if img.mode != "RGB" or img.size != (image_size, image_size):
-            raise artifacts.ArtifactError(f"{where}: expected an RGB {image_size}x{image_size} image, got {img.mode} "
-                                          f"{img.size}; run `dvc repro {STAGE}`")
+            raise artifacts.ArtifactError(
+                f"{where}: expected an RGB {image_size}x{image_size} image, got {img.mode} "
+                f"{img.size}; run `dvc repro {STAGE}`"
+            )
         return np.asarray(img, dtype=np.uint8)
 
 
@@ -95,8 +130,9 @@ def read_shard(images_dir: str | Path, shard: dict, image_size: int) -> tuple[np
         raise artifacts.ArtifactError(f"{path} does not match the sha256 in its manifest; run `dvc repro {STAGE}`")
     table = pq.read_table(path, columns=["image", "label"])
     if table.num_rows != shard["count"]:
-        raise artifacts.ArtifactError(f"{path} has {table.num_rows} rows, its manifest says {shard['count']}; "
-                                      f"run `dvc repro {STAGE}`")
+        raise artifacts.ArtifactError(
+            f"{path} has {table.num_rows} rows, its manifest says {shard['count']}; run `dvc repro {STAGE}`"
+        )
     wheres = (f"{path} row {i}" for i in range(table.num_rows))
     images = decode_pngs(table.column("image").to_pylist(), image_size, wheres)
     return images, np.asarray(table.column("label").to_numpy(), dtype=np.int64)
@@ -115,8 +151,10 @@ def read_images(images_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     parts = [read_shard(images_dir, shard, manifest["image_size"]) for shard in manifest["shards"]]
     images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     if len(images) != manifest["count"]:
-        raise artifacts.ArtifactError(f"{images_dir}: shards hold {len(images)} images, the manifest says "
-                                      f"{manifest['count']}; run `dvc repro {STAGE}`")
+        raise artifacts.ArtifactError(
+            f"{images_dir}: shards hold {len(images)} images, the manifest says "
+            f"{manifest['count']}; run `dvc repro {STAGE}`"
+        )
     return images, labels, manifest
 
 

@@ -6,6 +6,7 @@ by train through `open_latents`, which memory-maps the shards: a worker reads th
 cache, which every process on a node shares, so N workers on a node hold one copy of the set, not N (ImageNet-256's
 fp16 mean and std with flips take ~42 GB). Imports nothing of Ray or the VAE.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,10 @@ def map_shard(path: Path) -> dict[str, torch.Tensor]:
         if key == "__metadata__":
             continue
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise ArtifactError(f"{path}: tensor {key!r} has dtype {info['dtype']}, not one of "
-                                f"{sorted(SAFETENSORS_DTYPES)}; run `dvc repro {STAGE}`")
+            raise ArtifactError(
+                f"{path}: tensor {key!r} has dtype {info['dtype']}, not one of "
+                f"{sorted(SAFETENSORS_DTYPES)}; run `dvc repro {STAGE}`"
+            )
         dtype = SAFETENSORS_DTYPES[info["dtype"]]
         begin, end = (data_start + o for o in info["data_offsets"])
         itemsize = dtype.itemsize
@@ -93,11 +96,18 @@ class LatentSet:
         self.shards = shards
         self.keys = sorted(shards[0])
         for i, shard in enumerate(shards):
-            if sorted(shard) != self.keys or any(len(shard[k]) != len(shard["label"]) for k in self.keys) or any(
+            if (
+                sorted(shard) != self.keys
+                or any(len(shard[k]) != len(shard["label"]) for k in self.keys)
+                or any(
                     shard[k].shape[1:] != shards[0][k].shape[1:] or shard[k].dtype != shards[0][k].dtype
-                    for k in self.keys):
-                raise ArtifactError(f"latent shard {i} does not match the first in keys, rows, shapes or dtypes; "
-                                    f"run `dvc repro {STAGE}`")
+                    for k in self.keys
+                )
+            ):
+                raise ArtifactError(
+                    f"latent shard {i} does not match the first in keys, rows, shapes or dtypes; "
+                    f"run `dvc repro {STAGE}`"
+                )
         self.starts = np.cumsum([0] + [len(s["label"]) for s in shards])  # (S + 1,) first global row of each shard
         self.count = int(self.starts[-1])
 
@@ -120,10 +130,10 @@ class LatentSet:
         local, order = idx_np - self.starts[shard_of], np.argsort(shard_of, kind="stable")
         cuts = np.searchsorted(shard_of[order], np.arange(len(self.shards) + 1))  # shard s: order[cuts[s]:cuts[s+1]]
         first = self.shards[0][key]
-        out = np.empty((len(idx), *first.shape[1 if flip is None else 2:]), dtype=_BITS[first.dtype.itemsize])
+        out = np.empty((len(idx), *first.shape[1 if flip is None else 2 :]), dtype=_BITS[first.dtype.itemsize])
         flip_np = None if flip is None else flip.numpy()
         for s in np.flatnonzero(np.diff(cuts)).tolist():
-            rows = order[cuts[s]:cuts[s + 1]]
+            rows = order[cuts[s] : cuts[s + 1]]
             src = self.shards[s][key].view(_TORCH_BITS[first.dtype.itemsize]).numpy()
             out[rows] = src[local[rows]] if flip is None else src[local[rows], flip_np[rows]]
         return torch.from_numpy(out).view(first.dtype)
@@ -136,7 +146,7 @@ class LatentSet:
         for key in self.keys:
             tensors[key] = torch.empty(self.shape(key), dtype=self.shards[0][key].dtype, device=device)
             for s, shard in enumerate(self.shards):
-                tensors[key][self.starts[s]:self.starts[s + 1]] = shard[key]
+                tensors[key][self.starts[s] : self.starts[s + 1]] = shard[key]
         return LatentSet([tensors])
 
 
@@ -180,23 +190,30 @@ def _shard_path(latents_dir: str | Path, entry: dict) -> Path:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing; run `dvc pull` or `dvc repro {STAGE}`")
     if "size" not in entry:
-        raise ArtifactError(f"{latents_dir}/manifest.json records no size for {entry['file']} (written by an older "
-                            f"encode); run `dvc repro {STAGE}`")
+        raise ArtifactError(
+            f"{latents_dir}/manifest.json records no size for {entry['file']} (written by an older "
+            f"encode); run `dvc repro {STAGE}`"
+        )
     if path.stat().st_size != entry["size"]:
-        raise ArtifactError(f"{path} is {path.stat().st_size} bytes, its manifest says {entry['size']}: it is "
-                            f"damaged or from another run; run `dvc pull` or `dvc repro {STAGE}`")
+        raise ArtifactError(
+            f"{path} is {path.stat().st_size} bytes, its manifest says {entry['size']}: it is "
+            f"damaged or from another run; run `dvc pull` or `dvc repro {STAGE}`"
+        )
     return path
 
 
 def _check_rows(path: Path, shard: dict[str, torch.Tensor], entry: dict) -> None:
     if "label" not in shard or len(shard["label"]) != entry["count"]:
-        raise ArtifactError(f"{path} holds {len(shard.get('label', ()))} rows, its manifest says {entry['count']}; "
-                            f"run `dvc repro {STAGE}`")
+        raise ArtifactError(
+            f"{path} holds {len(shard.get('label', ()))} rows, its manifest says {entry['count']}; "
+            f"run `dvc repro {STAGE}`"
+        )
 
 
 def _latent_set(latents_dir: str | Path, manifest: dict, shards: list[dict[str, torch.Tensor]]) -> LatentSet:
     latents = LatentSet(shards)
     if latents.count != manifest["count"]:
-        raise ArtifactError(f"{latents_dir} holds {latents.count} rows, its manifest says "
-                            f"{manifest['count']}; run `dvc repro {STAGE}`")
+        raise ArtifactError(
+            f"{latents_dir} holds {latents.count} rows, its manifest says {manifest['count']}; run `dvc repro {STAGE}`"
+        )
     return latents

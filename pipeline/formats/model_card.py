@@ -5,6 +5,7 @@ the preset and constructor kwargs, the diffusion it was trained with, the latent
 Written by train (`write_model_card`); read by sample, evaluate, register and the registered pyfunc through
 `read_model_card` / `read_diffusion`, which import neither the network nor the training loop.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,18 +19,27 @@ CARD_KEYS = ("model", "model_kwargs", "diffusion", "latent_shape", "scaling_fact
 DIFFUSION_KEYS = ("noise_schedule", "diffusion_steps", "learn_sigma")
 
 
-def write_model_card(out_dir: str | Path, ema: dict, name: str, model_config: dict, diffusion: dict,
-                     manifest: dict, train_steps: int) -> None:
+def write_model_card(
+    out_dir: str | Path, ema: dict, name: str, model_config: dict, diffusion: dict, manifest: dict, train_steps: int
+) -> None:
     """`ema.pt` (tensors of `ema`, detached, on the CPU) and `model.json`; `manifest` is the latents' manifest."""
     out_dir = Path(out_dir)
     atomic_torch_save(out_dir / EMA_FILE, {k: v.detach().cpu().contiguous() for k, v in ema.items()})
-    atomic_write_json(out_dir / CARD_FILE, {
-        "model": name, "model_kwargs": model_config, "diffusion": diffusion,
-        "latent_shape": manifest["latent_shape"], "scaling_factor": manifest["scaling_factor"],
-        "image_size": manifest["image_size"], "num_classes": manifest["num_classes"],
-        "class_names": manifest["class_names"], "train_steps": train_steps,
-        "ema_sha256": sha256_file(out_dir / EMA_FILE),
-    })
+    atomic_write_json(
+        out_dir / CARD_FILE,
+        {
+            "model": name,
+            "model_kwargs": model_config,
+            "diffusion": diffusion,
+            "latent_shape": manifest["latent_shape"],
+            "scaling_factor": manifest["scaling_factor"],
+            "image_size": manifest["image_size"],
+            "num_classes": manifest["num_classes"],
+            "class_names": manifest["class_names"],
+            "train_steps": train_steps,
+            "ema_sha256": sha256_file(out_dir / EMA_FILE),
+        },
+    )
 
 
 def read_diffusion(record: dict, where: str, fix: str = f"run `dvc repro {STAGE}`") -> dict:
@@ -37,8 +47,10 @@ def read_diffusion(record: dict, where: str, fix: str = f"run `dvc repro {STAGE}
     diffusion = record.get("diffusion")
     missing = DIFFUSION_KEYS if not isinstance(diffusion, dict) else [k for k in DIFFUSION_KEYS if k not in diffusion]
     if missing:
-        raise ArtifactError(f"{where} does not record the diffusion it was trained with (lacks {list(missing)}); "
-                            f"it predates that record: {fix}")
+        raise ArtifactError(
+            f"{where} does not record the diffusion it was trained with (lacks {list(missing)}); "
+            f"it predates that record: {fix}"
+        )
     return {k: diffusion[k] for k in DIFFUSION_KEYS}
 
 
@@ -60,6 +72,8 @@ def read_model_card(dit_dir: str | Path) -> dict:
     ema = require_file(dit_dir / EMA_FILE, STAGE)
     sha = sha256_file(ema)
     if card.get("ema_sha256") not in (None, sha):
-        raise ArtifactError(f"{ema} (sha256 {sha[:12]}) is not the file model.json describes "
-                            f"({card['ema_sha256'][:12]}); run `dvc repro {STAGE}`")
+        raise ArtifactError(
+            f"{ema} (sha256 {sha[:12]}) is not the file model.json describes "
+            f"({card['ema_sha256'][:12]}); run `dvc repro {STAGE}`"
+        )
     return {**card, "checkpoint": str(ema), "checkpoint_sha256": sha}

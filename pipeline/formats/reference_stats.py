@@ -7,6 +7,7 @@ saved and loaded by `pipeline.features`.
 Written by the reference stage (`write_npz`, `write_reference_manifest`); read by evaluate and curve through
 `load_reference`, which imports nothing of the classifier training or the image shards.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -23,12 +24,14 @@ STATS_FILE = "stats.npz"
 
 def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     """An uncompressed .npz with fixed zip timestamps, so equal arrays give equal bytes (np.savez stamps the time)."""
+
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
             for name, array in arrays.items():
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with zf.open(info, "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+
     return atomic_write(path, write)
 
 
@@ -57,11 +60,18 @@ def load_reference(directory: str | Path) -> Reference:
     with np.load(path) as stats:
         mu, sigma, features = stats["mu"], stats["sigma"], stats["features"]
         spatial = (stats["spatial_mu"], stats["spatial_sigma"]) if "spatial_mu" in stats else (None, None)
-    description = {"extractor": manifest["extractor"], "extractor_mode": manifest["mode"],
-                   "feature_dim": manifest["feature_dim"], "reference_count": manifest["count"],
-                   "reference_features": manifest["features_kept"], "reference_stats_sha256": stats_sha256}
+    description = {
+        "extractor": manifest["extractor"],
+        "extractor_mode": manifest["mode"],
+        "feature_dim": manifest["feature_dim"],
+        "reference_count": manifest["count"],
+        "reference_features": manifest["features_kept"],
+        "reference_stats_sha256": stats_sha256,
+    }
     if manifest.get("adm_batch_sha256"):  # imported from an ADM reference batch (`reference.adm_batch`)
-        description.update(reference_stats="stored mu/sigma of ADM reference batch",
-                           reference_features_from="arr_0 (KID, precision/recall)",
-                           adm_batch_sha256=manifest["adm_batch_sha256"])
+        description.update(
+            reference_stats="stored mu/sigma of ADM reference batch",
+            reference_features_from="arr_0 (KID, precision/recall)",
+            adm_batch_sha256=manifest["adm_batch_sha256"],
+        )
     return Reference(mu, sigma, features, manifest["image_size"], manifest["num_classes"], description, *spatial)

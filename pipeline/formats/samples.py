@@ -3,6 +3,7 @@ labels int64 (N,)) and a manifest recording every setting that determines the pi
 
 Written by the sample stage (`write_samples`); read by evaluate (`read_samples_manifest`, `read_samples`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,9 +18,11 @@ SAMPLES_FILE = "samples.npz"
 
 def save_npz(path: Path, **arrays: np.ndarray) -> Path:
     """Atomic, uncompressed np.savez (ADM's evaluator reads samples.npz's arr_0 this way)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # a file object: given a path, np.savez would append ".npz" to the temp name
             np.savez(f, **arrays)
+
     return atomic_write(path, write)
 
 
@@ -28,9 +31,15 @@ def write_samples(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, /
     samples_sha256 and the count of each label."""
     out_dir = Path(out_dir)
     save_npz(out_dir / SAMPLES_FILE, arr_0=images, labels=labels)
-    return write_manifest(out_dir, FORMAT, VERSION, num_samples=len(images), **settings,
-                          samples_sha256=sha256_file(out_dir / SAMPLES_FILE),
-                          label_counts=np.bincount(labels, minlength=settings["num_classes"]).tolist())
+    return write_manifest(
+        out_dir,
+        FORMAT,
+        VERSION,
+        num_samples=len(images),
+        **settings,
+        samples_sha256=sha256_file(out_dir / SAMPLES_FILE),
+        label_counts=np.bincount(labels, minlength=settings["num_classes"]).tolist(),
+    )
 
 
 def read_samples_manifest(samples_dir: str | Path) -> dict:

@@ -1,4 +1,5 @@
 """The `curve` section: FID of every kept checkpoint."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

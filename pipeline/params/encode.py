@@ -1,4 +1,5 @@
 """The `encode` section: how images become latents."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

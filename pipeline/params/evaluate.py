@@ -1,8 +1,8 @@
 """The `evaluate` section: the metrics' own settings."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 
 @dataclass(frozen=True)

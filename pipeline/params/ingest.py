@@ -1,11 +1,12 @@
 """The `ingest` section: which images, at what size, and how many bad inputs fail the stage."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.params.load import ParamsError
 from pipeline import synthetic
+from pipeline.params.load import ParamsError
 from pipeline.provenance import NO_INPUT, local_input
 
 
@@ -17,8 +18,10 @@ class SyntheticParams:
 
     def __post_init__(self):
         if not 1 <= self.num_classes <= len(synthetic.CLASSES):
-            raise ParamsError(f"'ingest.synthetic.num_classes' must be in 1..{len(synthetic.CLASSES)} "
-                              f"(the designed shapes: {', '.join(synthetic.CLASSES)}), got {self.num_classes}")
+            raise ParamsError(
+                f"'ingest.synthetic.num_classes' must be in 1..{len(synthetic.CLASSES)} "
+                f"(the designed shapes: {', '.join(synthetic.CLASSES)}), got {self.num_classes}"
+            )
         if self.num_images < 1:
             raise ParamsError(f"'ingest.synthetic.num_images' must be >= 1, got {self.num_images}")
 
@@ -39,8 +42,10 @@ class HFParams:
         if self.max_images is not None and self.max_images < 1:
             raise ParamsError(f"'ingest.hf.max_images' must be >= 1 or null, got {self.max_images}")
         if (self.path is None) == (local_input(self.local_dir) is None):
-            raise ParamsError("set exactly one of 'ingest.hf.path' (a hub id) and 'ingest.hf.local_dir' (a local "
-                              f"directory; {NO_INPUT} = none): got path {self.path!r}, local_dir {self.local_dir!r}")
+            raise ParamsError(
+                "set exactly one of 'ingest.hf.path' (a hub id) and 'ingest.hf.local_dir' (a local "
+                f"directory; {NO_INPUT} = none): got path {self.path!r}, local_dir {self.local_dir!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ only knows how to check a YAML mapping against such a dataclass. An unknown key,
 value raises `ParamsError` naming the section, the key and what is allowed, so a typo in params.yaml (or in a
 `dvc exp run -S` override) fails at the start of a stage instead of silently training with a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,8 @@ def from_dict(cls: type[T], data: Any, where: str, source: str = DEFAULT_PARAMS)
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ParamsError(
-            f"{source}: unknown key '{where}.{unknown[0]}'" + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            f"{source}: unknown key '{where}.{unknown[0]}'"
+            + (f" (and {unknown[1:]})" if unknown[1:] else "")
             + f"; allowed keys in '{where}': {', '.join(fields)}"
         )
     values = {}
@@ -111,7 +113,9 @@ def _check(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        hint = " (YAML reads 1e-4 as a string: write 1.0e-4)" if isinstance(value, str) and _looks_numeric(value) else ""
+        hint = (
+            " (YAML reads 1e-4 as a string: write 1.0e-4)" if isinstance(value, str) and _looks_numeric(value) else ""
+        )
         raise ParamsError(f"{source}: '{key}' must be a number, got {_describe(value)}{hint}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -147,5 +151,3 @@ def _type_name(tp: Any) -> str:
     if origin in (tuple, list):
         return "a list"
     return getattr(tp, "__name__", str(tp))
-
-

@@ -1,4 +1,5 @@
 """The `reference` section: the feature extractor and the real-data statistics."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,6 +27,11 @@ class ReferenceParams:
     adm_batch: str  # a local .npz tracked with `dvc add` (a dvc.yaml dep); NO_INPUT = none
 
     def __post_init__(self):
-        if local_input(self.adm_batch) is not None and (self.extractor, self.mode) != ("inception", "legacy_tensorflow"):
-            raise ParamsError("'reference.adm_batch' stores TF Inception statistics of TF's resize: it needs "
-                              "reference.extractor: inception and reference.mode: legacy_tensorflow")
+        if local_input(self.adm_batch) is not None and (self.extractor, self.mode) != (
+            "inception",
+            "legacy_tensorflow",
+        ):
+            raise ParamsError(
+                "'reference.adm_batch' stores TF Inception statistics of TF's resize: it needs "
+                "reference.extractor: inception and reference.mode: legacy_tensorflow"
+            )

@@ -1,11 +1,11 @@
 """The `register` section: the registered model's name and the metric that moves `champion`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.params.load import ParamsError
-
 
 
 @dataclass(frozen=True)

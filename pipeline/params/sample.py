@@ -1,4 +1,5 @@
 """The `sample` section: the sampler, guidance and the shards of the FID sample set."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,11 +42,15 @@ def check_params(p: SampleParams) -> None:
     if p.num_workers < 0:
         raise ParamsError(f"'sample.num_workers' must be >= 0 (0 = in-process), got {p.num_workers}")
     if p.storage_path and p.num_workers == 0:  # in-process sampling reads the driver's files: nothing to publish
-        raise ParamsError("'sample.storage_path' reaches the sampling actors' nodes: it needs sample.num_workers >= 1 "
-                          "(or set it to \"\" to sample in-process)")
+        raise ParamsError(
+            "'sample.storage_path' reaches the sampling actors' nodes: it needs sample.num_workers >= 1 "
+            '(or set it to "" to sample in-process)'
+        )
     check_storage_path("sample.storage_path", p.storage_path)
     if p.shard_size % p.micro_batch:
-        raise ParamsError(f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
-                          f"{p.micro_batch} (the fixed network batch) so that shards do not split a block")
+        raise ParamsError(
+            f"'sample.shard_size'={p.shard_size} must be a multiple of sample.micro_batch="
+            f"{p.micro_batch} (the fixed network batch) so that shards do not split a block"
+        )
     check_precision("sample", p.precision, p.use_gpu)
     check_attention("sample", p.attention, p.use_gpu)

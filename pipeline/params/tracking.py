@@ -1,8 +1,8 @@
 """The `tracking` section: MLflow on or off, and the experiment's name."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,21 @@
 """The `train` section: the model, the optimisation and the checkpoints."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.params.load import ParamsError
 from pipeline.model import DiT_models
-from pipeline.params.rules import (AttentionBackend, FP8Mode, Precision, check_attention, check_fp8, check_precision,
-                                   check_storage_path)
+from pipeline.params.load import ParamsError
+from pipeline.params.rules import (
+    AttentionBackend,
+    FP8Mode,
+    Precision,
+    check_attention,
+    check_fp8,
+    check_precision,
+    check_storage_path,
+)
 
 
 @dataclass(frozen=True)
@@ -51,26 +59,33 @@ def check_params(p: TrainParams) -> None:
         raise ParamsError(f"'train.model' {p.model!r} is not a preset; choose one of {sorted(DiT_models)}")
     world = max(p.num_workers, 1)
     if p.global_batch_size % world:
-        raise ParamsError(f"'train.global_batch_size' {p.global_batch_size} is not divisible by train.num_workers "
-                          f"{world}: every worker needs the same batch")
+        raise ParamsError(
+            f"'train.global_batch_size' {p.global_batch_size} is not divisible by train.num_workers "
+            f"{world}: every worker needs the same batch"
+        )
     for key in ("global_batch_size", "train_steps", "ckpt_every", "keep_checkpoints", "log_every", "sample_every"):
         if getattr(p, key) < 1:
             raise ParamsError(f"'train.{key}' must be >= 1, got {getattr(p, key)}")
     if p.warmup_steps < 0 or p.num_workers < 0:
-        raise ParamsError(f"'train.warmup_steps' and 'train.num_workers' must be >= 0, got {p.warmup_steps} and "
-                          f"{p.num_workers}")
+        raise ParamsError(
+            f"'train.warmup_steps' and 'train.num_workers' must be >= 0, got {p.warmup_steps} and {p.num_workers}"
+        )
     if not 0 <= p.ema_decay < 1:
         raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
     check_precision("train", p.precision, p.use_gpu)
     check_attention("train", p.attention, p.use_gpu)
     check_fp8("train", p.fp8, p.use_gpu, p.precision)
     if p.storage_path and p.num_workers == 0:
-        raise ParamsError("'train.storage_path' is Ray Train's storage: it needs train.num_workers >= 1 (or set it "
-                          "to \"\" to train in-process)")
+        raise ParamsError(
+            "'train.storage_path' is Ray Train's storage: it needs train.num_workers >= 1 (or set it "
+            'to "" to train in-process)'
+        )
     check_storage_path("train.storage_path", p.storage_path)
 
 
 def check_batch_fits(p: TrainParams, num_examples: int) -> None:
     if num_examples < p.global_batch_size:
-        raise ParamsError(f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
-                          f"{p.global_batch_size}: lower the batch or encode more images")
+        raise ParamsError(
+            f"the latents hold {num_examples} examples, fewer than train.global_batch_size "
+            f"{p.global_batch_size}: lower the batch or encode more images"
+        )

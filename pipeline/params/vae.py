@@ -1,4 +1,5 @@
 """The `vae` section: a pretrained VAE, or the small KL-VAE trained here."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,11 +26,15 @@ class VAEParams:
 
     def __post_init__(self):
         if self.pretrained is not None and local_input(self.pretrained_dir) is not None:
-            raise ParamsError(f"set 'vae.pretrained' (a hub id) or 'vae.pretrained_dir' (a local snapshot), not both: "
-                              f"got {self.pretrained!r} and {self.pretrained_dir!r}; {NO_INPUT} means no local one")
+            raise ParamsError(
+                f"set 'vae.pretrained' (a hub id) or 'vae.pretrained_dir' (a local snapshot), not both: "
+                f"got {self.pretrained!r} and {self.pretrained_dir!r}; {NO_INPUT} means no local one"
+            )
         for key in ("train_steps", "batch_size", "holdout", "latent_channels", "layers_per_block"):
             if getattr(self, key) < 1:
                 raise ParamsError(f"'vae.{key}' must be >= 1, got {getattr(self, key)}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ParamsError(f"'vae.norm_num_groups' ({self.norm_num_groups}) must divide every entry of "
-                              f"'vae.block_out_channels' {list(self.block_out_channels)}")
+            raise ParamsError(
+                f"'vae.norm_num_groups' ({self.norm_num_groups}) must divide every entry of "
+                f"'vae.block_out_channels' {list(self.block_out_channels)}"
+            )

@@ -9,14 +9,15 @@ top of its training run's lock so that `train` is not repeated (pipeline.study.s
 Runs come in the order the runner takes them: seed by seed, the DiT-Ti/2 adaLN-Zero reference first and its
 sampling runs right after it (so the learning-regime check, cfg 1.5, lands early), then the other variants.
 """
+
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.params.load import ParamsError, read_yaml
 from pipeline.flops import count_gflops_latent, count_parameters
+from pipeline.params.load import ParamsError, read_yaml
 from pipeline.profiles import apply, format_value, validate
 
 PLAN_FILE = Path("sweeps/study-plan.yaml")
@@ -45,8 +46,13 @@ class PlannedRun:
 
     def overrides(self, plan: dict) -> dict:
         """Every -S key of this run: the pinned base, the variant, the sampling keys."""
-        return {**plan["base"], "train.model": self.model, "train.conditioning": self.conditioning,
-                "train.seed": self.seed, **{f"sample.{k}": v for k, v in self.sampling.items()}}
+        return {
+            **plan["base"],
+            "train.model": self.model,
+            "train.conditioning": self.conditioning,
+            "train.seed": self.seed,
+            **{f"sample.{k}": v for k, v in self.sampling.items()},
+        }
 
     def set_args(self, plan: dict, params: dict) -> list[str]:
         """`-S key=value` for the overrides that differ from `params` (the workspace's params.yaml): DVC rewrites
@@ -54,8 +60,10 @@ class PlannedRun:
         changed = {k: v for k, v in self.overrides(plan).items() if lookup(params, k) != v}
         for key, value in changed.items():
             if isinstance(value, float) and "e" in repr(value) and "." not in repr(value).split("e")[0]:
-                raise ParamsError(f"{key}={value!r}: `dvc exp run -S` would write it as {value!r}, which params.yaml's "
-                                  "reader takes for a string; set it in params.yaml instead")
+                raise ParamsError(
+                    f"{key}={value!r}: `dvc exp run -S` would write it as {value!r}, which params.yaml's "
+                    "reader takes for a string; set it in params.yaml instead"
+                )
         return [a for key, value in changed.items() for a in ("-S", f"{key}={format_value(value)}")]
 
 
@@ -123,13 +131,35 @@ def expand(plan: dict) -> list[PlannedRun]:
             runs.append(PlannedRun(base, model, cond, seed, tuple(tags)))
             if model == guid["model"] and cond == REFERENCE_CONDITIONING:
                 for cfg in guid["cfg_scales"]:
-                    runs.append(PlannedRun(f"{base}-cfg{number_tag(cfg)}", model, cond, seed, ("guidance",),
-                                           {"cfg_scale": cfg, "num_fid_samples": guid["num_fid_samples"]}, base))
+                    runs.append(
+                        PlannedRun(
+                            f"{base}-cfg{number_tag(cfg)}",
+                            model,
+                            cond,
+                            seed,
+                            ("guidance",),
+                            {"cfg_scale": cfg, "num_fid_samples": guid["num_fid_samples"]},
+                            base,
+                        )
+                    )
             if model in samp["models"] and cond == REFERENCE_CONDITIONING and seed in samp["seeds"]:
                 for steps in samp["steps"]:
-                    runs.append(PlannedRun(f"{base}-{samp['sampler']}{steps}", model, cond, seed, ("sampling",),
-                                           {"sampler": samp["sampler"], "steps": steps, "cfg_scale": samp["cfg_scale"],
-                                            "num_fid_samples": samp["num_fid_samples"]}, base))
+                    runs.append(
+                        PlannedRun(
+                            f"{base}-{samp['sampler']}{steps}",
+                            model,
+                            cond,
+                            seed,
+                            ("sampling",),
+                            {
+                                "sampler": samp["sampler"],
+                                "steps": steps,
+                                "cfg_scale": samp["cfg_scale"],
+                                "num_fid_samples": samp["num_fid_samples"],
+                            },
+                            base,
+                        )
+                    )
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ParamsError(f"the plan names a run twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
@@ -137,6 +167,7 @@ def expand(plan: dict) -> list[PlannedRun]:
 
 
 # --- the time estimate --------------------------------------------------------------------------------------------
+
 
 def latent_size(plan: dict) -> int:
     base = plan["base"]
@@ -146,8 +177,10 @@ def latent_size(plan: dict) -> int:
 def model_shape(run: PlannedRun, plan: dict) -> dict:
     """Forward Gflops per image and parameters (M) of a run's model, counted on the meta device."""
     latent = latent_size(plan)
-    return {"gflops": count_gflops_latent(run.model, latent, run.conditioning),
-            "params_M": count_parameters(run.model, latent, run.conditioning) / 1e6}
+    return {
+        "gflops": count_gflops_latent(run.model, latent, run.conditioning),
+        "params_M": count_parameters(run.model, latent, run.conditioning) / 1e6,
+    }
 
 
 def estimate_s(run: PlannedRun, plan: dict, shapes: dict | None = None) -> float:

@@ -1,7 +1,7 @@
 """`python -m pipeline.study.sweep`: the study plan (sweeps/study-plan.yaml) run as queued `dvc exp` experiments.
 
     python -m pipeline.study.sweep plan                 # every planned run, the count, the time estimate and its parts
-    python -m pipeline.study.sweep run --hours 2        # run what is not done yet, stopping before the budget is crossed
+    python -m pipeline.study.sweep run --hours 2        # run what is not done, stopping before the budget is crossed
     python -m pipeline.study.sweep collect [NAME ...]   # write the records of finished experiments of this session
 
 A run is done iff its record docs/results/runs/<name>.json exists: experiment refs and DVC's cache do not survive
@@ -15,12 +15,14 @@ A training run is `dvc exp run --queue -n NAME curve evaluate -S ...` from HEAD,
 `train` (models/checkpoints) and `sample` (data/samples/shards) have persistent outputs, which DVC never puts in
 the run cache. So its training run is applied to the workspace (`dvc exp apply`: its dvc.lock and params), the
 sampling runs are queued and run from there (the queued copy gets the lock, checks out the trained model from the
-cache and finds `train` unchanged), and then the workspace files that apply wrote are put back as they were. The record says whether `train`
-ran again (`train_rerun`), from the two runs' metrics/train.json. A sampling run whose training run is not in this
-session's experiments (it finished in an earlier session) first trains it again, under its own name.
+cache and finds `train` unchanged), and then the workspace files that apply wrote are put back as they were. The
+record says whether `train` ran again (`train_rerun`), from the two runs' metrics/train.json. A sampling run whose
+training run is not in this session's experiments (it finished in an earlier session) first trains it again, under
+its own name.
 
 A failed experiment is reported by name with the tail of `dvc queue logs` and skipped; the next invocation retries.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +35,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import provenance, synthetic
-from pipeline.study import verdicts
 from pipeline.artifacts import atomic_write, atomic_write_json
-from pipeline.params.load import read_yaml
 from pipeline.errors import UserError, run_main
+from pipeline.params.load import read_yaml
+from pipeline.study import verdicts
 from pipeline.study.plan import PLAN_FILE, PlannedRun, estimate_s, expand, load_plan, lookup, model_shape, parts
 
 RUNS_DIR = Path("docs/results/runs")
@@ -49,6 +51,7 @@ EVAL_REPORT, CURVE_REPORT = "reports/eval.json", "reports/curve.json"
 
 
 # --- DVC ----------------------------------------------------------------------------------------------------------
+
 
 def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """The `dvc` next to this interpreter, output captured; a failure with check raises with DVC's own message."""
@@ -69,6 +72,7 @@ def experiments(baseline: str) -> dict[str, dict]:
     commit a run started from, not HEAD: a commit made while a batch runs would otherwise hide its experiments
     (this happened: 8 finished sampling runs were reported failed)."""
     import dvc.api
+
     rows = dvc.api.exp_show(revs=[baseline], force=True)
     return {row["Experiment"]: row for row in rows if row.get("Experiment") and row.get("typ") != "baseline"}
 
@@ -133,6 +137,7 @@ def applied(name: str):
 
 # --- records ------------------------------------------------------------------------------------------------------
 
+
 def plan_commit(path: Path = PLAN_FILE) -> str:
     """The last commit of the plan (the YAML and docs/study-plan.md); the plan must be committed as it is on disk.
     git answers about the plan's files only: experiments are read through dvc.api."""
@@ -148,6 +153,7 @@ def plan_commit(path: Path = PLAN_FILE) -> str:
 
 def read_json(path: str, rev: str) -> dict | None:
     import dvc.api
+
     try:
         return json.loads(dvc.api.read(path, repo=".", rev=rev))
     except Exception:  # noqa: BLE001  a file the experiment does not have (e.g. no curve for a sampling run)
@@ -157,6 +163,7 @@ def read_json(path: str, rev: str) -> dict | None:
 def record(run: PlannedRun, plan: dict, commit: str, row: dict, wall_s: float, base_train: dict | None) -> dict:
     """One run's record: what ran, under which plan, its numbers and times, all read at the experiment's rev."""
     import dvc.api
+
     rev = row["rev"]
     params = dvc.api.params_show(repo=".", rev=rev)
     metrics = {k: read_json(path, rev) for k, path in METRICS.items()}
@@ -169,21 +176,44 @@ def record(run: PlannedRun, plan: dict, commit: str, row: dict, wall_s: float, b
         raise UserError(f"experiment {run.name} ({rev[:7]}) ran other params than the plan's: {off_plan}")
     shape = model_shape(run, plan)
     out = {
-        "name": run.name, "kind": run.kind, "base": run.base, "studies": list(run.studies),
-        "model": run.model, "conditioning": run.conditioning, "seed": run.seed, "patch": int(run.model.split("/")[1]),
-        "size": run.model.removeprefix("DiT-").split("/")[0], **shape,
+        "name": run.name,
+        "kind": run.kind,
+        "base": run.base,
+        "studies": list(run.studies),
+        "model": run.model,
+        "conditioning": run.conditioning,
+        "seed": run.seed,
+        "patch": int(run.model.split("/")[1]),
+        "size": run.model.removeprefix("DiT-").split("/")[0],
+        **shape,
         "plan": {"name": plan["name"], "commit": commit, "sha256": plan["sha256"]},
         "experiment": {"rev": rev, "targets": list(run.targets), "overrides": run.overrides(plan)},
         "params": {k: params[k] for k in ("train", "sample", "curve", "evaluate") if k in params},
-        "eval": metrics["eval"], "eval_protocol": eval_report.get("protocol"),
-        "train": metrics["train"], "sample": metrics["sample"],
-        "wall_s": {"experiment": round(wall_s, 1), "train": (metrics["train"] or {}).get("seconds"),
-                   "sample": (metrics["sample"] or {}).get("seconds")},
+        "eval": metrics["eval"],
+        "eval_protocol": eval_report.get("protocol"),
+        "train": metrics["train"],
+        "sample": metrics["sample"],
+        "wall_s": {
+            "experiment": round(wall_s, 1),
+            "train": (metrics["train"] or {}).get("seconds"),
+            "sample": (metrics["sample"] or {}).get("seconds"),
+        },
         "machine": provenance.machine(),  # the report pools only runs against one reference (pipeline.study.verdicts)
     }
     if curve is not None:
-        out["curve"] = {k: curve.get(k) for k in ("steps", "fid", "class_consistency", "kid", "final_step",
-                                                  "final_fid", "final_class_consistency", "protocol")}
+        out["curve"] = {
+            k: curve.get(k)
+            for k in (
+                "steps",
+                "fid",
+                "class_consistency",
+                "kid",
+                "final_step",
+                "final_fid",
+                "final_class_consistency",
+                "protocol",
+            )
+        }
     if run.kind == "sampling":
         out["train_rerun"] = base_train is None or metrics["train"] != base_train
     return out
@@ -203,10 +233,13 @@ def done(plan: dict, runs_dir: Path = RUNS_DIR) -> set[str]:
 
 # --- commands -----------------------------------------------------------------------------------------------------
 
+
 def check_data(plan: dict) -> None:
     if synthetic.GENERATOR_VERSION != plan["synthetic_version"]:
-        raise UserError(f"the plan is for synthetic generator version {plan['synthetic_version']}, the code draws "
-                        f"version {synthetic.GENERATOR_VERSION}: the sweep would not measure what its plan says")
+        raise UserError(
+            f"the plan is for synthetic generator version {plan['synthetic_version']}, the code draws "
+            f"version {synthetic.GENERATOR_VERSION}: the sweep would not measure what its plan says"
+        )
 
 
 def cmd_plan(plan: dict, hours: float) -> None:
@@ -223,8 +256,11 @@ def cmd_plan(plan: dict, hours: float) -> None:
             print(f"  {run.name:36s} {' '.join(run.targets):15s} {extra:50s} {state}")
     n_train = sum(r.kind == "train" for r in runs)
     n_done = len(finished & {r.name for r in runs})
-    print(f"{len(runs)} runs ({n_train} training, {len(runs) - n_train} sampling-only), {n_done} done; estimate {total / 3600:.2f} h in {len(chunks)} parts of at most {hours:g} h "
-          f"(measured on a shared 2-core machine, see docs/study-plan.md)")
+    print(
+        f"{len(runs)} runs ({n_train} training, {len(runs) - n_train} sampling-only), {n_done} done; "
+        f"estimate {total / 3600:.2f} h in {len(chunks)} parts of at most {hours:g} h "
+        f"(measured on a shared 2-core machine, see docs/study-plan.md)"
+    )
 
 
 def batches(pending: list[PlannedRun]) -> list[list[PlannedRun]]:
@@ -248,7 +284,9 @@ def execute(batch: list[PlannedRun], plan: dict, commit: str, baseline: str) -> 
             queue(run, plan)
         wall, failed = run_queue(batch, baseline)
     else:
-        if base not in experiments(baseline):  # trained in an earlier session: train it again (deterministic) to apply it
+        if base not in experiments(
+            baseline
+        ):  # trained in an earlier session: train it again (deterministic) to apply it
             ref = next(r for r in expand(plan) if r.name == base)
             queue(ref, plan)
             _, failed = run_queue([ref], baseline)
@@ -266,9 +304,12 @@ def execute(batch: list[PlannedRun], plan: dict, commit: str, baseline: str) -> 
     for run in batch:
         if run.name not in failed:
             rec = record(run, plan, commit, rows[run.name], wall / len(batch), base_train)
-            print(f"  recorded {write_record(rec)}: FID {rec['eval'].get('fid'):.2f}, "
-                  f"class consistency {rec['eval'].get('class_consistency'):.3f}"
-                  + (" (train ran again!)" if rec.get("train_rerun") else ""), flush=True)
+            print(
+                f"  recorded {write_record(rec)}: FID {rec['eval'].get('fid'):.2f}, "
+                f"class consistency {rec['eval'].get('class_consistency'):.3f}"
+                + (" (train ran again!)" if rec.get("train_rerun") else ""),
+                flush=True,
+            )
     return wall, [f"{name}:\n{log}" for name, log in failed.items()]
 
 
@@ -283,20 +324,28 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
     baseline = head()  # experiments are queued from it; a commit while the sweep runs stops it (below)
     for i, batch in enumerate(todo):
         if head() != baseline:
-            print(f"stopping: HEAD moved from {baseline[:10]} while the sweep ran; commit the records after it "
-                  "ends, then run it again", flush=True)
+            print(
+                f"stopping: HEAD moved from {baseline[:10]} while the sweep ran; commit the records after it "
+                "ends, then run it again",
+                flush=True,
+            )
             break
         if batch[0].base in failed_names:
             failures += [f"{r.name}: skipped, its training run {r.base} failed" for r in batch]
             continue
         estimate = sum(estimate_s(r, plan) for r in batch) + (data_s if i == 0 else 0)
         if elapsed + estimate > budget:
-            print(f"stopping: the next batch ({batch[0].name}, ~{estimate / 60:.0f} min) would cross the "
-                  f"{hours:g} h budget ({elapsed / 60:.0f} min used)")
+            print(
+                f"stopping: the next batch ({batch[0].name}, ~{estimate / 60:.0f} min) would cross the "
+                f"{hours:g} h budget ({elapsed / 60:.0f} min used)"
+            )
             break
         left = sum(len(b) for b in todo[i:])
-        print(f"[{elapsed / 60:.0f} min / {hours * 60:.0f} min] running {', '.join(r.name for r in batch)} "
-              f"(~{estimate / 60:.0f} min; {left} runs left)", flush=True)
+        print(
+            f"[{elapsed / 60:.0f} min / {hours * 60:.0f} min] running {', '.join(r.name for r in batch)} "
+            f"(~{estimate / 60:.0f} min; {left} runs left)",
+            flush=True,
+        )
         start = time.perf_counter()
         _, failed = execute(batch, plan, commit, baseline)
         elapsed += time.perf_counter() - start
@@ -305,9 +354,11 @@ def cmd_run(plan: dict, hours: float, only: list[str] | None) -> int:
             print(f"FAILED {f}", file=sys.stderr, flush=True)
         failures += failed
     planned = {r.name for r in expand(plan)}
-    print(f"{len(done(plan) & planned)} of {len(planned)} planned runs recorded in {RUNS_DIR}; {len(failures)} failed "
-          "this time (rerun to retry); "
-          f"commit the records: git add {RUNS_DIR}")
+    print(
+        f"{len(done(plan) & planned)} of {len(planned)} planned runs recorded in {RUNS_DIR}; {len(failures)} failed "
+        "this time (rerun to retry); "
+        f"commit the records: git add {RUNS_DIR}"
+    )
     return 1 if failures else 0
 
 
@@ -328,8 +379,9 @@ def cmd_collect(plan: dict, names: list[str], baseline: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.study.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.study.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--plan", type=Path, default=PLAN_FILE)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan").add_argument("--hours", type=float, default=2.0, help="the length of one part")

@@ -8,6 +8,7 @@ all recorded is pending.
 Records are the dicts of docs/results/runs/<name>.json (pipeline.study.sweep.record). The final point of a run is its
 evaluate stage's numbers (`eval`); the curve is the curve stage's points (`curve`).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ PENDING, REPRODUCED, NOT_REPRODUCED = "pending", "reproduced", "not reproduced"
 @dataclass(frozen=True)
 class Pair:
     """A expected to beat B on a per-seed quantity; `lower` says which way is better."""
+
     a: str
     b: str
     what: str
@@ -37,8 +39,10 @@ class Pair:
         return sorted(set(self.a_by_seed) & set(self.b_by_seed))
 
     def _values(self):
-        return (np.array([self.a_by_seed[s] for s in self.seeds], np.float64),
-                np.array([self.b_by_seed[s] for s in self.seeds], np.float64))
+        return (
+            np.array([self.a_by_seed[s] for s in self.seeds], np.float64),
+            np.array([self.b_by_seed[s] for s in self.seeds], np.float64),
+        )
 
     @property
     def every_seed(self) -> bool:
@@ -69,11 +73,18 @@ class Pair:
         if partial:
             holds = "holds" if self.every_seed else "fails"
             return f"{self.a} {fmt(a)} vs {self.b} {fmt(b)} ({self.what}, n={len(a)}): ordering {holds} so far"
-        why = ("ordering holds in every seed" if self.every_seed else
-               f"mean gap {self.gap:+.3g} {'>' if self.reproduced else '<='} {self.factor:g} x pooled std "
-               f"{self.pooled_std:.3g}" if not math.isnan(self.pooled_std) else "ordering fails, one seed")
-        return (f"{self.a} {fmt(a)} vs {self.b} {fmt(b)} ({self.what}, n={len(a)}): "
-                f"{REPRODUCED if self.reproduced else NOT_REPRODUCED} ({why})")
+        why = (
+            "ordering holds in every seed"
+            if self.every_seed
+            else f"mean gap {self.gap:+.3g} {'>' if self.reproduced else '<='} {self.factor:g} x pooled std "
+            f"{self.pooled_std:.3g}"
+            if not math.isnan(self.pooled_std)
+            else "ordering fails, one seed"
+        )
+        return (
+            f"{self.a} {fmt(a)} vs {self.b} {fmt(b)} ({self.what}, n={len(a)}): "
+            f"{REPRODUCED if self.reproduced else NOT_REPRODUCED} ({why})"
+        )
 
 
 def fmt(values) -> str:
@@ -92,6 +103,7 @@ def verdict(pairs: list[Pair], complete: bool) -> str:
 
 
 # --- selecting records --------------------------------------------------------------------------------------------
+
 
 def reference_of(r: dict) -> str | None:
     """The sha256 of the reference statistics a run's FID was measured against (None in records without one)."""
@@ -128,10 +140,14 @@ def variant(records: list[dict], model: str, conditioning: str = REFERENCE) -> l
 
 # --- the claims ---------------------------------------------------------------------------------------------------
 
+
 def conditioning_pairs(records, study) -> list[Pair]:
     ref = by_seed(variant(records, study["model"]), final_fid)
-    return [Pair(REFERENCE, c, "final FID", ref, by_seed(variant(records, study["model"], c), final_fid))
-            for c in study["conditionings"] if c != REFERENCE]
+    return [
+        Pair(REFERENCE, c, "final FID", ref, by_seed(variant(records, study["model"], c), final_fid))
+        for c in study["conditionings"]
+        if c != REFERENCE
+    ]
 
 
 def ordering_pairs(records, models: list[str], what: str = "final FID") -> list[Pair]:
@@ -160,9 +176,14 @@ def gflops_pair(records, seeds) -> tuple[Pair, dict]:
     zero = [r for r in training(records) if r["conditioning"] == REFERENCE]
     per_seed = {s: correlations([r for r in zero if r["seed"] == s]) for s in seeds}
     per_seed = {s: c for s, c in per_seed.items() if c}
-    pair = Pair("|r Gflops|", "|r params|", "Pearson, log-log, per seed",
-                {s: abs(c["pearson_gflops"]) for s, c in per_seed.items()},
-                {s: abs(c["pearson_params_M"]) for s, c in per_seed.items()}, lower=False)
+    pair = Pair(
+        "|r Gflops|",
+        "|r params|",
+        "Pearson, log-log, per seed",
+        {s: abs(c["pearson_gflops"]) for s, c in per_seed.items()},
+        {s: abs(c["pearson_params_M"]) for s, c in per_seed.items()},
+        lower=False,
+    )
     return pair, {"all": correlations(zero), "per_seed": per_seed}
 
 
@@ -203,11 +224,19 @@ def sampling_pairs(records, study) -> list[Pair]:
     few, most = min(study["steps"]), max(study["steps"])
 
     def point(model, steps):
-        return {r["seed"]: final_fid(r) for r in records if "sampling" in r["studies"] and r["model"] == model
-                and r["params"]["sample"]["steps"] == steps}
+        return {
+            r["seed"]: final_fid(r)
+            for r in records
+            if "sampling" in r["studies"] and r["model"] == model and r["params"]["sample"]["steps"] == steps
+        }
+
     m = study["models"]
-    return [Pair(f"{m[i + 1]} @{few}", f"{m[i]} @{most}", f"FID, {study['sampler']}", point(m[i + 1], few),
-                 point(m[i], most)) for i in range(len(m) - 1)]
+    return [
+        Pair(
+            f"{m[i + 1]} @{few}", f"{m[i]} @{most}", f"FID, {study['sampler']}", point(m[i + 1], few), point(m[i], most)
+        )
+        for i in range(len(m) - 1)
+    ]
 
 
 def guidance_points(records, study) -> dict[float, dict]:
@@ -225,8 +254,17 @@ def guidance_pairs(records, study) -> list[Pair]:
     cc = {c: {s: r["eval"]["class_consistency"] for s, r in v.items()} for c, v in pts.items()}
     pairs = [Pair("cfg 1.5", "cfg 1.0", "FID", fid.get(1.5, {}), fid.get(1.0, {}))]
     cfgs = sorted(cc)
-    pairs += [Pair(f"cfg {cfgs[i + 1]:.1f}", f"cfg {cfgs[i]:.1f}", "class consistency", cc[cfgs[i + 1]], cc[cfgs[i]],
-                   lower=False) for i in range(len(cfgs) - 1)]
+    pairs += [
+        Pair(
+            f"cfg {cfgs[i + 1]:.1f}",
+            f"cfg {cfgs[i]:.1f}",
+            "class consistency",
+            cc[cfgs[i + 1]],
+            cc[cfgs[i]],
+            lower=False,
+        )
+        for i in range(len(cfgs) - 1)
+    ]
     return pairs
 
 

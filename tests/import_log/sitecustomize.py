@@ -1,6 +1,7 @@
 """On PYTHONPATH in the end-to-end test only: each process appends every `pipeline` module it imports, with the stage
 it works for, to $PIPELINE_IMPORT_LOG. The modules a stage's processes (its script, and its Ray workers, which
 inherit PIPELINE_STAGE) really loaded are the oracle for the static closure of pipeline/fingerprint.py."""
+
 import os
 import sys
 

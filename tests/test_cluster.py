@@ -1,4 +1,4 @@
-"""A real two-node Ray cluster on this machine, locked with a token, started with the commands of the README's
+"""A real two-node Ray cluster on this machine, locked with a token, started with the commands of docs/cluster.md's
 "From a laptop to a cluster": `ray start --head` plus `ray start --address=...`, each node with its own CPU and
 temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
 `encode` stage's actors, `train`'s DDP workers and `sample`'s actors spread one per node, with the bytes of a single

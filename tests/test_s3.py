@@ -71,7 +71,7 @@ def test_dvc_remote_on_s3_push_clone_pull(s3, tmp_path):
     sh(["git", "init", "-q"], repo, env)
     sh(["dvc", "init", "-q"], repo, env)
     sh(["dvc", "repro", "-q"], repo, env)
-    # The README's commands: the remote and its endpoint are shared settings, the keys stay in the environment.
+    # docs/cluster.md's commands: the remote and its endpoint are shared settings, the keys stay in the environment.
     sh(["dvc", "remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc"], repo, env)
     sh(["dvc", "remote", "modify", "storage", "endpointurl", endpoint], repo, env)
     sh(["git", "add", "-A"], repo, env)

@@ -51,14 +51,14 @@ missing = [m for m in ('cleanfid', 'scipy', 'pyarrow', 'yaml', 'safetensors', 'P
            if not u.find_spec(m)]
 print('pipeline modules missing:', ', '.join(missing) if missing else 'none')" | tee -a "$LOG"
 
-# Issue 16: the pipeline itself (profiles/gpu-smoke.yaml): every stage's entry point in DAG order, DiT-B/2 300 steps,
+# The pipeline itself (profiles/gpu-smoke.yaml): every stage's entry point in DAG order, DiT-B/2 300 steps,
 # each compute stage on the GPU, train >= 0.9x bench_train's img/s on the same params.
 step 210 gpu_pipeline "$PYTHON" bench/gpu_pipeline.py
 # Issues 4 and 16: DiT-B/2 compiled, per SDPA kernel (train.attention; goal >= 3,100 img/s). CUDA graphs
 # (reduce-overhead) tied the default mode in the last log (2,632 vs 2,634 img/s), so they are not re-run here.
 step 120 train_b2_attention "$PYTHON" bench/bench_train.py --device cuda --model DiT-B/2 --attention auto cudnn flash \
   --steps 30
-# Issue 16: FP8 training (train.fp8, torchao Float8 linear layers; needs torchao: `pip download torchao --no-deps -d
+# FP8 training (train.fp8, torchao Float8 linear layers; needs torchao: `pip download torchao --no-deps -d
 # .whl`): speed, and loss parity with bf16 after 150 steps from the same seed and data.
 step 120 train_b2_fp8 "$PYTHON" bench/bench_train.py --device cuda --model DiT-B/2 --fp8 none float8 --steps 150
 # Issues 2 and 16: DiT-XL/2 training step, latent 32, batch 256, bf16, compiled, cuDNN attention (goal >= 700 img/s;

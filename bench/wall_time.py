@@ -63,7 +63,7 @@ def clone(rev: str, into: Path) -> str:
 
 
 def run_env(venv: Path, repo: Path) -> dict:
-    """The environment of a new user's shell with the venv first on PATH: no PYTHONPATH from this session (the
+    """The environment of a new user's shell with the venv first on PATH: no PYTHONPATH from the calling shell (the
     clone's own `pipeline` must run), offline hub, Ray with token authentication, timings recorded."""
     env = {
         k: v

@@ -281,7 +281,7 @@ class Loop:
         self.store = store  # pipeline/checkpoint_storage.py
         self.p = state.params
         self.start = ckpt["step"] if ckpt else 0
-        self.timing = dict(ckpt["timing"]) if ckpt else {"train_s": 0.0}  # seconds in training steps, all sessions
+        self.timing = dict(ckpt["timing"]) if ckpt else {"train_s": 0.0}  # seconds in training steps, all runs
         self.sums = torch.zeros(4, device=state.device, dtype=torch.float64)  # loss, mse, vb, grad_norm
         self.first_bad = torch.full((), 2**62, device=state.device, dtype=torch.int64)
         self.interval_steps, self.interval_s = 0, 0.0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The offline study (issue 13) on this CPU: the plan in sweeps/study-plan.yaml / docs/study-plan.md, 48 runs in
+# The offline study on this CPU: the plan in sweeps/study-plan.yaml / docs/study-plan.md, 48 runs in
 # ~4.8 h, run in parts. Each call runs the planned runs that have no record in docs/results/runs/ yet, stopping
 # before it would cross HOURS (default 2); commit the records it writes, then re-render docs/results.md.
 #

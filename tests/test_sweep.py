@@ -175,9 +175,9 @@ def test_a_record_of_another_reference_is_run_again(tmp_path):
 
 
 @pytest.mark.slow
-def test_applying_an_experiment_keeps_the_records_of_this_session(tmp_path, monkeypatch):
+def test_applying_an_experiment_keeps_the_records_written_here(tmp_path, monkeypatch):
     # `dvc exp apply` checks out the experiment's version of every git-tracked file. A record the runner rewrote
-    # in this session (a run redone on the pooled reference) must survive the apply of a sampling batch.
+    # here (a run redone on the pooled reference) must survive the apply of a sampling batch.
     from pipeline.study.sweep import RUNS_DIR, applied
 
     monkeypatch.chdir(tmp_path)
@@ -201,7 +201,7 @@ def test_applying_an_experiment_keeps_the_records_of_this_session(tmp_path, monk
     sh("dvc", "exp", "run", "--temp", "-q", "-n", "trained", "-S", "n=2")  # the workspace stays at n: 1
     params_before = (tmp_path / "params.yaml").read_text()
 
-    record.write_text('{"reference": "redone here"}')  # rewritten by this session, not committed yet
+    record.write_text('{"reference": "redone here"}')  # rewritten here, not committed yet
     with applied("trained"):
         assert "n: 2" in (tmp_path / "params.yaml").read_text()  # the experiment is applied
         assert record.read_text() == '{"reference": "redone here"}'

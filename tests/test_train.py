@@ -417,7 +417,7 @@ def test_ray_two_cpu_workers_resume(tmp_path, latents):
         ray.shutdown()
     assert_bitwise_equal(load_ema(tmp_path / "resumed"), load_ema(tmp_path / "uninterrupted"))
     log = read_log(tmp_path / "resumed" / "train.csv")
-    assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first session's last row, then no duplicates
+    assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first run's last row, then no duplicates
 
 
 # --- exporting an official checkpoint instead of training (profiles/official-xl2.yaml) ---------------------------

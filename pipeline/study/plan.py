@@ -207,7 +207,7 @@ def estimate_s(run: PlannedRun, plan: dict, shapes: dict | None = None) -> float
 
 
 def parts(runs: list[PlannedRun], plan: dict, hours: float) -> list[list[tuple[PlannedRun, float]]]:
-    """The runs cut, in order, into parts of at most `hours` each (the data stages once per part: a new session)."""
+    """The runs cut, in order, into parts of at most `hours` each (the data stages once per part: a fresh clone)."""
     shapes: dict = {}
     out, current, used = [], [], plan["estimate"]["data_stages_s"]
     for run in runs:

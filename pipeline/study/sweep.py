@@ -2,10 +2,10 @@
 
     python -m pipeline.study.sweep plan                 # every planned run, the count, the time estimate and its parts
     python -m pipeline.study.sweep run --hours 2        # run what is not done, stopping before the budget is crossed
-    python -m pipeline.study.sweep collect [NAME ...]   # write the records of finished experiments of this session
+    python -m pipeline.study.sweep collect [NAME ...]   # write the records of finished experiments of this workspace
 
 A run is done iff its record docs/results/runs/<name>.json exists: experiment refs and DVC's cache do not survive
-to the next session (a fresh clone), so each finished experiment is read at once through DVC's Python API
+to the next invocation (a fresh clone), so each finished experiment is read at once through DVC's Python API
 (`dvc.api.exp_show` for its rev and state, `dvc.api.params_show` and `dvc.api.read` at that rev for its params,
 metrics and records) and written atomically to its record, which the lead commits. `python -m pipeline.study.report`
 renders docs/results.md from the records alone.
@@ -17,7 +17,7 @@ the run cache. So its training run is applied to the workspace (`dvc exp apply`:
 sampling runs are queued and run from there (the queued copy gets the lock, checks out the trained model from the
 cache and finds `train` unchanged), and then the workspace files that apply wrote are put back as they were. The
 record says whether `train` ran again (`train_rerun`), from the two runs' metrics/train.json. A sampling run whose
-training run is not in this session's experiments (it finished in an earlier session) first trains it again, under
+training run is not in this workspace's experiments (it finished in an earlier clone) first trains it again, under
 its own name.
 
 A failed experiment is reported by name with the tail of `dvc queue logs` and skipped; the next invocation retries.
@@ -98,7 +98,7 @@ def run_queue(runs: list[PlannedRun], baseline: str) -> tuple[float, dict[str, s
 
 
 def clear(name: str) -> None:
-    """Drop a leftover experiment or queue entry of this name (a failed try of this session)."""
+    """Drop a leftover experiment or queue entry of this name (a failed earlier try)."""
     dvc("queue", "remove", name, check=False)
     dvc("exp", "remove", name, check=False)
 
@@ -118,7 +118,7 @@ def applied(name: str):
     """The workspace with experiment `name` applied; afterwards the files apply wrote are as they were.
 
     `dvc exp apply` also checks out the experiment's version of every git-tracked file, records included: a record
-    rewritten in this session (a run redone on another reference) would go back to HEAD's. So the records are put
+    rewritten here (a run redone on another reference) would go back to HEAD's. So the records are put
     back at once."""
     saved = {p: p.read_bytes() for g in APPLIED_GLOBS for p in Path().glob(g)}
     records = {p: p.read_bytes() for p in RUNS_DIR.glob("*.json")}
@@ -284,9 +284,7 @@ def execute(batch: list[PlannedRun], plan: dict, commit: str, baseline: str) -> 
             queue(run, plan)
         wall, failed = run_queue(batch, baseline)
     else:
-        if base not in experiments(
-            baseline
-        ):  # trained in an earlier session: train it again (deterministic) to apply it
+        if base not in experiments(baseline):  # trained in an earlier clone: train it again (deterministic) to apply it
             ref = next(r for r in expand(plan) if r.name == base)
             queue(ref, plan)
             _, failed = run_queue([ref], baseline)
@@ -372,7 +370,7 @@ def cmd_collect(plan: dict, names: list[str], baseline: str | None) -> None:
         if name not in planned:
             raise UserError(f"{name} is not a run of {PLAN_FILE}; `python -m pipeline.study.sweep plan` lists them")
         if name not in rows or rows[name].get("State") not in (None, "Success"):
-            raise UserError(f"no finished experiment named {name} in this session (`dvc exp show`)")
+            raise UserError(f"no finished experiment named {name} in this workspace (`dvc exp show`)")
         run = planned[name]
         base_train = read_json(METRICS["train"], rows[run.base]["rev"]) if run.base in rows else None
         print(write_record(record(run, plan, commit, rows[name], float("nan"), base_train)))
@@ -386,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("plan").add_argument("--hours", type=float, default=2.0, help="the length of one part")
     run = sub.add_parser("run")
-    run.add_argument("--hours", type=float, required=True, help="this session's budget; stops before crossing it")
+    run.add_argument("--hours", type=float, required=True, help="this invocation's budget; stops before crossing it")
     run.add_argument("--only", nargs="+", help="planned run names to run (default: all not done)")
     collect = sub.add_parser("collect")
     collect.add_argument("names", nargs="*")

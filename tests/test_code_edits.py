@@ -87,7 +87,8 @@ def test_a_statement_in_the_vae_trainer_reruns_only_vae(repo):
     model = [o for o in lock(repo)["vae"]["outs"] if o["path"] == "models/vae"]
     assert model == [o for o in before["vae"]["outs"] if o["path"] == "models/vae"]  # (metrics/vae.json: seconds)
     restore_sources(repo, env)
-    assert ran(run(["dvc", "repro"], repo, env)) == ["fingerprint", "vae"]
+    # Back to the committed code: vae reruns, or DVC's run cache restores its earlier run; nothing downstream runs.
+    assert ran(run(["dvc", "repro"], repo, env)) in (["fingerprint", "vae"], ["fingerprint"])
 
 
 def sha256(path: Path) -> str:

@@ -29,6 +29,8 @@ RESUME_KEYS = (
     "lr",
     "weight_decay",
     "warmup_steps",
+    "lr_schedule",
+    "timestep_sampling",
     "ema_decay",
     "class_dropout_prob",
     "grad_clip",
@@ -108,6 +110,11 @@ def resume_mismatch(ckpt: dict, p, model_config: dict, latents_sha256: str, code
     ]
     if ckpt["latents_sha256"] != latents_sha256:
         why.append("the latents changed (their manifest.json sha256)")
+    if p.lr_schedule != "constant" and old.get("train_steps") != p.train_steps:
+        why.append(
+            f"train.train_steps: {old.get('train_steps')!r} -> {p.train_steps!r} (the {p.lr_schedule} lr schedule "
+            "decays over train_steps)"
+        )
     if ckpt["step"] > p.train_steps:
         why.append(f"it is at step {ckpt['step']}, past train.train_steps {p.train_steps}")
     return why

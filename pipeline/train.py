@@ -173,7 +173,29 @@ def update_ema(ema_params: list[torch.Tensor], model_params: list[torch.Tensor],
 
 
 def learning_rate(p: TrainParams, step: int) -> float:
-    return p.lr * min(1.0, (step + 1) / p.warmup_steps) if p.warmup_steps else p.lr
+    """The lr of 0-based step `step`: a linear warmup to p.lr over warmup_steps, then constant or a cosine to 0."""
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    if p.lr_schedule == "constant":
+        return p.lr
+    decay_steps = max(p.train_steps - p.warmup_steps, 1)
+    return p.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - p.warmup_steps, decay_steps) / decay_steps))
+
+
+def timestep_weights(num_timesteps: int, sampling: str) -> torch.Tensor | None:
+    """Unnormalised probabilities of t = 0..T-1 for torch.multinomial, or None for uniform (torch.randint, as the
+    official train.py). Logit-normal: the density of sigmoid(N(0, 1)) at the bin centres (t + 0.5) / T."""
+    if sampling == "uniform":
+        return None
+    u = (torch.arange(num_timesteps, dtype=torch.float64) + 0.5) / num_timesteps
+    logit = torch.log(u) - torch.log1p(-u)
+    return (torch.exp(-0.5 * logit**2) / (u * (1 - u))).float()
+
+
+def draw_timesteps(s: "TrainState", b: int, device: torch.device) -> torch.Tensor:
+    if s.timestep_weights is None:
+        return torch.randint(0, s.diffusion.num_timesteps, (b,), device=device)
+    return torch.multinomial(s.timestep_weights, b, replacement=True).to(device)
 
 
 @dataclass
@@ -193,6 +215,7 @@ class TrainState:
         # The diffusion maps t through timestep_map on the model's device at every call: keep the map there, so no
         # step waits on a host-to-device copy (a pageable copy synchronises the stream).
         self.diffusion.timestep_map = self.diffusion.timestep_map.to(self.device)
+        self.timestep_weights = timestep_weights(self.diffusion.num_timesteps, self.params.timestep_sampling)
 
 
 def make_train_state(model: DiT, p: TrainParams, device: torch.device, world: int, ckpt: dict | None) -> TrainState:
@@ -222,7 +245,7 @@ def train_step(s: TrainState, x: torch.Tensor, y: torch.Tensor, lr: float) -> to
     global RNG. Returns (4,) [loss, mse, vb, grad_norm] on the device, without a host sync."""
     if s.params.compile:
         torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (reduce-overhead) may reuse last step's buffers
-    t = torch.randint(0, s.diffusion.num_timesteps, (x.shape[0],), device=x.device)
+    t = draw_timesteps(s, x.shape[0], x.device)
     with (
         torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.params.precision == "bf16"),
         attention_backend(s.params.attention),

@@ -112,6 +112,43 @@ def test_grad_clip_warmup_and_bf16_step():
     assert abs(loss - (mse + vb)) < 1e-5 and all(map(math.isfinite, (loss, mse, vb)))
 
 
+def test_cosine_schedule_decays_to_zero_after_the_warmup():
+    p = base_params(lr=1e-3, warmup_steps=10, train_steps=110, lr_schedule="cosine")
+    lrs = [T.learning_rate(p, s) for s in range(110)]
+    assert lrs[:10] == [1e-3 * (s + 1) / 10 for s in range(10)]  # the same warmup as the constant schedule
+    assert lrs[10] == 1e-3 and math.isclose(lrs[60], 5e-4) and lrs[109] < 1e-6
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert T.learning_rate(p, 110) == 0.0  # a resume past the end trains no further
+
+
+def test_logit_normal_timesteps_favour_the_middle_and_are_seeded():
+    w = T.timestep_weights(1000, "logit-normal")
+    assert T.timestep_weights(1000, "uniform") is None and w.shape == (1000,)
+    assert int(w.argmax()) in (499, 500) and w[0] < 1e-3 * w[500] and w[999] < 1e-3 * w[500]
+    # sigmoid(N(0, 1)) puts 68% of its mass in (sigmoid(-1), sigmoid(1)) = (0.269, 0.731)
+    mass = (w[269:731].sum() / w.sum()).item()
+    assert abs(mass - 0.6827) < 0.01, mass
+    p = base_params(timestep_sampling="logit-normal")
+    state = T.make_train_state(T.build_model(p, LATENT_SHAPE, NUM_CLASSES, TINY), p, torch.device("cpu"), 1, None)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        draws.append(T.draw_timesteps(state, 4096, torch.device("cpu")))
+    assert torch.equal(*draws) and 0.6 < ((draws[0] >= 269) & (draws[0] < 731)).float().mean() < 0.76
+
+
+def test_a_decaying_run_resumes_only_under_its_own_train_steps():
+    from pipeline.checkpoints import resume_mismatch
+
+    p = base_params(lr_schedule="cosine", train_steps=30)
+    ckpt = {"train_params": dict(vars(p)), "model_config": {}, "latents_sha256": "x", "step": 10}
+    assert resume_mismatch(ckpt, p, {}, "x", None) == []
+    longer = replace(p, train_steps=40)
+    assert "decays over train_steps" in " ".join(resume_mismatch(ckpt, longer, {}, "x", None))
+    constant = {**ckpt, "train_params": dict(vars(replace(p, lr_schedule="constant")))}
+    assert resume_mismatch(constant, replace(longer, lr_schedule="constant"), {}, "x", None) == []
+
+
 def test_batches_are_disjoint_across_ranks_and_flip(latents):
     _, tensors = load_latents(latents)
     data = T.LatentBatches(tensors, SCALING_FACTOR, seed=0, device=torch.device("cpu"))

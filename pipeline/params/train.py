@@ -24,9 +24,15 @@ class TrainParams:
     conditioning: Literal["adaLN-Zero", "adaLN", "cross-attention", "in-context"]
     global_batch_size: int  # summed over workers
     train_steps: int
-    lr: float  # AdamW, default betas, constant after the optional linear warmup
+    lr: float  # AdamW, default betas; the peak, reached after the optional linear warmup
     weight_decay: float
     warmup_steps: int
+    # After the warmup: constant (the paper), or a cosine from lr down to 0 at train_steps. A decaying run ends at
+    # train_steps, so it resumes only under the same train_steps.
+    lr_schedule: Literal["constant", "cosine"]
+    # How t is drawn for each example: uniform over the 1,000 steps (the paper), or logit-normal (Esser et al. 2024,
+    # mean 0, std 1, over (t + 0.5) / 1000), which draws the middle of the schedule more often than its ends.
+    timestep_sampling: Literal["uniform", "logit-normal"]
     ema_decay: float
     class_dropout_prob: float
     grad_clip: float | None  # max global grad norm; None = off (the paper)

@@ -74,6 +74,14 @@ def arm_params(base: dict, arm: dict) -> dict:
     return params
 
 
+def base_params_text() -> str:
+    """params.yaml as committed: a screen killed inside an arm leaves that arm's params.yaml behind."""
+    out = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True, check=True)
+    if (ROOT / "params.yaml").read_text() != out.stdout:
+        print("params.yaml differs from HEAD's: running the arms on HEAD's (a screen killed inside an arm?)")
+    return out.stdout
+
+
 def read_json(path: str) -> dict:
     return json.loads((ROOT / path).read_text())
 
@@ -134,10 +142,13 @@ def main() -> None:
         for name in names:
             print(f"{'done' if (RECORDS / f'{name}.json').exists() else 'todo'}  {name}  {plan[name].get('set', {})}")
     elif args.command == "run":
-        base_text = (ROOT / "params.yaml").read_text()
-        for name in names:
-            if (RECORDS / f"{name}.json").exists():
-                continue
+        base_text = base_params_text()
+        while True:  # the plan is read again before each arm: arms added while a screen runs join it
+            plan = yaml.safe_load(PLAN.read_text())["arms"]
+            todo = [n for n in (args.arms or plan) if n in plan and not (RECORDS / f"{n}.json").exists()]
+            if not todo:
+                break
+            name = todo[0]
             print(f"arm {name}: {plan[name].get('set', {})}", flush=True)
             record = run_arm(name, plan[name], base_text)
             atomic_write_json(RECORDS / f"{name}.json", record)

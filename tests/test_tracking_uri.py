@@ -80,8 +80,13 @@ def store_forms(repo: Path, server: str) -> dict[str, tuple[str, str]]:
     }
 
 
-@pytest.mark.parametrize("form", ["relative sqlite", "absolute sqlite", "tracking server", "file store"])
-def test_training_tracks_into_every_store_form(form, repo, server, latents, monkeypatch):
+# The tracking server's case is slow (the session's server starts with it, ~10-20 s): `make test-fast` leaves it out.
+@pytest.mark.parametrize(
+    "form",
+    ["relative sqlite", "absolute sqlite", pytest.param("tracking server", marks=pytest.mark.slow), "file store"],
+)
+def test_training_tracks_into_every_store_form(form, repo, latents, monkeypatch, request):
+    server = request.getfixturevalue("server") if form == "tracking server" else "no server"
     exported, store = store_forms(repo, server)[form]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exported)
     if form == "file store":
@@ -110,6 +115,7 @@ def test_a_uri_no_store_accepts_is_one_line(repo, monkeypatch):
 # --- credentials ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_credentials_in_the_uri_are_written_nowhere(repo, server, tiny, evaluation, latents, monkeypatch):
     secret_uri = server.replace("http://", f"http://alice:{SECRET}@")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_uri)

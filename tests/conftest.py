@@ -1,4 +1,5 @@
 import collections
+import contextlib
 import json
 import os
 import secrets
@@ -320,6 +321,16 @@ def copy_repo(dest: Path) -> None:
             shutil.copy2(src, dest / rel)
 
 
+@pytest.fixture(scope="session")
+def reduced_run(tmp_path_factory):
+    """The reduced default after one `dvc repro` in a fresh copy of this checkout (tests/reduced_default.py's
+    `FirstRun`), shared by the session: the end-to-end, code-edit and plot tests read it, and a test that changes
+    the repository works on a copy (`copy_finished_run`), never on this one."""
+    from reduced_default import first_run
+
+    return first_run(tmp_path_factory.mktemp("reduced-run"), REPO)
+
+
 # --- a stage's process killed mid-run: the encode and reference resume tests ---------------------------------------
 
 
@@ -387,6 +398,48 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
     proc.drain.join(timeout=5)  # the pipe reached its end when the group exited
     proc.stdout.close()
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict, timeout_s: float = 180):
+    """`mlflow server` on 127.0.0.1 (one worker, its own process group) over `backend_store_uri`, keeping artifacts
+    in `artifacts_destination` (a directory or an s3:// URI); yields its URL once /health answers, and stops it
+    on the way out. `env` is the server's whole environment (S3 credentials, for an s3:// destination)."""
+    port = free_port()
+    server = start(
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            backend_store_uri,
+            "--artifacts-destination",
+            artifacts_destination,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=timeout_s)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """One `mlflow server` for the session (sqlite backend, artifacts in a directory), started once: ~20 s each on
+    2 cores. Tests that share it keep apart by their own model names and runs. Yields (its URL, the directory of
+    its artifacts)."""
+    root = tmp_path_factory.mktemp("tracking-server")
+    with mlflow_server(
+        f"sqlite:///{root / 'server.db'}", str(root / "artifacts"), env={**os.environ, "MLFLOW_TRACKING_URI": ""}
+    ) as url:
+        yield url, root / "artifacts"
 
 
 # --- a local S3-compatible server (moto on 127.0.0.1): the S3 and checkpoint-storage tests ---------------------

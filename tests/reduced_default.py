@@ -1,11 +1,16 @@
 """The reduced offline default that the end-to-end tests run with `dvc repro` in a fresh copy of the repository, and
 how two runs' outputs are compared: which files and fields may differ (measured time, MLflow run ids), and bitwise
-equality of everything else, checkpoints included."""
+equality of everything else, checkpoints included. One such run is shared by the session (`FirstRun`,
+`first_run`, conftest's `reduced_run`): a test that changes the repository starts from a copy of it
+(`copy_finished_run`), seconds instead of the minutes of its own `dvc repro`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +149,64 @@ def assert_same_outputs(
         fields = differing_checkpoint_fields(repo / "models/checkpoints" / ckpt.name, ckpt)
         assert fields <= {*CHECKPOINT_RECORDS, *checkpoint_may_differ}, (ckpt.name, fields)
     return changed
+
+
+# --- one reduced run for the session -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstRun:
+    """The first `dvc repro` of the reduced default in a fresh copy: the repository, the environment to run in it,
+    the params it ran with, what the repro printed and the import log of its processes (tests/import_log)."""
+
+    repo: Path
+    env: dict
+    params: dict
+    output: str
+    imports: Path
+
+
+def first_run(root: Path, checkout: Path) -> FirstRun:
+    """`dvc repro` of the reduced default in a fresh copy of `checkout` under `root`, observed as the end-to-end
+    test checks it: every pipeline module each stage's processes load is logged (PIPELINE_IMPORT_LOG), and
+    PYTHONWARNINGS=default prints every warning once per call site, with the file that made the call, in each
+    stage's process and (through the environment the local Ray inherits) in its Ray workers, whose output Ray
+    forwards; Ray's own filter, which would hide repeats, stands aside when the variable is set. Neither changes
+    an output byte."""
+    repo = root / "repo"
+    params = merge(yaml.safe_load((checkout / "params.yaml").read_text()), REDUCED)
+    env = git_repo(repo, params)
+    imports = root / "imports.tsv"
+    output = run(
+        ["dvc", "repro"],
+        repo,
+        {
+            **env,
+            "PIPELINE_IMPORT_LOG": str(imports),
+            "PYTHONWARNINGS": "default",
+            "PYTHONPATH": str(checkout / "tests" / "import_log"),
+        },
+    )
+    return FirstRun(repo, env, params, output, imports)
+
+
+def copy_finished_run(run_: FirstRun, dest: Path) -> Path:
+    """A copy of the finished run's repository at `dest`, as up to date as the original: the work tree, git, the
+    DVC cache with its run cache, dvc.lock and the MLflow store. DVC keeps no absolute path (its state database,
+    keyed by inode, only rehashes the copied files); the MLflow store does: the artifact locations of its
+    experiments, runs and model versions name the original's `mlartifacts/`, and are rewritten to the copy's, so
+    that the copy logs into itself alone. `models/dit/tracking.json` keeps naming the original store: a record of
+    that run (a DVC output); a stage logs into the store of its working directory, taking only the run id from it."""
+    shutil.copytree(run_.repo, dest, symlinks=True)
+    old, new = str(run_.repo), str(dest)
+    with sqlite3.connect(dest / "mlflow.db") as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [c[1] for c in db.execute(f'PRAGMA table_info("{table}")') if "CHAR" in c[2] or "TEXT" in c[2]]
+            for column in columns:
+                db.execute(
+                    f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0',
+                    (old, new, old),
+                )
+    db.close()
+    return dest

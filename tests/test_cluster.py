@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BUCKET, CREDENTIALS, free_port, keys, start, stop, wait_http
+from conftest import BUCKET, CREDENTIALS, free_port, keys, mlflow_server
 from tiny_encode import PARAMS as ENCODE_PARAMS, shard_hashes
 
 from pipeline.encode import encode_local
@@ -144,6 +144,9 @@ def two_nodes(token_dir: Path, s3_endpoint: str, hidden_data: tuple[Path, ...] =
         f.write(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"}
     env.update(CREDENTIALS, AWS_ENDPOINT_URL=s3_endpoint, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    # SIGTERM to `ray start --block` first drains the node for up to 30 s (for Ray Serve's replicas: none here),
+    # which every stop of these nodes would wait out; 0 stops a node at once.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     port = free_port()
     nodes = [start_node(env, port, head=True, num_cpus=2)]
     try:
@@ -433,33 +436,17 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_
     on_cluster = tmp_path / "cluster"
     env = {k: v for k, v in git_repo(on_cluster, merge(params, storage)).items() if not k.startswith("RAY_")}
     env.update({k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "RAY_AUTH"))}, RAY_ADDRESS=address)
-    port = free_port()
-    server = start(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'mlflow-server.db'}",
-            "--artifacts-destination",
-            f"s3://{BUCKET}/mlflow",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+    server = mlflow_server(
+        f"sqlite:///{tmp_path / 'mlflow-server.db'}",
+        f"s3://{BUCKET}/mlflow",
         env={**env, "MLFLOW_S3_ENDPOINT_URL": env["AWS_ENDPOINT_URL"]},
     )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
-        env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"  # a node reaches the server, not the driver's files
+    with server as uri:
+        env["MLFLOW_TRACKING_URI"] = uri  # a node reaches the server, not the driver's files
         before = _actor_table(env, address, tmp_path / "before.json")["actors"]
         out = run(["dvc", "repro"], on_cluster, env)
         assert "Running stage 'register'" in out
         after = _actor_table(env, address, tmp_path / "after.json")
-    finally:
-        stop(server)
     placed = {}
     for actor, (name, node) in after["actors"].items():
         if actor not in before:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from reduced_default import REDUCED, git_repo, merge, run
+from reduced_default import REDUCED, copy_finished_run, run
 from test_lineage import edit_without_code
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,12 +24,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    """The reduced default after one full `dvc repro`, committed."""
-    root = tmp_path_factory.mktemp("code-edits")
-    repo = root / "repo"
-    env = git_repo(repo, merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED))
-    run(["dvc", "repro"], repo, env)
+def repo(reduced_run, tmp_path_factory):
+    """The reduced default after one full `dvc repro` (a copy of the session's run), committed."""
+    repo = copy_finished_run(reduced_run, tmp_path_factory.mktemp("code-edits") / "repo")
+    env = reduced_run.env
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "run"], repo, env)
     return repo, env

@@ -58,6 +58,25 @@ def local_ray(tmp_path):
         ray.shutdown()
 
 
+# The training both kill tests run: 2 workers, a checkpoint every 10 of 40 steps.
+KILLED_RUN = dict(num_workers=2, train_steps=40, log_every=5, ckpt_every=10)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, latents):
+    """`uninterrupted() -> root`: the uninterrupted run of KILLED_RUN that the kill tests compare with, trained
+    once for the module on the Ray of the test that asks first (a training's bytes do not depend on which local
+    Ray runs it, nor on the slowed steps)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+
+    def get() -> Path:
+        if not (root / "dit" / "ema.pt").exists():
+            run(root, latents, base_params(**KILLED_RUN))
+        return root
+
+    return get
+
+
 def kill_when(ready, pid_file: Path, seconds: float = 300) -> threading.Thread:
     """In the background: once `ready()` holds and `pid_file` exists, SIGKILL the process it names (a Ray worker
     of this test's own Ray); `thread.killed` records (pid, what ready() returned)."""
@@ -79,9 +98,9 @@ def kill_when(ready, pid_file: Path, seconds: float = 300) -> threading.Thread:
     return thread
 
 
-def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray, tmp_path, latents):
-    p = base_params(num_workers=2, train_steps=40, log_every=5, ckpt_every=10)
-    run(tmp_path / "uninterrupted", latents, p)
+def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray, tmp_path, latents, uninterrupted):
+    p = base_params(**KILLED_RUN)
+    before = uninterrupted()
     for f in local_ray.iterdir():
         f.unlink()
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -95,16 +114,16 @@ def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray
     run(tmp_path / "killed", latents, p)
     killer.join(timeout=1)
     assert killer.killed, "no worker was killed: the run ended before its first checkpoint was seen"
-    assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(tmp_path / "uninterrupted"))
+    assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(before))
     steps = [int(r["step"]) for r in read_log(tmp_path / "killed" / "train.csv")]
     assert steps == sorted(set(steps)) and steps[-1] == p.train_steps  # resumed, not restarted from scratch
 
 
-def test_a_killed_training_worker_resumes_from_ray_train_storage(aws_env, local_ray, tmp_path, latents):
+def test_a_killed_training_worker_resumes_from_ray_train_storage(aws_env, local_ray, tmp_path, latents, uninterrupted):
     """As above with train.storage_path on S3: the restarted group reads the latest checkpoint back through
     `ray.train.get_checkpoint()`, not from models/checkpoints (which the driver fills only after the run)."""
-    p = base_params(num_workers=2, train_steps=40, log_every=5, ckpt_every=10)
-    run(tmp_path / "uninterrupted", latents, p)
+    p = base_params(**KILLED_RUN)
+    before = uninterrupted()
     for f in local_ray.iterdir():
         f.unlink()
     stored = replace(p, storage_path=f"s3://{BUCKET}/killed")
@@ -117,7 +136,7 @@ def test_a_killed_training_worker_resumes_from_ray_train_storage(aws_env, local_
     run(tmp_path / "killed", latents, stored)
     killer.join(timeout=1)
     assert killer.killed, "no worker was killed: the run ended before its first checkpoint was seen"
-    assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(tmp_path / "uninterrupted"))
+    assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(before))
     steps = [int(r["step"]) for r in read_log(tmp_path / "killed" / "train.csv")]
     assert steps == list(range(5, 41, 5))  # the log of one run: resumed, not restarted from scratch
 

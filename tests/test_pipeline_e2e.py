@@ -7,13 +7,24 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from reduced_default import REDUCED, RUN_RECORDS, STAGES, TIMED, assert_same_outputs, git_repo, lock_hashes, merge, run
+from reduced_default import (
+    RUN_RECORDS,
+    STAGES,
+    TIMED,
+    assert_same_outputs,
+    copy_finished_run,
+    git_repo,
+    lock_hashes,
+    merge,
+    run,
+)
 
 from pipeline import fingerprint as F
 
@@ -30,7 +41,14 @@ def _check_reruns_are_byte_identical(repo: Path, env: dict, before: Path) -> Non
         copy(repo / rel, before / rel)
     shutil.rmtree(repo / "models/checkpoints")
     shutil.rmtree(repo / "data/samples/shards")
-    run(["dvc", "repro", "--force", "--single-item", *[s for s in STAGES if s != "register"]], repo, env)
+    # Beside one local Ray that the Ray stages join (`make repro`'s way, pipeline/cluster.py), which spares each of
+    # them the start of its own: the bytes must not depend on it either.
+    stages = [s for s in STAGES if s != "register"]
+    run(
+        [sys.executable, "-m", "pipeline.cluster", "run", "--", "dvc", "repro", "--force", "--single-item", *stages],
+        repo,
+        env,
+    )
     changed = assert_same_outputs(repo, before, hashes)
     print(f"byte-stable: {sorted(set(hashes) - changed)}; differing only in time or run ids: {sorted(changed)}")
 
@@ -53,35 +71,25 @@ def _check_fingerprints_cover_what_ran(repo: Path, imports: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-def test_dvc_repro_end_to_end_then_nothing_reruns(tmp_path):
-    repo = tmp_path / "repo"
-    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED)
-    env = git_repo(repo, params)
-
-    imports = tmp_path / "imports.tsv"  # every pipeline module each stage's processes load (tests/import_log)
-    # PYTHONWARNINGS=default prints every warning once per call site, with the file that made the call, in each
-    # stage's process and (through the environment the local Ray inherits) in its Ray workers, whose output Ray
-    # forwards; Ray's own filter, which would hide repeats, stands aside when the variable is set.
-    first = run(
-        ["dvc", "repro"],
-        repo,
-        {
-            **env,
-            "PIPELINE_IMPORT_LOG": str(imports),
-            "PYTHONWARNINGS": "default",
-            "PYTHONPATH": str(REPO / "tests" / "import_log"),
-        },
-    )
+def test_dvc_repro_end_to_end_then_nothing_reruns(reduced_run, tmp_path):
+    # The first `dvc repro` is the session's (conftest `reduced_run`), run in a fresh copy of the repository with
+    # every warning printed and every import logged (reduced_default.first_run); what follows changes the
+    # repository, so it runs in a copy of that finished run.
+    first = reduced_run.output
     for stage in ("fingerprint", *STAGES):
         assert f"Running stage '{stage}'" in first, first[-3000:]
     # No warning from this project's own calls: a deprecated API, an unsafe conversion (third-party code warning
     # about itself names its own file).
-    ours = re.findall(rf"^.*{re.escape(str(repo))}/(?:pipeline|stages)/\S+\.py:\d+: \w*Warning\b.*$", first, re.M)
+    ours = re.findall(
+        rf"^.*{re.escape(str(reduced_run.repo))}/(?:pipeline|stages)/\S+\.py:\d+: \w*Warning\b.*$", first, re.M
+    )
     assert not ours, "\n".join(ours)
-    _check_fingerprints_cover_what_ran(repo, imports)
+    _check_fingerprints_cover_what_ran(reduced_run.repo, reduced_run.imports)
     # Ray's known noise stays quiet (pipeline.cluster, pipeline.encode): before, 139 and 2 lines in this run.
     assert "Failed to query Ray Train Controller" not in first and "the actor restart will fail" not in first
 
+    repo, env = copy_finished_run(reduced_run, tmp_path / "repo"), reduced_run.env
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     images = json.loads((repo / "data/images/manifest.json").read_text())
     assert images["count"] == 240 and images["num_classes"] == 10
     assert json.loads((repo / "models/vae/config.json").read_text())["scaling_factor"] > 0

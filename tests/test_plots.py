@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from reduced_default import REDUCED, git_repo, merge, run
+from reduced_default import run
 
 from pipeline.curve import skipped_record, write_fid_plot
 from pipeline.params.curve import CurveParams
@@ -149,13 +148,12 @@ def loaded_images(browser: str, page: Path, profile: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_dvc_plots_show_renders_the_png_plots_offline_in_chromium(tmp_path):
+def test_dvc_plots_show_renders_the_png_plots_offline_in_chromium(tmp_path, request):
     browser = chromium()  # before the repro: no minutes spent to skip
-    repo = tmp_path / "repo"
-    env = git_repo(repo, merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED))
-    run(["dvc", "repro", "curve"], repo, env)  # train and curve, and what they need
-    run(["dvc", "plots", "show", "--out", "dvc_plots"], repo, env)
-    page = repo / "dvc_plots" / "index.html"
+    reduced_run = request.getfixturevalue("reduced_run")  # the session's `dvc repro`, train and curve included
+    # The page and its images go outside the shared repository, which the test leaves as it was.
+    run(["dvc", "plots", "show", "--out", str(tmp_path / "dvc_plots")], reduced_run.repo, reduced_run.env)
+    page = tmp_path / "dvc_plots" / "index.html"
 
     images = loaded_images(browser, page, tmp_path / "profile")
     print(f"images on the page (src -> naturalWidth): {images}")

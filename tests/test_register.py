@@ -79,8 +79,8 @@ def dit(tiny, tmp_path) -> Path:
     return export_dit(tiny, tmp_path / "dit", training_run())
 
 
-def aliases() -> dict[str, str]:
-    return {k: str(v) for k, v in mlflow.MlflowClient().get_registered_model(NAME).aliases.items()}
+def aliases(name: str = NAME) -> dict[str, str]:
+    return {k: str(v) for k, v in mlflow.MlflowClient().get_registered_model(name).aliases.items()}
 
 
 # --- promotion rules, end to end through the registry -----------------------------------------------------------
@@ -158,12 +158,12 @@ def test_training_run_missing_from_the_store_is_a_clear_error(tiny, evaluation, 
 # --- idempotence, the stage script and tracking off -------------------------------------------------------------
 
 
-def write_params(path: Path, enabled: bool) -> Path:
+def write_params(path: Path, enabled: bool, name: str = NAME) -> Path:
     sample = {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER}  # the repository's section, our sampler
     path.write_text(
         yaml.safe_dump(
             {
-                "register": {"model_name": NAME, "metric": "fid", "max_labels_per_request": MAX_LABELS},
+                "register": {"model_name": name, "metric": "fid", "max_labels_per_request": MAX_LABELS},
                 "sample": sample,
                 "tracking": {"enabled": enabled, "experiment": EXPERIMENT},
             }
@@ -305,43 +305,24 @@ def test_promote_and_rollback(tiny, dit, evaluation, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_register_and_promote_through_a_tracking_server(tiny, evaluation, empty_db, tmp_path, monkeypatch):
-    port = free_port()
-    server = start(
-        [
-            str(MLFLOW),
-            "server",
-            "--backend-store-uri",
-            new_store(empty_db, tmp_path / "server.db"),
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=120)
-        uri = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
-        first = register(tiny, dit_dir, write_eval(tmp_path / "e1.json", dit_dir, evaluation, fid=10.0))
-        e2 = write_eval(tmp_path / "e2.json", dit_dir, evaluation, fid=9.0)
-        better = register(tiny, dit_dir, e2)
-        assert first["promoted"] and better["promoted"] and aliases()[R.CHAMPION] == "2"
-        assert register(tiny, dit_dir, e2)["version"] == 2  # dedup through the REST search
-        R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True)), "rollback"])
-        assert aliases()[R.CHAMPION] == "1"
-        assert list((tmp_path / "server-artifacts").rglob("ema.pt")), "artifacts must go to the server's store"
-        model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
-        assert model.predict(np.array([1]), params={"seed": 3}).shape == (1, IMAGE, IMAGE, 3)
-    finally:
-        stop(server)
+def test_register_and_promote_through_a_tracking_server(tiny, evaluation, tracking_server, tmp_path, monkeypatch):
+    # The session's tracking server (conftest), where this test's model has a name of its own.
+    (uri, store), name = tracking_server, f"{NAME}-server"
+    stored_before = set(store.rglob("ema.pt"))
+    params = RegisterParams(model_name=name, metric="fid", max_labels_per_request=MAX_LABELS)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
+    first = register(tiny, dit_dir, write_eval(tmp_path / "e1.json", dit_dir, evaluation, fid=10.0), params=params)
+    e2 = write_eval(tmp_path / "e2.json", dit_dir, evaluation, fid=9.0)
+    better = register(tiny, dit_dir, e2, params=params)
+    assert first["promoted"] and better["promoted"] and aliases(name)[R.CHAMPION] == "2"
+    assert register(tiny, dit_dir, e2, params=params)["version"] == 2  # dedup through the REST search
+    R.main(["--params", str(write_params(tmp_path / "params.yaml", enabled=True, name=name)), "rollback"])
+    assert aliases(name)[R.CHAMPION] == "1"
+    assert set(store.rglob("ema.pt")) - stored_before, "artifacts must go to the server's store"
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{R.CHAMPION}")
+    assert model.predict(np.array([1]), params={"seed": 3}).shape == (1, IMAGE, IMAGE, 3)
 
 
 @pytest.mark.slow

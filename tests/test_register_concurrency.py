@@ -17,10 +17,6 @@ from conftest import (
     REPO,
     SAMPLER,
     export_dit,
-    free_port,
-    start,
-    stop,
-    wait_http,
     write_eval,
 )
 
@@ -29,9 +25,8 @@ from pipeline.artifacts import atomic_write_json
 from pipeline.params.load import read_yaml
 from pipeline.registry_lock import lock_path, registry_lock
 
-MLFLOW = Path(sys.executable).parent / "mlflow"
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+MODEL = f"{NAME}-concurrent"  # its own name on the session's tracking server
 
 
 def test_the_lock_is_exclusive_and_named_without_credentials(tmp_path):
@@ -58,92 +53,73 @@ def another_checkpoint(tiny, dit_dir: Path, evaluation: dict, fid: float, out: P
 
 
 @pytest.mark.slow
-def test_three_concurrent_registers_make_one_version_per_checkpoint_and_the_best_champion(tiny, evaluation, tmp_path):
-    port = free_port()
-    server = start(
-        [
-            str(MLFLOW),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
-        uri = f"http://127.0.0.1:{port}"
-        dit_a = export_dit(tiny, tmp_path / "dit-a", run_id=None)
-        eval_a = write_eval(tmp_path / "eval-a.json", dit_a, evaluation, fid=10.0)
-        dit_b = tmp_path / "dit-b"
-        eval_b = another_checkpoint(tiny, dit_b, evaluation, 8.0, tmp_path / "eval-b.json")
-        params = tmp_path / "params.yaml"
-        params.write_text(
-            yaml.safe_dump(
-                {
-                    "register": {"model_name": NAME, "metric": "fid", "max_labels_per_request": MAX_LABELS},
-                    "sample": {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER},
-                    "tracking": {"enabled": True, "experiment": EXPERIMENT},
-                }
-            )
+def test_three_concurrent_registers_make_one_version_per_checkpoint_and_the_best_champion(
+    tiny, evaluation, tracking_server, tmp_path
+):
+    # The session's tracking server (conftest), where this test's model has a name of its own.
+    uri, _ = tracking_server
+    dit_a = export_dit(tiny, tmp_path / "dit-a", run_id=None)
+    eval_a = write_eval(tmp_path / "eval-a.json", dit_a, evaluation, fid=10.0)
+    dit_b = tmp_path / "dit-b"
+    eval_b = another_checkpoint(tiny, dit_b, evaluation, 8.0, tmp_path / "eval-b.json")
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "register": {"model_name": MODEL, "metric": "fid", "max_labels_per_request": MAX_LABELS},
+                "sample": {**read_yaml(REPO / "params.yaml")["sample"], **SAMPLER},
+                "tracking": {"enabled": True, "experiment": EXPERIMENT},
+            }
         )
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
-        # checkpoint A (FID 10), and checkpoint B (FID 8) registered twice at once with the same evaluation
-        jobs = [(dit_a, eval_a, "a"), (dit_b, eval_b, "b1"), (dit_b, eval_b, "b2")]
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "stages.register",
-                    "--params",
-                    str(params),
-                    "--dit",
-                    str(dit),
-                    "--vae",
-                    str(tiny["vae"]),
-                    "--eval",
-                    str(ev[0]),
-                    "--eval-report",
-                    str(ev[1]),
-                    "--images",
-                    str(tiny["images"]),
-                    "--latents",
-                    str(tiny["latents"]),
-                    "--report",
-                    str(tmp_path / f"register-{tag}.json"),
-                ],
-                # to files, not pipes: one process blocked on a full pipe while it holds the lock would stall the others
-                cwd=REPO,
-                env=env,
-                stdout=(tmp_path / f"register-{tag}.log").open("w"),
-                stderr=subprocess.STDOUT,
-            )
-            for dit, ev, tag in jobs
-        ]
-        for p in procs:
-            p.wait(timeout=600)
-        outputs = [(tmp_path / f"register-{tag}.log").read_text() for _, _, tag in jobs]
-        assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    # checkpoint A (FID 10), and checkpoint B (FID 8) registered twice at once with the same evaluation
+    jobs = [(dit_a, eval_a, "a"), (dit_b, eval_b, "b1"), (dit_b, eval_b, "b2")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stages.register",
+                "--params",
+                str(params),
+                "--dit",
+                str(dit),
+                "--vae",
+                str(tiny["vae"]),
+                "--eval",
+                str(ev[0]),
+                "--eval-report",
+                str(ev[1]),
+                "--images",
+                str(tiny["images"]),
+                "--latents",
+                str(tiny["latents"]),
+                "--report",
+                str(tmp_path / f"register-{tag}.json"),
+            ],
+            # to files, not pipes: one process blocked on a full pipe while it holds the lock would stall the others
+            cwd=REPO,
+            env=env,
+            stdout=(tmp_path / f"register-{tag}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for dit, ev, tag in jobs
+    ]
+    for p in procs:
+        p.wait(timeout=600)
+    outputs = [(tmp_path / f"register-{tag}.log").read_text() for _, _, tag in jobs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
 
-        client = mlflow.MlflowClient(uri)
-        versions = client.search_model_versions(f"name = '{NAME}'")
-        by_checkpoint = {}
-        for mv in versions:
-            by_checkpoint.setdefault(mv.tags["checkpoint_sha256"], []).append(mv.version)
-        assert len(versions) == 2 and all(len(v) == 1 for v in by_checkpoint.values()), by_checkpoint
-        best = next(mv.version for mv in versions if mv.tags["fid"] == "8.0")
-        model = client.get_registered_model(NAME)
-        assert str(model.aliases[R.CHAMPION]) == str(best)
-        assert json.loads(model.tags[R.HISTORY_TAG])[-1] == str(best)
-        reports = [json.loads((tmp_path / f"register-{tag}.json").read_text()) for _, _, tag in jobs]
-        assert reports[1]["version"] == reports[2]["version"] == int(best)
-    finally:
-        stop(server)
+    client = mlflow.MlflowClient(uri)
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    by_checkpoint = {}
+    for mv in versions:
+        by_checkpoint.setdefault(mv.tags["checkpoint_sha256"], []).append(mv.version)
+    assert len(versions) == 2 and all(len(v) == 1 for v in by_checkpoint.values()), by_checkpoint
+    best = next(mv.version for mv in versions if mv.tags["fid"] == "8.0")
+    model = client.get_registered_model(MODEL)
+    assert str(model.aliases[R.CHAMPION]) == str(best)
+    assert json.loads(model.tags[R.HISTORY_TAG])[-1] == str(best)
+    reports = [json.loads((tmp_path / f"register-{tag}.json").read_text()) for _, _, tag in jobs]
+    assert reports[1]["version"] == reports[2]["version"] == int(best)

@@ -5,7 +5,6 @@ land in a file that git or DVC tracks, and the MLflow client needs none (the ser
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,21 +16,16 @@ from conftest import (
     IMAGE,
     NAME,
     export_dit,
-    free_port,
     keys,
+    mlflow_server,
     register,
-    start,
-    stop,
     training_run,
-    wait_http,
     write_eval,
 )
 
 from pipeline import register as R
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
 
 
 def sh(args: list[str], cwd: Path, env: dict) -> str:
@@ -94,41 +88,26 @@ def test_dvc_remote_on_s3_push_clone_pull(s3, tmp_path):
 
 def test_mlflow_server_keeps_artifacts_in_s3_and_serves_the_champion(s3, tiny, evaluation, tmp_path, monkeypatch):
     endpoint, env = s3
-    port = free_port()
     # Only the server holds the S3 credentials; clients upload and download through it (mlflow-artifacts:/).
-    server = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            f"s3://{BUCKET}/mlflow",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+    server = mlflow_server(
+        f"sqlite:///{tmp_path / 'server.db'}",
+        f"s3://{BUCKET}/mlflow",
         env={**env, "MLFLOW_S3_ENDPOINT_URL": endpoint, "MLFLOW_TRACKING_URI": ""},
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", server, timeout_s=180)
-        uri = f"http://127.0.0.1:{port}"
-        for key in [k for k in os.environ if k.startswith("AWS_")]:
-            monkeypatch.delenv(key)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.chdir(tmp_path)
-        mlflow.set_tracking_uri(uri)
-        dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
-        result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation))
-        assert result["promoted"] and result["version"] == 1
-        stored = keys(endpoint, "mlflow/")
-        assert any(k.endswith("artifacts/dit/ema.pt") for k in stored), stored[:20]
-        model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
-        images = model.predict(np.array([0, 2]), params={"seed": 1})
-        assert images.shape == (2, IMAGE, IMAGE, 3) and images.dtype == np.uint8
+        with server as uri:
+            for key in [k for k in os.environ if k.startswith("AWS_")]:
+                monkeypatch.delenv(key)
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            monkeypatch.chdir(tmp_path)
+            mlflow.set_tracking_uri(uri)
+            dit_dir = export_dit(tiny, tmp_path / "dit", training_run())
+            result = register(tiny, dit_dir, write_eval(tmp_path / "eval.json", dit_dir, evaluation))
+            assert result["promoted"] and result["version"] == 1
+            stored = keys(endpoint, "mlflow/")
+            assert any(k.endswith("artifacts/dit/ema.pt") for k in stored), stored[:20]
+            model = mlflow.pyfunc.load_model(f"models:/{NAME}@{R.CHAMPION}")
+            images = model.predict(np.array([0, 2]), params={"seed": 1})
+            assert images.shape == (2, IMAGE, IMAGE, 3) and images.dtype == np.uint8
     finally:
         mlflow.set_tracking_uri(None)
-        stop(server)

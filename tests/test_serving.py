@@ -232,6 +232,7 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.slow  # a real `mlflow models serve`
 def test_hostile_requests_are_refused_fast_and_good_ones_keep_their_pixels(server):
     url, proc = server
     status, answer, _ = invoke(url, GOOD)

@@ -6,12 +6,11 @@ authenticates from its own environment. Tiny training (tests/tiny_train.py) and 
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import NAME, export_dit, free_port, register, start, stop, training_run, wait_http, write_eval
+from conftest import NAME, export_dit, free_port, register, training_run, write_eval
 from tiny_train import base_params, run
 
 import pipeline.train as T
@@ -20,40 +19,16 @@ from pipeline.errors import UserError, one_line
 from pipeline.params.tracking import TrackingParams
 from pipeline.tracking import TrackingError
 
-MLFLOW = Path(sys.executable).parent / "mlflow"
 SECRET = "s3cret-7f2a"
 ON = TrackingParams(enabled=True, experiment="uri-forms")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A tracking server (sqlite backend, its own artifact store) on 127.0.0.1; yields its URL."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = start(
-        [
-            str(MLFLOW),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, timeout_s=180)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+@pytest.fixture
+def server(tracking_server) -> str:
+    """The session's tracking server (conftest), sqlite backend and its own artifact store, on 127.0.0.1."""
+    return tracking_server[0]
 
 
 @pytest.fixture
@@ -105,8 +80,13 @@ def store_forms(repo: Path, server: str) -> dict[str, tuple[str, str]]:
     }
 
 
-@pytest.mark.parametrize("form", ["relative sqlite", "absolute sqlite", "tracking server", "file store"])
-def test_training_tracks_into_every_store_form(form, repo, server, latents, monkeypatch):
+# The tracking server's case is slow (the session's server starts with it, ~10-20 s): `make test-fast` leaves it out.
+@pytest.mark.parametrize(
+    "form",
+    ["relative sqlite", "absolute sqlite", pytest.param("tracking server", marks=pytest.mark.slow), "file store"],
+)
+def test_training_tracks_into_every_store_form(form, repo, latents, monkeypatch, request):
+    server = request.getfixturevalue("server") if form == "tracking server" else "no server"
     exported, store = store_forms(repo, server)[form]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", exported)
     if form == "file store":
@@ -135,6 +115,7 @@ def test_a_uri_no_store_accepts_is_one_line(repo, monkeypatch):
 # --- credentials ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_credentials_in_the_uri_are_written_nowhere(repo, server, tiny, evaluation, latents, monkeypatch):
     secret_uri = server.replace("http://", f"http://alice:{SECRET}@")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", secret_uri)

@@ -31,13 +31,16 @@ exp: $(STAMP)
 	overrides="$$($(BIN)/python -m pipeline.profiles $(PROFILE))" && \
 		PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc exp run -n $(PROFILE) $(EXP_ARGS) $$overrides
 
-# The whole suite, with its 15 slowest tests listed at the end.
+# The whole suite, with its 15 slowest tests listed at the end. Two xdist workers: most of the suite waits on
+# subprocesses (dvc repro, Ray, servers), so two share 2 cores well; tests/conftest.py groups what shares a fixture.
+# XDIST="-n 0" runs it in one process.
+XDIST ?= -n 2 --dist loadgroup
 test: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 
 # The inner loop: every test not marked slow (no end-to-end repro, cluster or server), a few minutes on 2 cores.
 test-fast: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow" --durations=10 $(PYTEST_ARGS)
+	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 # ruff's lint and format check (pyproject.toml); `ruff format` and `ruff check --fix` rerun no stage: a stage depends
 # on its code fingerprint, which a reformat or a re-sorted import block leaves as it was.

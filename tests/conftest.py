@@ -57,6 +57,21 @@ from pipeline.reference import build_reference
 from pipeline.sample import read_model_card, run_sample
 from pipeline.train import export
 
+# `make test` runs the suite in two pytest-xdist workers with --dist loadgroup: most of its time is spent waiting
+# on subprocesses (dvc repro, Ray, servers), not computing. Each module is one group, so its module fixtures are set
+# up once; modules that share a session fixture form one group, so it too is set up once.
+SHARED_GROUPS = {
+    "reduced-run": ("test_pipeline_e2e", "test_code_edits", "test_plots"),  # the reduced_run fixture
+    "tracking-server": ("test_register", "test_register_concurrency", "test_tracking_uri"),  # tracking_server
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    group_of = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        item.add_marker(pytest.mark.xdist_group(group_of.get(module, module)))
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -406,6 +421,9 @@ def mlflow_server(backend_store_uri: str, artifacts_destination: str, env: dict,
     in `artifacts_destination` (a directory or an s3:// URI); yields its URL once /health answers, and stops it
     on the way out. `env` is the server's whole environment (S3 credentials, for an s3:// destination)."""
     port = free_port()
+    # MLflow 3's server also starts a pool of job runners (GenAI evaluation jobs) by default: eight processes that
+    # poll all the time, about 0.7 of a core between them, for jobs no test submits.
+    env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = start(
         [
             str(Path(sys.executable).with_name("mlflow")),

@@ -57,9 +57,8 @@ from pipeline.reference import build_reference
 from pipeline.sample import read_model_card, run_sample
 from pipeline.train import export
 
-# `make test` runs the suite in two pytest-xdist workers with --dist loadgroup: most of its time is spent waiting
-# on subprocesses (dvc repro, Ray, servers), not computing. Each module is one group, so its module fixtures are set
-# up once; modules that share a session fixture form one group, so it too is set up once.
+# For pytest-xdist's --dist loadgroup (`make test XDIST="-n 4 --dist loadgroup"`): each module is one group, so its
+# module fixtures are set up once; modules that share a session fixture form one group, so it too is set up once.
 SHARED_GROUPS = {
     "reduced-run": ("test_pipeline_e2e", "test_code_edits", "test_plots"),  # the reduced_run fixture
     "tracking-server": ("test_register", "test_register_concurrency", "test_tracking_uri"),  # tracking_server

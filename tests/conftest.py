@@ -302,6 +302,15 @@ def write_eval(path: Path, dit_dir: Path, evaluation: dict, **changes) -> tuple[
     return path, report
 
 
+def register_cli_args(params, dit_dir, tiny, evaluated: tuple[Path, Path], report) -> list[str]:
+    """The register stage's command-line flags (after `python -m stages.register`) for a tiny model's evaluation."""
+    return [
+        "--params", str(params), "--dit", str(dit_dir), "--vae", str(tiny["vae"]), "--eval", str(evaluated[0]),
+        "--eval-report", str(evaluated[1]), "--images", str(tiny["images"]), "--latents", str(tiny["latents"]),
+        "--report", str(report),
+    ]  # fmt: skip
+
+
 def register(tiny, dit_dir, evaluated: tuple[Path, Path], out="register.json", params=None, tracking=TRACKING) -> dict:
     from pipeline import register as R
 

@@ -9,6 +9,8 @@ or a later one, so commit the records as they come.
     python bench/screen_default.py list              # the arms and which have records
     python bench/screen_default.py run [ARM ...]     # run the arms without records (all, or the ones named)
     python bench/screen_default.py table             # the records as a Markdown table
+    python bench/screen_default.py --plan sweeps/default-final.yaml run   # another plan: records in
+                                                     # docs/bench/<the plan's file name>/
 
 FID and class consistency depend only on the params, the code and the CPU's kernels, not on the machine's load, so
 arms compare wherever they ran on one machine type. Seconds do depend on the load: each record keeps the 2048^2 fp32
@@ -38,7 +40,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 PLAN = ROOT / "sweeps" / "default-screen.yaml"
-RECORDS = ROOT / "docs" / "bench" / "default-screen"
+RECORDS = ROOT / "docs" / "bench"  # a plan's records go to RECORDS/<plan file's stem>/
 DATASETS = {  # what an arm's `data` sets, on top of its own keys
     "synthetic": {},
     "other-shapes": {"ingest.source": "imagefolder", "ingest.imagefolder.root": "inputs/other-shapes"},
@@ -132,32 +134,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=["list", "run", "table"])
     ap.add_argument("arms", nargs="*")
+    ap.add_argument("--plan", type=Path, default=PLAN, help="the arms' YAML (default: %(default)s)")
     args = ap.parse_args()
-    plan = yaml.safe_load(PLAN.read_text())["arms"]
+    plan_path = args.plan.resolve()
+    records = RECORDS / plan_path.stem
+    plan = yaml.safe_load(plan_path.read_text())["arms"]
     unknown = set(args.arms) - set(plan)
     if unknown:
         raise SystemExit(f"no such arm: {sorted(unknown)}; the plan has {sorted(plan)}")
     names = args.arms or list(plan)
     if args.command == "list":
         for name in names:
-            print(f"{'done' if (RECORDS / f'{name}.json').exists() else 'todo'}  {name}  {plan[name].get('set', {})}")
+            print(f"{'done' if (records / f'{name}.json').exists() else 'todo'}  {name}  {plan[name].get('set', {})}")
     elif args.command == "run":
         base_text = base_params_text()
         while True:  # the plan is read again before each arm: arms added while a screen runs join it
-            plan = yaml.safe_load(PLAN.read_text())["arms"]
-            todo = [n for n in (args.arms or plan) if n in plan and not (RECORDS / f"{n}.json").exists()]
+            plan = yaml.safe_load(plan_path.read_text())["arms"]
+            todo = [n for n in (args.arms or plan) if n in plan and not (records / f"{n}.json").exists()]
             if not todo:
                 break
             name = todo[0]
             print(f"arm {name}: {plan[name].get('set', {})}", flush=True)
             record = run_arm(name, plan[name], base_text)
-            atomic_write_json(RECORDS / f"{name}.json", record)
+            atomic_write_json(records / f"{name}.json", record)
             print(json.dumps(record), flush=True)
     else:
         cols = ["arm", "data", "fid", "class_consistency", "train_s", "sample_s", "repro_s", "matmul_gflops"]
         print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
         for name in names:
-            path = RECORDS / f"{name}.json"
+            path = records / f"{name}.json"
             if path.exists():
                 r = json.loads(path.read_text())
                 cells = [f"{r[c]:.3f}" if isinstance(r[c], float) and c == "class_consistency" else r[c] for c in cols]

@@ -60,7 +60,7 @@ from pipeline.train import export
 # For pytest-xdist's --dist loadgroup (`make test XDIST="-n 4 --dist loadgroup"`): each module is one group, so its
 # module fixtures are set up once; modules that share a session fixture form one group, so it too is set up once.
 SHARED_GROUPS = {
-    "reduced-run": ("test_pipeline_e2e", "test_code_edits", "test_plots"),  # the reduced_run fixture
+    "reduced-run": ("test_pipeline_e2e", "test_code_edits", "test_plots", "test_cluster", "test_sweep"),  # reduced_run
     "tracking-server": ("test_register", "test_register_concurrency", "test_tracking_uri"),  # tracking_server
 }
 

@@ -151,6 +151,13 @@ def assert_same_outputs(
     return changed
 
 
+def seed_run_cache(repo: Path, source: Path) -> None:
+    """Give `repo` the DVC cache of `source`, run cache included: a stage whose command, deps, params and outs are
+    the same as one that ran there is restored ("is cached - skipping run"), as from a team's shared cache. Hard
+    links: DVC never writes a cache file in place."""
+    shutil.copytree(source / ".dvc" / "cache", repo / ".dvc" / "cache", copy_function=os.link, dirs_exist_ok=True)
+
+
 # --- one reduced run for the session -------------------------------------------------------------------------------
 
 

@@ -1,11 +1,10 @@
 """A real two-node Ray cluster on this machine, locked with a token, started with the commands of docs/cluster.md's
 "From a laptop to a cluster": `ray start --head` plus `ray start --address=...`, each node with its own CPU and
-temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`, and the
-`encode` stage's actors, `train`'s DDP workers and `sample`'s actors spread one per node, with the bytes of a single
-process (encode) or of a local one-node Ray (train, sample)."""
+temp dir. Clients without the token are refused; one with it joins through `pipeline.cluster.init_ray`. `dvc repro`
+on the cluster spreads the `encode` stage's actors, `train`'s DDP workers and `sample`'s actors one per node, with
+the bytes of a local one-node Ray; a training whose worker node is lost ends with the bytes of one uninterrupted."""
 
 import contextlib
-import dataclasses
 import json
 import os
 import secrets
@@ -20,9 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BUCKET, CREDENTIALS, free_port, keys, mlflow_server
-from tiny_encode import PARAMS as ENCODE_PARAMS, shard_hashes
 
-from pipeline.encode import encode_local
 from pipeline.shared_storage import CACHE_ENV as NODE_CACHE_ENV
 
 pytestmark = pytest.mark.slow
@@ -272,137 +269,6 @@ def test_only_a_client_with_the_token_gets_in_and_work_lands_on_both_nodes(clust
     assert all(a["code"] == report["code"] for a in actors)
 
 
-# The encode stage's library call on the cluster, then the nodes its encoder actors ran on (from the GCS's actor
-# table: the state API would need the dashboard, which the head runs without).
-ENCODE = """
-import dataclasses, json, os, sys
-import ray
-from ray._private.state import actors
-from pipeline.encode import run_encode
-from pipeline.params.encode import EncodeParams
-
-params, images_dir, vae_dir, out = json.loads(sys.argv[1])
-run_encode(EncodeParams(**params), images_dir, vae_dir, out, out + ".json")
-nodes = [a["Address"]["NodeID"] for a in actors().values() if "LatentEncoder" in a["ActorClassName"]]
-report = {"nodes": nodes, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
-open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
-"""
-
-
-def test_encode_spreads_one_actor_per_node_with_single_process_bytes(cluster, encode_inputs, tmp_path):
-    """The worker node reads the image shards from S3 and copies the VAE from there (encode.storage_path)."""
-    from pipeline.artifacts import sha256_dir
-
-    address, env, nodes = cluster
-    params = dataclasses.replace(ENCODE_PARAMS, store="sample", num_actors=2, batch_size=3)
-    encode_local(params, encode_inputs["images_dir"], encode_inputs["vae_dir"], tmp_path / "local")
-    params = dataclasses.replace(params, storage_path=f"s3://{BUCKET}/cluster-encode")
-    args = [
-        dataclasses.asdict(params),
-        str(encode_inputs["images_dir"]),
-        str(encode_inputs["vae_dir"]),
-        str(tmp_path / "cluster"),
-    ]
-    done = subprocess.run(
-        [sys.executable, "-c", ENCODE, json.dumps(args)],
-        cwd=REPO,
-        env={**env, "RAY_ADDRESS": address, "REPORT_PATH": str(tmp_path / "report.json")},
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert len(report["nodes"]) == 2 and sorted(report["nodes"]) == sorted(report["alive"])
-    assert shard_hashes(tmp_path / "cluster") == shard_hashes(tmp_path / "local")
-    assert (tmp_path / "cluster" / "manifest.json").read_bytes() == (tmp_path / "local" / "manifest.json").read_bytes()
-    assert node_cache(nodes, 1)["vae"] == [sha256_dir(encode_inputs["vae_dir"])]  # the worker node's own copy
-    stored = {k.split("/")[1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-encode/") if not k.endswith("/")}
-    assert stored == {"images", "vae"}
-
-
-# The train and sample stages' library calls (tiny DiT, 6 steps; 16 samples) on whichever Ray RAY_ADDRESS names, or a
-# local one without it; then the nodes their Ray Train workers and sampling actors ran on.
-TRAIN_AND_SAMPLE = """
-import json, os, sys
-from pathlib import Path
-import ray
-from ray._private.state import actors
-from pipeline import sample as S
-from pipeline.cluster import init_ray
-from pipeline.formats.model_card import read_model_card
-from tiny_sample import params
-from tiny_train import base_params, run
-
-root, latents, vae_dir = map(Path, sys.argv[1:4])
-init_ray()
-run(root / "train", latents, base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3,
-                                         storage_path=sys.argv[4]))
-S.run_sample(params(num_workers=2, num_fid_samples=16, shard_size=8, storage_path=sys.argv[4]),
-             read_model_card(root / "train" / "dit"), vae_dir, root / "sample")
-nodes = lambda name: [a["Address"]["NodeID"] for a in actors().values() if name in a["ActorClassName"]]
-report = {"train": nodes("RayTrainWorker"), "sample": nodes("ShardWorker"),
-          "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
-open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
-"""
-
-
-def test_train_and_sample_run_one_worker_per_node_with_single_node_bytes(cluster, tmp_path, tiny_vae):
-    """Train with 2 DDP workers over gloo and sample with 2 actors, on the cluster and on a local one-node Ray. On
-    the cluster the checkpoints go through S3 (train.storage_path), and so do the latents, the DiT weights and the
-    VAE (train and sample storage_path: the worker node cannot read the driver's files); locally the workers read
-    the driver's paths and write models/checkpoints directly."""
-    import numpy as np
-    import torch
-    from tiny_train import write_latents
-
-    from pipeline.artifacts import sha256_dir
-
-    address, env, nodes = cluster
-    latents = write_latents(tmp_path / "latents")
-    tiny_vae(0.5, seed=1, norm_num_groups=8).save_pretrained(tmp_path / "vae")  # 16 px <-> 4x8x8, as the latents
-    env = {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
-    reports = {}
-    storage = {"cluster": f"s3://{BUCKET}/cluster-train", "local": ""}
-    for where, extra in (("cluster", {"RAY_ADDRESS": address}), ("local", {})):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                TRAIN_AND_SAMPLE,
-                str(tmp_path / where),
-                str(latents),
-                str(tmp_path / "vae"),
-                storage[where],
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
-    placed = reports["cluster"]
-    assert len(set(placed["alive"])) == 2
-    assert sorted(placed["train"]) == sorted(placed["alive"])  # one DDP worker per node
-    assert sorted(placed["sample"]) == sorted(placed["alive"])  # one sampling actor per node
-    uploaded = sorted(
-        k.rsplit("/", 1)[-1] for k in keys(env["AWS_ENDPOINT_URL"], "cluster-train/dit-train-") if k.endswith(".pt")
-    )
-    assert uploaded == ["ckpt-0000003.pt", "ckpt-0000006.pt"], uploaded
-    copied = node_cache(nodes, 1)  # what the worker node fetched from S3, by content hash (the module's tests)
-    assert sha256_dir(latents) in copied["latents"] and sha256_dir(tmp_path / "vae") in copied["vae"]
-    assert len(copied["model"]) == 1
-    assert [
-        sorted(f.name for f in (tmp_path / w / "train" / "checkpoints").glob("ckpt-*.pt")) for w in ("cluster", "local")
-    ] == [uploaded, uploaded]  # filled from S3 by the driver
-    ema = [torch.load(tmp_path / w / "train" / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
-    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
-    samples = [np.load(tmp_path / w / "sample" / "samples.npz") for w in ("cluster", "local")]
-    np.testing.assert_array_equal(samples[0]["arr_0"], samples[1]["arr_0"])
-
-
 # The actors the cluster's GCS has known (alive or dead: it keeps the records of ended jobs), with their class and node.
 ACTORS = """
 import json, os
@@ -416,26 +282,46 @@ open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 ON_THE_CLUSTER = {"encode": {"num_actors": 2}, "train": {"num_workers": 2}, "sample": {"num_workers": 2}}
 
 
-def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_path):
+def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, reduced_run, tmp_path):
     """`dvc repro` of the reduced default with RAY_ADDRESS on the two-node cluster: encode, train and sample put one
-    actor or worker on each node (the GCS's actor table), the worker node gets the images, latents, VAE and weights
-    through S3 (the stages' storage_path) and logs to an MLflow server, and every output is byte for byte that of
-    the same params on a local one-node Ray of as many CPUs (`python -m pipeline.cluster run`, as `make repro`);
-    only measured time and MLflow run ids may differ, as between two local runs (tests/reduced_default.py)."""
+    actor or worker on each node (the GCS's actor table), the worker node gets the latents, VAE and weights through
+    S3 (the stages' storage_path: what it copied is in its node cache, by content hash) and the checkpoints go
+    through S3 too, the run logs to an MLflow server, and every output is byte for byte that of the same params on a
+    local one-node Ray of as many CPUs (`python -m pipeline.cluster run`, as `make repro`); only measured time and
+    MLflow run ids may differ, as between two local runs (tests/reduced_default.py).
+
+    Ingest and vae, which use no Ray, come from DVC's run cache, as from a team's shared cache: the one-node run's
+    from the session's reduced run (conftest `reduced_run`), the cluster's from the one-node run. (DVC keeps no run
+    cache for a stage with persistent outputs: encode, reference, train and sample always run.)"""
     import torch
     import yaml
-    from reduced_default import REDUCED, assert_same_outputs, differing_fields, git_repo, lock_hashes, merge, run
+    from reduced_default import (
+        REDUCED,
+        assert_same_outputs,
+        differing_fields,
+        git_repo,
+        lock_hashes,
+        merge,
+        run,
+        seed_run_cache,
+    )
+
+    from pipeline.artifacts import sha256_dir
 
     address, cluster_env, nodes = cluster
     params = merge(merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED), ON_THE_CLUSTER)
     one_node = tmp_path / "one-node"
     env = git_repo(one_node, params)
-    run([sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "3", "--", "dvc", "repro"], one_node, env)
+    seed_run_cache(one_node, reduced_run.repo)
+    out = run([sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "3", "--", "dvc", "repro"], one_node, env)
+    for stage in ("ingest", "vae"):
+        assert f"Stage '{stage}' is cached - skipping run" in out, out[-3000:]
 
     storage = {stage: {"storage_path": f"s3://{BUCKET}/repro"} for stage in ON_THE_CLUSTER}
     on_cluster = tmp_path / "cluster"
     env = {k: v for k, v in git_repo(on_cluster, merge(params, storage)).items() if not k.startswith("RAY_")}
     env.update({k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "RAY_AUTH"))}, RAY_ADDRESS=address)
+    seed_run_cache(on_cluster, one_node)
     server = mlflow_server(
         f"sqlite:///{tmp_path / 'mlflow-server.db'}",
         f"s3://{BUCKET}/mlflow",
@@ -445,7 +331,8 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_
         env["MLFLOW_TRACKING_URI"] = uri  # a node reaches the server, not the driver's files
         before = _actor_table(env, address, tmp_path / "before.json")["actors"]
         out = run(["dvc", "repro"], on_cluster, env)
-        assert "Running stage 'register'" in out
+        for stage in ("encode", "train", "sample", "register"):
+            assert f"Running stage '{stage}'" in out, out[-3000:]
         after = _actor_table(env, address, tmp_path / "after.json")
     placed = {}
     for actor, (name, node) in after["actors"].items():
@@ -454,9 +341,21 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, tmp_
     alive = sorted(after["alive"])
     assert sorted(next(v for k, v in placed.items() if "LatentEncoder" in k)) == alive, placed
     assert sorted(placed["RayTrainWorker"]) == alive and sorted(placed["ShardWorker"]) == alive, placed
-    copied = node_cache(nodes, 1)
     latents = json.loads((on_cluster / "data/latents/manifest.json").read_text())
-    assert {"latents", "vae", "model"} <= copied.keys() and latents["count"] == 240
+    assert latents["count"] == 240
+    # What the worker node copied from storage, each artifact once, by content: the VAE (for encode and sample),
+    # the latents (training) and the EMA weights (sampling).
+    copied = node_cache(nodes, 1)
+    assert copied["vae"] == [sha256_dir(on_cluster / "models/vae")], copied
+    assert copied["latents"] == [sha256_dir(on_cluster / "data/latents")], copied
+    assert len(copied["model"]) == 1, copied
+    # The checkpoints went through S3 (Ray Train's storage): one object per kept checkpoint, and the driver filled
+    # models/checkpoints from them.
+    stored = keys(env["AWS_ENDPOINT_URL"], "repro/")
+    uploaded = sorted(k.rsplit("/", 1)[-1] for k in stored if k.rsplit("/", 1)[-1].startswith("ckpt-"))
+    assert uploaded == sorted(f.name for f in (on_cluster / "models/checkpoints").glob("ckpt-*.pt")), stored
+    assert uploaded == ["ckpt-0000010.pt", "ckpt-0000020.pt"], stored
+    assert {"images", "vae"} <= {k.split("/")[1] for k in stored}, stored  # what encode's actors read
 
     hashes = lock_hashes(one_node)
     assert lock_hashes(on_cluster).keys() == hashes.keys()

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import copy_repo
+from reduced_default import REDUCED, seed_run_cache
 
 from pipeline.study.plan import expand, load_plan, number_tag, parts, run_name
 
@@ -57,31 +58,17 @@ def test_names():
     assert (number_tag(1.5), number_tag(4.0)) == ("1p5", "4")
 
 
-# A plan of seconds: DiT-Ti/4 (4 tokens), one seed; its training run, one guidance run and one DDPM run.
-TINY = {
-    "ingest.synthetic.num_images": 240,
-    "vae.train_steps": 40,
-    "vae.holdout": 40,
-    "reference.classifier_steps": 30,
-    "reference.holdout": 40,
-    "train.train_steps": 20,
-    "train.global_batch_size": 16,
-    "train.warmup_steps": 0,
-    "train.ckpt_every": 10,
-    "train.log_every": 5,
-    "train.sample_every": 10,
-    "sample.num_fid_samples": 48,
-    "sample.steps": 4,
-    "sample.batch_size": 16,
-    "sample.micro_batch": 8,
-    "sample.shard_size": 16,
-    "evaluate.kid_subset_size": 24,
-    "evaluate.kid_subsets": 2,
-    "curve.num_samples": 32,
-    "curve.steps": 4,
-    "curve.batch_size": 16,
-    "tracking.enabled": False,
-}
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """{"a.b": value} of a nested dict's leaves."""
+    out = {}
+    for key, value in tree.items():
+        out.update(dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+# A plan of seconds: DiT-Ti/4 (4 tokens), one seed; its training run, one guidance run and one DDPM run. The reduced
+# default's sizes, so that its ingest and vae are those of the session's reduced run (their run cache is reused).
+TINY = {**dotted(REDUCED), "train.warmup_steps": 0, "tracking.enabled": False}
 
 
 def tiny_plan() -> dict:
@@ -107,10 +94,13 @@ def tiny_plan() -> dict:
 
 
 @pytest.mark.slow
-def test_sweep_runs_and_records_real_experiments(tmp_path):
+def test_sweep_runs_and_records_real_experiments(tmp_path, reduced_run):
     repo = tmp_path / "repo"
     repo.mkdir()
     copy_repo(repo)
+    # Ingest and vae have the session's reduced run's params: DVC's run cache restores them in the queued
+    # experiment, as a team's shared cache would (the stages with persistent outputs, from encode on, run).
+    seed_run_cache(repo, reduced_run.repo)
     plan = tiny_plan()
     (repo / "sweeps/study-plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     # the copy keeps the committed records (runs of the real plan, which the closing line must not count), but not

@@ -1,0 +1,90 @@
+"""bench/default_verdict.py: docs/offline-default.md's decision rule applied to the final comparison's records, and
+the committed final plan's arms as the verdict reads them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(records: Path, name: str, data: str, fid: float, cc: float) -> None:
+    rec = {"arm": name, "data": data, "fid": fid, "class_consistency": cc, "matmul_gflops": 330.0, "commit": "c"}
+    (records / f"{name}.json").write_text(json.dumps(rec))
+
+
+def verdict(records: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "default_verdict.py"), "--records", str(records)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout
+
+
+def fill(records: Path, new_fids=(25.0, 26.0, 27.5), new_cc=(0.76, 0.77, 0.75), old_shapes_cc=(0.55, 0.5, 0.6)):
+    for seed in range(3):
+        write(records, f"old-s{seed}", "synthetic", 36.0 + seed, 0.66)
+        write(records, f"new-s{seed}", "synthetic", new_fids[seed], new_cc[seed])
+        write(records, f"old-shapes-s{seed}", "other-shapes", 50.0, old_shapes_cc[seed])
+        write(records, f"new-shapes-s{seed}", "other-shapes", 40.0, 0.62)
+
+
+def wall(records: Path, old: list[float], new: list[float]) -> None:
+    runs = {rev: [{"total": t} for t in totals] for rev, totals in (("OLD", old), ("NEW", new))}
+    (records / "wall_time.json").write_text(json.dumps(runs))
+
+
+def test_a_candidate_that_meets_every_point_becomes_the_default(tmp_path):
+    fill(tmp_path)
+    wall(tmp_path, [470.0, 480.0, 490.0], [480.0, 490.0, 500.0])  # medians 480 vs 490: 1.021x
+    out = verdict(tmp_path)
+    assert "median FID 26.00" in out and "class consistency 0.760" in out
+    assert "FID std 1.26" in out  # ddof 1 of 25, 26, 27.5
+    assert "1.021x" in out and out.rstrip().endswith("the candidate becomes the default")
+
+
+@pytest.mark.parametrize(
+    ("change", "failing"),
+    [
+        (dict(new_fids=(20.0, 26.0, 29.0)), "2. stability: FAIL"),  # median 26 but std 4.58
+        (dict(new_cc=(0.74, 0.80, 0.749)), "1. quality on the offline data: FAIL"),  # median 0.749
+        (dict(old_shapes_cc=(0.63, 0.64, 0.65)), "3. held-out shapes: FAIL"),  # new 0.62 is below the old's 0.64
+    ],
+)
+def test_one_failed_point_keeps_the_default(tmp_path, change, failing):
+    fill(tmp_path, **change)
+    wall(tmp_path, [480.0], [480.0])
+    out = verdict(tmp_path)
+    assert failing in out and out.rstrip().endswith("the default stays (a point failed)")
+
+
+def test_the_time_point_fails_above_three_percent_and_a_missing_part_gives_no_verdict(tmp_path):
+    fill(tmp_path)
+    assert verdict(tmp_path).rstrip().endswith("none yet (the comparison is incomplete)")  # no wall times yet
+    wall(tmp_path, [480.0], [495.0])  # 1.031x
+    assert "4. time: FAIL" in verdict(tmp_path)
+    (tmp_path / "new-s2.json").unlink()
+    out = verdict(tmp_path)
+    assert "1. quality on the offline data: not measured" in out and "none yet" in out
+
+
+def test_the_committed_final_plan_has_the_arms_the_verdict_reads():
+    plan = yaml.safe_load((REPO / "sweeps" / "default-final.yaml").read_text())
+    arms, candidate = plan["arms"], plan["candidate"]
+    for version in ("old", "new"):
+        for tag, data in (("", "synthetic"), ("-shapes", "other-shapes")):
+            for seed in range(3):
+                arm = arms[f"{version}{tag}-s{seed}"]
+                assert arm.get("data", "synthetic") == data
+                assert arm["set"]["train.seed"] == arm["set"]["sample.seed"] == seed
+                changed = {k: v for k, v in arm["set"].items() if k not in ("train.seed", "sample.seed")}
+                assert changed == ({} if version == "old" else candidate)
+    assert len(arms) == 12

@@ -41,10 +41,25 @@ def write_text(path: Path, text: str) -> None:
 
 PLAN = ROOT / "sweeps" / "default-screen.yaml"
 RECORDS = ROOT / "docs" / "bench"  # a plan's records go to RECORDS/<plan file's stem>/
-DATASETS = {  # what an arm's `data` sets, on top of its own keys
-    "synthetic": {},
-    "other-shapes": {"ingest.source": "imagefolder", "ingest.imagefolder.root": "inputs/other-shapes"},
-}
+
+
+def data_params(data: str) -> dict:
+    """What an arm's `data` sets, on top of its own keys: nothing for `synthetic`; for `other-shapes` (the first
+    version) or `other-shapes-d<t>` (bench/other_shapes.py --difficulty t), its image folder under inputs/."""
+    if data == "synthetic":
+        return {}
+    if data != "other-shapes" and not data.startswith("other-shapes-d"):
+        raise SystemExit(f"unknown data {data!r}: synthetic, other-shapes or other-shapes-d<difficulty>")
+    return {"ingest.source": "imagefolder", "ingest.imagefolder.root": f"inputs/{data}"}
+
+
+def write_data(data: str) -> None:
+    """The image folder of `data` under inputs/, unless it is there."""
+    if data == "synthetic" or (ROOT / "inputs" / data).exists():
+        return
+    difficulty = data.removeprefix("other-shapes-d") if data != "other-shapes" else "1"
+    script = str(ROOT / "bench" / "other_shapes.py")
+    subprocess.run([sys.executable, script, f"inputs/{data}", "--difficulty", difficulty], cwd=ROOT, check=True)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -71,7 +86,7 @@ def set_key(params: dict, dotted: str, value) -> None:
 
 def arm_params(base: dict, arm: dict) -> dict:
     params = json.loads(json.dumps(base))  # a deep copy
-    for key, value in {**DATASETS[arm.get("data", "synthetic")], **arm.get("set", {})}.items():
+    for key, value in {**data_params(arm.get("data", "synthetic")), **arm.get("set", {})}.items():
         set_key(params, key, value)
     return params
 
@@ -89,8 +104,7 @@ def read_json(path: str) -> dict:
 
 
 def run_arm(name: str, arm: dict, base_text: str) -> dict:
-    if arm.get("data") == "other-shapes" and not (ROOT / "inputs" / "other-shapes").exists():
-        subprocess.run([sys.executable, str(ROOT / "bench" / "other_shapes.py"), "inputs/other-shapes"], check=True)
+    write_data(arm.get("data", "synthetic"))
     gflops = matmul_gflops()
     write_text(ROOT / "params.yaml", yaml.safe_dump(arm_params(yaml.safe_load(base_text), arm), sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}

@@ -29,14 +29,18 @@ MAX_WALL_RATIO = 1.03
 
 
 def load(records: Path, version: str, data: str) -> list[dict] | None:
-    """The records of one version on one data set, seeds 0-2; None when any is missing."""
+    """The records of one version on one data set (`synthetic`, or `shapes`: the held-out set, at the difficulty
+    the plan names), seeds 0-2; None when any is missing."""
     tag = "" if data == "synthetic" else "-shapes"
     paths = [records / f"{version}{tag}-s{seed}.json" for seed in SEEDS]
     if not all(p.exists() for p in paths):
         return None
     runs = [json.loads(p.read_text()) for p in paths]
-    for run in runs:
-        assert run["data"] == data, f"{run['arm']}: data {run['data']}, expected {data}"
+    kinds = {run["data"] for run in runs}
+    if data == "synthetic":
+        assert kinds == {"synthetic"}, f"{version}: data {kinds}, expected synthetic"
+    else:
+        assert len(kinds) == 1 and next(iter(kinds)).startswith("other-shapes"), f"{version}-shapes: data {kinds}"
     return runs
 
 
@@ -70,7 +74,7 @@ def main() -> None:
     ap.add_argument("--records", type=Path, default=RECORDS)
     args = ap.parse_args()
 
-    groups = {(v, d): load(args.records, v, d) for v in ("old", "new") for d in ("synthetic", "other-shapes")}
+    groups = {(v, d): load(args.records, v, d) for v in ("old", "new") for d in ("synthetic", "shapes")}
     print("| version | data | FID per seed 0, 1, 2 | median | std | class consistency per seed | median |")
     print("|---|---|---|---|---|---|---|")
     stats = {}
@@ -80,7 +84,7 @@ def main() -> None:
             continue
         s = stats[version, data] = summary(runs)
         print(
-            f"| {version} | {data} | {', '.join(f'{x:.2f}' for x in s['fid'])} | {s['fid_median']:.2f} "
+            f"| {version} | {runs[0]['data']} | {', '.join(f'{x:.2f}' for x in s['fid'])} | {s['fid_median']:.2f} "
             f"| {s['fid_std']:.2f} | {', '.join(f'{x:.3f}' for x in s['cc'])} | {s['cc_median']:.3f} |"
         )
     gflops = sorted({g for s in stats.values() for g in s["gflops"]})
@@ -97,7 +101,7 @@ def main() -> None:
         points.append(("2. stability", ok, f"FID std {new['fid_std']:.2f} (<= {MAX_FID_STD})"))
     else:
         points += [("1. quality on the offline data", None, ""), ("2. stability", None, "")]
-    new_shapes, old_shapes = stats.get(("new", "other-shapes")), stats.get(("old", "other-shapes"))
+    new_shapes, old_shapes = stats.get(("new", "shapes")), stats.get(("old", "shapes"))
     if new_shapes and old_shapes:
         a, b = new_shapes["cc_median"], old_shapes["cc_median"]
         ok = a >= MIN_SHAPES_CLASS_CONSISTENCY and a >= b

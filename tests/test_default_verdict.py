@@ -33,8 +33,8 @@ def fill(records: Path, new_fids=(25.0, 26.0, 27.5), new_cc=(0.76, 0.77, 0.75), 
     for seed in range(3):
         write(records, f"old-s{seed}", "synthetic", 36.0 + seed, 0.66)
         write(records, f"new-s{seed}", "synthetic", new_fids[seed], new_cc[seed])
-        write(records, f"old-shapes-s{seed}", "other-shapes", 50.0, old_shapes_cc[seed])
-        write(records, f"new-shapes-s{seed}", "other-shapes", 40.0, 0.62)
+        write(records, f"old-shapes-s{seed}", "other-shapes-d0.25", 50.0, old_shapes_cc[seed])
+        write(records, f"new-shapes-s{seed}", "other-shapes-d0.25", 40.0, 0.62)
 
 
 def wall(records: Path, old: list[float], new: list[float]) -> None:
@@ -80,7 +80,7 @@ def test_the_committed_final_plan_has_the_arms_the_verdict_reads():
     plan = yaml.safe_load((REPO / "sweeps" / "default-final.yaml").read_text())
     arms, candidate = plan["arms"], plan["candidate"]
     for version in ("old", "new"):
-        for tag, data in (("", "synthetic"), ("-shapes", "other-shapes")):
+        for tag, data in (("", "synthetic"), ("-shapes", "other-shapes-d0.25")):  # the calibrated held-out set
             for seed in range(3):
                 arm = arms[f"{version}{tag}-s{seed}"]
                 assert arm.get("data", "synthetic") == data

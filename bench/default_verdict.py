@@ -5,8 +5,8 @@
 Reads the records that `bench/screen_default.py --plan sweeps/default-final.yaml run` writes (arms `old-s<seed>`,
 `new-s<seed>`, `old-shapes-s<seed>`, `new-shapes-s<seed>`) and the `--json` output of `bench/wall_time.py --rev
 OLD --rev NEW` (the first revision is the old default). Prints every run, the medians and spreads, each point of
-the rule with its numbers, and the verdict. A point without its records is "not measured", and then there is no
-verdict: the candidate does not become the default on a partial comparison.
+the rule with its numbers, and the verdict. A point without its records is "not measured": the candidate does not
+become the default on a partial comparison, but one failed point is enough to keep the default.
 """
 
 from __future__ import annotations
@@ -119,12 +119,13 @@ def main() -> None:
     print()
     for name, ok, text in points:
         print(f"{name}: {'not measured' if ok is None else ('pass' if ok else 'FAIL')}  {text}".rstrip())
-    if any(ok is None for _, ok, _ in points):
-        print("\nverdict: none yet (the comparison is incomplete)")
-    elif all(ok for _, ok, _ in points):
-        print("\nverdict: the candidate becomes the default")
-    else:
+    # A failed point decides alone: the parts still missing could not make the candidate pass.
+    if any(ok is False for _, ok, _ in points):
         print("\nverdict: the default stays (a point failed)")
+    elif any(ok is None for _, ok, _ in points):
+        print("\nverdict: none yet (the comparison is incomplete)")
+    else:
+        print("\nverdict: the candidate becomes the default")
 
 
 if __name__ == "__main__":

@@ -71,9 +71,19 @@ def test_the_time_point_fails_above_three_percent_and_a_missing_part_gives_no_ve
     assert verdict(tmp_path).rstrip().endswith("none yet (the comparison is incomplete)")  # no wall times yet
     wall(tmp_path, [480.0], [495.0])  # 1.031x
     assert "4. time: FAIL" in verdict(tmp_path)
+    wall(tmp_path, [480.0], [480.0])
     (tmp_path / "new-s2.json").unlink()
     out = verdict(tmp_path)
     assert "1. quality on the offline data: not measured" in out and "none yet" in out
+
+
+def test_a_failed_point_keeps_the_default_before_the_rest_is_measured(tmp_path):
+    for seed, fid in enumerate((22.0, 17.8, 22.3)):  # std 2.57: no other record can make it pass
+        write(tmp_path, f"old-s{seed}", "synthetic", 37.0, 0.66)
+        write(tmp_path, f"new-s{seed}", "synthetic", fid, 0.77)
+    out = verdict(tmp_path)
+    assert "2. stability: FAIL" in out and "3. held-out shapes: not measured" in out and "4. time: not measured" in out
+    assert out.rstrip().endswith("the default stays (a point failed)")
 
 
 def test_the_committed_final_plan_has_the_arms_the_verdict_reads():

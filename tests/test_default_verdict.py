@@ -98,3 +98,21 @@ def test_the_committed_final_plan_has_the_arms_the_verdict_reads():
                 changed = {k: v for k, v in arm["set"].items() if k not in ("train.seed", "sample.seed")}
                 assert changed == ({} if version == "old" else candidate)
     assert len(arms) == 12
+
+
+def test_a_screen_record_shows_a_late_divergence_of_the_training_loss(tmp_path):
+    """The screen's record of the loss log (plots/train.csv): a spike after the first tenth of the run, with its step
+    and grad norm, and the loss that stays high after it; the early drop from the initial loss is not a spike."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from screen_default import training_loss
+
+    rows = [(50, 0.75, 1.0), (500, 0.12, 0.2), (1000, 0.11, 0.1), (1500, 1.9e6, 2.6e8), (2000, 2.3, 66.0)]
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss,mse,vb,grad_norm,img_per_s\n" + "".join(f"{s},{v},0,0,{g},1\n" for s, v, g in rows))
+    assert training_loss(log) == {
+        "final": 2.3,
+        "min": 0.11,
+        "max_late": 1.9e6,
+        "max_late_step": 1500,
+        "grad_norm_at_max_late": 2.6e8,
+    }

@@ -26,6 +26,10 @@ MIN_MEDIAN_CLASS_CONSISTENCY = 0.75
 MAX_FID_STD = 2.0
 MIN_SHAPES_CLASS_CONSISTENCY = 0.60
 MAX_WALL_RATIO = 1.03
+# Point 5, added after the first Ti/4 comparison, where one held-out training diverged while the median of point 3
+# hid it: a candidate's run whose logged loss, after the first tenth of its steps, rises above this multiple of its
+# lowest has diverged (a healthy run's late maximum stays within about 1.5x of its lowest).
+MAX_LATE_LOSS_RATIO = 10.0
 
 
 def load(records: Path, version: str, data: str) -> list[dict] | None:
@@ -67,6 +71,24 @@ def wall_ratio(path: Path) -> tuple[float, float, float] | None:
         raise SystemExit(f"{path}: expected two revisions (old, new), found {list(results)}")
     old, new = (statistics.median(r["total"] for r in runs) for runs in results.values())
     return old, new, new / old
+
+
+def divergence(groups: list[list[dict] | None]) -> tuple[str, bool | None, str]:
+    """Point 5 over the candidate's runs (`train_loss`, as bench/screen_default.py records it): failed when any run
+    diverged, not measured while a run or its loss record is missing."""
+    name = "5. no diverged training"
+    runs = [run for group in groups if group for run in group]
+    diverged = [
+        f"{r['arm']} (loss {r['train_loss']['max_late']:.3g} at step {r['train_loss']['max_late_step']}, "
+        f"lowest {r['train_loss']['min']:.3g})"
+        for r in runs
+        if "train_loss" in r and r["train_loss"]["max_late"] > MAX_LATE_LOSS_RATIO * r["train_loss"]["min"]
+    ]
+    if diverged:
+        return name, False, "diverged: " + "; ".join(diverged)
+    if any(g is None for g in groups) or any("train_loss" not in r for r in runs):
+        return name, None, ""
+    return name, True, f"every late loss within {MAX_LATE_LOSS_RATIO:g}x of its run's lowest"
 
 
 def main() -> None:
@@ -115,6 +137,7 @@ def main() -> None:
         points.append(("4. time", ratio <= MAX_WALL_RATIO, text))
     else:
         points.append(("4. time", None, ""))
+    points.append(divergence([groups["new", d] for d in ("synthetic", "shapes")]))
 
     print()
     for name, ok, text in points:

@@ -24,6 +24,7 @@ import argparse
 import csv
 import importlib
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -205,10 +206,20 @@ def main() -> None:
     dry = args.cpu_dry_run
     if not dry:
         assert torch.cuda.is_available(), "needs a CUDA device (or --cpu-dry-run)"
-    import os
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        run_pipeline(args.keep.resolve(), dry)
+        return
+    # Without --keep the run's ~90 MB (data, latents, checkpoints, samples) go with it, even when a stage fails.
+    with tempfile.TemporaryDirectory(prefix="gpu_pipeline-") as tmp:
+        try:
+            run_pipeline(Path(tmp), dry)
+        finally:
+            os.chdir(ROOT)
 
-    workdir = args.keep or Path(tempfile.mkdtemp(prefix="gpu_pipeline-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+
+def run_pipeline(workdir: Path, dry: bool) -> None:
+    """Every stage in `workdir`, timed, with its CUDA allocations; prints the report as the last line."""
     os.chdir(workdir)  # the stages' relative paths (data/, models/, metrics/) land here, as in a checkout
     params_path = write_params(workdir, dry)
     write_random_sd_vae(workdir, params_path, dry)

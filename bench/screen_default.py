@@ -20,6 +20,7 @@ matmul GFLOP/s and the load average beside them, and a time budget is judged in 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -103,6 +104,23 @@ def read_json(path: str) -> dict:
     return json.loads((ROOT / path).read_text())
 
 
+def training_loss(log: Path) -> dict:
+    """The logged training loss (a mean over each `log_every` window): at the end, its lowest, and its highest after
+    the first tenth of the run with the step and the window's grad norm there. A run that diverged shows as a late
+    maximum far above the lowest (a window whose learned-variance term exploded, and the loss that stays high)."""
+    with log.open() as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    late = [r for r in rows if r["step"] > rows[-1]["step"] / 10]
+    peak = max(late, key=lambda r: r["loss"])
+    return {
+        "final": rows[-1]["loss"],
+        "min": min(r["loss"] for r in rows),
+        "max_late": peak["loss"],
+        "max_late_step": int(peak["step"]),
+        "grad_norm_at_max_late": peak["grad_norm"],
+    }
+
+
 def run_arm(name: str, arm: dict, base_text: str) -> dict:
     write_data(arm.get("data", "synthetic"))
     gflops = matmul_gflops()
@@ -120,6 +138,7 @@ def run_arm(name: str, arm: dict, base_text: str) -> dict:
         raise SystemExit(f"arm {name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
     ev, train = read_json("metrics/eval.json"), read_json("metrics/train.json")
+    loss = training_loss(ROOT / "plots" / "train.csv")
     sample, vae = read_json("metrics/sample.json"), read_json("metrics/vae.json")
     return {
         "arm": name,
@@ -131,6 +150,7 @@ def run_arm(name: str, arm: dict, base_text: str) -> dict:
         "precision": ev.get("precision"),
         "recall": ev.get("recall"),
         "vae_psnr_db": vae["psnr_db"],
+        "train_loss": loss,
         "train_s": train.get("seconds"),
         "train_img_per_s": train.get("img_per_s"),
         "sample_s": sample.get("seconds"),

@@ -14,8 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write(records: Path, name: str, data: str, fid: float, cc: float) -> None:
+def write(records: Path, name: str, data: str, fid: float, cc: float, late_loss: float = 0.15) -> None:
     rec = {"arm": name, "data": data, "fid": fid, "class_consistency": cc, "matmul_gflops": 330.0, "commit": "c"}
+    rec["train_loss"] = {"final": 0.12, "min": 0.1, "max_late": late_loss, "max_late_step": 3150}
     (records / f"{name}.json").write_text(json.dumps(rec))
 
 
@@ -66,6 +67,25 @@ def test_one_failed_point_keeps_the_default(tmp_path, change, failing):
     assert failing in out and out.rstrip().endswith("the default stays (a point failed)")
 
 
+def test_one_diverged_training_keeps_the_default_though_the_medians_pass(tmp_path):
+    fill(tmp_path)
+    wall(tmp_path, [480.0], [480.0])
+    write(tmp_path, "new-shapes-s0", "other-shapes-d0.25", 628.0, 0.10, late_loss=1.9e6)  # medians still pass
+    out = verdict(tmp_path)
+    assert "3. held-out shapes: pass" in out
+    assert "5. no diverged training: FAIL  diverged: new-shapes-s0 (loss 1.9e+06 at step 3150, lowest 0.1)" in out
+    assert out.rstrip().endswith("the default stays (a point failed)")
+    for seed in range(3):  # records without the loss: not measured, so no verdict
+        for tag in ("", "-shapes"):
+            rec = json.loads((tmp_path / f"new{tag}-s{seed}.json").read_text())
+            del rec["train_loss"]
+            (tmp_path / f"new{tag}-s{seed}.json").write_text(json.dumps(rec))
+    out = verdict(tmp_path)
+    assert "5. no diverged training: not measured" in out and out.rstrip().endswith(
+        "none yet (the comparison is incomplete)"
+    )
+
+
 def test_the_time_point_fails_above_three_percent_and_a_missing_part_gives_no_verdict(tmp_path):
     fill(tmp_path)
     assert verdict(tmp_path).rstrip().endswith("none yet (the comparison is incomplete)")  # no wall times yet
@@ -98,3 +118,21 @@ def test_the_committed_final_plan_has_the_arms_the_verdict_reads():
                 changed = {k: v for k, v in arm["set"].items() if k not in ("train.seed", "sample.seed")}
                 assert changed == ({} if version == "old" else candidate)
     assert len(arms) == 12
+
+
+def test_a_screen_record_shows_a_late_divergence_of_the_training_loss(tmp_path):
+    """The screen's record of the loss log (plots/train.csv): a spike after the first tenth of the run, with its step
+    and grad norm, and the loss that stays high after it; the early drop from the initial loss is not a spike."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from screen_default import training_loss
+
+    rows = [(50, 0.75, 1.0), (500, 0.12, 0.2), (1000, 0.11, 0.1), (1500, 1.9e6, 2.6e8), (2000, 2.3, 66.0)]
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss,mse,vb,grad_norm,img_per_s\n" + "".join(f"{s},{v},0,0,{g},1\n" for s, v, g in rows))
+    assert training_loss(log) == {
+        "final": 2.3,
+        "min": 0.11,
+        "max_late": 1.9e6,
+        "max_late_step": 1500,
+        "grad_norm_at_max_late": 2.6e8,
+    }

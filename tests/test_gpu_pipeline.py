@@ -27,7 +27,10 @@ def test_gpu_smoke_profile_validates_and_is_gpu_everywhere():
 
 @pytest.mark.slow
 def test_gpu_checks_cpu_dry_run_runs_every_stage(tmp_path):
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}  # `make test` leaves the venv off PATH
+    scratch = tmp_path / "tmp"  # the script's own temp dir, which it must remove
+    scratch.mkdir()
+    # `make test` leaves the venv off PATH
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "TMPDIR": str(scratch)}
     done = subprocess.run(
         ["bash", "bench/gpu_checks.sh", "--cpu-dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
@@ -37,3 +40,4 @@ def test_gpu_checks_cpu_dry_run_runs_every_stage(tmp_path):
     report = json.loads((tmp_path / "gpu_pipeline_dry.out").read_text().strip().splitlines()[-1])
     assert list(report["stages"]) == ["ingest", "vae", "encode", "train", "reference", "sample", "evaluate"]
     assert report["outputs"]["samples"] == [32, 64, 64, 3] and report["train_img_per_s"]["ratio"] > 0
+    assert not list(scratch.iterdir()), "the dry run left its working directory behind"

@@ -28,7 +28,7 @@ MIN_SHAPES_CLASS_CONSISTENCY = 0.60
 MAX_WALL_RATIO = 1.03
 # Point 5, added after the first Ti/4 comparison, where one held-out training diverged while the median of point 3
 # hid it: a candidate's run whose logged loss, after the first tenth of its steps, rises above this multiple of its
-# lowest has diverged (a healthy run's late maximum stays within about 1.5x of its lowest).
+# lowest has diverged (the healthy runs of that comparison peaked at 1.6-1.9x their lowest, just after the first tenth).
 MAX_LATE_LOSS_RATIO = 10.0
 
 

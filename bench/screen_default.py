@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -45,22 +46,35 @@ RECORDS = ROOT / "docs" / "bench"  # a plan's records go to RECORDS/<plan file's
 
 
 def data_params(data: str) -> dict:
-    """What an arm's `data` sets, on top of its own keys: nothing for `synthetic`; for `other-shapes` (the first
-    version) or `other-shapes-d<t>` (bench/other_shapes.py --difficulty t), its image folder under inputs/."""
+    """What an arm's `data` sets, on top of its own keys: nothing for `synthetic`; for an image folder of
+    bench/other_shapes.py (`other-shapes`, `other-shapes-d<t>`, `other-shapes-d<t>-s<seed>`), its folder under
+    inputs/."""
     if data == "synthetic":
         return {}
-    if data != "other-shapes" and not data.startswith("other-shapes-d"):
-        raise SystemExit(f"unknown data {data!r}: synthetic, other-shapes or other-shapes-d<difficulty>")
+    shapes_args(data)  # a name it cannot read is an error here, before any run
     return {"ingest.source": "imagefolder", "ingest.imagefolder.root": f"inputs/{data}"}
+
+
+def shapes_args(data: str) -> list[str]:
+    """bench/other_shapes.py's options for a data name: `other-shapes` is the first version (difficulty 1, draw
+    seed 0), `other-shapes-d<t>` sets the difficulty, and `-s<seed>` the seed of the draws (0 unless named), so
+    a set with the calibrated difficulty and draws that no tuning has seen is `other-shapes-d0.25-s1`."""
+    match = re.fullmatch(r"other-shapes(?:-d([0-9.]+))?(?:-s([0-9]+))?", data)
+    if not match:
+        raise SystemExit(
+            f"unknown data {data!r}: synthetic, other-shapes, other-shapes-d<difficulty> or "
+            "other-shapes-d<difficulty>-s<seed>"
+        )
+    difficulty, seed = match.group(1) or "1", match.group(2) or "0"
+    return ["--difficulty", difficulty, "--seed", seed]
 
 
 def write_data(data: str) -> None:
     """The image folder of `data` under inputs/, unless it is there."""
     if data == "synthetic" or (ROOT / "inputs" / data).exists():
         return
-    difficulty = data.removeprefix("other-shapes-d") if data != "other-shapes" else "1"
     script = str(ROOT / "bench" / "other_shapes.py")
-    subprocess.run([sys.executable, script, f"inputs/{data}", "--difficulty", difficulty], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, script, f"inputs/{data}", *shapes_args(data)], cwd=ROOT, check=True)
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

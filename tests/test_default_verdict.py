@@ -106,11 +106,17 @@ def test_a_failed_point_keeps_the_default_before_the_rest_is_measured(tmp_path):
     assert out.rstrip().endswith("the default stays (a point failed)")
 
 
-def test_the_committed_final_plan_has_the_arms_the_verdict_reads():
-    plan = yaml.safe_load((REPO / "sweeps" / "default-final.yaml").read_text())
+@pytest.mark.parametrize(
+    "plan_file, held_out",
+    [("default-final.yaml", "other-shapes-d0.25"), ("default-final-clip.yaml", "other-shapes-d0.25-s1")],
+)
+def test_the_committed_final_plans_have_the_arms_the_verdict_reads(plan_file, held_out):
+    """Each final plan: the 12 arms, the old default unchanged, the candidate's keys only, on the calibrated held-out
+    set (the second plan's draws are seed 1's, which no tuning used)."""
+    plan = yaml.safe_load((REPO / "sweeps" / plan_file).read_text())
     arms, candidate = plan["arms"], plan["candidate"]
     for version in ("old", "new"):
-        for tag, data in (("", "synthetic"), ("-shapes", "other-shapes-d0.25")):  # the calibrated held-out set
+        for tag, data in (("", "synthetic"), ("-shapes", held_out)):
             for seed in range(3):
                 arm = arms[f"{version}{tag}-s{seed}"]
                 assert arm.get("data", "synthetic") == data
@@ -136,3 +142,15 @@ def test_a_screen_record_shows_a_late_divergence_of_the_training_loss(tmp_path):
         "max_late_step": 1500,
         "grad_norm_at_max_late": 2.6e8,
     }
+
+
+def test_a_data_name_gives_the_shapes_generator_its_difficulty_and_draws():
+    sys.path.insert(0, str(REPO / "bench"))
+    from screen_default import data_params, shapes_args
+
+    assert shapes_args("other-shapes") == ["--difficulty", "1", "--seed", "0"]
+    assert shapes_args("other-shapes-d0.25") == ["--difficulty", "0.25", "--seed", "0"]
+    assert shapes_args("other-shapes-d0.25-s1") == ["--difficulty", "0.25", "--seed", "1"]
+    assert data_params("other-shapes-d0.25-s1")["ingest.imagefolder.root"] == "inputs/other-shapes-d0.25-s1"
+    with pytest.raises(SystemExit, match="unknown data"):
+        data_params("other-shapes-s1-d0.25")

@@ -309,6 +309,11 @@ class Loop:
         self.first_bad = torch.full((), 2**62, device=state.device, dtype=torch.int64)
         self.interval_steps, self.interval_s = 0, 0.0
         self.reporter: Reporter | None = None
+        # The lowest logged loss after the first tenth of the run, the runaway guard's yardstick. Every rank reads
+        # the same all-reduced values, so every rank decides alike; a resumed run reads it from its checkpoint's log.
+        self.guard_from = self.p.train_steps // 10
+        late = [row["loss"] for row in (ckpt["log"] if ckpt else []) if row["step"] > self.guard_from]
+        self.lowest_loss = min(late, default=math.inf)
 
     def run(self) -> None:
         mark_ready()
@@ -335,7 +340,7 @@ class Loop:
         self.interval_s += now - self.clock
         self.timing["train_s"] += now - self.clock
         if done % self.p.log_every == 0 or done == self.p.train_steps:
-            self.log(done)
+            self.log(done)  # before the checkpoint: a run that has diverged is stopped before it overwrites one
         if done % self.p.ckpt_every == 0 or done == self.p.train_steps:
             self.checkpoint(done)  # every rank: Ray Train's report is collective; only rank 0 writes
         if self.rank == 0 and done % self.p.sample_every == 0:
@@ -366,6 +371,23 @@ class Loop:
             self.reporter.log(row)
         self.sums.zero_()
         self.interval_steps, self.interval_s = 0, 0.0
+        self.check_runaway(done, loss)
+
+    def check_runaway(self, done: int, loss: float) -> None:
+        """Stop when the loss has run away: finite, so check_finite lets it pass, but far above its lowest."""
+        if done <= self.guard_from:
+            return
+        ratio = self.p.max_loss_ratio
+        if ratio is not None and loss > ratio * self.lowest_loss:
+            last = list_checkpoints(self.config["checkpoints"])
+            raise FloatingPointError(
+                f"the training loss ran away: {loss:.4g} in the window ending at step {done}, over "
+                f"train.max_loss_ratio {ratio:g} times its lowest logged value {self.lowest_loss:.4g}; stopped "
+                f"without checkpointing. The last good checkpoint is "
+                f"{last[-1] if last else 'none (no checkpoint yet)'}; lower train.lr or set train.grad_clip, then "
+                "rerun to resume from it."
+            )
+        self.lowest_loss = min(self.lowest_loss, loss)
 
     def checkpoint(self, done: int) -> None:
         if self.rank != 0:

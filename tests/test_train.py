@@ -356,6 +356,37 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in ckpt["ema"].values())
 
 
+def spike_loss_from(monkeypatch, first_step: int) -> None:
+    """The logged loss of every step from `first_step` (0-based) on is a million times its value: finite, so the NaN
+    check lets it pass, as a diverged run's loss does."""
+    original = T.run_step
+
+    def spiking(s, data, step, *args):
+        stats = original(s, data, step, *args)
+        return stats * torch.tensor([1e6, 1, 1, 1], dtype=stats.dtype) if step >= first_step else stats
+
+    monkeypatch.setattr(T, "run_step", spiking)
+
+
+def test_a_runaway_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, latents, monkeypatch):
+    spike_loss_from(monkeypatch, 8)  # the window ending at step 12 runs away
+    with pytest.raises(FloatingPointError, match="ran away.*ending at step 12.*max_loss_ratio 100.*ckpt-0000008.pt"):
+        run(tmp_path, latents, base_params(train_steps=16, ckpt_every=4, log_every=4))
+    assert [f.name for f in C.list_checkpoints(tmp_path / "checkpoints")] == ["ckpt-0000004.pt", "ckpt-0000008.pt"]
+
+
+def test_the_runaway_guard_resumes_with_its_yardstick_and_can_be_turned_off(tmp_path, latents, monkeypatch):
+    run(tmp_path, latents, base_params(train_steps=8, ckpt_every=4, log_every=4))
+    spike_loss_from(monkeypatch, 8)
+    # resumed at step 8, the first window it logs is judged against the lowest loss logged before the kill
+    with pytest.raises(FloatingPointError, match="ran away.*ending at step 12"):
+        run(tmp_path, latents, base_params(train_steps=12, ckpt_every=4, log_every=4))
+    metrics = run(tmp_path, latents, base_params(train_steps=12, ckpt_every=4, log_every=4, max_loss_ratio=None))
+    assert metrics["loss"] > 1e3  # off: the run finishes with the loss it logged
+    with pytest.raises(ValueError, match="'train.max_loss_ratio' must be > 1 or null"):
+        base_params(max_loss_ratio=1.0)
+
+
 def test_bad_params_fail_clearly(tmp_path, latents):
     with pytest.raises(ValueError, match="not divisible by train.num_workers 3"):
         run(tmp_path, latents, base_params(num_workers=3))

@@ -54,6 +54,10 @@ class TrainParams:
     # Ray Train's persistent storage for the checkpoints while training (pipeline/checkpoint_storage.py): s3://...
     # or an absolute directory every node mounts; "" = models/checkpoints itself. params.yaml always names it.
     storage_path: str = ""
+    # Stop a training whose logged loss (a mean over log_every steps), after the first tenth of train_steps, rises
+    # above this many times its lowest logged value so far: a run that has diverged, with the last checkpoint kept.
+    # None = off. params.yaml always names it.
+    max_loss_ratio: float | None = None
 
     def __post_init__(self):
         check_params(self)
@@ -76,6 +80,8 @@ def check_params(p: TrainParams) -> None:
         raise ParamsError(
             f"'train.warmup_steps' and 'train.num_workers' must be >= 0, got {p.warmup_steps} and {p.num_workers}"
         )
+    if p.max_loss_ratio is not None and not p.max_loss_ratio > 1:
+        raise ParamsError(f"'train.max_loss_ratio' must be > 1 or null (off), got {p.max_loss_ratio}")
     if not 0 <= p.ema_decay < 1:
         raise ParamsError(f"'train.ema_decay' must be in [0, 1), got {p.ema_decay}")
     check_precision("train", p.precision, p.use_gpu)

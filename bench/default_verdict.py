@@ -73,11 +73,16 @@ def wall_ratio(path: Path) -> tuple[float, float, float] | None:
     return old, new, new / old
 
 
-def divergence(groups: list[list[dict] | None]) -> tuple[str, bool | None, str]:
+def candidate_runs(records: Path) -> list[dict]:
+    """Every record of the candidate so far, complete or not: one diverged run fails point 5 before the rest run."""
+    paths = sorted(records.glob("new-s[0-9].json")) + sorted(records.glob("new-shapes-s[0-9].json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def divergence(runs: list[dict], complete: bool) -> tuple[str, bool | None, str]:
     """Point 5 over the candidate's runs (`train_loss`, as bench/screen_default.py records it): failed when any run
-    diverged, not measured while a run or its loss record is missing."""
+    diverged, not measured while a run (`complete` is False) or its loss record is missing."""
     name = "5. no diverged training"
-    runs = [run for group in groups if group for run in group]
     diverged = [
         f"{r['arm']} (loss {r['train_loss']['max_late']:.3g} at step {r['train_loss']['max_late_step']}, "
         f"lowest {r['train_loss']['min']:.3g})"
@@ -86,7 +91,7 @@ def divergence(groups: list[list[dict] | None]) -> tuple[str, bool | None, str]:
     ]
     if diverged:
         return name, False, "diverged: " + "; ".join(diverged)
-    if any(g is None for g in groups) or any("train_loss" not in r for r in runs):
+    if not complete or any("train_loss" not in r for r in runs):
         return name, None, ""
     return name, True, f"every late loss within {MAX_LATE_LOSS_RATIO:g}x of its run's lowest"
 
@@ -102,7 +107,11 @@ def main() -> None:
     stats = {}
     for (version, data), runs in groups.items():
         if runs is None:
-            print(f"| {version} | {data} | not measured | | | | |")
+            tag = "" if data == "synthetic" else "-shapes"
+            present = [json.loads(p.read_text()) for p in sorted(args.records.glob(f"{version}{tag}-s[0-9].json"))]
+            fid = ", ".join(f"{r['arm'].rsplit('-', 1)[1]}: {r['fid']:.2f}" for r in present) or "not measured"
+            cc = ", ".join(f"{r['arm'].rsplit('-', 1)[1]}: {r['class_consistency']:.3f}" for r in present)
+            print(f"| {version} | {data} | {fid} | | | {cc} | |")
             continue
         s = stats[version, data] = summary(runs)
         print(
@@ -137,7 +146,8 @@ def main() -> None:
         points.append(("4. time", ratio <= MAX_WALL_RATIO, text))
     else:
         points.append(("4. time", None, ""))
-    points.append(divergence([groups["new", d] for d in ("synthetic", "shapes")]))
+    complete = all(groups["new", d] is not None for d in ("synthetic", "shapes"))
+    points.append(divergence(candidate_runs(args.records), complete))
 
     print()
     for name, ok, text in points:

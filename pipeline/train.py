@@ -357,7 +357,8 @@ class Loop:
             raise FloatingPointError(
                 f"the training loss became NaN or Inf at step {bad_step}; stopped at step {done} without "
                 f"checkpointing. The last good checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}; "
-                "lower train.lr, set train.grad_clip or use precision fp32, then rerun to resume from it."
+                "a rerun as it is repeats this step by step: lower train.lr, set train.grad_clip or use precision "
+                "fp32 to train afresh (dvc repro moves these checkpoints aside)."
             )
 
     def log(self, done: int) -> None:
@@ -384,8 +385,9 @@ class Loop:
                 f"the training loss ran away: {loss:.4g} in the window ending at step {done}, over "
                 f"train.max_loss_ratio {ratio:g} times its lowest logged value {self.lowest_loss:.4g}; stopped "
                 f"without checkpointing. The last good checkpoint is "
-                f"{last[-1] if last else 'none (no checkpoint yet)'}; lower train.lr or set train.grad_clip, then "
-                "rerun to resume from it."
+                f"{last[-1] if last else 'none (no checkpoint yet)'}. A rerun as it is repeats this step by step; "
+                "raise train.max_loss_ratio (null turns the check off) to resume from that checkpoint, or lower "
+                "train.lr to train afresh (dvc repro moves these checkpoints aside)."
             )
         self.lowest_loss = min(self.lowest_loss, loss)
 

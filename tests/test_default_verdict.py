@@ -154,3 +154,12 @@ def test_a_data_name_gives_the_shapes_generator_its_difficulty_and_draws():
     assert data_params("other-shapes-d0.25-s1")["ingest.imagefolder.root"] == "inputs/other-shapes-d0.25-s1"
     with pytest.raises(SystemExit, match="unknown data"):
         data_params("other-shapes-s1-d0.25")
+
+
+def test_one_diverged_training_decides_before_the_other_runs_have_records(tmp_path):
+    write(tmp_path, "old-shapes-s0", "other-shapes-d0.25-s1", 32.2, 0.49)
+    write(tmp_path, "new-shapes-s0", "other-shapes-d0.25-s1", 32.8, 0.59, late_loss=4.8e13)
+    out = verdict(tmp_path)
+    assert "| new | shapes | s0: 32.80 | | | s0: 0.590 | |" in out  # the records so far, seed by seed
+    assert "5. no diverged training: FAIL  diverged: new-shapes-s0 (loss 4.8e+13 at step 3150" in out
+    assert out.rstrip().endswith("the default stays (a point failed)")

@@ -38,16 +38,16 @@ def per_example_terms(s: T.TrainState, data, step: int) -> dict:
     return {"t": t, "y": y, **{k: v for k, v in terms.items() if k in ("loss", "mse", "vb")}}
 
 
-def blown_up(s: T.TrainState, data, threshold: float) -> str:
+def blown_up(s: T.TrainState, data, threshold: float, timesteps: range | None = None) -> str:
     """The timesteps at which the median eps MSE over 8 latents is above `threshold` (healthy: below ~1) for some
-    label: each with how many labels and the largest of those medians."""
+    label (of `timesteps`, default all): each with how many labels and the largest of those medians."""
     torch.manual_seed(0)
     x = data.batch(0, 0, 1, s.params.global_batch_size)[0][:8]
     classes = s.model.config["num_classes"] + 1  # the null label of classifier-free guidance too
     found = []
     s.model.eval()
     with torch.no_grad():
-        for step in range(s.diffusion.num_timesteps):
+        for step in timesteps or range(s.diffusion.num_timesteps):
             t = torch.full((8 * classes,), step)
             y = torch.arange(classes).repeat_interleave(8)
             noise = torch.randn(8 * classes, *x.shape[1:])

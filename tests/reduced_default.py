@@ -24,7 +24,7 @@ STAGES = ("ingest", "vae", "encode", "train", "reference", "curve", "sample", "e
 REDUCED = {
     "ingest": {"synthetic": {"num_images": 240}, "shard_size": 100},
     "vae": {"train_steps": 40, "holdout": 40},
-    "train": {"train_steps": 20, "global_batch_size": 16, "ckpt_every": 10, "log_every": 5, "sample_every": 10},
+    "train": {"train_steps": 20, "global_batch_size": 16, "ckpt_every": 10, "log_every": 5, "sample_every": 20},
     "reference": {"classifier_steps": 30, "holdout": 40},
     "sample": {"num_fid_samples": 48, "steps": 4, "batch_size": 16, "micro_batch": 8, "shard_size": 16},
     "evaluate": {"kid_subset_size": 24, "kid_subsets": 2},

@@ -108,13 +108,19 @@ def test_a_failed_point_keeps_the_default_before_the_rest_is_measured(tmp_path):
 
 @pytest.mark.parametrize(
     "plan_file, held_out",
-    [("default-final.yaml", "other-shapes-d0.25"), ("default-final-clip.yaml", "other-shapes-d0.25-s1")],
+    [
+        ("default-final.yaml", "other-shapes-d0.25"),
+        ("default-final-clip.yaml", "other-shapes-d0.25-s1"),
+        ("default-final-cosine.yaml", "other-shapes-d0.25-s2"),
+    ],
 )
 def test_the_committed_final_plans_have_the_arms_the_verdict_reads(plan_file, held_out):
     """Each final plan: the 12 arms, the old default unchanged, the candidate's keys only, on the calibrated held-out
-    set (the second plan's draws are seed 1's, which no tuning used)."""
+    set (each later plan draws it with a seed no tuning used). A plan's `old` keys (the runaway guard off) apply to
+    both versions alike."""
     plan = yaml.safe_load((REPO / "sweeps" / plan_file).read_text())
-    arms, candidate = plan["arms"], plan["candidate"]
+    arms, both = plan["arms"], plan.get("old", {})
+    candidate = {**plan["candidate"], **both}
     for version in ("old", "new"):
         for tag, data in (("", "synthetic"), ("-shapes", held_out)):
             for seed in range(3):
@@ -122,7 +128,7 @@ def test_the_committed_final_plans_have_the_arms_the_verdict_reads(plan_file, he
                 assert arm.get("data", "synthetic") == data
                 assert arm["set"]["train.seed"] == arm["set"]["sample.seed"] == seed
                 changed = {k: v for k, v in arm["set"].items() if k not in ("train.seed", "sample.seed")}
-                assert changed == ({} if version == "old" else candidate)
+                assert changed == (both if version == "old" else candidate)
     assert len(arms) == 12
 
 

@@ -75,9 +75,9 @@ def main() -> None:
     s = T.make_train_state(model, p, torch.device("cpu"), 1, ckpt)
     print(f"at step {ckpt['step']}, the timesteps with a blown-up prediction: {blown_up(s, data, 10.0)}")
     for step in range(ckpt["step"], args.to_step):
-        loss = per_example_terms(s, data, step)["loss"].mean().item()  # the step's loss, before its update
+        terms = per_example_terms(s, data, step)  # the step's own draws, scored before its update
+        loss = terms["loss"].mean().item()
         if loss > args.spike:
-            terms = per_example_terms(s, data, step)
             worst = terms["loss"].argsort(descending=True)[:4].tolist()
             print(f"step {step + 1}: loss {loss:.3g}; worst examples (t, label, eps MSE, vb):")
             for i in worst:

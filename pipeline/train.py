@@ -353,10 +353,9 @@ class Loop:
             torch.distributed.all_reduce(first_bad, op=torch.distributed.ReduceOp.MIN)
         bad_step = first_bad.item()
         if bad_step <= done:
-            last = list_checkpoints(self.config["checkpoints"])
             raise FloatingPointError(
                 f"the training loss became NaN or Inf at step {bad_step}; stopped at step {done} without "
-                f"checkpointing. The last good checkpoint is {last[-1] if last else 'none (no checkpoint yet)'}; "
+                f"checkpointing. The last good checkpoint is {self.last_checkpoint()}; "
                 "a rerun as it is repeats this step by step: lower train.lr, set train.grad_clip or use precision "
                 "fp32 to train afresh (dvc repro moves these checkpoints aside)."
             )
@@ -374,20 +373,23 @@ class Loop:
         self.interval_steps, self.interval_s = 0, 0.0
         self.check_runaway(done, loss)
 
+    def last_checkpoint(self) -> str:
+        """The newest checkpoint in models/checkpoints, named by the messages that stop a run."""
+        last = list_checkpoints(self.config["checkpoints"])
+        return str(last[-1]) if last else "none (no checkpoint yet)"
+
     def check_runaway(self, done: int, loss: float) -> None:
         """Stop when the loss has run away: finite, so check_finite lets it pass, but far above its lowest."""
         if done <= self.guard_from:
             return
         ratio = self.p.max_loss_ratio
         if ratio is not None and loss > ratio * self.lowest_loss:
-            last = list_checkpoints(self.config["checkpoints"])
             raise FloatingPointError(
                 f"the training loss ran away: {loss:.4g} in the window ending at step {done}, over "
                 f"train.max_loss_ratio {ratio:g} times its lowest logged value {self.lowest_loss:.4g}; stopped "
-                f"without checkpointing. The last good checkpoint is "
-                f"{last[-1] if last else 'none (no checkpoint yet)'}. A rerun as it is repeats this step by step; "
-                "raise train.max_loss_ratio (null turns the check off) to resume from that checkpoint, or lower "
-                "train.lr to train afresh (dvc repro moves these checkpoints aside)."
+                f"without checkpointing. The last good checkpoint is {self.last_checkpoint()}. A rerun as it is "
+                "repeats this step by step; raise train.max_loss_ratio (null turns the check off) to resume from "
+                "that checkpoint, or lower train.lr to train afresh (dvc repro moves these checkpoints aside)."
             )
         self.lowest_loss = min(self.lowest_loss, loss)
 

@@ -111,7 +111,7 @@ def test_a_failed_point_keeps_the_default_before_the_rest_is_measured(tmp_path):
     [
         ("default-final.yaml", "other-shapes-d0.25"),
         ("default-final-clip.yaml", "other-shapes-d0.25-s1"),
-        ("default-final-cosine.yaml", "other-shapes-d0.1875-s2"),
+        ("default-final-cosine.yaml", "other-shapes-d0.21875-s2"),
     ],
 )
 def test_the_committed_final_plans_have_the_arms_the_verdict_reads(plan_file, held_out):

@@ -66,6 +66,10 @@ def base_params(**changes) -> TrainParams:
     p = load_section(TrainParams, "train", REPO / "params.yaml")
     p = replace(
         p,
+        # The loop's tests extend runs (train_steps 10 -> 20), which a constant lr allows and a decaying one refuses,
+        # and read a 16-token model: the loop as the findings study ran it, whatever the offline default becomes.
+        model="DiT-Ti/2",
+        lr_schedule="constant",
         num_workers=0,
         use_gpu=False,
         train_steps=30,

@@ -88,8 +88,12 @@ def end_stage() -> None:
 
 
 def worker_env() -> dict[str, str]:
-    """The variables a Ray worker needs to record into this stage's timings (for a cluster joined by address,
-    whose workers do not inherit this process's environment); empty when timings are off."""
-    if not enabled():
+    """What a Ray worker needs to know the stage it works for, and to record into that stage's timings when they
+    are on. Workers of a Ray that this process joined (a cluster, or the local Ray that `pipeline.cluster run`
+    shares among the stages) do not inherit this process's environment."""
+    name = stage_name()
+    if name is None:
         return {}
-    return {TIMINGS_DIR_ENV: os.path.abspath(os.environ[TIMINGS_DIR_ENV]), STAGE_ENV: stage_name()}
+    if not enabled():
+        return {STAGE_ENV: name}
+    return {TIMINGS_DIR_ENV: os.path.abspath(os.environ[TIMINGS_DIR_ENV]), STAGE_ENV: name}

@@ -20,16 +20,41 @@ from conftest import copy_repo
 
 STAGES = ("ingest", "vae", "encode", "train", "reference", "curve", "sample", "evaluate", "register")
 
-# The offline default, shrunk to seconds per stage; every other key stays as in params.yaml.
+# The offline default, shrunk to seconds per stage, with two of each Ray worker (RAY_WORKERS); every other key stays
+# as in params.yaml.
 REDUCED = {
     "ingest": {"synthetic": {"num_images": 240}, "shard_size": 100},
     "vae": {"train_steps": 40, "holdout": 40},
-    "train": {"train_steps": 20, "global_batch_size": 16, "ckpt_every": 10, "log_every": 5, "sample_every": 20},
+    "encode": {"num_actors": 2},
+    "train": {
+        "train_steps": 20,
+        "global_batch_size": 16,
+        "ckpt_every": 10,
+        "log_every": 5,
+        "sample_every": 20,
+        "num_workers": 2,
+    },
     "reference": {"classifier_steps": 30, "holdout": 40},
-    "sample": {"num_fid_samples": 48, "steps": 4, "batch_size": 16, "micro_batch": 8, "shard_size": 16},
+    "sample": {
+        "num_fid_samples": 48,
+        "steps": 4,
+        "batch_size": 16,
+        "micro_batch": 8,
+        "shard_size": 16,
+        "num_workers": 2,
+    },
     "evaluate": {"kid_subset_size": 24, "kid_subsets": 2},
     "curve": {"num_samples": 32, "steps": 4, "batch_size": 16},
 }
+# Two encode actors, two DDP training workers and two sampling actors: the session's run is then also the one-node
+# reference of tests/test_cluster.py, which spreads them one per node of a two-node cluster (3 CPUs between them:
+# encode's two actors need a third CPU for reading). The run therefore goes as `make repro` runs it, beside one local
+# Ray of as many CPUs that every stage joins (RUN_ON_ONE_NODE, pipeline/cluster.py).
+RAY_WORKERS = {
+    s: {k: REDUCED[s][k]} for s, k in (("encode", "num_actors"), ("train", "num_workers"), ("sample", "num_workers"))
+}
+RAY_CPUS = 3
+RUN_ON_ONE_NODE = [sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", str(RAY_CPUS), "--"]
 
 
 def merge(base: dict, overlay: dict) -> dict:
@@ -174,8 +199,9 @@ class FirstRun:
 
 
 def first_run(root: Path, checkout: Path) -> FirstRun:
-    """`dvc repro` of the reduced default in a fresh copy of `checkout` under `root`, observed as the end-to-end
-    test checks it: every pipeline module each stage's processes load is logged (PIPELINE_IMPORT_LOG), and
+    """`dvc repro` of the reduced default in a fresh copy of `checkout` under `root`, beside one local Ray
+    (RUN_ON_ONE_NODE), observed as the end-to-end test checks it: every pipeline module each stage's processes load
+    is logged (PIPELINE_IMPORT_LOG; a Ray worker names its stage through the runtime env, pipeline/timing.py), and
     PYTHONWARNINGS=default prints every warning once per call site, with the file that made the call, in each
     stage's process and (through the environment the local Ray inherits) in its Ray workers, whose output Ray
     forwards; Ray's own filter, which would hide repeats, stands aside when the variable is set. Neither changes
@@ -185,7 +211,7 @@ def first_run(root: Path, checkout: Path) -> FirstRun:
     env = git_repo(repo, params)
     imports = root / "imports.tsv"
     output = run(
-        ["dvc", "repro"],
+        [*RUN_ON_ONE_NODE, "dvc", "repro"],
         repo,
         {
             **env,

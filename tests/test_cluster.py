@@ -5,6 +5,7 @@ on the cluster spreads the `encode` stage's actors, `train`'s DDP workers and `s
 the bytes of a local one-node Ray; a training whose worker node is lost ends with the bytes of one uninterrupted."""
 
 import contextlib
+import copy
 import json
 import os
 import secrets
@@ -29,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Ray rewrites 127.0.0.1 and localhost in an address to this machine's network address, so that a node elsewhere
 # could use it; any other loopback address is kept, and the head's GCS listens on it too. Traffic stays on `lo`.
 JOIN_HOST = "127.0.0.2"
+# The head's CPUs and the worker node's: `encode` with 2 actors needs a third CPU, for reading.
+HEAD_CPUS, WORKER_CPUS = 2, 1
 
 
 def hidden_paths() -> list[Path]:
@@ -145,10 +148,10 @@ def two_nodes(token_dir: Path, s3_endpoint: str, hidden_data: tuple[Path, ...] =
     # which every stop of these nodes would wait out; 0 stops a node at once.
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     port = free_port()
-    nodes = [start_node(env, port, head=True, num_cpus=2)]
+    nodes = [start_node(env, port, head=True, num_cpus=HEAD_CPUS)]
     try:
         wait_for_port(port, nodes[0][0])
-        nodes.append(start_node(env, port, head=False, num_cpus=1, hidden_data=hidden_data))
+        nodes.append(start_node(env, port, head=False, num_cpus=WORKER_CPUS, hidden_data=hidden_data))
         wait_for_nodes(env, f"{JOIN_HOST}:{port}", 2)
         yield f"{JOIN_HOST}:{port}", env, nodes
     finally:
@@ -279,7 +282,6 @@ table = {i: [a["ActorClassName"], a["Address"]["NodeID"]] for i, a in actors().i
 report = {"actors": table, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
 open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
-ON_THE_CLUSTER = {"encode": {"num_actors": 2}, "train": {"num_workers": 2}, "sample": {"num_workers": 2}}
 
 
 def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, reduced_run, tmp_path):
@@ -287,16 +289,17 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, redu
     actor or worker on each node (the GCS's actor table), the worker node gets the latents, VAE and weights through
     S3 (the stages' storage_path: what it copied is in its node cache, by content hash) and the checkpoints go
     through S3 too, the run logs to an MLflow server, and every output is byte for byte that of the same params on a
-    local one-node Ray of as many CPUs (`python -m pipeline.cluster run`, as `make repro`); only measured time and
-    MLflow run ids may differ, as between two local runs (tests/reduced_default.py).
+    local one-node Ray of as many CPUs: the session's reduced run (conftest `reduced_run`, run as `make repro` runs,
+    with two of each Ray worker: tests/reduced_default.py); only measured time and MLflow run ids may differ, as
+    between two local runs. Every stage but ingest and vae runs here from nothing, so this is also the end-to-end
+    test's check that a rerun from empty checkpoint and shard directories gives the same bytes.
 
-    Ingest and vae, which use no Ray, come from DVC's run cache, as from a team's shared cache: the one-node run's
-    from the session's reduced run (conftest `reduced_run`), the cluster's from the one-node run. (DVC keeps no run
-    cache for a stage with persistent outputs: encode, reference, train and sample always run.)"""
+    Ingest and vae, which use no Ray, come from DVC's run cache, as from a team's shared cache: the reduced run's.
+    (DVC keeps no run cache for a stage with persistent outputs: encode, reference, train and sample always run.)"""
     import torch
-    import yaml
     from reduced_default import (
-        REDUCED,
+        RAY_CPUS,
+        RAY_WORKERS,
         assert_same_outputs,
         differing_fields,
         git_repo,
@@ -309,17 +312,12 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, redu
     from pipeline.artifacts import sha256_dir
 
     address, cluster_env, nodes = cluster
-    params = merge(merge(yaml.safe_load((REPO / "params.yaml").read_text()), REDUCED), ON_THE_CLUSTER)
-    one_node = tmp_path / "one-node"
-    env = git_repo(one_node, params)
-    seed_run_cache(one_node, reduced_run.repo)
-    out = run([sys.executable, "-m", "pipeline.cluster", "run", "--num-cpus", "3", "--", "dvc", "repro"], one_node, env)
-    for stage in ("ingest", "vae"):
-        assert f"Stage '{stage}' is cached - skipping run" in out, out[-3000:]
-
-    storage = {stage: {"storage_path": f"s3://{BUCKET}/repro"} for stage in ON_THE_CLUSTER}
+    assert HEAD_CPUS + WORKER_CPUS == RAY_CPUS  # the one-node run's CPUs, split over two nodes
+    one_node = reduced_run.repo
+    storage = {stage: {"storage_path": f"s3://{BUCKET}/repro"} for stage in RAY_WORKERS}
     on_cluster = tmp_path / "cluster"
-    env = {k: v for k, v in git_repo(on_cluster, merge(params, storage)).items() if not k.startswith("RAY_")}
+    params = merge(copy.deepcopy(reduced_run.params), storage)
+    env = {k: v for k, v in git_repo(on_cluster, params).items() if not k.startswith("RAY_")}
     env.update({k: v for k, v in cluster_env.items() if k.startswith(("AWS_", "RAY_AUTH"))}, RAY_ADDRESS=address)
     seed_run_cache(on_cluster, one_node)
     server = mlflow_server(
@@ -331,7 +329,9 @@ def test_dvc_repro_on_the_cluster_writes_the_bytes_of_one_node(cluster, s3, redu
         env["MLFLOW_TRACKING_URI"] = uri  # a node reaches the server, not the driver's files
         before = _actor_table(env, address, tmp_path / "before.json")["actors"]
         out = run(["dvc", "repro"], on_cluster, env)
-        for stage in ("encode", "train", "sample", "register"):
+        for stage in ("ingest", "vae"):
+            assert f"Stage '{stage}' is cached - skipping run" in out, out[-3000:]
+        for stage in ("encode", "reference", "train", "curve", "sample", "evaluate", "register"):
             assert f"Running stage '{stage}'" in out, out[-3000:]
         after = _actor_table(env, address, tmp_path / "after.json")
     placed = {}
@@ -386,63 +386,74 @@ def _actor_table(env: dict, address: str, report: Path) -> dict:
     return json.loads(report.read_text())
 
 
-# Train only, 2 workers: long enough (300 tiny steps, a checkpoint every 50) that a node can be lost mid-run.
+# Train only, 2 workers: long enough (300 tiny steps, a checkpoint every 50) that a node can be lost mid-run. The
+# third argument is train.storage_path ("": the driver's paths, which only a node on this machine reads).
 TRAIN = """
 import json, os, sys
+from dataclasses import replace
 from pathlib import Path
 import ray
 from ray._private.state import actors
 from pipeline.cluster import init_ray
 from tiny_train import base_params, run
 
-root, latents = map(Path, sys.argv[1:3])
+root, latents, storage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 init_ray()
-run(root, latents, base_params(num_workers=2, train_steps=300, log_every=50, ckpt_every=50))
-workers = [(a["Address"]["NodeID"], a["State"]) for a in actors().values() if "RayTrainWorker" in a["ActorClassName"]]
+earlier = set(actors())  # the cluster's GCS keeps the actors of ended jobs too
+p = base_params(num_workers=2, train_steps=300, log_every=50, ckpt_every=50)
+run(root, latents, replace(p, storage_path=storage))
+workers = [(a["Address"]["NodeID"], a["State"]) for i, a in actors().items()
+           if "RayTrainWorker" in a["ActorClassName"] and i not in earlier]
 report = {"workers": workers, "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
           "nodes": [n["NodeID"] for n in ray.nodes()]}
 open(os.environ["REPORT_PATH"], "w").write(json.dumps(report))
 """
 
 
-def test_a_lost_node_is_replaced_by_the_remaining_one(tmp_path, s3):
-    """SIGKILL the worker node's raylet once the first checkpoint is written: its training worker dies with it,
-    Ray Train restarts the group on the head (FailureConfig), from the latest checkpoint, and the EMA ends bit for
-    bit as a run on a local one-node Ray."""
+def test_a_lost_node_is_replaced_by_the_remaining_one(cluster, latents, tmp_path):
+    """SIGKILL the worker node's raylet once the first checkpoint is in storage (train.storage_path on S3, as on a
+    cluster without a shared file system: the worker node cannot read the driver's files): its training worker dies
+    with it, Ray Train restarts the group on the head (FailureConfig), from the latest checkpoint, which the new
+    group reads back through `ray.train.get_checkpoint()` (models/checkpoints is filled by the driver only after
+    the run), and the EMA ends bit for bit as a run on a local one-node Ray. Last in this module: it takes the
+    module's cluster down to one node."""
     import psutil
     import torch
-    from tiny_train import read_log, write_latents
+    from tiny_train import read_log
 
-    latents = write_latents(tmp_path / "latents")
-    with two_nodes(tmp_path, s3[0]) as (address, env, nodes):
-        env = {**env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
-        reports = {}
-        for where, extra in (("local", {}), ("cluster", {"RAY_ADDRESS": address})):
-            driver = subprocess.Popen(
-                [sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents)],
-                cwd=REPO,
-                env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            if where == "cluster":
-                first = tmp_path / where / "checkpoints" / "ckpt-0000050.pt"
-                deadline = time.monotonic() + 600
-                while not first.exists() and driver.poll() is None and time.monotonic() < deadline:
-                    time.sleep(0.02)
-                raylets = [c for c in psutil.Process(nodes[1][0].pid).children(recursive=True) if c.name() == "raylet"]
-                last = tmp_path / where / "checkpoints" / "ckpt-0000300.pt"
-                assert len(raylets) == 1 and first.exists() and not last.exists(), "a raylet to kill, mid-run"
-                os.kill(raylets[0].pid, signal.SIGKILL)
-            out, _ = driver.communicate(timeout=900)
-            assert driver.returncode == 0, out[-3000:]
-            reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
-        placed = reports["cluster"]
-        lost = set(placed["nodes"]) - set(placed["alive"])
-        assert len(lost) == 1  # the worker node is gone
-        assert any(node in lost for node, _ in placed["workers"])  # it ran a training worker before
-        assert len(placed["workers"]) == 4, placed["workers"]  # two worker groups: the first, and its replacement
+    address, cluster_env, nodes = cluster
+    env = {**cluster_env, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}  # the driver's test helpers
+    reports = {}
+    runs = (("local", "", {}), ("cluster", f"s3://{BUCKET}/lost-node", {"RAY_ADDRESS": address}))
+    for where, storage, extra in runs:
+        driver = subprocess.Popen(
+            [sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents), storage],
+            cwd=REPO,
+            env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        if where == "cluster":
+
+            def stored_steps():  # of the checkpoints Ray Train has uploaded
+                stored = keys(env["AWS_ENDPOINT_URL"], "lost-node/")
+                return [int(k.rsplit("-", 1)[1].removesuffix(".pt")) for k in stored if k.endswith(".pt")]
+
+            deadline = time.monotonic() + 600
+            while not stored_steps() and driver.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raylets = [c for c in psutil.Process(nodes[1][0].pid).children(recursive=True) if c.name() == "raylet"]
+            assert len(raylets) == 1 and max(stored_steps(), default=300) < 300, "a raylet to kill, mid-run"
+            os.kill(raylets[0].pid, signal.SIGKILL)
+        out, _ = driver.communicate(timeout=900)
+        assert driver.returncode == 0, out[-3000:]
+        reports[where] = json.loads((tmp_path / f"{where}.json").read_text())
+    placed = reports["cluster"]
+    lost = set(placed["nodes"]) - set(placed["alive"])
+    assert len(lost) == 1  # the worker node is gone
+    assert any(node in lost for node, _ in placed["workers"])  # it ran a training worker before
+    assert len(placed["workers"]) == 4, placed["workers"]  # two worker groups: the first, and its replacement
     ema = [torch.load(tmp_path / w / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     steps = [int(r["step"]) for r in read_log(tmp_path / "cluster" / "train.csv")]

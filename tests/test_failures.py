@@ -1,6 +1,7 @@
 """Lost workers: a training worker's process killed mid-training (Ray Train restarts the group from the latest
 checkpoint; the EMA ends bit for bit as an uninterrupted run's) and a sampling actor killed mid-shard (Ray restarts
-it and redoes its shard; every index is written once, with the uninterrupted run's pixels).
+it and redoes its shard; every index is written once, with the uninterrupted run's pixels). A worker lost with its
+node, whose group resumes from Ray Train's storage on S3, is tests/test_cluster.py's.
 
 Both runs use a local Ray started here, whose workers run `slow_workers.slow_and_tell` first: it slows each training
 step and each shard a little, so the kill lands mid-run, and writes each worker's pid where the test finds it."""
@@ -11,12 +12,10 @@ import os
 import signal
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BUCKET, keys
 from slow_workers import PID_DIR
 from tiny_sample import load_samples, params
 from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
@@ -30,16 +29,16 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def local_ray(tmp_path):
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
     """A local Ray like pipeline.cluster.init_ray's (2 CPUs, token-locked), whose workers run slow_and_tell;
-    init_ray then finds it started. Yields the pid folder."""
+    init_ray then finds it started. One for the module: a start costs seconds of 2 cores. Yields the pid folder,
+    which each test empties before the run it watches."""
     import ray
 
     from pipeline.cluster import lock_ray
 
-    pid_dir = tmp_path / "pids"
-    pid_dir.mkdir()
+    pid_dir = tmp_path_factory.mktemp("pids")
     lock_ray()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as init_ray: one local node is never drained
     python_path = os.pathsep.join([str(REPO), str(REPO / "tests")])
@@ -58,23 +57,8 @@ def local_ray(tmp_path):
         ray.shutdown()
 
 
-# The training both kill tests run: 2 workers, a checkpoint every 10 of 40 steps.
+# The training the kill test runs: 2 workers, a checkpoint every 10 of 40 steps.
 KILLED_RUN = dict(num_workers=2, train_steps=40, log_every=5, ckpt_every=10)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, latents):
-    """`uninterrupted() -> root`: the uninterrupted run of KILLED_RUN that the kill tests compare with, trained
-    once for the module on the Ray of the test that asks first (a training's bytes do not depend on which local
-    Ray runs it, nor on the slowed steps)."""
-    root = tmp_path_factory.mktemp("uninterrupted")
-
-    def get() -> Path:
-        if not (root / "dit" / "ema.pt").exists():
-            run(root, latents, base_params(**KILLED_RUN))
-        return root
-
-    return get
 
 
 def kill_when(ready, pid_file: Path, seconds: float = 300) -> threading.Thread:
@@ -98,9 +82,10 @@ def kill_when(ready, pid_file: Path, seconds: float = 300) -> threading.Thread:
     return thread
 
 
-def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray, tmp_path, latents, uninterrupted):
+def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray, tmp_path, latents):
     p = base_params(**KILLED_RUN)
-    before = uninterrupted()
+    before = tmp_path / "uninterrupted"
+    run(before, latents, p)  # a training's bytes do not depend on the slowed steps
     for f in local_ray.iterdir():
         f.unlink()
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -117,28 +102,6 @@ def test_a_killed_training_worker_is_replaced_and_the_ema_is_unchanged(local_ray
     assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(before))
     steps = [int(r["step"]) for r in read_log(tmp_path / "killed" / "train.csv")]
     assert steps == sorted(set(steps)) and steps[-1] == p.train_steps  # resumed, not restarted from scratch
-
-
-def test_a_killed_training_worker_resumes_from_ray_train_storage(aws_env, local_ray, tmp_path, latents, uninterrupted):
-    """As above with train.storage_path on S3: the restarted group reads the latest checkpoint back through
-    `ray.train.get_checkpoint()`, not from models/checkpoints (which the driver fills only after the run)."""
-    p = base_params(**KILLED_RUN)
-    before = uninterrupted()
-    for f in local_ray.iterdir():
-        f.unlink()
-    stored = replace(p, storage_path=f"s3://{BUCKET}/killed")
-
-    def first_checkpoint_uploaded():
-        steps = [int(k.rsplit("-", 1)[1].removesuffix(".pt")) for k in keys(aws_env, "killed/") if k.endswith(".pt")]
-        return max(steps) if steps and max(steps) < p.train_steps else None
-
-    killer = kill_when(first_checkpoint_uploaded, local_ray / "rank1.pid")
-    run(tmp_path / "killed", latents, stored)
-    killer.join(timeout=1)
-    assert killer.killed, "no worker was killed: the run ended before its first checkpoint was seen"
-    assert_bitwise_equal(load_ema(tmp_path / "killed"), load_ema(before))
-    steps = [int(r["step"]) for r in read_log(tmp_path / "killed" / "train.csv")]
-    assert steps == list(range(5, 41, 5))  # the log of one run: resumed, not restarted from scratch
 
 
 def test_a_killed_sampling_actor_is_replaced_and_its_shard_redone(local_ray, sample_dirs, tmp_path):

@@ -68,7 +68,10 @@ def dotted(tree: dict, prefix: str = "") -> dict:
 
 # A plan of seconds: DiT-Ti/4 (4 tokens), one seed; its training run, one guidance run and one DDPM run. The reduced
 # default's sizes, so that its ingest and vae are those of the session's reduced run (their run cache is reused).
-TINY = {**dotted(REDUCED), "train.warmup_steps": 0, "tracking.enabled": False}
+# What is tested is the runner, so its stages run without Ray where they can (in-process training and sampling, one
+# encode actor): each Ray start-up costs a stage seconds of 2 cores, and Ray's own paths have their tests.
+IN_PROCESS = {"encode.num_actors": 1, "train.num_workers": 0, "sample.num_workers": 0}
+TINY = {**dotted(REDUCED), **IN_PROCESS, "train.warmup_steps": 0, "tracking.enabled": False}
 
 
 def tiny_plan() -> dict:

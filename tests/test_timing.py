@@ -73,10 +73,10 @@ def test_a_failed_stage_has_no_end_and_timings_off_write_nothing(tmp_path):
     assert done.returncode == 0 and not (tmp_path / "off").exists()
 
 
-def test_workers_take_the_stage_and_directory_only_when_timings_are_on(monkeypatch, tmp_path):
+def test_workers_take_the_stage_and_the_directory_only_when_timings_are_on(monkeypatch, tmp_path):
     monkeypatch.delenv(timing.TIMINGS_DIR_ENV, raising=False)
     monkeypatch.setenv(timing.STAGE_ENV, "train")
-    assert timing.worker_env() == {}
+    assert timing.worker_env() == {timing.STAGE_ENV: "train"}
     monkeypatch.setenv(timing.TIMINGS_DIR_ENV, "rel/timings")
     assert timing.worker_env() == {timing.TIMINGS_DIR_ENV: os.path.abspath("rel/timings"), timing.STAGE_ENV: "train"}
 

@@ -468,26 +468,6 @@ def test_stage_script_end_to_end(tmp_path, latents):
     assert json.loads((out / "tracking.json").read_text()) == {"mlflow_run_id": None, "tracking_uri": None}
 
 
-# --- Ray Train ----------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_ray_two_cpu_workers_resume(tmp_path, latents):
-    """Two gloo workers: a run stopped at step 3 and continued to 6 equals an uninterrupted 6-step run."""
-    import ray
-
-    p = base_params(num_workers=2, train_steps=6, log_every=2, ckpt_every=3)
-    try:
-        run(tmp_path / "uninterrupted", latents, p)
-        run(tmp_path / "resumed", latents, replace(p, train_steps=3))
-        run(tmp_path / "resumed", latents, p)
-    finally:
-        ray.shutdown()
-    assert_bitwise_equal(load_ema(tmp_path / "resumed"), load_ema(tmp_path / "uninterrupted"))
-    log = read_log(tmp_path / "resumed" / "train.csv")
-    assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first run's last row, then no duplicates
-
-
 # --- exporting an official checkpoint instead of training (profiles/official-xl2.yaml) ---------------------------
 
 

@@ -11,6 +11,10 @@ LOG = os.environ.get("PIPELINE_IMPORT_LOG")
 def _stage() -> str:
     if os.environ.get("PIPELINE_STAGE"):
         return os.environ["PIPELINE_STAGE"]
+    argv = sys.orig_argv[1:]  # sys.argv[0] is "-m" while `python -m MODULE` is still importing MODULE's packages
+    if len(argv) >= 2 and argv[0] == "-m":
+        package, _, name = argv[1].rpartition(".")
+        return name if package == "stages" else f"other:{argv[1]}"
     script = sys.argv[0] if sys.argv else ""
     parent, name = os.path.split(script)
     return name[:-3] if os.path.basename(parent) == "stages" and name.endswith(".py") else f"other:{name}"

@@ -31,10 +31,9 @@ exp: $(STAMP)
 	overrides="$$($(BIN)/python -m pipeline.profiles $(PROFILE))" && \
 		PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc exp run -n $(PROFILE) $(EXP_ARGS) $$overrides
 
-# The whole suite, with its 15 slowest tests listed at the end. XDIST="-n 4 --dist loadgroup" spreads it over
-# pytest-xdist workers (tests/conftest.py groups what shares a fixture); on 2 cores it gains nothing (measured: 1,476 s
-# with two workers against 1,445 s in one process), since the end-to-end, cluster and kill tests compute, so the
-# default is one process.
+# The whole suite, with its 15 slowest tests listed at the end. XDIST="-n 2 --dist loadgroup" spreads it over
+# pytest-xdist workers (tests/conftest.py groups what shares a fixture): on 2 cores, 1,383 s against 1,592 s in one
+# process (one run each, docs/environment.md); one process stays the default until the two-worker suite has more runs.
 XDIST ?=
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) --durations=15 $(PYTEST_ARGS)

@@ -30,6 +30,10 @@ from pipeline import fingerprint as F
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The stages that start no Ray: the cluster test takes ingest and vae from DVC's run cache and reruns the others.
+WITHOUT_RAY = ("fingerprint", "ingest", "vae")
+
+
 def _check_reruns_are_byte_identical(repo: Path, env: dict, before: Path) -> None:
     """The stages that start no Ray again (forced), then each output's hash in dvc.lock against the first run's,
     and what differs inside the others. The other stages run again from nothing (empty checkpoint and shard
@@ -44,10 +48,6 @@ def _check_reruns_are_byte_identical(repo: Path, env: dict, before: Path) -> Non
     assert sorted(re.findall(r"Running stage '([\w-]+)'", out)) == sorted(WITHOUT_RAY), out[-3000:]
     changed = assert_same_outputs(repo, before, hashes)
     print(f"byte-stable: {sorted(set(hashes) - changed)}; differing only in time or run ids: {sorted(changed)}")
-
-
-# The stages that start no Ray: the cluster test takes ingest and vae from DVC's run cache and reruns the others.
-WITHOUT_RAY = ("fingerprint", "ingest", "vae")
 
 
 def _check_fingerprints_cover_what_ran(repo: Path, imports: Path) -> None:

@@ -31,10 +31,9 @@ exp: $(STAMP)
 	overrides="$$($(BIN)/python -m pipeline.profiles $(PROFILE))" && \
 		PATH="$(abspath $(BIN)):$$PATH" RAY_AUTH_MODE=token dvc exp run -n $(PROFILE) $(EXP_ARGS) $$overrides
 
-# The whole suite, with its 15 slowest tests listed at the end. XDIST="-n 2 --dist loadgroup" spreads it over
-# pytest-xdist workers (tests/conftest.py groups what shares a fixture): on 2 cores, 1,383 s against 1,592 s in one
-# process (one run each, docs/environment.md); one process stays the default until the two-worker suite has more runs.
-XDIST ?=
+# The whole suite, with its 15 slowest tests listed at the end, on two pytest-xdist workers: a group of tests that
+# share fixtures runs whole on one worker, the longest groups first (tests/conftest.py). XDIST= runs it in one process.
+XDIST ?= -n 2 --dist loadgroup --no-loadscope-reorder
 test: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m pytest $(XDIST) --durations=15 $(PYTEST_ARGS)
 

@@ -1,5 +1,6 @@
 import collections
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -57,19 +58,42 @@ from pipeline.reference import build_reference
 from pipeline.sample import read_model_card, run_sample
 from pipeline.train import export
 
-# For pytest-xdist's --dist loadgroup (`make test XDIST="-n 4 --dist loadgroup"`): each module is one group, so its
-# module fixtures are set up once; modules that share a session fixture form one group, so it too is set up once.
+# pytest-xdist (`make test` runs two workers, --dist loadgroup --no-loadscope-reorder): a group runs whole on one
+# worker. Each module is one group, so its module fixtures are set up once; modules that share a session fixture
+# form one group, so it too is set up once. The one exception is the session's reduced run (`reduced_run`), minutes
+# of `dvc repro` that five modules read: it is made once for all workers, through files.
 SHARED_GROUPS = {
-    "reduced-run": ("test_pipeline_e2e", "test_code_edits", "test_plots", "test_cluster", "test_sweep"),  # reduced_run
     "tracking-server": ("test_register", "test_register_concurrency", "test_tracking_uri"),  # tracking_server
 }
+# The order in which workers take the groups: the longest first (measured by `make test`'s --durations, each with
+# its fixtures), so that no long one starts last while the other worker sits idle; the rest follow in file order.
+# The reduced run is made by the first group that needs it; the others that read it come after groups that do not.
+LONGEST_FIRST = (
+    "test_code_edits",  # makes the reduced run
+    "test_checkpoint_storage",
+    "test_cluster",
+    "test_register",
+    "test_failures",
+    "test_pipeline_e2e",
+    "test_sweep",
+    "test_train",
+    "test_encode",
+    "test_sample",
+)
 
 
 def pytest_collection_modifyitems(config, items):
     group_of = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
+    rank_of = {}
+    for rank, module in reversed(list(enumerate(LONGEST_FIRST))):
+        rank_of[group_of.get(module, module)] = rank
+    groups = {}
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
-        item.add_marker(pytest.mark.xdist_group(group_of.get(module, module)))
+        groups[item] = group_of.get(module, module)
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    # Stable: within a group, and among the groups not listed, the file order stays.
+    items.sort(key=lambda item: rank_of.get(groups[item], len(LONGEST_FIRST)))
 
 
 @pytest.fixture(scope="module")
@@ -345,13 +369,29 @@ def copy_repo(dest: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def reduced_run(tmp_path_factory):
+def reduced_run(tmp_path_factory, worker_id):
     """The reduced default after one `dvc repro` in a fresh copy of this checkout (tests/reduced_default.py's
-    `FirstRun`), shared by the session: the end-to-end, code-edit and plot tests read it, and a test that changes
-    the repository works on a copy (`copy_finished_run`), never on this one."""
-    from reduced_default import first_run
+    `FirstRun`), shared by the session: the end-to-end, code-edit, plot, cluster and sweep tests read it, and a test
+    that changes the repository works on a copy (`copy_finished_run`), never on this one.
 
-    return first_run(tmp_path_factory.mktemp("reduced-run"), REPO)
+    Under pytest-xdist the first worker that asks makes it in the session's common temp dir, holding a lock that
+    the others wait on; they then read its record. A run that failed is not made again: each asker fails."""
+    from reduced_default import FirstRun, first_run
+
+    if worker_id == "master":  # one process
+        return first_run(tmp_path_factory.mktemp("reduced-run"), REPO)
+    root = tmp_path_factory.getbasetemp().parent / "reduced-run"
+    record = root.with_suffix(".json")
+    with open(root.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        if record.exists():
+            return FirstRun.load(record)
+        if root.exists():
+            pytest.fail(f"the session's reduced run failed on another worker: see its error ({root})")
+        root.mkdir()
+        made = first_run(root, REPO)
+        made.save(record)
+        return made
 
 
 # --- a stage's process killed mid-run: the encode and reference resume tests ---------------------------------------

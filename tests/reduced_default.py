@@ -129,11 +129,9 @@ def run(args: list[str], cwd: Path, env: dict) -> str:
     return result.stdout + result.stderr
 
 
-def git_repo(repo: Path, params: dict) -> dict:
-    """A fresh git repository at `repo` holding a copy of this one with `params`; returns the env to run in it."""
-    repo.mkdir()
-    copy_repo(repo)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def repo_env() -> dict:
+    """The environment a copy of the repository runs in: this interpreter's `dvc` first on PATH, a git identity, the
+    copy's own MLflow store (mlflow.db in its root) and a Ray of its own unless a test names one."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -144,6 +142,15 @@ def git_repo(repo: Path, params: dict) -> dict:
     }
     env.pop("MLFLOW_TRACKING_URI", None)  # the default store: mlflow.db in the copy's root
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def git_repo(repo: Path, params: dict) -> dict:
+    """A fresh git repository at `repo` holding a copy of this one with `params`; returns the env to run in it."""
+    repo.mkdir()
+    copy_repo(repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = repo_env()
     run(["git", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "copy"], repo, env)
@@ -196,6 +203,17 @@ class FirstRun:
     params: dict
     output: str
     imports: Path
+
+    def save(self, path: Path) -> None:
+        """Written for the other pytest-xdist workers of the session (conftest `reduced_run`), which read it back
+        with `load`; the environment is each process's own (`repo_env`)."""
+        record = {"repo": str(self.repo), "params": self.params, "output": self.output, "imports": str(self.imports)}
+        path.write_text(json.dumps(record))
+
+    @classmethod
+    def load(cls, path: Path) -> FirstRun:
+        record = json.loads(path.read_text())
+        return cls(Path(record["repo"]), repo_env(), record["params"], record["output"], Path(record["imports"]))
 
 
 def first_run(root: Path, checkout: Path) -> FirstRun:

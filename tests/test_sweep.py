@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import copy_repo
-from reduced_default import REDUCED, seed_run_cache
+from reduced_default import REDUCED, copy_finished_run
 
 from pipeline.study.plan import expand, load_plan, number_tag, parts, run_name
 
@@ -67,7 +66,8 @@ def dotted(tree: dict, prefix: str = "") -> dict:
 
 
 # A plan of seconds: DiT-Ti/4 (4 tokens), one seed; its training run, one guidance run and one DDPM run. The reduced
-# default's sizes, so that its ingest and vae are those of the session's reduced run (their run cache is reused).
+# default's sizes, so that its data stages (ingest, vae, encode, reference) are those of the session's reduced run,
+# whose dvc.lock the sweep's repository commits: the experiments find them up to date.
 # What is tested is the runner, so its stages run without Ray where they can (in-process training and sampling, one
 # encode actor): each Ray start-up costs a stage seconds of 2 cores, and Ray's own paths have their tests.
 IN_PROCESS = {"encode.num_actors": 1, "train.num_workers": 0, "sample.num_workers": 0}
@@ -98,12 +98,10 @@ def tiny_plan() -> dict:
 
 @pytest.mark.slow
 def test_sweep_runs_and_records_real_experiments(tmp_path, reduced_run):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    copy_repo(repo)
-    # Ingest and vae have the session's reduced run's params: DVC's run cache restores them in the queued
-    # experiment, as a team's shared cache would (the stages with persistent outputs, from encode on, run).
-    seed_run_cache(repo, reduced_run.repo)
+    # The session's reduced run, committed with its dvc.lock as a team commits a finished run: the queued
+    # experiments check its data stages' outputs out of the DVC cache and run from train on (train, curve, sample,
+    # evaluate: the plan's params differ there).
+    repo = copy_finished_run(reduced_run, tmp_path / "repo")
     plan = tiny_plan()
     (repo / "sweeps/study-plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
     # the copy keeps the committed records (runs of the real plan, which the closing line must not count), but not
@@ -122,10 +120,9 @@ def test_sweep_runs_and_records_real_experiments(tmp_path, reduced_run):
     def sh(*cmd, check=True):
         return subprocess.run(cmd, cwd=repo, env=env, check=check, capture_output=True, text=True)
 
-    sh("git", "init", "-q", "-b", "main")
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "plan")
-    params_before = (repo / "params.yaml").read_bytes()
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the reduced run and the plan")
+    applied_before = {name: (repo / name).read_bytes() for name in ("params.yaml", "dvc.lock")}
 
     out = sh(sys.executable, "-m", "pipeline.study.sweep", "run", "--hours", "1", check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -148,7 +145,7 @@ def test_sweep_runs_and_records_real_experiments(tmp_path, reduced_run):
     assert len({r["eval_protocol"]["reference_stats_sha256"] for r in records.values()}) == 1
     assert all(r["machine"]["torch"] == torch.__version__ and r["machine"]["cpu"] for r in records.values())
     # the workspace is as it was: apply's files put back
-    assert (repo / "params.yaml").read_bytes() == params_before and not (repo / "dvc.lock").exists()
+    assert {name: (repo / name).read_bytes() for name in applied_before} == applied_before
     # resumable: a second invocation finds every run done and queues nothing
     again = sh(sys.executable, "-m", "pipeline.study.sweep", "run", "--hours", "1")
     assert "running" not in again.stdout and "3 of 3 planned runs recorded" in again.stdout
@@ -165,6 +162,25 @@ def test_a_record_of_another_reference_is_run_again(tmp_path):
         rec = {"name": name, "eval": {}, "eval_protocol": {"reference_stats_sha256": ref * 64}}
         (tmp_path / f"{name}.json").write_text(json.dumps(rec))
     assert done(plan, tmp_path) == {names[0], names[1], names[3]}
+
+
+def test_a_directory_that_head_tracks_is_copied_into_the_queued_run_file_by_file(tmp_path, monkeypatch):
+    # A sampling run's queued copy is a checkout of HEAD: a committed run's metrics/ is already there, and DVC's
+    # --copy-paths refuses to copy a directory over one.
+    from pipeline.study.sweep import copied_paths
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("dvc.lock", "metrics/eval.json", "metrics/train.json", "reports/eval.json"):
+        Path(name).parent.mkdir(exist_ok=True)
+        Path(name).write_text("{}")
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(["git", "add", "metrics/eval.json"], check=True)
+    assert copied_paths(["dvc.lock", "metrics", "reports", "plots"]) == [
+        "dvc.lock",
+        "metrics/eval.json",
+        "metrics/train.json",
+        "reports",
+    ]
 
 
 @pytest.mark.slow

@@ -106,11 +106,28 @@ def clear(name: str) -> None:
 def queue(run: PlannedRun, plan: dict) -> None:
     """Queue from the workspace as it is (HEAD, or a training run applied): only keys that differ are passed. A
     sampling run also carries the applied dvc.lock and the cache: false outputs (`--copy-paths`, copied from the
-    workspace when the run starts): the queue's stash holds tracked changes only, HEAD has none of them, and without
-    metrics/train.json and plots/train.csv DVC would find `train` changed and run it again."""
+    workspace when the run starts): the queue's stash holds tracked changes only, HEAD may have none of them (or
+    another run's), and without metrics/train.json and plots/train.csv DVC would find `train` changed and run it
+    again."""
     clear(run.name)
-    copy = [a for p in APPLIED_COPY if Path(p).exists() for a in ("--copy-paths", p)] if run.kind == "sampling" else []
+    copy = [a for p in copied_paths(APPLIED_COPY) for a in ("--copy-paths", p)] if run.kind == "sampling" else []
     dvc("exp", "run", "--queue", "-n", run.name, *copy, *run.targets, *run.set_args(plan, read_yaml("params.yaml")))
+
+
+def copied_paths(paths) -> list[str]:
+    """What `--copy-paths` names for `paths`: each one that exists here, but a directory that git tracks files in
+    (a committed run's metrics/, say) file by file. The queued copy is a checkout of HEAD, so such a directory is
+    already there, and DVC refuses to copy a directory over one (a file it overwrites)."""
+    out = []
+    for path in map(Path, paths):
+        if not path.exists():
+            continue
+        tracked = subprocess.run(["git", "ls-files", "--", str(path)], capture_output=True, text=True, check=True)
+        if path.is_dir() and tracked.stdout.strip():
+            out += [str(f) for f in sorted(path.iterdir()) if f.is_file()]
+        else:
+            out.append(str(path))
+    return out
 
 
 @contextmanager

@@ -58,13 +58,15 @@ from pipeline.reference import build_reference
 from pipeline.sample import read_model_card, run_sample
 from pipeline.train import export
 
-# pytest-xdist (`make test` runs two workers, --dist loadgroup --no-loadscope-reorder): a group runs whole on one
-# worker. Each module is one group, so its module fixtures are set up once; modules that share a session fixture
-# form one group, so it too is set up once. The one exception is the session's reduced run (`reduced_run`), minutes
-# of `dvc repro` that five modules read: it is made once for all workers, through files.
+# pytest-xdist (`make test` runs two workers, --dist loadgroup --no-loadscope-reorder): a group of tests runs whole on
+# one worker (`pytest_xdist_make_scheduler`). Each module is one group, so its module fixtures are set up once;
+# modules that share a session fixture form one group, so it too is set up once. The one exception is the session's
+# reduced run (`reduced_run`), minutes of `dvc repro` that five modules read: it is made once for all workers,
+# through files.
 SHARED_GROUPS = {
     "tracking-server": ("test_register", "test_register_concurrency", "test_tracking_uri"),  # tracking_server
 }
+GROUP_OF = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
 # The order in which workers take the groups: the longest first (measured by `make test`'s --durations, each with
 # its fixtures), so that no long one starts last while the other worker sits idle; the rest follow in file order.
 # The reduced run is made by the first group that needs it; the others that read it come after groups that do not.
@@ -82,18 +84,31 @@ LONGEST_FIRST = (
 )
 
 
+def group_of(nodeid: str) -> str:
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return GROUP_OF.get(module, module)
+
+
 def pytest_collection_modifyitems(config, items):
-    group_of = {module: group for group, modules in SHARED_GROUPS.items() for module in modules}
     rank_of = {}
     for rank, module in reversed(list(enumerate(LONGEST_FIRST))):
-        rank_of[group_of.get(module, module)] = rank
-    groups = {}
-    for item in items:
-        module = item.module.__name__.rpartition(".")[2]
-        groups[item] = group_of.get(module, module)
-        item.add_marker(pytest.mark.xdist_group(groups[item]))
+        rank_of[GROUP_OF.get(module, module)] = rank
     # Stable: within a group, and among the groups not listed, the file order stays.
-    items.sort(key=lambda item: rank_of.get(groups[item], len(LONGEST_FIRST)))
+    items.sort(key=lambda item: rank_of.get(group_of(item.nodeid), len(LONGEST_FIRST)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup, by `group_of`: pytest-xdist 3.8 names a test's group by rewriting its node id, which pytest
+    9.2 ignores (it keeps node ids elsewhere), so its own loadgroup would hand out single tests."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,9 @@ def test_a_read_only_batch_as_ray_hands_it_over_encodes_without_a_warning(encode
 
 @pytest.fixture(scope="module")
 def local_ray():
-    # 2 CPU actors + 1 CPU for reading and decoding (encode.check_resources); logical CPUs, not cores.
+    # 2 CPU actors + 1 CPU for reading and decoding (encode.check_resources); logical CPUs, not cores. A Ray that an
+    # earlier module's run left in this process (init_ray keeps it for the next) has another size: stopped first.
+    ray.shutdown()
     ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()

@@ -39,6 +39,7 @@ def local_ray(tmp_path_factory):
     from pipeline.cluster import lock_ray
 
     pid_dir = tmp_path_factory.mktemp("pids")
+    ray.shutdown()  # one an earlier module's run left in this process (init_ray keeps it), without the hook
     lock_ray()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as init_ray: one local node is never drained
     python_path = os.pathsep.join([str(REPO), str(REPO / "tests")])

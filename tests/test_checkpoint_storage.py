@@ -13,7 +13,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from conftest import BUCKET, keys
+from conftest import BUCKET, CREDENTIALS, keys
 from tiny_train import assert_bitwise_equal, base_params, load_ema, read_log, run
 
 import pipeline.checkpoints as C
@@ -30,7 +30,23 @@ def kept(root) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def six_steps(latents, tmp_path_factory):
+def s3_env(s3):
+    """This process's environment pointed at the module's S3 server, as a user exports it for pyarrow, boto and Ray,
+    for the whole module: the Ray that the first run starts in this process hands it to its workers, and serves
+    every run of the module (a start costs seconds of 2 cores). Yields the endpoint."""
+    import ray
+
+    endpoint, _ = s3
+    ray.shutdown()  # one an earlier module left in this process, without these variables
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}.items():
+            env.setenv(key, value)
+        yield endpoint
+        ray.shutdown()  # its workers hold this module's credentials
+
+
+@pytest.fixture(scope="module")
+def six_steps(s3_env, latents, tmp_path_factory):
     """An uninterrupted SIX_STEPS run that writes models/checkpoints directly; tests copy it before continuing it."""
     root = tmp_path_factory.mktemp("six-steps")
     run(root, latents, base_params(**SIX_STEPS))
@@ -47,8 +63,8 @@ def test_ray_two_cpu_workers_resume(six_steps, latents, tmp_path):
     assert [int(r["step"]) for r in log] == [2, 3, 4, 6]  # the first run's last row, then no duplicates
 
 
-def test_checkpoints_go_through_s3_and_fill_the_dvc_output(aws_env, six_steps, latents, tmp_path):
-    endpoint = aws_env
+def test_checkpoints_go_through_s3_and_fill_the_dvc_output(s3_env, six_steps, latents, tmp_path):
+    endpoint = s3_env
     p = base_params(**SIX_STEPS)
     stored = replace(p, storage_path=f"s3://{BUCKET}/train")
     direct, through_s3 = tmp_path / "direct", tmp_path / "s3"

@@ -389,8 +389,11 @@ def _actor_table(env: dict, address: str, report: Path) -> dict:
     return json.loads(report.read_text())
 
 
-# Train only, 2 workers: long enough (300 tiny steps, a checkpoint every 50) that a node can be lost mid-run. The
-# third argument is train.storage_path ("": the driver's paths, which only a node on this machine reads).
+# Train only, 2 workers: long enough (LOST_NODE_STEPS tiny steps, a checkpoint every 50) that a node can be lost
+# mid-run: the kill comes within a second of the first checkpoint, two thirds of the run before its end. The
+# third argument is train.storage_path ("": the driver's paths, which only a node on this machine reads), the
+# fourth the steps.
+LOST_NODE_STEPS = 150
 TRAIN = """
 import json, os, sys
 from dataclasses import replace
@@ -403,7 +406,7 @@ from tiny_train import base_params, run
 root, latents, storage = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 init_ray()
 earlier = set(actors())  # the cluster's GCS keeps the actors of ended jobs too
-p = base_params(num_workers=2, train_steps=300, log_every=50, ckpt_every=50)
+p = base_params(num_workers=2, train_steps=int(sys.argv[4]), log_every=50, ckpt_every=50)
 run(root, latents, replace(p, storage_path=storage))
 workers = [(a["Address"]["NodeID"], a["State"]) for i, a in actors().items()
            if "RayTrainWorker" in a["ActorClassName"] and i not in earlier]
@@ -430,7 +433,7 @@ def test_a_lost_node_is_replaced_by_the_remaining_one(cluster, latents, tmp_path
     runs = (("local", "", {}), ("cluster", f"s3://{BUCKET}/lost-node", {"RAY_ADDRESS": address}))
     for where, storage, extra in runs:
         driver = subprocess.Popen(
-            [sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents), storage],
+            [sys.executable, "-c", TRAIN, str(tmp_path / where), str(latents), storage, str(LOST_NODE_STEPS)],
             cwd=REPO,
             env={**env, **extra, "REPORT_PATH": str(tmp_path / f"{where}.json")},
             stdout=subprocess.PIPE,
@@ -447,7 +450,8 @@ def test_a_lost_node_is_replaced_by_the_remaining_one(cluster, latents, tmp_path
             while not stored_steps() and driver.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             raylets = [c for c in psutil.Process(nodes[1][0].pid).children(recursive=True) if c.name() == "raylet"]
-            assert len(raylets) == 1 and max(stored_steps(), default=300) < 300, "a raylet to kill, mid-run"
+            mid_run = max(stored_steps(), default=LOST_NODE_STEPS) < LOST_NODE_STEPS
+            assert len(raylets) == 1 and mid_run, "a raylet to kill, mid-run"
             os.kill(raylets[0].pid, signal.SIGKILL)
         out, _ = driver.communicate(timeout=900)
         assert driver.returncode == 0, out[-3000:]
@@ -460,4 +464,4 @@ def test_a_lost_node_is_replaced_by_the_remaining_one(cluster, latents, tmp_path
     ema = [torch.load(tmp_path / w / "dit" / "ema.pt", weights_only=True) for w in ("cluster", "local")]
     assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     steps = [int(r["step"]) for r in read_log(tmp_path / "cluster" / "train.csv")]
-    assert steps == list(range(50, 301, 50))  # resumed from a checkpoint, not restarted from scratch
+    assert steps == list(range(50, LOST_NODE_STEPS + 1, 50))  # resumed from a checkpoint, not restarted from scratch

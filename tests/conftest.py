@@ -91,8 +91,8 @@ def group_of(nodeid: str) -> str:
 
 def pytest_collection_modifyitems(config, items):
     rank_of = {}
-    for rank, module in reversed(list(enumerate(LONGEST_FIRST))):
-        rank_of[GROUP_OF.get(module, module)] = rank
+    for rank, module in enumerate(LONGEST_FIRST):
+        rank_of.setdefault(GROUP_OF.get(module, module), rank)  # a shared group ranks by its first module listed
     # Stable: within a group, and among the groups not listed, the file order stays.
     items.sort(key=lambda item: rank_of.get(group_of(item.nodeid), len(LONGEST_FIRST)))
 
